@@ -1,0 +1,138 @@
+"""Reproducible all-to-one poisoning attacks for red-teaming and evaluation.
+
+Each attack poisons a uint8 image array (N, H, W, C) and returns the ground-truth poisoned
+indices, so detection quality can be measured exactly::
+
+    >>> import numpy as np
+    >>> from guard.attacks import BadNets
+    >>> x = np.zeros((100, 32, 32, 3), np.uint8); y = np.arange(100) % 10
+    >>> res = BadNets(target=0, rate=0.1, seed=0).poison(x, y)
+    >>> len(res.poisoned), bool((res.labels[res.poisoned] == 0).all())
+    (10, True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PoisonResult:
+    images: np.ndarray
+    labels: np.ndarray
+    poisoned: np.ndarray  # sorted int64 indices of poisoned samples
+
+
+@dataclass
+class Attack:
+    """Base class: choose ``rate`` x N non-target samples, add the trigger, relabel to ``target``."""
+
+    target: int = 0
+    rate: float = 0.1
+    seed: int = 0
+    name: str = field(default="attack", init=False)
+
+    def trigger(self, images: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def choose(self, labels: np.ndarray) -> np.ndarray:
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"poisoning rate must be in [0, 1), got {self.rate}")
+        pool = np.flatnonzero(labels != self.target)
+        n = int(round(self.rate * len(labels)))
+        if n > len(pool):
+            raise ValueError(f"rate {self.rate} asks for {n} poisoned samples but only {len(pool)} "
+                             f"are outside target class {self.target}")
+        rng = np.random.default_rng(self.seed)
+        return np.sort(rng.choice(pool, n, replace=False)).astype(np.int64)
+
+    def poison(self, images: np.ndarray, labels: np.ndarray) -> PoisonResult:
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+        idx = self.choose(labels)
+        x, y = images.copy(), labels.copy()
+        if len(idx):
+            x[idx] = self.trigger(images[idx])
+            y[idx] = self.target
+        return PoisonResult(x, y, idx)
+
+    def triggered_test(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Non-target test images with the trigger and their true labels (for attack success rate)."""
+        keep = labels != self.target
+        return self.trigger(images[keep]), labels[keep]
+
+
+@dataclass
+class BadNets(Attack):
+    """Gu et al. 2017: a small checkerboard patch in the bottom-right corner."""
+
+    size: int = 3
+
+    def __post_init__(self) -> None:
+        self.name = "badnets"
+
+    def trigger(self, images: np.ndarray) -> np.ndarray:
+        out = images.copy()
+        s = self.size
+        board = (np.indices((s, s)).sum(0) % 2 == 0).astype(np.uint8) * 255
+        out[:, -s - 1:-1, -s - 1:-1, :] = board[None, :, :, None]
+        return out
+
+
+@dataclass
+class Blended(Attack):
+    """Chen et al. 2017: blend a fixed (seeded) random pattern into the whole image."""
+
+    alpha: float = 0.2
+    pattern_seed: int = 12345
+
+    def __post_init__(self) -> None:
+        self.name = "blended"
+
+    def trigger(self, images: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng(self.pattern_seed)
+        pattern = rng.integers(0, 256, size=images.shape[1:], dtype=np.uint8).astype(np.float32)
+        out = (1 - self.alpha) * images.astype(np.float32) + self.alpha * pattern[None]
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+@dataclass
+class WaNet(Attack):
+    """Nguyen & Tran 2021: a fixed smooth warping field (k x k control grid, strength s)."""
+
+    k: int = 4
+    strength: float = 0.5
+    pattern_seed: int = 12345
+
+    def __post_init__(self) -> None:
+        self.name = "wanet"
+
+    def _grid(self, h: int, w: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.pattern_seed)
+        ins = torch.rand(1, 2, self.k, self.k, generator=g) * 2 - 1
+        ins = ins / ins.abs().mean()
+        noise = F.interpolate(ins, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        identity = torch.stack((xs, ys), dim=2)[None]
+        return (identity + self.strength * noise / h).clamp(-1, 1)
+
+    def trigger(self, images: np.ndarray) -> np.ndarray:
+        n, h, w, _ = images.shape
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+        grid = self._grid(h, w).expand(n, -1, -1, -1)
+        out = F.grid_sample(x, grid, align_corners=True)
+        return out.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+ATTACKS: dict[str, type[Attack]] = {"badnets": BadNets, "blended": Blended, "wanet": WaNet}
+
+
+def make_attack(name: str, **kwargs) -> Attack:
+    """Build an attack by name (``badnets``, ``blended``, ``wanet``)."""
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
+    return ATTACKS[name](**kwargs)

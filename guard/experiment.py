@@ -1,0 +1,219 @@
+"""Red-team runs: poison a real dataset, train with and without the guard, measure everything.
+
+Used by ``make demo``, the benchmark and the end-to-end tests; also a template for users who
+want to check the guard on their own pipeline. The guarded and unguarded runs share the warm-up
+(same seed, same sample order, same weights) and branch at the first scan, so their
+differences come from the guard alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import tracemalloc
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from loguru import logger
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from guard.attacks import make_attack
+from guard.config import GuardConfig
+from guard.datasets import (CIFAR10_MEAN, CIFAR10_STD, ArrayImageDataset, ArraySplit, load_cifar10, load_digits,
+                            stratified_indices)
+from guard.guarded import GuardedDataset
+from guard.hooks import scan_mode
+from guard.models import CifarResNet18, SmallCNN
+
+
+@dataclass
+class RunSpec:
+    data: str = "digits"                 # digits | cifar10
+    attack: str | None = "badnets"       # badnets | blended | wanet | None
+    rate: float = 0.1
+    target: int = 0
+    n_train: int | None = None           # per-class subset size x classes (None: all)
+    trusted_per_class: int = 100
+    trust_free: bool = False
+    epochs: int = 6
+    lr: float = 0.01
+    batch_size: int = 128
+    width: int = 16
+    augment: bool = False
+    seed: int = 0
+    archive: str | None = None
+    guard: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    train: ArrayImageDataset
+    scan: ArrayImageDataset
+    trusted: ArrayImageDataset
+    test: ArrayImageDataset
+    triggered: ArrayImageDataset | None
+    untriggered: ArrayImageDataset | None   # the same non-target test images without the trigger
+    poisoned: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    make_model: Any
+
+
+def prepare(spec: RunSpec) -> Prepared:
+    """Load, split (train subset / disjoint trusted set / test), poison and wrap the data."""
+    if spec.data == "cifar10":
+        splits = load_cifar10(spec.archive)
+        mean, std, C = CIFAR10_MEAN, CIFAR10_STD, 10
+        make_model = lambda: CifarResNet18(num_classes=C, width=spec.width)  # noqa: E731
+    elif spec.data == "digits":
+        splits = load_digits()
+        mean, std, C = (0.3,), (0.35,), 10
+        make_model = lambda: SmallCNN(num_classes=C, in_channels=1, width=spec.width)  # noqa: E731
+    else:
+        raise ValueError(f"unknown data {spec.data!r}; use 'digits' or 'cifar10'")
+    full, test = splits["train"], splits["test"]
+    if spec.n_train is not None:
+        train_idx = stratified_indices(full.labels, spec.n_train // C, seed=spec.seed)
+    else:
+        counts = np.bincount(full.labels, minlength=C)
+        take = counts - spec.trusted_per_class
+        rng = np.random.default_rng(spec.seed)
+        train_idx = np.sort(np.concatenate([rng.choice(np.flatnonzero(full.labels == c), take[c], replace=False)
+                                            for c in range(C)]))
+    trusted_idx = stratified_indices(full.labels, spec.trusted_per_class, seed=spec.seed + 1, exclude=train_idx)
+    train, trusted = full.subset(train_idx), full.subset(trusted_idx)
+    poisoned = np.empty(0, np.int64)
+    triggered = untriggered = None
+    if spec.attack:
+        atk = make_attack(spec.attack, target=spec.target, rate=spec.rate, seed=spec.seed)
+        res = atk.poison(train.images, train.labels)
+        train, poisoned = ArraySplit(res.images, res.labels), res.poisoned
+        triggered = ArrayImageDataset(ArraySplit(*atk.triggered_test(test.images, test.labels)), mean, std)
+        keep = test.labels != spec.target
+        untriggered = ArrayImageDataset(ArraySplit(test.images[keep], test.labels[keep]), mean, std)
+    mk = lambda s, a=False: ArrayImageDataset(s, mean, std, augment=a)  # noqa: E731
+    return Prepared(mk(train, spec.augment), mk(train), mk(trusted), mk(test), triggered, untriggered, poisoned,
+                    train.labels, C, make_model)
+
+
+class EpochPermutation(Sampler[int]):
+    """The order ``GuardSampler`` uses when nothing is quarantined, for the unguarded twin run."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        self.epoch += 1
+        return iter(order.tolist())
+
+
+def predict(model: nn.Module, ds: ArrayImageDataset) -> tuple[np.ndarray, np.ndarray]:
+    device = next(model.parameters()).device
+    preds, labels = [], []
+    with scan_mode(model):
+        for x, y in DataLoader(ds, batch_size=512):
+            preds.append(model(x.to(device)).argmax(1).cpu().numpy())
+            labels.append(y.numpy())
+    return np.concatenate(preds), np.concatenate(labels)
+
+
+def measure(model: nn.Module, data: Prepared, target: int) -> dict[str, float]:
+    """Clean accuracy; attack success (share of triggered non-target test images predicted as the
+    target); and attack success among images the model classifies correctly without the trigger,
+    which removes the floor that plain misclassification into the target class sets."""
+    p, y = predict(model, data.test)
+    out = {"clean_acc": float((p == y).mean()), "attack_success": float("nan"),
+           "attack_success_correct": float("nan")}
+    if data.triggered is not None and data.untriggered is not None:
+        pt, _ = predict(model, data.triggered)
+        pu, yu = predict(model, data.untriggered)
+        ok = pu == yu
+        out["attack_success"] = float((pt == target).mean())
+        out["attack_success_correct"] = float((pt[ok] == target).mean()) if ok.any() else float("nan")
+    return out
+
+
+def _epoch(model: nn.Module, opt: torch.optim.Optimizer, loader: DataLoader) -> float:
+    device = next(model.parameters()).device
+    model.train()
+    t = time.perf_counter()
+    for x, y in loader:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+        opt.step()
+    return time.perf_counter() - t
+
+
+def detection(flagged: np.ndarray, poisoned: np.ndarray, n: int) -> dict[str, float]:
+    """TPR over poisoned samples, FPR over all benign samples, precision and F1."""
+    f = np.zeros(n, bool)
+    f[flagged] = True
+    p = np.zeros(n, bool)
+    p[poisoned] = True
+    tp, fp = int((f & p).sum()), int((f & ~p).sum())
+    tpr = tp / p.sum() if p.any() else float("nan")
+    prec = tp / f.sum() if f.any() else float("nan")
+    f1 = 2 * prec * tpr / (prec + tpr) if p.any() and f.any() and prec + tpr > 0 else 0.0
+    return {"tpr": tpr, "fpr": fp / max((~p).sum(), 1), "precision": prec, "f1": f1,
+            "flagged": int(f.sum()), "poisoned": int(p.sum())}
+
+
+def run(spec: RunSpec, compare: bool = True) -> dict[str, Any]:
+    """Train with the guard (and, with ``compare``, the unguarded twin) and measure."""
+    torch.manual_seed(spec.seed)
+    data = prepare(spec)
+    cfg = GuardConfig(**{"seed": spec.seed, **spec.guard})
+    model = data.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=5e-4)
+    gds = GuardedDataset(data.train, model, cfg, trusted=None if spec.trust_free else data.trusted,
+                         scan_dataset=data.scan)
+    loader = DataLoader(gds, batch_size=spec.batch_size, sampler=gds.sampler)
+    out: dict[str, Any] = {"spec": asdict(spec), "n_train": len(data.labels), "layers": gds.layers}
+    epoch_times: list[float] = []
+    paper: list[dict[str, float]] = []
+    branch = None
+    tracemalloc.start()
+    for epoch in range(spec.epochs):
+        if epoch == cfg.warmup_epochs and compare:
+            branch = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+            out["warmup"] = measure(model, data, spec.target)
+        t0 = time.perf_counter()
+        gds.sampler.set_epoch(epoch)
+        n_scans = len(gds.report.scans)
+        len(loader)                       # a due scan runs here, before the epoch's timing
+        scan_time = time.perf_counter() - t0
+        epoch_times.append(_epoch(model, opt, loader))
+        if len(gds.report.scans) > n_scans:
+            paper.append(detection(gds.last_result.paper_flagged, data.poisoned, len(data.labels)))
+            logger.info("epoch {}: scan {:.1f}s, epoch {:.1f}s", epoch, scan_time, epoch_times[-1])
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    out["guarded"] = {**measure(model, data, spec.target), **detection(gds.quarantined, data.poisoned, len(data.labels))}
+    scans = gds.report.scans
+    out["scans"] = [s.model_dump(exclude={"classes"}) for s in scans]
+    out["paper_rule"] = paper
+    out["guard_scan_memory_mb"] = max((s.memory_bytes for s in scans), default=0) / 2**20
+    out["scan_seconds"] = [s.seconds for s in scans]
+    out["scan_compute_seconds"] = [s.seconds - s.remedy_seconds for s in scans]
+    out["epoch_seconds_median"] = float(np.median(epoch_times))
+    out["guard_peak_python_mb"] = peak / 2**20
+    out["report"] = gds.report
+    if compare and branch is not None:
+        model2 = data.make_model()
+        model2.load_state_dict(branch[0])
+        opt2 = torch.optim.SGD(model2.parameters(), lr=spec.lr, momentum=0.9, weight_decay=5e-4)
+        opt2.load_state_dict(branch[1])
+        sampler = EpochPermutation(len(data.labels), cfg.seed)
+        sampler.epoch = cfg.warmup_epochs
+        loader2 = DataLoader(data.train, batch_size=spec.batch_size, sampler=sampler)
+        times2 = [_epoch(model2, opt2, loader2) for _ in range(cfg.warmup_epochs, spec.epochs)]
+        out["unguarded"] = {**measure(model2, data, spec.target), "epoch_seconds_median": float(np.median(times2))}
+    return out

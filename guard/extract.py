@@ -1,0 +1,84 @@
+"""Streaming feature extraction over a dataset (scan passes), with progress logging."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from loguru import logger
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from guard.batches import BatchAdapter
+from guard.errors import GuardError
+from guard.hooks import FeatureTap, StopForward
+
+
+@dataclass
+class Batch:
+    positions: np.ndarray          # dataset indices of this batch
+    labels: torch.Tensor           # (B,) int64, CPU
+    feats: list[torch.Tensor]      # per layer (B, D_l) float32, CPU
+    logits: torch.Tensor | None    # (B, C) float32, CPU; None when the forward was cut short
+
+
+class Extractor:
+    """Runs the model over (part of) a dataset and yields pooled features per layer."""
+
+    def __init__(self, model: nn.Module, adapter: BatchAdapter, num_classes: int, batch_size: int = 256,
+                 num_workers: int = 0, device: torch.device | None = None, amp: bool = False,
+                 channels_last: bool = False, grid: int = 4, progress: bool = True) -> None:
+        self.model, self.adapter, self.num_classes = model, adapter, num_classes
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.device = device or next(model.parameters()).device
+        self.amp, self.channels_last, self.grid, self.progress = amp, channels_last, grid, progress
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.amp:
+            return contextlib.nullcontext()
+        bf16 = self.device.type == "cpu" or (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        dtype = torch.bfloat16 if bf16 else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def stream(self, dataset: Dataset, layers: Sequence[str], indices: np.ndarray | None = None,
+               desc: str = "scan", stop_early: bool = False) -> Iterator[Batch]:
+        """Yield batches in dataset order (``indices`` order when given). Call inside ``scan_mode``.
+
+        ``stop_early`` ends each forward once all ``layers`` have run (no logits then)."""
+        positions = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+        if len(positions) == 0:
+            return
+        view = dataset if indices is None else Subset(dataset, positions.tolist())
+        loader = DataLoader(view, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        done, total, t0, last = 0, len(positions), time.monotonic(), time.monotonic()
+        stop_early = stop_early and not isinstance(self.model, torch.nn.DataParallel)
+        with FeatureTap(self.model, layers, self.grid, stop_early) as tap:
+            for batch in loader:
+                inputs, labels = self.adapter.split(batch)
+                pos = positions[done:done + len(labels)]
+                bad = (labels < 0) | (labels >= self.num_classes)
+                if bad.any():
+                    j = int(bad.nonzero()[0, 0])
+                    raise GuardError(f"label {int(labels[j])} of dataset index {int(pos[j])} is outside "
+                                     f"[0, {self.num_classes}); set GuardConfig(num_classes=...) to the number "
+                                     "of classes or fix the labels")
+                inputs = self.adapter.move(inputs, self.device, self.channels_last)
+                logits: torch.Tensor | None = None
+                try:
+                    with self._autocast():
+                        logits = self.adapter.forward(self.model, inputs).detach().float().cpu()
+                except StopForward:
+                    pass
+                feats = [f.cpu() for f in tap.take(len(labels))]
+                yield Batch(pos, labels, feats, logits)
+                done += len(labels)
+                now = time.monotonic()
+                if self.progress and (now - last > 10 or done == total) and total >= 2000:
+                    rate = done / max(now - t0, 1e-9)
+                    logger.info("{}: {:,}/{:,} samples ({:.0%}), {:.0f} samples/s, eta {:.0f}s",
+                                desc, done, total, done / total, rate, (total - done) / max(rate, 1e-9))
+                    last = now

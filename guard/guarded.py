@@ -1,0 +1,313 @@
+"""GuardedDataset: the one object a user adds to a training loop."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import time
+from collections.abc import Sequence
+from os import PathLike
+from typing import Any
+
+import numpy as np
+import torch
+from loguru import logger
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from guard.batches import BatchAdapter, Unpack
+from guard.config import GuardConfig
+from guard.errors import GuardError
+from guard.extract import Extractor
+from guard.hooks import check_layers, discover_layers, scan_mode, unwrap_model
+from guard.remedy import restart, unlearn
+from guard.report import (ClassReport, GuardReport, QuarantineRecord, RestoreRecord, ScanReport, atomic_write,
+                          now)
+from guard.sampler import GuardSampler
+from guard.scan import Scanner, ScanResult
+
+_PROBE = 4
+
+
+def _length(ds: Any, what: str) -> int:
+    try:
+        return len(ds)
+    except TypeError as e:
+        raise GuardError(f"{what} of type {type(ds).__name__} has no len(); the guard needs a map-style "
+                         "Dataset with __len__ and __getitem__") from e
+
+
+def _collate(items: list, what: str) -> Any:
+    try:
+        return default_collate(items)
+    except (RuntimeError, TypeError) as e:
+        raise GuardError(f"items of {what} cannot be batched ({e}); items must have equal shapes and be "
+                         "tensors/numbers (resize or pad them in the dataset's transform)") from e
+
+
+def dataset_labels(ds: Dataset, adapter: BatchAdapter, what: str) -> np.ndarray:
+    """All labels of a (small) dataset, read through the same unpacking as scans."""
+    n = _length(ds, what)
+    out = []
+    for start in range(0, n, 256):
+        _, y = adapter.split(_collate([ds[i] for i in range(start, min(start + 256, n))], what))
+        out.append(y.numpy())
+    return np.concatenate(out) if out else np.empty(0, np.int64)
+
+
+class GuardedDataset(Dataset):
+    """Wraps a training dataset; scans the model during training and quarantines poisoned samples.
+
+    ``gds[i]`` is ``dataset[i]`` unchanged and ``len(gds) == len(dataset)``: only ``gds.sampler``
+    leaves quarantined indices out. Scans run by themselves when a scheduled epoch starts
+    (``warmup_epochs``, then every ``scan_every``); ``scan()`` forces one.
+
+    >>> import torch
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> from guard import GuardedDataset, GuardConfig
+    >>> ds = TensorDataset(torch.randn(64, 8), torch.arange(64) % 2)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    >>> gds = GuardedDataset(ds, model, GuardConfig(warmup_epochs=1, scan_every=1, remedy="none"))
+    >>> loader = DataLoader(gds, batch_size=16, sampler=gds.sampler)
+    >>> for epoch in range(2):
+    ...     for x, y in loader:
+    ...         pass
+    >>> len(gds.report.scans), gds.quarantined.dtype
+    (1, dtype('int64'))
+    """
+
+    def __init__(self, dataset: Dataset, model: nn.Module, config: GuardConfig | None = None,
+                 trusted: Dataset | None = None, scan_dataset: Dataset | None = None,
+                 unpack: Unpack | None = None) -> None:
+        self.dataset, self.model = dataset, model
+        self.config = cfg = config if config is not None else GuardConfig()
+        self.trusted, self.scan_dataset = trusted, scan_dataset
+        n = _length(dataset, "dataset")
+        if n == 0:
+            raise GuardError("dataset is empty (len 0): there is nothing to guard")
+        if scan_dataset is not None and _length(scan_dataset, "scan_dataset") != n:
+            raise GuardError(f"scan_dataset has {len(scan_dataset)} samples but dataset has {n}; it must be the "
+                             "same samples in the same order (without random augmentation)")
+        self._n = n
+        self.adapter = BatchAdapter(cfg.input_key, cfg.label_key, unpack)
+        params = list(model.parameters())
+        if not params:
+            raise GuardError(f"model {type(model).__name__} has no parameters; pass the model being trained")
+        self.device = torch.device(cfg.device) if cfg.device else params[0].device
+        self.layers, self.num_classes = self._probe(model)
+        if trusted is not None:
+            self._check_trusted(trusted)
+        self.extractor = Extractor(model, self.adapter, self.num_classes, cfg.batch_size, cfg.num_workers,
+                                   self.device, cfg.amp, cfg.channels_last, cfg.pool_grid, cfg.progress)
+        self.scanner = Scanner(model, self.layers, self.extractor, cfg)
+        self._initial_state = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                               if cfg.remedy == "restart" else None)
+        self._records: dict[int, QuarantineRecord] = {}
+        self._pinned: set[int] = set()
+        self._kept: np.ndarray | None = None
+        self._scanned_epochs: set[int] = set()
+        self._scores = np.full(n, np.nan, dtype=np.float32)
+        self._labels = np.full(n, -1, dtype=np.int64)
+        self.last_result: ScanResult | None = None
+        self.report = GuardReport(config=cfg, n_samples=n, num_classes=self.num_classes, layers=self.layers)
+        self.sampler = GuardSampler(self, cfg.shuffle, cfg.seed)
+
+    # ---- set-up checks -------------------------------------------------------------------
+    def _probe(self, model: nn.Module) -> tuple[list[str], int]:
+        cfg, source = self.config, self.scan_dataset if self.scan_dataset is not None else self.dataset
+        items = [source[i] for i in range(min(_PROBE, self._n))]
+        inputs, _ = self.adapter.split(_collate(items, "dataset"))
+        inputs = self.adapter.move(inputs, self.device, cfg.channels_last)
+        inner = unwrap_model(model)
+        logits: list[torch.Tensor] = []
+
+        def call() -> None:
+            logits.append(self.adapter.forward(model, inputs))
+
+        with scan_mode(model):
+            if cfg.layers is not None:
+                layers = check_layers(inner, cfg.layers)
+                call()
+            else:
+                layers = discover_layers(inner, call)
+        out = logits[0]
+        if cfg.num_classes is not None:
+            num_classes = cfg.num_classes
+        elif out.dim() == 2 and out.shape[1] >= 2:
+            num_classes = int(out.shape[1])
+        else:
+            raise GuardError(f"cannot infer the number of classes from model output of shape {tuple(out.shape)}; "
+                             "set GuardConfig(num_classes=...)")
+        return layers, num_classes
+
+    def _check_trusted(self, trusted: Dataset) -> None:
+        labels = dataset_labels(trusted, self.adapter, "trusted")
+        if len(labels) == 0:
+            raise GuardError("trusted set is empty; pass trusted=None for trust-free mode")
+        if (labels < 0).any() or (labels >= self.num_classes).any():
+            bad = int(labels[(labels < 0) | (labels >= self.num_classes)][0])
+            raise GuardError(f"trusted label {bad} is outside [0, {self.num_classes})")
+        counts = np.bincount(labels, minlength=self.num_classes)
+        missing = np.flatnonzero(counts == 0).tolist()
+        if missing:
+            raise GuardError(f"trusted set has no samples of classes {missing}; add at least "
+                             f"{self.config.min_trusted_per_class} verified samples of each class "
+                             "(or pass trusted=None for the weaker trust-free mode)")
+        few = {int(c): int(counts[c]) for c in np.flatnonzero(counts < self.config.min_trusted_per_class)}
+        if few:
+            raise GuardError(f"trusted set has too few samples for classes {few} (need "
+                             f"min_trusted_per_class={self.config.min_trusted_per_class}; about 100 per class is "
+                             "recommended)")
+        if len(labels) > self._n:
+            raise GuardError(f"trusted set ({len(labels)}) is larger than the training set ({self._n}); "
+                             "swap them, or use a smaller verified subset as trusted")
+
+    # ---- Dataset protocol ----------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    # ---- quarantine ----------------------------------------------------------------------
+    @property
+    def quarantined(self) -> np.ndarray:
+        """Sorted int64 indices into the wrapped dataset that are dropped now."""
+        return np.array(sorted(self._records), dtype=np.int64)
+
+    def kept_indices(self) -> np.ndarray:
+        if self._kept is None:
+            mask = np.ones(self._n, dtype=bool)
+            mask[self.quarantined] = False
+            self._kept = np.flatnonzero(mask).astype(np.int64)
+        return self._kept
+
+    def restore(self, indices: Sequence[int] | np.ndarray) -> None:
+        """Bring quarantined samples back; they are exempt from later quarantines (recorded)."""
+        idx = sorted({int(i) for i in np.asarray(indices).reshape(-1)})
+        unknown = [i for i in idx if i not in self._records]
+        if unknown:
+            raise GuardError(f"indices {unknown[:10]} are not quarantined (quarantined: {len(self._records)}); "
+                             "see gds.quarantined")
+        for i in idx:
+            del self._records[i]
+        self._pinned.update(idx)
+        self._kept = None
+        self.report.quarantine = [self._records[i] for i in sorted(self._records)]
+        self.report.restores.append(RestoreRecord(time=now(), epoch=self.sampler.epoch, indices=idx))
+        logger.info("restored {} samples; {} remain quarantined", len(idx), len(self._records))
+
+    # ---- scanning --------------------------------------------------------------------------
+    def _due(self, epoch: int) -> bool:
+        cfg = self.config
+        if epoch < cfg.warmup_epochs or (epoch - cfg.warmup_epochs) % cfg.scan_every:
+            return False
+        return cfg.max_scans is None or len(self._scanned_epochs) < cfg.max_scans
+
+    def _maybe_scan(self, epoch: int) -> None:
+        if epoch not in self._scanned_epochs and self._due(epoch):
+            self.scan(epoch)
+
+    def scan(self, epoch: int | None = None) -> ScanReport:
+        """Scan now: locate, score, decide, quarantine, remedy. Nothing changes if it fails."""
+        epoch = self.sampler.epoch if epoch is None else int(epoch)
+        t0 = time.monotonic()
+        logger.info("guard: scan {} at epoch {} over {:,} kept samples", len(self.report.scans) + 1, epoch,
+                    len(self.kept_indices()))
+        source = self.scan_dataset if self.scan_dataset is not None else self.dataset
+        res = self.scanner.run(source, self.trusted, self.kept_indices())
+        self._scanned_epochs.add(epoch)
+        return self._apply(res, epoch, time.monotonic() - t0)
+
+    def _apply(self, res: ScanResult, epoch: int, seconds: float) -> ScanReport:
+        scan_no = len(self.report.scans) + 1
+        self.last_result = res
+        self._scores[res.scanned] = res.suspicion
+        self._labels[res.scanned] = res.labels
+        pos = {int(i): j for j, i in enumerate(res.scanned)}
+        rule = self.config.critical_rule
+        new = [int(i) for i in res.flagged if int(i) not in self._records and int(i) not in self._pinned]
+        records = dict(self._records)
+        for i in new:
+            j = pos[i]
+            cls = int(res.labels[j])
+            verdict = next(v for v in res.classes if v.cls == cls)
+            records[i] = QuarantineRecord(
+                index=i, label=cls, scan=scan_no, epoch=epoch, layer="/".join(verdict.critical_layers),
+                score=float(res.suspicion[j]), threshold=float(res.threshold[j]),
+                reason=f"{verdict.verdict} in class {cls} ({rule} rule)")
+        self._records = records
+        self._kept = None
+        self.report.quarantine = [records[i] for i in sorted(records)]
+        scan = ScanReport(
+            scan=scan_no, epoch=epoch, time=now(), seconds=seconds, seconds_by_step=res.seconds,
+            calibration=res.calibration_source, rule=rule, n_scanned=len(res.scanned),
+            new_quarantined=len(new), total_quarantined=len(records), paper_flagged=len(res.paper_flagged),
+            memory_bytes=res.memory_bytes,
+            classes=[ClassReport(**vars(v)) for v in res.classes], warnings=res.warnings)
+        if new and self.config.remedy != "none":
+            self._remedy(scan, np.asarray(new, dtype=np.int64), scan_no)
+        self.report.scans.append(scan)
+        logger.info("guard: scan {} done in {:.1f}s: +{} quarantined ({} total); {}", scan_no, scan.seconds,
+                    len(new), len(records), ", ".join(f"class {v.cls}: {v.verdict} ({v.n_flagged})"
+                                                       for v in res.classes if v.n_flagged) or "nothing separates")
+        return scan
+
+    def _remedy(self, scan: ScanReport, new: np.ndarray, scan_no: int) -> None:
+        t = time.monotonic()
+        scan.remedy = self.config.remedy
+        if self.config.remedy == "restart":
+            assert self._initial_state is not None
+            restart(self.model, self._initial_state)
+        else:
+            before, after = unlearn(self.model, self.dataset, self.kept_indices(), self.quarantined,
+                                    self.adapter, self.config, self.device, seed=self.config.seed + scan_no,
+                                    channels_last=self.config.channels_last)
+            scan.remedy_fit_before, scan.remedy_fit_after = before, after
+        scan.remedy_seconds = time.monotonic() - t
+
+    # ---- persistence -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: quarantine, pins, scan history, schedule and sampler."""
+        return {"version": 1, "n_samples": self._n, "report": self.report.model_dump(mode="json"),
+                "pinned": sorted(self._pinned), "scanned_epochs": sorted(self._scanned_epochs),
+                "sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("n_samples") != self._n:
+            raise GuardError(f"state is for a dataset of {state.get('n_samples')} samples, this one has {self._n}")
+        report = GuardReport.model_validate(state["report"])
+        self._records = {r.index: r for r in report.quarantine}
+        self.report = report.model_copy(update={"config": self.config})
+        self._pinned = set(state["pinned"])
+        self._scanned_epochs = set(state["scanned_epochs"])
+        self._kept = None
+        self.sampler.load_state_dict(state["sampler"])
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per sample: index, label (-1 if never scanned), status, last suspicion score."""
+        q = self._records
+        rows = []
+        for i in range(self._n):
+            status = "quarantined" if i in q else ("restored" if i in self._pinned else "kept")
+            score = float(q[i].score) if i in q else float(self._scores[i])
+            rows.append({"index": i, "label": int(self._labels[i]), "status": status, "score": score})
+        return rows
+
+    def save(self, folder: str | PathLike) -> None:
+        """Write ``report.json`` (the full report), ``quarantine.csv`` and ``samples.csv`` (per sample)."""
+        from pathlib import Path
+
+        folder = Path(folder)
+        self.report.save_json(folder / "report.json")
+        self.report.save_csv(folder / "quarantine.csv")
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["index", "label", "status", "score"])
+        w.writeheader()
+        w.writerows(self.table())
+        atomic_write(folder / "samples.csv", buf.getvalue())
+
+    def __repr__(self) -> str:
+        return (f"GuardedDataset({type(self.dataset).__name__}, n={self._n}, classes={self.num_classes}, "
+                f"layers={len(self.layers)}, quarantined={len(self._records)}, scans={len(self.report.scans)})")

@@ -1,0 +1,257 @@
+"""Step 1 of the pipeline: find candidate layers and stream their pooled features.
+
+Hooks are always removed in ``finally``; a scan restores the model's per-module train/eval
+flags, the grad mode and the global RNG states, so the user's training is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from loguru import logger
+from torch import nn
+
+from guard.errors import GuardError
+
+try:  # torchvision's block types are the common case; fall back on names otherwise.
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    _BLOCK_TYPES: tuple[type, ...] = (BasicBlock, Bottleneck, InvertedResidual, nn.TransformerEncoderLayer)
+except ImportError:  # pragma: no cover
+    _BLOCK_TYPES = (nn.TransformerEncoderLayer,)
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardswish,
+                nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+MAX_FALLBACK_LAYERS = 12
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module whose layers are hooked: ``DataParallel``/``DDP`` wrappers are looked through."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    return model
+
+
+def first_tensor(out: Any) -> torch.Tensor | None:
+    """The tensor a layer 'outputs': itself, the first tensor of a tuple/list, or of a dict/ModelOutput."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        if isinstance(out.get("last_hidden_state"), torch.Tensor):
+            return out["last_hidden_state"]
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            t = first_tensor(o)
+            if t is not None:
+                return t
+    return None
+
+
+def pool(t: torch.Tensor, grid: int = 4) -> torch.Tensor:
+    """(N, D) float32 summary of a layer output.
+
+    Feature maps are average-pooled to a ``grid`` x ``grid`` map and flattened: the coarse layout
+    is what separates a local trigger (a global mean dilutes it), and the size no longer grows
+    with the input resolution. ``grid=0`` keeps the full map. Sequences are averaged over tokens.
+    """
+    t = t.detach()
+    if t.dim() == 4:
+        if grid and (t.shape[2] > grid or t.shape[3] > grid):
+            t = torch.nn.functional.adaptive_avg_pool2d(t, grid)
+        t = t.flatten(1)
+    elif t.dim() == 3:
+        t = t.mean(dim=1)
+    elif t.dim() != 2:
+        t = t.flatten(1)
+    return t.float()
+
+
+def _is_block(name: str, module: nn.Module, parent: nn.Module | None) -> bool:
+    if isinstance(module, _BLOCK_TYPES):
+        return True
+    cls = type(module).__name__
+    # HF-style encoder layers (ViTLayer, BertLayer, ...) sit in an nn.ModuleList.
+    return isinstance(parent, nn.ModuleList) and (cls.endswith("Layer") or cls.endswith("Block"))
+
+
+def trace_modules(model: nn.Module, call: Callable[[], Any]) -> list[tuple[str, torch.Size | None, int]]:
+    """Run ``call`` once and return ``(name, output shape, times called)`` in first-call order."""
+    seen: dict[str, list] = {}
+    handles = []
+
+    def make(name: str):
+        def hook(_m, _inp, out):
+            t = first_tensor(out)
+            if name in seen:
+                seen[name][2] += 1
+            else:
+                seen[name] = [name, None if t is None else t.shape, 1]
+        return hook
+
+    try:
+        for name, m in model.named_modules():
+            if name:
+                handles.append(m.register_forward_hook(make(name)))
+        call()
+    finally:
+        for h in handles:
+            h.remove()
+    return [tuple(v) for v in seen.values()]  # type: ignore[misc]
+
+
+def discover_layers(model: nn.Module, call: Callable[[], Any]) -> list[str]:
+    """Candidate layers in forward order: [stem] + blocks + [classifier], or a fallback.
+
+    Blocks are torchvision ResNet/MobileNet blocks, ``nn.TransformerEncoderLayer`` and HF-style
+    ``*Layer`` modules in a ``ModuleList``. Models without them (VGG, MLPs) use the outputs of
+    activation/pooling modules called once per forward, thinned to at most 12, plus the classifier.
+    """
+    model = unwrap_model(model)
+    modules = dict(model.named_modules())
+    if len(modules) <= 1:
+        raise GuardError(f"model {type(model).__name__} has no submodules to hook: build it from "
+                         "nn.Module layers (e.g. nn.Sequential) or wrap it so its layers are submodules")
+    trace = trace_modules(model, call)
+    batch = None
+    usable = []
+    for name, shape, calls in trace:
+        if shape is None or calls != 1 or len(shape) < 2:
+            continue
+        batch = shape[0] if batch is None else batch
+        if shape[0] == batch:
+            usable.append((name, shape))
+    if not usable:
+        raise GuardError(f"model {type(model).__name__} has no hookable layers: no submodule returned a "
+                         "tensor (batch, ...) exactly once per forward; pass GuardConfig(layers=[...]) "
+                         "with module names from model.named_modules()")
+    parents = {name: modules[name.rsplit(".", 1)[0]] if "." in name else model for name, _ in usable}
+    blocks: list[str] = []
+    for name, _ in usable:
+        if _is_block(name, modules[name], parents[name]) and not any(name.startswith(b + ".") for b in blocks):
+            blocks.append(name)
+    linears = [n for n, s in usable if isinstance(modules[n], nn.Linear) and len(s) == 2]
+    head = linears[-1:] if linears else []
+    if blocks:
+        order = [n for n, _ in usable]
+        first = order.index(blocks[0])
+        stems = [n for n in order[:first] if "." not in n]
+        layers = stems[-1:] + blocks + [h for h in head if order.index(h) > order.index(blocks[-1])]
+    else:
+        acts = [n for n, _ in usable if isinstance(modules[n], _ACTIVATIONS)]
+        if len(acts) > MAX_FALLBACK_LAYERS:
+            keep = np.unique(np.linspace(0, len(acts) - 1, MAX_FALLBACK_LAYERS).round().astype(int))
+            acts = [acts[i] for i in keep]
+        layers = acts + [h for h in head if h not in acts]
+        if not layers:
+            layers = [n for n, _ in usable][-MAX_FALLBACK_LAYERS:]
+    logger.debug("discovered {} candidate layers: {}", len(layers), layers)
+    return layers
+
+
+def check_layers(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Validate user-named layers against ``model.named_modules()``."""
+    modules = dict(unwrap_model(model).named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        close = [m for m in modules if m and any(part in m for part in missing[0].split("."))][:8]
+        raise GuardError(f"layers {missing} are not modules of {type(model).__name__}; "
+                         f"names look like {close or list(modules)[1:9]} (see model.named_modules())")
+    if not names:
+        raise GuardError("GuardConfig.layers is an empty list: name at least one module or leave it None")
+    return list(names)
+
+
+@contextlib.contextmanager
+def scan_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no grad, and the caller's RNG, grad mode and per-module flags restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    grad = torch.is_grad_enabled()
+    rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
+           torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+    try:
+        model.eval()
+        torch.set_grad_enabled(False)
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+        torch.set_grad_enabled(grad)
+        torch.set_rng_state(rng[0])
+        np.random.set_state(rng[1])
+        random.setstate(rng[2])
+        if rng[3] is not None:
+            torch.cuda.set_rng_state_all(rng[3])
+
+
+class StopForward(Exception):
+    """Raised by a hook once the deepest needed layer has run, to skip the rest of the forward."""
+
+
+class FeatureTap:
+    """Forward hooks on named layers collecting pooled, detached features of the last forward.
+
+    With ``stop_early`` the hook of the last-running named layer raises :class:`StopForward`,
+    so passes that need only early layers do not pay for the rest of the network.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], grid: int = 4, stop_early: bool = False) -> None:
+        self.model = unwrap_model(model)
+        self.layers = list(layers)
+        self.grid = grid
+        self.stop_early = stop_early
+        self.features: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "FeatureTap":
+        modules = dict(self.model.named_modules())
+        try:
+            for name in self.layers:
+                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _hook(self, name: str):
+        def hook(_m, _inp, out):
+            t = first_tensor(out)
+            if t is None:
+                raise GuardError(f"layer {name!r} returned {type(out).__name__} with no tensor in it; "
+                                 "pick another layer in GuardConfig.layers")
+            self.features[name] = pool(t, self.grid)
+            if self.stop_early and len(self.features) == len(self.layers):
+                raise StopForward
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def take(self, batch_size: int) -> list[torch.Tensor]:
+        """Features of the last forward, in layer order; checks they are complete and finite."""
+        out = []
+        for name in self.layers:
+            f = self.features.get(name)
+            if f is None:
+                raise GuardError(f"layer {name!r} did not run during the forward pass; "
+                                 "name layers that the model's forward actually calls")
+            if f.shape[0] != batch_size:
+                raise GuardError(f"layer {name!r} output has leading size {f.shape[0]} but the batch has "
+                                 f"{batch_size} samples; choose a layer whose output is (batch, ...)")
+            if not torch.isfinite(f).all():
+                raise GuardError(f"layer {name!r} produced NaN/inf features; check the inputs for NaN/inf "
+                                 "and whether training diverged (lower the learning rate)")
+            out.append(f)
+        self.features.clear()
+        return out

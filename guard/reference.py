@@ -1,0 +1,78 @@
+"""Step 2 of the pipeline: streaming benign class references per layer.
+
+A reference keeps, for each layer and class, only the sum of unit-normalised features and a
+count (C x D per layer), so its size never depends on the number of training samples.
+Scores are cosine similarities to the class mean direction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from guard.errors import GuardError
+
+_EPS = 1e-12
+
+
+def unit(f: torch.Tensor) -> torch.Tensor:
+    return f / f.norm(dim=1, keepdim=True).clamp_min(_EPS)
+
+
+class Reference:
+    """Per-layer, per-class sums of unit-normalised benign features (float64)."""
+
+    def __init__(self, dims: Sequence[int], num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.sums = [torch.zeros(num_classes, d, dtype=torch.float64) for d in dims]
+        self.counts = torch.zeros(num_classes, dtype=torch.float64)
+        self._dirs: list[torch.Tensor] | None = None
+
+    @classmethod
+    def fit(cls, feats: Sequence[torch.Tensor], labels: torch.Tensor, num_classes: int) -> "Reference":
+        ref = cls([f.shape[1] for f in feats], num_classes)
+        ref.update(feats, labels)
+        return ref
+
+    def update(self, feats: Sequence[torch.Tensor], labels: torch.Tensor) -> None:
+        """Add a batch of features (streaming)."""
+        labels = labels.cpu()
+        self._dirs = None
+        self.counts += torch.bincount(labels, minlength=self.num_classes).double()
+        for s, f in zip(self.sums, feats):
+            s.index_add_(0, labels, unit(f.cpu().double()))
+
+    def merge(self, other: "Reference") -> None:
+        for s, o in zip(self.sums, other.sums):
+            s += o
+        self.counts += other.counts
+        self._dirs = None
+
+    def directions(self) -> list[torch.Tensor]:
+        """Unit class-mean directions per layer, (C, D_l) float32 (cached until the next update)."""
+        if self._dirs is None:
+            self._dirs = [unit(s).float() for s in self.sums]
+        return self._dirs
+
+    def score(self, feats: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """(B, L) cosine similarity of each sample to its own class's mean direction."""
+        labels = labels.cpu()
+        cols = [(unit(f.cpu().float()) * m[labels]).sum(1) for m, f in zip(self.directions(), feats)]
+        return torch.stack(cols, 1)
+
+    def loo_score(self, feats: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """(n, L) scores of samples that are part of this reference, each against the mean of the
+        others (leave-one-out): honest calibration without a separate hold-out split."""
+        if (self.counts[labels.cpu()] < 2).any():
+            raise GuardError("leave-one-out scoring needs at least 2 reference samples per class")
+        cols = []
+        for s, f in zip(self.sums, feats):
+            u = unit(f.cpu().double())
+            m = unit(s[labels] - u)
+            cols.append((u * m).sum(1))
+        return torch.stack(cols, 1).float()
+
+    def cross_score(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(n, L, C) cosine similarity of each sample to every class's mean direction."""
+        return torch.stack([unit(f.cpu().double()) @ unit(s).T for s, f in zip(self.sums, feats)], 1).float()

@@ -1,0 +1,136 @@
+"""Step 7: what the guard did, as JSON-serialisable pydantic models, a per-sample table and a summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from guard.config import GuardConfig
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write(path: str | os.PathLike, text: str) -> None:
+    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ClassReport(BaseModel):
+    """One class in one scan."""
+
+    cls: int
+    n_scanned: int
+    verdict: str = Field(description="clean | no separation yet | separate cluster | flagged by paper rule")
+    critical_layers: list[str]
+    excess: float = Field(description="share of the class outside the benign spread, beyond the benign rate")
+    benign_rate: float
+    p_value: float
+    separation: float
+    screen_share: float
+    threshold: float
+    n_flagged: int
+    n_paper_flagged: int = Field(description="what the paper's rule would flag (baseline)")
+    capped: bool
+    layer_excess: list[float]
+
+
+class ScanReport(BaseModel):
+    scan: int
+    epoch: int
+    time: str
+    seconds: float
+    seconds_by_step: dict[str, float]
+    calibration: str
+    rule: str
+    n_scanned: int
+    new_quarantined: int
+    total_quarantined: int
+    paper_flagged: int
+    memory_bytes: int = Field(0, description="guard's own arrays during the scan (scores, references, trusted features)")
+    classes: list[ClassReport]
+    warnings: list[str] = []
+    remedy: str | None = None
+    remedy_seconds: float = 0.0
+    remedy_fit_before: float | None = Field(None, description="share of quarantined samples predicted as their label")
+    remedy_fit_after: float | None = None
+
+
+class QuarantineRecord(BaseModel):
+    index: int
+    label: int
+    scan: int
+    epoch: int
+    layer: str
+    score: float = Field(description="suspicion (benign-calibrated standard deviations; higher is more suspicious)")
+    threshold: float
+    reason: str
+
+
+class RestoreRecord(BaseModel):
+    time: str
+    epoch: int
+    indices: list[int]
+
+
+class GuardReport(BaseModel):
+    """Everything the guard did: every scan (per class, per layer), the quarantine and restores."""
+
+    config: GuardConfig
+    n_samples: int
+    num_classes: int
+    layers: list[str]
+    scans: list[ScanReport] = []
+    quarantine: list[QuarantineRecord] = Field(default=[], description="currently quarantined samples")
+    restores: list[RestoreRecord] = []
+
+    def summary(self) -> str:
+        """A short human summary."""
+        lines = [f"guard: {self.n_samples:,} samples, {self.num_classes} classes, {len(self.layers)} layers "
+                 f"({self.layers[0]} .. {self.layers[-1]}), {len(self.scans)} scans, "
+                 f"{len(self.quarantine):,} quarantined ({len(self.quarantine) / max(self.n_samples, 1):.2%})"]
+        for s in self.scans:
+            acted = [c for c in s.classes if c.n_flagged]
+            lines.append(f"  scan {s.scan} @ epoch {s.epoch}: {s.seconds:.1f}s, {s.calibration} reference, "
+                         f"+{s.new_quarantined} quarantined" + "".join(
+                             f"; class {c.cls}: {c.verdict} at {'/'.join(c.critical_layers)} ({c.n_flagged})"
+                             for c in acted) + ("" if acted else "; nothing separates"))
+            lines.extend(f"    warning: {w}" for w in s.warnings)
+        if self.restores:
+            lines.append(f"  restored: {sum(len(r.indices) for r in self.restores)} samples")
+        return "\n".join(lines)
+
+    def save_json(self, path: str | os.PathLike) -> None:
+        atomic_write(path, self.model_dump_json(indent=2))
+
+    def save_csv(self, path: str | os.PathLike) -> None:
+        """The quarantine as a CSV table (one row per quarantined sample)."""
+        import io
+
+        buf = io.StringIO()
+        fields = list(QuarantineRecord.model_fields)
+        w = csv.DictWriter(buf, fieldnames=fields)
+        w.writeheader()
+        for r in self.quarantine:
+            w.writerow(r.model_dump())
+        atomic_write(path, buf.getvalue())
+
+    @classmethod
+    def load_json(cls, path: str | os.PathLike) -> "GuardReport":
+        return cls.model_validate(json.loads(Path(path).read_text()))

@@ -1,0 +1,79 @@
+"""Step 5: the sampler that leaves quarantined samples out of training."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+if TYPE_CHECKING:
+    from guard.guarded import GuardedDataset
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class GuardSampler(Sampler[int]):
+    """Yields the indices of a :class:`~guard.GuardedDataset` that are not quarantined.
+
+    Invariant: an epoch yields every kept index exactly once (per process group: the union of
+    the ranks' shards is the kept set, the last shard padded by wrapping around so all ranks
+    take the same number of steps), in an order that depends only on ``(seed, epoch)``.
+
+    Each call to ``iter()`` is one epoch: the sampler counts epochs itself and honours
+    ``set_epoch``. When an epoch is due for a scan (``GuardConfig.warmup_epochs`` /
+    ``scan_every``), the scan runs before the epoch's first index, or when ``len()`` is first
+    asked for that epoch, so the length always matches the quarantine that epoch will use.
+
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset, DataLoader
+    >>> from guard import GuardedDataset, GuardConfig
+    >>> ds = TensorDataset(torch.randn(40, 8), torch.arange(40) % 2)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    >>> gds = GuardedDataset(ds, model, GuardConfig(warmup_epochs=100))
+    >>> sorted(gds.sampler) == list(range(40))
+    True
+    """
+
+    def __init__(self, guard: "GuardedDataset", shuffle: bool = True, seed: int = 0) -> None:
+        self.guard, self.shuffle, self.seed = guard, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch of the next iteration (as ``DistributedSampler.set_epoch``)."""
+        self.epoch = int(epoch)
+
+    def indices(self, epoch: int | None = None) -> np.ndarray:
+        """The indices this process yields in ``epoch`` (default: the upcoming one), without scanning."""
+        epoch = self.epoch if epoch is None else epoch
+        kept = self.guard.kept_indices()
+        if self.shuffle:
+            kept = kept[np.random.default_rng([self.seed, epoch]).permutation(len(kept))]
+        rank, world = _world()
+        if world > 1 and len(kept):
+            total = -(-len(kept) // world) * world
+            kept = np.resize(kept, total)[rank:total:world]
+        return kept
+
+    def __len__(self) -> int:
+        self.guard._maybe_scan(self.epoch)
+        return len(self.indices())
+
+    def __iter__(self) -> Iterator[int]:
+        epoch = self.epoch
+        self.guard._maybe_scan(epoch)
+        order = self.indices(epoch)
+        self.epoch = epoch + 1
+        return iter(order.tolist())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "seed": self.seed, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.seed, self.shuffle = int(state["epoch"]), int(state["seed"]), bool(state["shuffle"])

@@ -1,0 +1,353 @@
+"""One scan: extract -> locate -> score -> decide, as a pure computation.
+
+Passes over the data:
+
+1. *calibrate* -- features of the trusted set (or, trust-free, of a training subset cleaned by
+   the loss cue) build the per-class benign reference; leave-one-out cosines give the benign
+   spread per class and layer.
+2. *score* -- every kept training sample gets its cosine to its class reference at every layer
+   (an N x L table); samples far outside the benign spread are accumulated into per-class
+   "suspect" centroids (C x D per layer, streaming).
+3. *confirm* -- only for classes whose samples leave the benign spread more than benign samples
+   do: a two-centroid discriminant (closer to the suspect centroid than to the benign one),
+   calibrated on the trusted samples, at the critical layer window.
+
+The result says what to quarantine; :class:`~guard.GuardedDataset` applies it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from loguru import logger
+from scipy import stats
+from torch.utils.data import Dataset
+
+from guard.config import GuardConfig
+from guard.errors import GuardError
+from guard.extract import Extractor
+from guard.hooks import scan_mode
+from guard.locate import excess_share, guard_layers, paper_window
+from guard.reference import Reference, unit
+
+_STD_FLOOR = 1e-4
+
+
+@dataclass
+class Calibration:
+    """Benign reference and the benign spread of scores per class and layer."""
+
+    reference: Reference
+    dataset: Dataset            # where the benign reference samples come from
+    indices: np.ndarray | None  # which of its samples (None: all)
+    labels: np.ndarray
+    loo: np.ndarray             # (n, L) leave-one-out cosines
+    in_sample: np.ndarray       # (n, L) in-sample cosines (the paper's calibration)
+    mean: np.ndarray            # (C, L)
+    std: np.ndarray             # (C, L)
+    source: str
+
+    def z(self, raw: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return (raw - self.mean[labels]) / self.std[labels]
+
+
+@dataclass
+class ClassVerdict:
+    cls: int
+    n_scanned: int
+    verdict: str                 # clean | no separation yet | separate cluster
+    critical_layers: list[str]
+    excess: float                # share out of benign spread, beyond the benign rate
+    benign_rate: float
+    p_value: float
+    threshold: float             # on the suspicion score (higher = more suspicious)
+    n_flagged: int
+    n_paper_flagged: int
+    separation: float = 0.0      # median discriminant z of the screened out-of-spread samples
+    screen_share: float = 0.0    # share of the screened samples out of the benign spread
+    capped: bool = False
+    layer_excess: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ScanResult:
+    scanned: np.ndarray          # dataset indices scanned (the kept ones)
+    suspicion: np.ndarray        # (len(scanned),) higher = more suspicious
+    threshold: np.ndarray        # (len(scanned),) per-sample threshold (its class's)
+    labels: np.ndarray           # (len(scanned),) labels read during the scan
+    layer: np.ndarray            # (len(scanned),) index of the (last) layer its score came from
+    flagged: np.ndarray          # dataset indices to quarantine (active rule)
+    paper_flagged: np.ndarray    # dataset indices the paper's rule flags (baseline, for comparison)
+    classes: list[ClassVerdict]
+    calibration_source: str
+    seconds: dict[str, float]
+    warnings: list[str]
+    memory_bytes: int = 0
+
+
+class Scanner:
+    """Runs scans of ``model`` over a dataset; holds no quarantine state."""
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[str], extractor: Extractor,
+                 config: GuardConfig) -> None:
+        self.model, self.layers, self.extractor, self.cfg = model, list(layers), extractor, config
+        self.C = extractor.num_classes
+
+    # ---- pass 1 -------------------------------------------------------------------------
+    def calibrate(self, trusted: Dataset | None, train: Dataset, kept: np.ndarray) -> Calibration:
+        """Two streaming passes over the benign reference samples: class sums, then their
+        leave-one-out and in-sample scores. Memory: C x D per layer, never n x D."""
+        if trusted is not None:
+            dataset, indices, source = trusted, None, "trusted"
+        else:
+            dataset, indices, source = train, self._trust_free_indices(train, kept), "trust-free"
+        ref: Reference | None = None
+        labels: list[np.ndarray] = []
+        for b in self.extractor.stream(dataset, self.layers, indices, f"scan/{source}"):
+            ref = ref or Reference([f.shape[1] for f in b.feats], self.C)
+            ref.update(b.feats, b.labels)
+            labels.append(b.labels.numpy())
+        if ref is None:
+            raise GuardError(f"the {source} reference is empty; pass a trusted set with samples of every class")
+        lab = np.concatenate(labels)
+        counts = np.bincount(lab, minlength=self.C)
+        few = [int(c) for c in np.flatnonzero((counts > 0) & (counts < 2))]
+        if few:
+            raise GuardError(f"the {source} reference has fewer than 2 samples of classes {few}; add samples")
+        loo, ins = [], []
+        for b in self.extractor.stream(dataset, self.layers, indices, f"scan/{source}-calibrate"):
+            loo.append(ref.loo_score(b.feats, b.labels).numpy())
+            ins.append(ref.score(b.feats, b.labels).numpy())
+        loo_a, ins_a = np.concatenate(loo), np.concatenate(ins)
+        mean = np.full((self.C, len(self.layers)), np.nan)
+        std = np.full((self.C, len(self.layers)), np.nan)
+        for c in np.flatnonzero(counts):
+            mean[c] = loo_a[lab == c].mean(0)
+            std[c] = np.maximum(loo_a[lab == c].std(0), _STD_FLOOR)
+        return Calibration(ref, dataset, indices, lab, loo_a, ins_a, mean, std, source)
+
+    def _trust_free_indices(self, train: Dataset, kept: np.ndarray) -> np.ndarray:
+        """Trust-free reference: a random training subset, keeping per class the half the model
+        fits worst. Poisoned samples are fitted fastest (their trigger is an easy shortcut), so
+        the high-loss half of a class is mostly benign even when poison is a majority of it."""
+        rng = np.random.default_rng(self.cfg.seed)
+        n = min(len(kept), self.cfg.trust_free_per_class * self.C * 2)
+        pool = np.sort(rng.choice(kept, n, replace=False))
+        losses, labels = [], []
+        for b in self.extractor.stream(train, self.layers[-1:], pool, "scan/trust-free-pool"):
+            if b.logits is None or b.logits.dim() != 2 or b.logits.shape[1] != self.C:
+                raise GuardError("trust-free mode needs the model to output (batch, num_classes) logits; "
+                                 "pass a trusted set instead")
+            losses.append(torch.nn.functional.cross_entropy(b.logits, b.labels, reduction="none").numpy())
+            labels.append(b.labels.numpy())
+        loss, lab = np.concatenate(losses), np.concatenate(labels)
+        keep = np.zeros(len(lab), dtype=bool)
+        for c in np.unique(lab):
+            idx = np.flatnonzero(lab == c)
+            keep[idx[loss[idx] >= np.median(loss[idx])]] = True
+        return pool[keep]
+
+    # ---- the scan -----------------------------------------------------------------------
+    def run(self, train: Dataset, trusted: Dataset | None, kept: np.ndarray) -> ScanResult:
+        cfg, L = self.cfg, len(self.layers)
+        seconds: dict[str, float] = {}
+        warnings: list[str] = []
+        with scan_mode(self.model):
+            t = time.monotonic()
+            cal = self.calibrate(trusted, train, kept)
+            seconds["calibrate"] = time.monotonic() - t
+
+            # pass 2: per-sample cosines at every layer + suspect centroids
+            t = time.monotonic()
+            raw = np.empty((len(kept), L), dtype=np.float32)
+            labels = np.empty(len(kept), dtype=np.int64)
+            suspects = Reference([s.shape[1] for s in cal.reference.sums], self.C)
+            done = 0
+            for b in self.extractor.stream(train, self.layers, kept, "scan/train"):
+                n = len(b.labels)
+                lab = b.labels.numpy()
+                missing = np.flatnonzero(np.isnan(cal.mean[lab, 0]))
+                if len(missing):
+                    c = int(lab[missing[0]])
+                    raise GuardError(f"class {c} (dataset index {int(b.positions[missing[0]])}) has no samples in "
+                                     f"the {cal.source} reference; add trusted samples of class {c}")
+                s = cal.reference.score(b.feats, b.labels).numpy()
+                raw[done:done + n], labels[done:done + n] = s, lab
+                z = cal.z(s, lab)
+                for li, f in enumerate(b.feats):
+                    m = torch.from_numpy(z[:, li] < -cfg.threshold_z)
+                    if m.any():
+                        suspects.sums[li].index_add_(0, b.labels[m], unit(f[m].double()))
+                done += n
+            seconds["score"] = time.monotonic() - t
+            if done != len(kept):
+                raise GuardError(f"dataset yielded {done} samples for {len(kept)} indices; its length changed "
+                                 "during the scan: keep len(dataset) constant while training")
+
+            z = cal.z(raw, labels)
+            zb = cal.z(cal.loo, cal.labels)
+            suspicion = np.zeros(len(kept), dtype=np.float32)
+            threshold = np.full(len(kept), np.inf, dtype=np.float32)
+            where = np.zeros(len(kept), dtype=np.int16)
+            flagged: list[np.ndarray] = []
+            paper_flagged: list[np.ndarray] = []
+            verdicts: list[ClassVerdict] = []
+            confirm: dict[int, list[int]] = {}
+            for c in np.unique(labels):
+                rows = np.flatnonzero(labels == c)
+                ex, base = excess_share(z[rows], zb[cal.labels == c], cfg.threshold_z)
+                # paper baseline: in-sample mean - 2.5 std of summed cosines over its window
+                win = paper_window(cal.in_sample[cal.labels == c].mean(0))
+                ref_sum = cal.in_sample[cal.labels == c][:, win].sum(1)
+                p_flag = raw[rows][:, win].sum(1) < ref_sum.mean() - 2.5 * ref_sum.std()
+                paper_flagged.append(kept[rows[p_flag]])
+                if cfg.critical_rule == "paper":
+                    layer_idx = win
+                else:
+                    layer_idx = guard_layers(ex, cfg.window)
+                li = layer_idx[0]
+                rate = max(float(base[li]), 0.5 / max((cal.labels == c).sum(), 1))
+                k = int(round((ex[li] + base[li]) * len(rows)))
+                p_value = float(stats.binom.sf(k - 1, len(rows), rate))
+                is_candidate = ex[li] >= cfg.min_cluster and p_value < 1e-4
+                suspicion[rows] = -z[rows][:, layer_idx].mean(1)
+                threshold[rows] = cfg.threshold_z
+                where[rows] = li
+                v = ClassVerdict(int(c), len(rows), "clean", [self.layers[i] for i in layer_idx], float(ex[li]),
+                                 float(base[li]), p_value, cfg.threshold_z, 0, int(p_flag.sum()),
+                                 layer_excess=[round(float(e), 4) for e in ex])
+                verdicts.append(v)
+                if cfg.critical_rule == "paper":
+                    v.verdict = "flagged by paper rule" if p_flag.any() else "clean"
+                    v.threshold = float(ref_sum.mean() - 2.5 * ref_sum.std())
+                    self._take(v, kept[rows[p_flag]], -raw[rows[p_flag]][:, win].sum(1), flagged, warnings)
+                elif is_candidate:
+                    confirm[int(c)] = layer_idx
+                elif ex[li] > 0 and p_value < 1e-2:
+                    v.verdict = "no separation yet"
+            if confirm:
+                t = time.monotonic()
+                self._confirm(train, kept, labels, cal, suspects, confirm, verdicts, suspicion, threshold,
+                              flagged, warnings)
+                seconds["confirm"] = time.monotonic() - t
+        memory = (raw.nbytes + z.nbytes + labels.nbytes + suspicion.nbytes + threshold.nbytes + where.nbytes
+                  + cal.loo.nbytes + cal.in_sample.nbytes
+                  + 3 * sum(x.numel() * x.element_size() for x in cal.reference.sums))
+        flat = np.unique(np.concatenate(flagged)) if flagged else np.empty(0, np.int64)
+        paper = np.unique(np.concatenate(paper_flagged)) if paper_flagged else np.empty(0, np.int64)
+        return ScanResult(kept, suspicion, threshold, labels, where, flat.astype(np.int64), paper.astype(np.int64),
+                          verdicts, cal.source, seconds, warnings, memory)
+
+    def _confirm(self, train, kept, labels, cal, suspects, confirm, verdicts, suspicion, threshold,
+                 flagged, warnings) -> None:
+        """Pass 3 over candidate classes: a two-centroid discriminant (closer to the suspects' centroid
+        than to the benign one), calibrated on the benign reference samples.
+
+        A screen of at most ``screen_per_class`` samples per candidate class decides whether the class
+        holds a separate, far-out cluster, and re-estimates both centroids from its confident suspects
+        and confident benign samples; only classes that pass get the full pass with those centroids.
+        """
+        cfg = self.cfg
+        layer_ids = sorted({i for ids in confirm.values() for i in ids})
+        names = [self.layers[i] for i in layer_ids]
+        rng = np.random.default_rng([cfg.seed, 1])
+        screen_rows = np.sort(np.concatenate([
+            rng.choice(r, min(len(r), cfg.screen_per_class), replace=False)
+            for r in (np.flatnonzero(labels == c) for c in confirm)]))
+        use_of = {c: np.array([li in confirm[c] for li in layer_ids]) for c in confirm}
+        tb = np.flatnonzero(np.isin(cal.labels, list(confirm)))
+        t_pos = tb if cal.indices is None else cal.indices[tb]
+        t_chunks = list(self.extractor.stream(cal.dataset, names, t_pos, "scan/reference-layers", stop_early=True))
+        t_feats = [torch.cat([b.feats[i] for b in t_chunks]) for i in range(len(names))]
+        t_lab = cal.labels[tb]
+
+        def calibrate(sus, ben):
+            t_d = self._discriminant(t_feats, t_lab, use_of, sus, ben, loo=True)
+            return ({c: float(t_d[t_lab == c].mean()) for c in confirm},
+                    {c: max(float(t_d[t_lab == c].std()), _STD_FLOOR) for c in confirm})
+
+        def zscore(d, lab, mu, sd):
+            return (d - np.array([mu[int(c)] for c in lab])) / np.array([sd[int(c)] for c in lab])
+
+        sus = [suspects.sums[i] for i in layer_ids]
+        ben = [cal.reference.sums[i] for i in layer_ids]
+        mu, sd = calibrate(sus, ben)
+        new_sus = [torch.zeros_like(x) for x in sus]
+        new_ben = [x.clone() for x in ben]
+        z1, lab1 = [], []
+        for b in self.extractor.stream(train, names, kept[screen_rows], "scan/screen", stop_early=True):
+            bl = b.labels.numpy()
+            zb = zscore(self._discriminant(b.feats, bl, use_of, sus, ben), bl, mu, sd)
+            hi, lo = torch.from_numpy(zb > cfg.threshold_z), torch.from_numpy(zb < 1.0)
+            for pos, f in enumerate(b.feats):
+                u = unit(f.double())
+                new_sus[pos].index_add_(0, b.labels[hi], u[hi])
+                new_ben[pos].index_add_(0, b.labels[lo], u[lo])
+            z1.append(zb)
+            lab1.append(bl)
+        z1, lab1 = np.concatenate(z1), np.concatenate(lab1)
+        by_class = {v.cls: v for v in verdicts}
+        separated = []
+        for c in confirm:
+            z = z1[lab1 == c]
+            hit = z > cfg.threshold_z
+            v = by_class[c]
+            v.separation = float(np.median(z[hit])) if hit.any() else 0.0
+            v.screen_share = float(hit.mean())
+            if hit.mean() >= cfg.cluster_share or (hit.mean() >= cfg.min_cluster and v.separation > cfg.separation_z):
+                separated.append(c)
+            else:
+                v.verdict = "no separation yet"
+        if not separated:
+            return
+        mu, sd = calibrate(new_sus, new_ben)
+        rows = np.flatnonzero(np.isin(labels, separated))
+        d, done = np.zeros(len(rows)), 0
+        for b in self.extractor.stream(train, names, kept[rows], "scan/confirm", stop_early=True):
+            d[done:done + len(b.labels)] = self._discriminant(b.feats, b.labels.numpy(), use_of, new_sus, new_ben)
+            done += len(b.labels)
+        z_all = zscore(d, labels[rows], mu, sd)
+        for c in separated:
+            v, sel = by_class[c], labels[rows] == c
+            r, z_d = rows[sel], z_all[sel]
+            suspicion[r], threshold[r] = z_d, cfg.flag_z
+            v.verdict, v.threshold = "separate cluster", cfg.flag_z
+            hit = z_d > cfg.flag_z
+            self._take(v, kept[r[hit]], z_d[hit], flagged, warnings)
+
+    @staticmethod
+    def _discriminant(feats, lab, use_of, sus, benign, loo: bool = False) -> np.ndarray:
+        """Sum over each sample's window of cos(x, suspect centroid) - cos(x, benign centroid)."""
+        labels = torch.from_numpy(np.asarray(lab))
+        use = np.stack([use_of[int(c)] for c in lab]) if len(lab) else np.zeros((0, len(feats)), bool)
+        out = torch.zeros(len(lab), dtype=torch.float64)
+        for pos, f in enumerate(feats):
+            u = unit(f.double())
+            mb = benign[pos][labels] - (u if loo else 0)
+            d = (u * unit(sus[pos][labels])).sum(1) - (u * unit(mb)).sum(1)
+            out += torch.where(torch.from_numpy(use[:, pos]), d, torch.zeros_like(d))
+        return out.numpy()
+
+    def _take(self, v: ClassVerdict, idx: np.ndarray, susp: np.ndarray, flagged: list, warnings: list) -> None:
+        """Apply the per-class cap (keeping the most suspicious) and the loud warning."""
+        cfg = self.cfg
+        cap = int(np.floor(cfg.class_drop_cap * v.n_scanned))
+        if len(idx) > cap:
+            msg = (f"class {v.cls}: {len(idx)} of {v.n_scanned} samples flagged, above class_drop_cap="
+                   f"{cfg.class_drop_cap}; quarantining only the {cap} most suspicious")
+            logger.warning(msg)
+            warnings.append(msg)
+            idx = idx[np.argsort(-susp, kind="stable")[:cap]]
+            v.capped = True
+        if len(idx) > cfg.class_drop_warn * v.n_scanned:
+            msg = (f"class {v.cls}: quarantining {len(idx)} of {v.n_scanned} samples "
+                   f"({len(idx) / v.n_scanned:.0%}), more than class_drop_warn={cfg.class_drop_warn}: "
+                   "check this class (a poisoned target class looks like this)")
+            logger.warning(msg)
+            warnings.append(msg)
+        v.n_flagged = len(idx)
+        flagged.append(np.sort(idx))

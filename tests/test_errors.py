@@ -1,0 +1,97 @@
+"""Bad input gets a clear, actionable GuardError (a ValueError), never a silent wrong answer."""
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from guard import GuardConfig, GuardedDataset, GuardError
+from tests.conftest import Blobs, mlp
+
+
+class Items(Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_model_with_no_hookable_layers():
+    with pytest.raises(GuardError, match="no submodules"):
+        GuardedDataset(Blobs(30), nn.Linear(16, 3))
+
+
+def test_unknown_layer_name():
+    with pytest.raises(GuardError, match=r"\['body'\] are not modules"):
+        GuardedDataset(Blobs(30), mlp(), GuardConfig(layers=["body"]))
+
+
+def test_labels_outside_the_number_of_classes():
+    ds = TensorDataset(torch.randn(40, 16), torch.arange(40) % 5)      # 5 labels, model has 3 outputs
+    gds = GuardedDataset(ds, mlp(), GuardConfig(remedy="none"))
+    with pytest.raises(GuardError, match=r"label \d of dataset index \d+ is outside \[0, 3\)"):
+        gds.scan()
+
+
+def test_trusted_set_missing_a_class_or_too_small():
+    t = TensorDataset(torch.randn(40, 16), torch.arange(40) % 2)          # class 2 missing
+    with pytest.raises(GuardError, match=r"no samples of classes \[2\]"):
+        GuardedDataset(Blobs(90), mlp(), trusted=t)
+    t = TensorDataset(torch.randn(12, 16), torch.arange(12) % 3)          # 4 per class
+    with pytest.raises(GuardError, match="too few samples for classes"):
+        GuardedDataset(Blobs(90), mlp(), trusted=t)
+
+
+def test_trusted_larger_than_training_set():
+    with pytest.raises(GuardError, match="larger than the training set"):
+        GuardedDataset(Blobs(30), mlp(), trusted=Blobs(60))
+
+
+def test_items_the_guard_cannot_unpack():
+    with pytest.raises(GuardError, match="cannot unpack"):
+        GuardedDataset(Items([torch.randn(16)] * 10), mlp())
+    with pytest.raises(GuardError, match="no label key"):
+        GuardedDataset(Items([{"x": torch.randn(16), "cls": 1}] * 10), mlp())
+
+
+def test_items_of_varying_shape():
+    with pytest.raises(GuardError, match="cannot be batched"):
+        GuardedDataset(Items([(torch.randn(16), 0), (torch.randn(15), 1)] * 3), mlp())
+
+
+@pytest.mark.parametrize("label, match", [(0.0, "dtype torch.float"), ("cat", "strings"),
+                                          (torch.tensor([0.0, 1.0, 0.0]), "one-hot")])
+def test_labels_of_the_wrong_kind(label, match):
+    with pytest.raises(GuardError, match=match):
+        GuardedDataset(Items([(torch.randn(16), label)] * 6), mlp())
+
+
+def test_empty_dataset_and_mismatched_scan_dataset():
+    with pytest.raises(GuardError, match="empty"):
+        GuardedDataset(Items([]), mlp())
+    with pytest.raises(GuardError, match="same samples in the same order"):
+        GuardedDataset(Blobs(30), mlp(), scan_dataset=Blobs(20))
+
+
+def test_nan_features():
+    x = torch.randn(30, 16)
+    x[3] = float("nan")
+    gds = GuardedDataset(TensorDataset(x, torch.arange(30) % 3), mlp(), GuardConfig(remedy="none"))
+    with pytest.raises(GuardError, match="NaN/inf"):
+        gds.scan()
+    assert len(gds.quarantined) == 0 and not gds.report.scans       # nothing applied
+
+
+def test_config_values_are_validated_with_the_field_named():
+    with pytest.raises(ValidationError, match="scan_every"):
+        GuardConfig(scan_every=0)
+    with pytest.raises(ValidationError, match="warmup_epoch"):
+        GuardConfig(warmup_epoch=2)                                    # typo: unknown key
+    with pytest.raises(ValidationError, match="class_drop_warn"):
+        GuardConfig(class_drop_warn=0.9, class_drop_cap=0.5)
+    assert issubclass(GuardError, ValueError)

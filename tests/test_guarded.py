@@ -1,0 +1,182 @@
+"""GuardedDataset end to end on small real-valued data: drop-in behaviour, decisions, quarantine."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from guard import GuardConfig, GuardedDataset, GuardReport
+from tests.conftest import Blobs, mlp, train
+
+
+@pytest.fixture(scope="module")
+def poisoned():
+    ds = Blobs(600, poison=0.08, seed=0)
+    model = train(mlp(), ds, epochs=25)
+    return ds, model
+
+
+def test_drop_in_items_and_length(poisoned):
+    ds, model = poisoned
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="none"))
+    assert len(gds) == len(ds)
+    x, y = gds[5]
+    assert torch.equal(x, ds[5][0]) and y == ds[5][1]
+
+
+def test_finds_the_separate_cluster_and_spares_clean_classes(poisoned):
+    ds, model = poisoned
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="none"), trusted=Blobs(150, seed=7))
+    scan = gds.scan()
+    q = gds.quarantined
+    assert q.dtype == np.int64 and np.all(np.diff(q) > 0)
+    tp = np.intersect1d(q, ds.poisoned).size
+    assert tp >= 0.95 * len(ds.poisoned)
+    assert len(q) - tp <= 0.02 * (len(ds) - len(ds.poisoned))
+    verdicts = {c.cls: c.verdict for c in scan.classes}
+    assert verdicts[0] == "separate cluster"
+    assert all(verdicts[c] != "separate cluster" for c in (1, 2))
+    assert all(r.reason.startswith("separate cluster") for r in gds.report.quarantine)
+
+
+def test_clean_data_drops_nothing():
+    ds = Blobs(600, seed=0)
+    model = train(mlp(), ds, epochs=25)
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="none"), trusted=Blobs(150, seed=7))
+    gds.scan()
+    assert len(gds.quarantined) == 0
+
+
+def test_trust_free_mode_drops_nothing_on_clean_data():
+    # detection quality in trust-free mode is asserted on real CIFAR-10 (test_e2e_cifar.py)
+    ds = Blobs(600, seed=0)
+    model = train(mlp(), ds, epochs=25)
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="none", trust_free_per_class=60))
+    scan = gds.scan()
+    assert scan.calibration == "trust-free" and len(gds.quarantined) == 0
+
+
+def test_cap_keeps_the_most_suspicious_and_warns(poisoned):
+    ds, model = poisoned
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="none", class_drop_cap=0.1, class_drop_warn=0.05),
+                         trusted=Blobs(150, seed=7))
+    scan = gds.scan()
+    n0 = int((ds.y == 0).sum())
+    assert len(gds.quarantined) == int(0.1 * n0)
+    assert any("class_drop_cap" in w for w in scan.warnings)
+    assert next(c for c in scan.classes if c.cls == 0).capped
+
+
+def test_paper_rule_is_selectable(poisoned):
+    ds, model = poisoned
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="none", critical_rule="paper"), trusted=Blobs(150, seed=7))
+    scan = gds.scan()
+    assert scan.rule == "paper" and scan.new_quarantined == scan.paper_flagged
+
+
+def test_restore_report_state_and_files(poisoned, tmp_path):
+    ds, model = poisoned
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="none"), trusted=Blobs(150, seed=7))
+    gds.scan()
+    q = gds.quarantined
+    gds.restore(q[:3])
+    assert np.array_equal(gds.quarantined, q[3:])
+    assert set(q[:3]) <= set(gds.sampler.indices())
+    gds.scan()                                        # restored samples are not quarantined again
+    assert not set(q[:3]) & set(gds.quarantined)
+    with pytest.raises(ValueError, match="not quarantined"):
+        gds.restore([q[0]])
+    other = GuardedDataset(ds, model, GuardConfig(remedy="none"), trusted=Blobs(150, seed=7))
+    other.load_state_dict(json.loads(json.dumps(gds.state_dict())))
+    assert np.array_equal(other.quarantined, gds.quarantined)
+    assert len(other.report.scans) == 2 and len(other.report.restores) == 1
+    gds.save(tmp_path)
+    report = GuardReport.load_json(tmp_path / "report.json")
+    assert len(report.quarantine) == len(gds.quarantined)
+    assert (tmp_path / "quarantine.csv").read_text().count("\n") == len(gds.quarantined) + 1
+    rows = (tmp_path / "samples.csv").read_text().splitlines()
+    assert len(rows) == len(ds) + 1 and sum(",restored," in r for r in rows) == 3
+    assert "quarantined" in report.summary()
+
+
+def test_scan_leaves_training_state_untouched(poisoned):
+    ds, model = poisoned
+    model.train()
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="none"), trusted=Blobs(150, seed=7))
+    torch.manual_seed(11)
+    np.random.seed(11)
+    random.seed(11)
+    gds.scan()
+    after = (torch.rand(1).item(), np.random.rand(), random.random())
+    torch.manual_seed(11)
+    np.random.seed(11)
+    random.seed(11)
+    assert after == (torch.rand(1).item(), np.random.rand(), random.random())
+    assert model.training and torch.is_grad_enabled()
+
+
+class DictItems(Dataset):
+    """HF-style items: {'features': ..., 'labels': ...}."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return {"features": x, "labels": y}
+
+
+class KwargModel(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, features):
+        return self.net(features)
+
+
+def test_dict_items_and_custom_unpack(poisoned):
+    ds, model = poisoned
+    km = KwargModel(model)
+    gds = GuardedDataset(DictItems(ds), km, GuardConfig(remedy="none"), trusted=DictItems(Blobs(150, seed=7)))
+    gds.scan()
+    assert np.intersect1d(gds.quarantined, ds.poisoned).size >= 0.95 * len(ds.poisoned)
+    gds2 = GuardedDataset(DictItems(ds), model, GuardConfig(remedy="none"), trusted=DictItems(Blobs(150, seed=7)),
+                          unpack=lambda b: (b["features"], b["labels"]))
+    gds2.scan()
+    assert np.array_equal(gds.quarantined, gds2.quarantined)
+    batch = next(iter(DataLoader(gds, batch_size=4, sampler=gds.sampler)))
+    assert set(batch) == {"features", "labels"}
+
+
+def test_unlearning_removes_the_learned_trigger():
+    ds = Blobs(600, poison=0.08, seed=0)
+    model = train(mlp(), ds, epochs=25)
+    trig = torch.from_numpy(ds.x[ds.poisoned])
+    assert (model(trig).argmax(1) == 0).float().mean() > 0.9
+    gds = GuardedDataset(ds, model, GuardConfig(), trusted=Blobs(150, seed=7))
+    scan = gds.scan()
+    assert scan.remedy == "unlearn" and scan.remedy_fit_after <= 0.05
+    train(model, torch.utils.data.Subset(ds, gds.kept_indices().tolist()), epochs=3)   # training goes on
+    model.eval()
+    clean = Blobs(300, seed=3)
+    assert (model(trig).argmax(1) == 0).float().mean() <= 0.05
+    acc = (model(torch.from_numpy(clean.x)).argmax(1).numpy() == clean.y).mean()
+    assert acc >= 0.95
+
+
+def test_restart_remedy_restores_initial_weights():
+    ds = Blobs(600, poison=0.08, seed=0)
+    model = mlp()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="restart"), trusted=Blobs(150, seed=7))
+    train(model, ds, epochs=25)
+    gds.scan()
+    assert len(gds.quarantined) > 0
+    assert all(torch.equal(v, init[k]) for k, v in model.state_dict().items())

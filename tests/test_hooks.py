@@ -1,0 +1,114 @@
+"""Step 1: layer discovery, feature taps and scan isolation."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from guard.errors import GuardError
+from guard.hooks import FeatureTap, check_layers, discover_layers, pool, scan_mode
+from guard.models import CifarResNet18, SmallCNN
+
+
+def _discover(model, x):
+    with scan_mode(model):
+        return discover_layers(model, lambda: model(x))
+
+
+def test_cifar_resnet_layers_are_stem_blocks_and_classifier():
+    layers = _discover(CifarResNet18(width=8), torch.randn(2, 3, 32, 32))
+    assert layers == ["stem", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1",
+                      "layer4.0", "layer4.1", "fc"]
+
+
+def test_torchvision_resnet_and_mobilenet_blocks():
+    r = _discover(torchvision.models.resnet18(num_classes=5), torch.randn(2, 3, 64, 64))
+    assert r[0] == "maxpool" and r[-1] == "fc" and "layer4.1" in r and len(r) == 10
+    m = _discover(torchvision.models.mobilenet_v2(num_classes=5), torch.randn(2, 3, 64, 64))
+    assert sum(n.startswith("features.") for n in m) >= 17 and m[-1] == "classifier.1"
+
+
+def test_transformer_encoder_layers():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(8, 16)
+            self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 3)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.encoder(self.embed(x)).mean(1))
+
+    layers = _discover(Tiny(), torch.randn(2, 5, 8))
+    assert layers == ["embed", "encoder.layers.0", "encoder.layers.1", "encoder.layers.2", "head"]
+
+
+def test_fallback_uses_activations_and_classifier():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert _discover(model, torch.randn(2, 4)) == ["1", "3", "4"]
+    assert _discover(SmallCNN(width=4), torch.randn(2, 1, 16, 16))[-1] == "head.2"
+
+
+def test_model_without_submodules_is_an_error():
+    with pytest.raises(GuardError, match="no submodules"):
+        _discover(nn.Linear(4, 2), torch.randn(2, 4))
+
+
+def test_unknown_layer_names_are_an_error():
+    with pytest.raises(GuardError, match="not modules of"):
+        check_layers(CifarResNet18(width=8), ["layer9.0"])
+
+
+def test_pool_grid_and_sequences():
+    assert pool(torch.randn(2, 5, 16, 16), 4).shape == (2, 80)
+    assert pool(torch.randn(2, 5, 16, 16), 1).shape == (2, 5)
+    assert pool(torch.randn(2, 5, 16, 16), 0).shape == (2, 5 * 256)
+    assert pool(torch.randn(2, 7, 6)).shape == (2, 6)
+
+
+def test_tap_handles_tuple_outputs_and_always_removes_hooks():
+    class TupleLayer(nn.Module):
+        def forward(self, x):
+            return (x * 2, {"aux": x})
+
+    model = nn.Sequential(nn.Linear(3, 4), TupleLayer())
+    with FeatureTap(model, ["1"]) as tap:
+        model(torch.ones(2, 3))
+        (f,) = tap.take(2)
+    assert f.shape == (2, 4)
+    assert not model[1]._forward_hooks
+    with pytest.raises(RuntimeError):
+        with FeatureTap(model, ["1"]):
+            raise RuntimeError("boom")
+    assert not model[1]._forward_hooks
+
+
+def test_nan_features_are_an_error():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    with FeatureTap(model, ["0"]) as tap:
+        model(torch.full((2, 3), float("nan")))
+        with pytest.raises(GuardError, match="NaN/inf"):
+            tap.take(2)
+
+
+def test_scan_mode_restores_modes_grad_and_rng():
+    model = CifarResNet18(width=8).train()
+    model.layer1.eval()                      # a user-frozen part stays frozen
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    expected = (torch.rand(1).item(), np.random.rand(), random.random())
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    with pytest.raises(KeyError):
+        with scan_mode(model):
+            assert not model.training and not torch.is_grad_enabled()
+            torch.rand(5), np.random.rand(5), random.random()
+            raise KeyError("interrupted scan")
+    assert model.training and not model.layer1.training and model.layer2.training
+    assert torch.is_grad_enabled()
+    assert (torch.rand(1).item(), np.random.rand(), random.random()) == expected
