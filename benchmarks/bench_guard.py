@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 
 def row(name: str, r: dict) -> dict:
     g, u = r["guarded"], r.get("unguarded", {})
-    first_scan = r["scan_compute_seconds"][0] if r["scan_compute_seconds"] else float("nan")
+    first_scan = r["scan_seconds"][0] if r["scan_seconds"] else float("nan")
     p = r["paper_rule"][0] if r["paper_rule"] else {}
     return {
         "run": name, "poisoned": g["poisoned"], "quarantined": g["flagged"],
@@ -41,6 +41,9 @@ def row(name: str, r: dict) -> dict:
         "asr_correct_guarded": g["attack_success_correct"],
         "acc_unguarded": u.get("clean_acc", float("nan")), "acc_guarded": g["clean_acc"],
         "scan_over_epoch": first_scan / r["epoch_seconds_median"],
+        # guard cost over the whole run (scans + remedies) relative to the training epochs it guarded
+        "overhead": (sum(r["scan_seconds"]) + sum(s["remedy_seconds"] for s in r["scans"]))
+        / (r["spec"]["epochs"] * r["epoch_seconds_median"]),
         "scan_s": first_scan, "epoch_s": r["epoch_seconds_median"],
         "guard_mem_mb": r["guard_scan_memory_mb"],
     }
@@ -55,14 +58,14 @@ def fmt(v: float, pct: bool = True) -> str:
 def table(rows: list[dict]) -> str:
     head = ("| run | poisoned | quarantined | TPR % | FPR % | paper TPR % | paper FPR % | ASR warm-up % | "
             "ASR no guard % | ASR guard % | ASR(correct) no guard % | ASR(correct) guard % | acc no guard % | "
-            "acc guard % | scan/epoch | guard MB |")
+            "acc guard % | scan/epoch | overhead % | guard MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append("| " + " | ".join([
             r["run"], str(r["poisoned"]), str(r["quarantined"]), fmt(r["tpr"]), fmt(r["fpr"]),
             fmt(r["paper_tpr"]), fmt(r["paper_fpr"]), fmt(r["asr_warmup"]), fmt(r["asr_unguarded"]),
             fmt(r["asr_guarded"]), fmt(r["asr_correct_unguarded"]), fmt(r["asr_correct_guarded"]),
-            fmt(r["acc_unguarded"]), fmt(r["acc_guarded"]), fmt(r["scan_over_epoch"], False),
+            fmt(r["acc_unguarded"]), fmt(r["acc_guarded"]), fmt(r["scan_over_epoch"], False), fmt(r["overhead"]),
             fmt(r["guard_mem_mb"], False)]) + " |")
     return "\n".join(lines)
 
@@ -80,7 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(HERE / "results" / "guard_cifar10.json"))
+    ap.add_argument("--render", metavar="JSON", help="only re-render the table of an earlier result file")
     a = ap.parse_args(argv)
+    if a.render:
+        saved = json.loads(Path(a.render).read_text())
+        print(table([row(name, r) for name, r in saved["runs"].items()]))
+        print(json.dumps(saved["meta"]))
+        return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
     runs = [(f"{atk} {rate:.0%}", atk, rate, False) for atk in a.attacks for rate in a.rates]
     if a.no_attack:

@@ -59,7 +59,8 @@ class GuardConfig(BaseModel):
     remedy: Literal["unlearn", "restart", "none"] = Field(
         "unlearn", description="after new quarantines: 'unlearn' the trigger, 'restart' from the initial "
                                "weights, or 'none'")
-    unlearn_steps: int = Field(60, ge=1, description="optimizer steps of unlearning per new quarantine")
+    unlearn_steps: int = Field(60, ge=1, description="at most this many optimizer steps of unlearning per new "
+                                                     "quarantine (at least a third of them)")
     unlearn_lr: float = Field(0.01, gt=0, description="SGD learning rate used for unlearning")
 
     # sampling

@@ -20,7 +20,7 @@ from guard.batches import BatchAdapter, Unpack
 from guard.config import GuardConfig
 from guard.errors import GuardError
 from guard.extract import Extractor
-from guard.hooks import check_layers, discover_layers, scan_mode, unwrap_model
+from guard.hooks import check_layers, discover_layers, preserve_rng, scan_mode, unwrap_model
 from guard.remedy import restart, unlearn
 from guard.report import (ClassReport, GuardReport, QuarantineRecord, RestoreRecord, ScanReport, atomic_write,
                           now)
@@ -216,7 +216,11 @@ class GuardedDataset(Dataset):
         logger.info("guard: scan {} at epoch {} over {:,} kept samples", len(self.report.scans) + 1, epoch,
                     len(self.kept_indices()))
         source = self.scan_dataset if self.scan_dataset is not None else self.dataset
-        res = self.scanner.run(source, self.trusted, self.kept_indices())
+        prior: dict[int, list[int]] = {}
+        for r in self._records.values():
+            prior.setdefault(r.label, []).append(r.index)
+        res = self.scanner.run(source, self.trusted, self.kept_indices(),
+                               {c: np.asarray(v, dtype=np.int64) for c, v in prior.items()})
         self._scanned_epochs.add(epoch)
         return self._apply(res, epoch, time.monotonic() - t0)
 
@@ -247,14 +251,15 @@ class GuardedDataset(Dataset):
             memory_bytes=res.memory_bytes,
             classes=[ClassReport(**vars(v)) for v in res.classes], warnings=res.warnings)
         if new and self.config.remedy != "none":
-            self._remedy(scan, np.asarray(new, dtype=np.int64), scan_no)
+            with preserve_rng():
+                self._remedy(scan, scan_no)
         self.report.scans.append(scan)
         logger.info("guard: scan {} done in {:.1f}s: +{} quarantined ({} total); {}", scan_no, scan.seconds,
                     len(new), len(records), ", ".join(f"class {v.cls}: {v.verdict} ({v.n_flagged})"
                                                        for v in res.classes if v.n_flagged) or "nothing separates")
         return scan
 
-    def _remedy(self, scan: ScanReport, new: np.ndarray, scan_no: int) -> None:
+    def _remedy(self, scan: ScanReport, scan_no: int) -> None:
         t = time.monotonic()
         scan.remedy = self.config.remedy
         if self.config.remedy == "restart":

@@ -169,25 +169,34 @@ def check_layers(model: nn.Module, names: Sequence[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def scan_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no grad, and the caller's RNG, grad mode and per-module flags restored afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    grad = torch.is_grad_enabled()
+def preserve_rng() -> Iterator[None]:
+    """The global torch/CUDA, NumPy and Python RNG states are restored on exit."""
     rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
            torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
     try:
-        model.eval()
-        torch.set_grad_enabled(False)
         yield
     finally:
-        for m, f in flags:
-            m.training = f
-        torch.set_grad_enabled(grad)
         torch.set_rng_state(rng[0])
         np.random.set_state(rng[1])
         random.setstate(rng[2])
         if rng[3] is not None:
             torch.cuda.set_rng_state_all(rng[3])
+
+
+@contextlib.contextmanager
+def scan_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no grad, and the caller's RNG, grad mode and per-module flags restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    grad = torch.is_grad_enabled()
+    try:
+        with preserve_rng():
+            model.eval()
+            torch.set_grad_enabled(False)
+            yield
+    finally:
+        for m, f in flags:
+            m.training = f
+        torch.set_grad_enabled(grad)
 
 
 class StopForward(Exception):

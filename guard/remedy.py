@@ -77,7 +77,8 @@ def unlearn(model: nn.Module, dataset: Dataset, kept: np.ndarray, quarantined: n
                     first = fits[0]
                 last = float(np.mean(fits[-4:]))
                 # stop once the quarantined samples are unlearned and the kept ones are fitted as before
-                if step >= 3 and last <= STOP_FIT and np.mean(accs[-4:]) >= np.mean(accs[:4]) - 0.02:
+                if (step + 1 >= max(cfg.unlearn_steps // 3, 4) and last <= STOP_FIT
+                        and np.mean(accs[-4:]) >= np.mean(accs[:4]) - 0.02):
                     break
     finally:
         for m, f in was_training:

@@ -37,7 +37,8 @@ class ClassReport(BaseModel):
 
     cls: int
     n_scanned: int
-    verdict: str = Field(description="clean | no separation yet | separate cluster | flagged by paper rule")
+    verdict: str = Field(description="clean | no separation yet | separate cluster | like quarantined | "
+                                     "flagged by paper rule")
     critical_layers: list[str]
     excess: float = Field(description="share of the class outside the benign spread, beyond the benign rate")
     benign_rate: float
@@ -48,6 +49,7 @@ class ClassReport(BaseModel):
     n_flagged: int
     n_paper_flagged: int = Field(description="what the paper's rule would flag (baseline)")
     capped: bool
+    n_quarantined_before: int
     layer_excess: list[float]
 
 

@@ -70,6 +70,7 @@ class ClassVerdict:
     separation: float = 0.0      # median discriminant z of the screened out-of-spread samples
     screen_share: float = 0.0    # share of the screened samples out of the benign spread
     capped: bool = False
+    n_quarantined_before: int = 0   # samples of the class already quarantined by earlier scans
     layer_excess: list[float] = field(default_factory=list)
 
 
@@ -152,7 +153,10 @@ class Scanner:
         return pool[keep]
 
     # ---- the scan -----------------------------------------------------------------------
-    def run(self, train: Dataset, trusted: Dataset | None, kept: np.ndarray) -> ScanResult:
+    def run(self, train: Dataset, trusted: Dataset | None, kept: np.ndarray,
+            prior: dict[int, np.ndarray] | None = None) -> ScanResult:
+        """Scan the ``kept`` indices of ``train``. ``prior`` maps a class to its already quarantined
+        indices: such a class is searched again for samples like them (see ``_follow_up``)."""
         cfg, L = self.cfg, len(self.layers)
         seconds: dict[str, float] = {}
         warnings: list[str] = []
@@ -219,6 +223,7 @@ class Scanner:
                 where[rows] = li
                 v = ClassVerdict(int(c), len(rows), "clean", [self.layers[i] for i in layer_idx], float(ex[li]),
                                  float(base[li]), p_value, cfg.threshold_z, 0, int(p_flag.sum()),
+                                 n_quarantined_before=len((prior or {}).get(int(c), ())),
                                  layer_excess=[round(float(e), 4) for e in ex])
                 verdicts.append(v)
                 if cfg.critical_rule == "paper":
@@ -234,6 +239,12 @@ class Scanner:
                 self._confirm(train, kept, labels, cal, suspects, confirm, verdicts, suspicion, threshold,
                               flagged, warnings)
                 seconds["confirm"] = time.monotonic() - t
+            follow = {c: q for c, q in (prior or {}).items()
+                      if len(q) >= 2 and c in set(labels.tolist()) and c not in confirm}
+            if follow:
+                t = time.monotonic()
+                self._follow_up(train, kept, labels, cal, follow, verdicts, suspicion, threshold, flagged, warnings)
+                seconds["follow_up"] = time.monotonic() - t
         memory = (raw.nbytes + z.nbytes + labels.nbytes + suspicion.nbytes + threshold.nbytes + where.nbytes
                   + cal.loo.nbytes + cal.in_sample.nbytes
                   + 3 * sum(x.numel() * x.element_size() for x in cal.reference.sums))
@@ -319,6 +330,53 @@ class Scanner:
             hit = z_d > cfg.flag_z
             self._take(v, kept[r[hit]], z_d[hit], flagged, warnings)
 
+    def _follow_up(self, train, kept, labels, cal, follow, verdicts, suspicion, threshold, flagged,
+                   warnings) -> None:
+        """Classes that already hold quarantined samples: the quarantined samples themselves, seen
+        through the current model, are the suspect centroid. Poison left behind shares their trigger,
+        so it stands out on this discriminant even when it no longer leaves the benign spread by
+        itself (a backdoor relearned from a few remaining samples)."""
+        cfg = self.cfg
+        q_idx = np.sort(np.concatenate(list(follow.values())))
+        q_sums = Reference([s.shape[1] for s in cal.reference.sums], self.C)
+        q_z: dict[int, list[np.ndarray]] = {c: [] for c in follow}
+        for b in self.extractor.stream(train, self.layers, q_idx, "scan/quarantined"):
+            q_sums.update(b.feats, b.labels)
+            lab = b.labels.numpy()
+            z = cal.z(cal.reference.score(b.feats, b.labels).numpy(), lab)
+            for c in follow:
+                q_z[c].append(z[lab == c])
+        # window: the layers where the quarantined samples sit furthest below the benign spread
+        windows = {c: [int(i) for i in np.argsort(np.concatenate(q_z[c]).mean(0), kind="stable")[:cfg.window]]
+                   for c in follow}
+        layer_ids = sorted({i for w in windows.values() for i in w})
+        names = [self.layers[i] for i in layer_ids]
+        use_of = {c: np.array([li in windows[c] for li in layer_ids]) for c in follow}
+        sus = [q_sums.sums[i] for i in layer_ids]
+        ben = [cal.reference.sums[i] for i in layer_ids]
+        tb = np.flatnonzero(np.isin(cal.labels, list(follow)))
+        t_pos = tb if cal.indices is None else cal.indices[tb]
+        t_chunks = list(self.extractor.stream(cal.dataset, names, t_pos, "scan/reference-layers", stop_early=True))
+        t_d = self._discriminant([torch.cat([b.feats[i] for b in t_chunks]) for i in range(len(names))],
+                                 cal.labels[tb], use_of, sus, ben, loo=True)
+        rows = np.flatnonzero(np.isin(labels, list(follow)))
+        d, done = np.zeros(len(rows)), 0
+        for b in self.extractor.stream(train, names, kept[rows], "scan/follow-up", stop_early=True):
+            d[done:done + len(b.labels)] = self._discriminant(b.feats, b.labels.numpy(), use_of, sus, ben)
+            done += len(b.labels)
+        by_class = {v.cls: v for v in verdicts}
+        for c in follow:
+            tc = t_d[cal.labels[tb] == c]
+            sel = labels[rows] == c
+            r = rows[sel]
+            z_d = (d[sel] - tc.mean()) / max(tc.std(), _STD_FLOOR)
+            v = by_class[c]
+            v.critical_layers = [self.layers[i] for i in windows[c]]
+            suspicion[r], threshold[r] = z_d, cfg.flag_z
+            hit = z_d > cfg.flag_z
+            v.verdict, v.threshold = "like quarantined", cfg.flag_z
+            self._take(v, kept[r[hit]], z_d[hit], flagged, warnings)
+
     @staticmethod
     def _discriminant(feats, lab, use_of, sus, benign, loo: bool = False) -> np.ndarray:
         """Sum over each sample's window of cos(x, suspect centroid) - cos(x, benign centroid)."""
@@ -333,9 +391,12 @@ class Scanner:
         return out.numpy()
 
     def _take(self, v: ClassVerdict, idx: np.ndarray, susp: np.ndarray, flagged: list, warnings: list) -> None:
-        """Apply the per-class cap (keeping the most suspicious) and the loud warning."""
+        """Apply the per-class cap (keeping the most suspicious; samples of the class quarantined
+        earlier count towards it) and the loud warning."""
         cfg = self.cfg
-        cap = int(np.floor(cfg.class_drop_cap * v.n_scanned))
+        already = v.n_quarantined_before
+        total = v.n_scanned + already
+        cap = max(int(np.floor(cfg.class_drop_cap * total)) - already, 0)
         if len(idx) > cap:
             msg = (f"class {v.cls}: {len(idx)} of {v.n_scanned} samples flagged, above class_drop_cap="
                    f"{cfg.class_drop_cap}; quarantining only the {cap} most suspicious")
@@ -343,9 +404,10 @@ class Scanner:
             warnings.append(msg)
             idx = idx[np.argsort(-susp, kind="stable")[:cap]]
             v.capped = True
-        if len(idx) > cfg.class_drop_warn * v.n_scanned:
-            msg = (f"class {v.cls}: quarantining {len(idx)} of {v.n_scanned} samples "
-                   f"({len(idx) / v.n_scanned:.0%}), more than class_drop_warn={cfg.class_drop_warn}: "
+        if len(idx) and len(idx) + already > cfg.class_drop_warn * total:
+            msg = (f"class {v.cls}: quarantining {len(idx)} more of {v.n_scanned} samples "
+                   f"({(len(idx) + already) / total:.0%} of the class in all), more than "
+                   f"class_drop_warn={cfg.class_drop_warn}: "
                    "check this class (a poisoned target class looks like this)")
             logger.warning(msg)
             warnings.append(msg)

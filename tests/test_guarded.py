@@ -102,14 +102,15 @@ def test_restore_report_state_and_files(poisoned, tmp_path):
     assert "quarantined" in report.summary()
 
 
-def test_scan_leaves_training_state_untouched(poisoned):
-    ds, model = poisoned
+def test_scan_and_remedy_leave_training_state_untouched():
+    ds = Blobs(600, poison=0.08, seed=0)
+    model = train(mlp(), ds, epochs=25)
     model.train()
-    gds = GuardedDataset(ds, model, GuardConfig(remedy="none"), trusted=Blobs(150, seed=7))
+    gds = GuardedDataset(ds, model, GuardConfig(), trusted=Blobs(150, seed=7))
     torch.manual_seed(11)
     np.random.seed(11)
     random.seed(11)
-    gds.scan()
+    assert gds.scan().remedy == "unlearn"
     after = (torch.rand(1).item(), np.random.rand(), random.random())
     torch.manual_seed(11)
     np.random.seed(11)
