@@ -236,8 +236,8 @@ class Scanner:
                     v.verdict = "no separation yet"
             if confirm:
                 t = time.monotonic()
-                self._confirm(train, kept, labels, cal, suspects, confirm, verdicts, suspicion, threshold,
-                              flagged, warnings)
+                self._confirm(train, kept, labels, z < -cfg.threshold_z, cal, suspects, confirm, verdicts,
+                              suspicion, threshold, flagged, warnings)
                 seconds["confirm"] = time.monotonic() - t
             follow = {c: q for c, q in (prior or {}).items()
                       if len(q) >= 2 and c in set(labels.tolist()) and c not in confirm}
@@ -253,14 +253,16 @@ class Scanner:
         return ScanResult(kept, suspicion, threshold, labels, where, flat.astype(np.int64), paper.astype(np.int64),
                           verdicts, cal.source, seconds, warnings, memory)
 
-    def _confirm(self, train, kept, labels, cal, suspects, confirm, verdicts, suspicion, threshold,
-                 flagged, warnings) -> None:
+    def _confirm(self, train, kept, labels, out_of_spread, cal, suspects, confirm, verdicts, suspicion,
+                 threshold, flagged, warnings) -> None:
         """Pass 3 over candidate classes: a two-centroid discriminant (closer to the suspects' centroid
         than to the benign one), calibrated on the benign reference samples.
 
         A screen of at most ``screen_per_class`` samples per candidate class decides whether the class
         holds a separate, far-out cluster, and re-estimates both centroids from its confident suspects
         and confident benign samples; only classes that pass get the full pass with those centroids.
+        On the screen each sample is scored against the suspect centroid *without itself*
+        (leave-one-out), so scattered benign outliers do not look like a cluster of one.
         """
         cfg = self.cfg
         layer_ids = sorted({i for ids in confirm.values() for i in ids})
@@ -290,9 +292,12 @@ class Scanner:
         new_sus = [torch.zeros_like(x) for x in sus]
         new_ben = [x.clone() for x in ben]
         z1, lab1 = [], []
+        done = 0
         for b in self.extractor.stream(train, names, kept[screen_rows], "scan/screen", stop_early=True):
             bl = b.labels.numpy()
-            zb = zscore(self._discriminant(b.feats, bl, use_of, sus, ben), bl, mu, sd)
+            own = out_of_spread[screen_rows[done:done + len(bl)]][:, layer_ids]
+            done += len(bl)
+            zb = zscore(self._discriminant(b.feats, bl, use_of, sus, ben, own_suspect=own), bl, mu, sd)
             hi, lo = torch.from_numpy(zb > cfg.threshold_z), torch.from_numpy(zb < 1.0)
             for pos, f in enumerate(b.feats):
                 u = unit(f.double())
@@ -378,15 +383,22 @@ class Scanner:
             self._take(v, kept[r[hit]], z_d[hit], flagged, warnings)
 
     @staticmethod
-    def _discriminant(feats, lab, use_of, sus, benign, loo: bool = False) -> np.ndarray:
-        """Sum over each sample's window of cos(x, suspect centroid) - cos(x, benign centroid)."""
+    def _discriminant(feats, lab, use_of, sus, benign, loo: bool = False,
+                      own_suspect: np.ndarray | None = None) -> np.ndarray:
+        """Sum over each sample's window of cos(x, suspect centroid) - cos(x, benign centroid).
+
+        ``loo``: the samples are part of the benign centroid; ``own_suspect`` (B x layers): where a
+        sample is part of the suspect centroid. Either way it is left out of that centroid."""
         labels = torch.from_numpy(np.asarray(lab))
         use = np.stack([use_of[int(c)] for c in lab]) if len(lab) else np.zeros((0, len(feats)), bool)
         out = torch.zeros(len(lab), dtype=torch.float64)
         for pos, f in enumerate(feats):
             u = unit(f.double())
             mb = benign[pos][labels] - (u if loo else 0)
-            d = (u * unit(sus[pos][labels])).sum(1) - (u * unit(mb)).sum(1)
+            ms = sus[pos][labels]
+            if own_suspect is not None:
+                ms = ms - u * torch.from_numpy(own_suspect[:, pos]).double()[:, None]
+            d = (u * unit(ms)).sum(1) - (u * unit(mb)).sum(1)
             out += torch.where(torch.from_numpy(use[:, pos]), d, torch.zeros_like(d))
         return out.numpy()
 
