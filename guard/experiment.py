@@ -201,7 +201,7 @@ def run(spec: RunSpec, compare: bool = True) -> dict[str, Any]:
     tracemalloc.stop()
     out["guarded"] = {**measure(model, data, spec.target), **detection(gds.quarantined, data.poisoned, len(data.labels))}
     scans = gds.report.scans
-    out["scans"] = [s.model_dump(exclude={"classes"}) for s in scans]
+    out["scans"] = [s.model_dump() for s in scans]
     out["paper_rule"] = paper
     out["guard_scan_memory_mb"] = max((s.memory_bytes for s in scans), default=0) / 2**20
     out["scan_seconds"] = [s.seconds for s in scans]            # detection only; remedy_seconds apart
