@@ -35,7 +35,7 @@ class GuardConfig(BaseModel):
                                "standard deviations out (locating and confirming)")
     cluster_share: float = Field(
         0.12, gt=0, le=1, description="a class holds a separate cluster when this share of its screened samples "
-                                      "is out of the benign spread on the discriminant ...")
+                                      "is out of the benign spread on the discriminant (trusted reference only) ...")
     separation_z: float = Field(
         5.0, gt=0, description="... or when at least min_cluster is, with a median discriminant above this "
                                "(benign standard deviations)")

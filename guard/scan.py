@@ -272,11 +272,7 @@ class Scanner:
             rng.choice(r, min(len(r), cfg.screen_per_class), replace=False)
             for r in (np.flatnonzero(labels == c) for c in confirm)]))
         use_of = {c: np.array([li in confirm[c] for li in layer_ids]) for c in confirm}
-        tb = np.flatnonzero(np.isin(cal.labels, list(confirm)))
-        t_pos = tb if cal.indices is None else cal.indices[tb]
-        t_chunks = list(self.extractor.stream(cal.dataset, names, t_pos, "scan/reference-layers", stop_early=True))
-        t_feats = [torch.cat([b.feats[i] for b in t_chunks]) for i in range(len(names))]
-        t_lab = cal.labels[tb]
+        t_feats, t_lab = self._reference_feats(cal, confirm, names)
 
         def calibrate(sus, ben):
             t_d = self._discriminant(t_feats, t_lab, use_of, sus, ben, loo=True)
@@ -314,7 +310,10 @@ class Scanner:
             v = by_class[c]
             v.separation = float(np.median(z[hit])) if hit.any() else 0.0
             v.screen_share = float(hit.mean())
-            if hit.mean() >= cfg.cluster_share or (hit.mean() >= cfg.min_cluster and v.separation > cfg.separation_z):
+            # A trust-free reference is the hard half of each class, so the easy half sits apart from it
+            # in every clean class (most at the logits): there only a far-out cluster counts.
+            share_alone = cal.source == "trusted" and hit.mean() >= cfg.cluster_share
+            if share_alone or (hit.mean() >= cfg.min_cluster and v.separation > cfg.separation_z):
                 separated.append(c)
             else:
                 v.verdict = "no separation yet"
@@ -334,6 +333,14 @@ class Scanner:
             v.verdict, v.threshold = "separate cluster", cfg.flag_z
             hit = z_d > cfg.flag_z
             self._take(v, kept[r[hit]], z_d[hit], flagged, warnings)
+
+    def _reference_feats(self, cal: Calibration, classes, names: list[str]) -> tuple[list[torch.Tensor], np.ndarray]:
+        """Features at ``names`` of the benign reference samples of ``classes`` (a partial pass over the
+        small reference set, so the reference's features need not be kept between passes)."""
+        tb = np.flatnonzero(np.isin(cal.labels, list(classes)))
+        pos = tb if cal.indices is None else cal.indices[tb]
+        chunks = list(self.extractor.stream(cal.dataset, names, pos, "scan/reference-layers", stop_early=True))
+        return [torch.cat([b.feats[i] for b in chunks]) for i in range(len(names))], cal.labels[tb]
 
     def _follow_up(self, train, kept, labels, cal, follow, verdicts, suspicion, threshold, flagged,
                    warnings) -> None:
@@ -359,11 +366,8 @@ class Scanner:
         use_of = {c: np.array([li in windows[c] for li in layer_ids]) for c in follow}
         sus = [q_sums.sums[i] for i in layer_ids]
         ben = [cal.reference.sums[i] for i in layer_ids]
-        tb = np.flatnonzero(np.isin(cal.labels, list(follow)))
-        t_pos = tb if cal.indices is None else cal.indices[tb]
-        t_chunks = list(self.extractor.stream(cal.dataset, names, t_pos, "scan/reference-layers", stop_early=True))
-        t_d = self._discriminant([torch.cat([b.feats[i] for b in t_chunks]) for i in range(len(names))],
-                                 cal.labels[tb], use_of, sus, ben, loo=True)
+        t_feats, t_lab = self._reference_feats(cal, follow, names)
+        t_d = self._discriminant(t_feats, t_lab, use_of, sus, ben, loo=True)
         rows = np.flatnonzero(np.isin(labels, list(follow)))
         d, done = np.zeros(len(rows)), 0
         for b in self.extractor.stream(train, names, kept[rows], "scan/follow-up", stop_early=True):
@@ -371,7 +375,7 @@ class Scanner:
             done += len(b.labels)
         by_class = {v.cls: v for v in verdicts}
         for c in follow:
-            tc = t_d[cal.labels[tb] == c]
+            tc = t_d[t_lab == c]
             sel = labels[rows] == c
             r = rows[sel]
             z_d = (d[sel] - tc.mean()) / max(tc.std(), _STD_FLOOR)
