@@ -239,8 +239,8 @@ class Scanner:
                 self._confirm(train, kept, labels, z < -cfg.threshold_z, cal, suspects, confirm, verdicts,
                               suspicion, threshold, flagged, warnings)
                 seconds["confirm"] = time.monotonic() - t
-            follow = {c: q for c, q in (prior or {}).items()
-                      if len(q) >= 2 and c in set(labels.tolist()) and c not in confirm}
+            present = set(np.unique(labels).tolist())
+            follow = {c: q for c, q in (prior or {}).items() if len(q) >= 2 and c in present and c not in confirm}
             if follow:
                 t = time.monotonic()
                 self._follow_up(train, kept, labels, cal, follow, verdicts, suspicion, threshold, flagged, warnings)
@@ -321,10 +321,7 @@ class Scanner:
             return
         mu, sd = calibrate(new_sus, new_ben)
         rows = np.flatnonzero(np.isin(labels, separated))
-        d, done = np.zeros(len(rows)), 0
-        for b in self.extractor.stream(train, names, kept[rows], "scan/confirm", stop_early=True):
-            d[done:done + len(b.labels)] = self._discriminant(b.feats, b.labels.numpy(), use_of, new_sus, new_ben)
-            done += len(b.labels)
+        d = self._stream_discriminant(train, kept[rows], names, use_of, new_sus, new_ben, "scan/confirm")
         z_all = zscore(d, labels[rows], mu, sd)
         for c in separated:
             v, sel = by_class[c], labels[rows] == c
@@ -341,6 +338,14 @@ class Scanner:
         pos = tb if cal.indices is None else cal.indices[tb]
         chunks = list(self.extractor.stream(cal.dataset, names, pos, "scan/reference-layers", stop_early=True))
         return [torch.cat([b.feats[i] for b in chunks]) for i in range(len(names))], cal.labels[tb]
+
+    def _stream_discriminant(self, train, indices, names, use_of, sus, ben, desc: str) -> np.ndarray:
+        """The discriminant of ``indices`` (in order), from a pass that stops after the window layers."""
+        d, done = np.zeros(len(indices)), 0
+        for b in self.extractor.stream(train, names, indices, desc, stop_early=True):
+            d[done:done + len(b.labels)] = self._discriminant(b.feats, b.labels.numpy(), use_of, sus, ben)
+            done += len(b.labels)
+        return d
 
     def _follow_up(self, train, kept, labels, cal, follow, verdicts, suspicion, threshold, flagged,
                    warnings) -> None:
@@ -369,10 +374,7 @@ class Scanner:
         t_feats, t_lab = self._reference_feats(cal, follow, names)
         t_d = self._discriminant(t_feats, t_lab, use_of, sus, ben, loo=True)
         rows = np.flatnonzero(np.isin(labels, list(follow)))
-        d, done = np.zeros(len(rows)), 0
-        for b in self.extractor.stream(train, names, kept[rows], "scan/follow-up", stop_early=True):
-            d[done:done + len(b.labels)] = self._discriminant(b.feats, b.labels.numpy(), use_of, sus, ben)
-            done += len(b.labels)
+        d = self._stream_discriminant(train, kept[rows], names, use_of, sus, ben, "scan/follow-up")
         by_class = {v.cls: v for v in verdicts}
         for c in follow:
             tc = t_d[t_lab == c]
