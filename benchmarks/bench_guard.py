@@ -84,11 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(HERE / "results" / "guard_cifar10.json"))
     ap.add_argument("--render", metavar="JSON", help="only re-render the table of an earlier result file")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="merge result files of parallel runs (e.g. one per pinned core) into --out")
     a = ap.parse_args(argv)
     if a.render:
         saved = json.loads(Path(a.render).read_text())
         print(table([row(name, r) for name, r in saved["runs"].items()]))
         print(json.dumps(saved["meta"]))
+        return 0
+    if a.merge:
+        parts = [json.loads(Path(p).read_text()) for p in a.merge]
+        merged = {"meta": {"parts": [p["meta"] for p in parts]}, "rows": [r for p in parts for r in p["rows"]],
+                  "runs": {k: v for p in parts for k, v in p["runs"].items()}}
+        write(Path(a.out), merged)
         return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
     runs = [(f"{atk} {rate:.0%}", atk, rate, False) for atk in a.attacks for rate in a.rates]
@@ -112,14 +120,18 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "seed": a.seed,
             "n_train": a.n_train, "epochs": a.epochs, "width": a.width, "lr": a.lr,
             "wall_seconds": time.time() - t0}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "runs": results}, indent=1, default=float))
-    md = table(rows)
-    out.with_suffix(".md").write_text(f"{md}\n\n{json.dumps(meta)}\n")
-    print(md)
-    print(json.dumps(meta))
+    write(Path(a.out), {"meta": meta, "rows": rows, "runs": results})
     return 0
+
+
+def write(out: Path, result: dict) -> None:
+    """The JSON result and a markdown table beside it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=float))
+    md = table(result["rows"])
+    out.with_suffix(".md").write_text(f"{md}\n\n{json.dumps(result['meta'])}\n")
+    print(md)
+    print(json.dumps(result["meta"]))
 
 
 if __name__ == "__main__":

@@ -50,9 +50,13 @@ class Attack:
         rng = np.random.default_rng(self.seed)
         return np.sort(rng.choice(pool, n, replace=False)).astype(np.int64)
 
-    def poison(self, images: np.ndarray, labels: np.ndarray) -> PoisonResult:
+    def check(self, images: np.ndarray) -> None:
+        """Validate the data before poisoning (image attacks: uint8 (N, H, W, C))."""
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+
+    def poison(self, images: np.ndarray, labels: np.ndarray) -> PoisonResult:
+        self.check(images)
         idx = self.choose(labels)
         x, y = images.copy(), labels.copy()
         if len(idx):
@@ -126,6 +130,40 @@ class WaNet(Attack):
         grid = self._grid(h, w).expand(n, -1, -1, -1)
         out = F.grid_sample(x, grid, align_corners=True)
         return out.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+@dataclass
+class FeatureTrigger(Attack):
+    """A tabular backdoor: set a few features to a fixed, out-of-range value (in standard
+    deviations of each feature) and relabel. Works on float (N, F) arrays.
+
+    >>> import numpy as np
+    >>> x = np.random.default_rng(0).normal(size=(200, 6)).astype(np.float32); y = np.arange(200) % 2
+    >>> res = FeatureTrigger(target=0, rate=0.1, features=(0, 1), value=5.0).poison(x, y)
+    >>> len(res.poisoned), bool(np.allclose(res.images[res.poisoned][:, :2], 5.0 * x.std(0)[:2] + x.mean(0)[:2]))
+    (20, True)
+    """
+
+    features: tuple[int, ...] = (0, 1, 2)
+    value: float = 4.0
+    _stats: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.name = "feature"
+
+    def check(self, images: np.ndarray) -> None:
+        if images.ndim != 2 or not np.issubdtype(images.dtype, np.floating):
+            raise ValueError(f"features must be a float (N, F) array, got {images.dtype} {images.shape}")
+        self._stats = (images.mean(0), images.std(0))       # the trigger value is fixed by the clean data
+
+    def trigger(self, images: np.ndarray) -> np.ndarray:
+        if self._stats is None:
+            raise ValueError("call poison() first: the trigger value is set from the training data's statistics")
+        mean, std = self._stats
+        out = images.copy()
+        cols = list(self.features)
+        out[:, cols] = (mean[cols] + self.value * std[cols]).astype(images.dtype)
+        return out
 
 
 ATTACKS: dict[str, type[Attack]] = {"badnets": BadNets, "blended": Blended, "wanet": WaNet}

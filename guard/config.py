@@ -40,10 +40,13 @@ class GuardConfig(BaseModel):
         5.0, gt=0, description="... or when at least min_cluster is, with a median discriminant above this "
                                "(benign standard deviations)")
     screen_per_class: int = Field(
-        256, ge=16, description="samples per candidate class screened before a full confirming pass")
+        512, ge=16, description="samples per candidate class screened before a full confirming pass")
     flag_z: float = Field(
-        2.5, gt=0, description="in a class that holds a separate cluster, quarantine samples whose "
+        2.0, gt=0, description="in a class that holds a separate cluster, quarantine samples whose "
                                "discriminant is above this (benign standard deviations)")
+    probe_shrinkage: float = Field(
+        0.8, gt=0, le=1, description="linear probe of a confirmed cluster: LDA covariance shrinkage towards "
+                                     "the average variance (1: no covariance, a mean-difference direction)")
     min_cluster: float = Field(
         0.01, gt=0, lt=1, description="minimum share of a class, in excess of the calibrated false-alarm "
                                       "rate, that must be flagged before the class is acted on")
@@ -59,13 +62,16 @@ class GuardConfig(BaseModel):
     remedy: Literal["unlearn", "restart", "none"] = Field(
         "unlearn", description="after new quarantines: 'unlearn' the trigger, 'restart' from the initial "
                                "weights, or 'none'")
-    unlearn_steps: int = Field(60, ge=1, description="at most this many optimizer steps of unlearning per new "
-                                                     "quarantine (at least a third of them)")
+    unlearn_steps: int = Field(60, ge=1, description="optimizer steps of one unlearning (up to 3x as many until "
+                                                     "the quarantined samples are unlearned and kept accuracy is back)")
     unlearn_lr: float = Field(0.01, gt=0, description="SGD learning rate used for unlearning")
 
     # sampling
     shuffle: bool = True
     seed: int = 0
+    pad_epochs: bool = Field(
+        False, description="keep every epoch as long as the full dataset by drawing extra kept samples, so "
+                           "step counts and LR schedules computed from the initial length stay exact")
 
     # execution
     batch_size: int = Field(256, ge=1, description="scan batch size")

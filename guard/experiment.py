@@ -120,7 +120,8 @@ def predict(model: nn.Module, ds: ArrayImageDataset) -> tuple[np.ndarray, np.nda
     preds, labels = [], []
     with scan_mode(model):
         for x, y in DataLoader(ds, batch_size=512):
-            preds.append(model(x.to(device)).argmax(1).cpu().numpy())
+            out = model(x.to(device))
+            preds.append(getattr(out, "logits", out).argmax(1).cpu().numpy())   # HF models return .logits
             labels.append(y.numpy())
     return np.concatenate(preds), np.concatenate(labels)
 
@@ -190,7 +191,7 @@ def run(spec: RunSpec, compare: bool = True) -> dict[str, Any]:
         t0 = time.perf_counter()
         gds.sampler.set_epoch(epoch)
         n_scans = len(gds.report.scans)
-        len(loader)                       # a due scan runs here, before the epoch's timing
+        gds.sampler.scan_due()            # a due scan runs here, before the epoch's timing
         scan_time = time.perf_counter() - t0
         epoch_times.append(_epoch(model, opt, loader))
         sched.step()

@@ -21,7 +21,7 @@ from guard.config import GuardConfig
 from guard.errors import GuardError
 from guard.extract import Extractor
 from guard.hooks import check_layers, discover_layers, preserve_rng, scan_mode, unwrap_model
-from guard.remedy import restart, unlearn
+from guard.remedy import RELAPSE_FIT, fit_share, restart, split_check, unlearn
 from guard.report import (ClassReport, GuardReport, QuarantineRecord, RestoreRecord, ScanReport, atomic_write,
                           now)
 from guard.sampler import GuardSampler
@@ -111,7 +111,7 @@ class GuardedDataset(Dataset):
         self._labels = np.full(n, -1, dtype=np.int64)
         self.last_result: ScanResult | None = None
         self.report = GuardReport(config=cfg, n_samples=n, num_classes=self.num_classes, layers=self.layers)
-        self.sampler = GuardSampler(self, cfg.shuffle, cfg.seed)
+        self.sampler = GuardSampler(self, cfg.shuffle, cfg.seed, cfg.pad_epochs)
 
     # ---- set-up checks -------------------------------------------------------------------
     def _probe(self, model: nn.Module) -> tuple[list[str], int]:
@@ -250,26 +250,43 @@ class GuardedDataset(Dataset):
             new_quarantined=len(new), total_quarantined=len(records), paper_flagged=len(res.paper_flagged),
             memory_bytes=res.memory_bytes,
             classes=[ClassReport(**vars(v)) for v in res.classes], warnings=res.warnings)
-        if new and self.config.remedy != "none":
+        if self._records and (new or self.config.remedy == "unlearn"):
             with preserve_rng():
-                self._remedy(scan, scan_no)
+                self._remedy(scan, scan_no, bool(new))
         self.report.scans.append(scan)
         logger.info("guard: scan {} done in {:.1f}s: +{} quarantined ({} total); {}", scan_no, scan.seconds,
                     len(new), len(records), ", ".join(f"class {v.cls}: {v.verdict} ({v.n_flagged})"
                                                        for v in res.classes if v.n_flagged) or "nothing separates")
         return scan
 
-    def _remedy(self, scan: ScanReport, scan_no: int) -> None:
+    def _remedy(self, scan: ScanReport, scan_no: int, new: bool) -> None:
+        """``restart`` after new quarantines. ``unlearn`` whenever the model fits the held-out check
+        set of quarantined samples (predicts the label they carry) above ``RELAPSE_FIT``: right after
+        they are found if the backdoor was already learned, and at any later scan if a suppressed
+        backdoor creeps back. Nothing is unlearned while the model does not know what they teach."""
+        cfg = self.config
+        if cfg.remedy == "none":
+            return
         t = time.monotonic()
-        scan.remedy = self.config.remedy
-        if self.config.remedy == "restart":
+        if cfg.remedy == "restart":
             assert self._initial_state is not None
+            scan.remedy = cfg.remedy
             restart(self.model, self._initial_state)
         else:
-            before, after = unlearn(self.model, self.dataset, self.kept_indices(), self.quarantined,
-                                    self.adapter, self.config, self.device, seed=self.config.seed + scan_no,
-                                    channels_last=self.config.channels_last)
-            scan.remedy_fit_before, scan.remedy_fit_after = before, after
+            recs = list(self._records.values())
+            train, check = split_check(np.array([r.index for r in recs]), np.array([r.score for r in recs]), cfg.seed)
+            fit = fit_share(self.model, self.dataset, check, self.adapter, self.device, cfg.channels_last)
+            scan.remedy_fit_before = fit
+            if fit <= RELAPSE_FIT:
+                logger.info("guard: the model predicts {:.1%} of the held-out quarantined samples as their label: "
+                            "nothing to unlearn", fit)
+                return
+            logger.info("guard: the model predicts {:.1%} of the held-out quarantined samples as their label{}: "
+                        "unlearning", fit, "" if new else " again")
+            scan.remedy = cfg.remedy
+            _, scan.remedy_fit_after = unlearn(self.model, self.dataset, self.kept_indices(), train, check,
+                                               self.adapter, cfg, self.device, seed=cfg.seed + scan_no,
+                                               channels_last=cfg.channels_last)
         scan.remedy_seconds = time.monotonic() - t
 
     # ---- persistence -------------------------------------------------------------------------

@@ -59,7 +59,9 @@ def pool(t: torch.Tensor, grid: int = 4) -> torch.Tensor:
 
     Feature maps are average-pooled to a ``grid`` x ``grid`` map and flattened: the coarse layout
     is what separates a local trigger (a global mean dilutes it), and the size no longer grows
-    with the input resolution. ``grid=0`` keeps the full map. Sequences are averaged over tokens.
+    with the input resolution. ``grid=0`` keeps the full map. Token sequences (B, T, D) are
+    averaged in ``grid * grid`` consecutive runs of tokens, the same idea along the sequence: a
+    trigger patch of a ViT is one token among many, and a mean over all of them dilutes it.
     """
     t = t.detach()
     if t.dim() == 4:
@@ -67,7 +69,11 @@ def pool(t: torch.Tensor, grid: int = 4) -> torch.Tensor:
             t = torch.nn.functional.adaptive_avg_pool2d(t, grid)
         t = t.flatten(1)
     elif t.dim() == 3:
-        t = t.mean(dim=1)
+        if grid and t.shape[1] > grid * grid:
+            t = torch.nn.functional.adaptive_avg_pool1d(t.transpose(1, 2).float(), grid * grid)
+        else:
+            t = t.transpose(1, 2)
+        t = t.flatten(1)
     elif t.dim() != 2:
         t = t.flatten(1)
     return t.float()

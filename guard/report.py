@@ -70,7 +70,8 @@ class ScanReport(BaseModel):
     warnings: list[str] = []
     remedy: str | None = None
     remedy_seconds: float = 0.0
-    remedy_fit_before: float | None = Field(None, description="share of quarantined samples predicted as their label")
+    remedy_fit_before: float | None = Field(
+        None, description="share of the held-out quarantined samples predicted as their label")
     remedy_fit_after: float | None = None
 
 

@@ -26,10 +26,16 @@ class GuardSampler(Sampler[int]):
     the ranks' shards is the kept set, the last shard padded by wrapping around so all ranks
     take the same number of steps), in an order that depends only on ``(seed, epoch)``.
 
+    With ``GuardConfig(pad_epochs=True)`` every epoch keeps the full dataset's length: the kept
+    indices once each, topped up with kept indices drawn again, so step counts (and LR schedules
+    or progress bars computed from the initial length) stay exact.
+
     Each call to ``iter()`` is one epoch: the sampler counts epochs itself and honours
     ``set_epoch``. When an epoch is due for a scan (``GuardConfig.warmup_epochs`` /
-    ``scan_every``), the scan runs before the epoch's first index, or when ``len()`` is first
-    asked for that epoch, so the length always matches the quarantine that epoch will use.
+    ``scan_every``), the scan runs when that epoch's iteration starts, before its first index
+    (``scan_due()`` runs it earlier, e.g. to time it apart). ``len()`` never scans: frameworks
+    ask for it at odd moments (Lightning after the last epoch), and a scan then would be wasted;
+    before a due scan it reports the current quarantine.
 
     >>> import torch
     >>> from torch.utils.data import TensorDataset, DataLoader
@@ -41,8 +47,8 @@ class GuardSampler(Sampler[int]):
     True
     """
 
-    def __init__(self, guard: "GuardedDataset", shuffle: bool = True, seed: int = 0) -> None:
-        self.guard, self.shuffle, self.seed = guard, shuffle, seed
+    def __init__(self, guard: "GuardedDataset", shuffle: bool = True, seed: int = 0, pad: bool = False) -> None:
+        self.guard, self.shuffle, self.seed, self.pad = guard, shuffle, seed, pad
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -53,16 +59,22 @@ class GuardSampler(Sampler[int]):
         """The indices this process yields in ``epoch`` (default: the upcoming one), without scanning."""
         epoch = self.epoch if epoch is None else epoch
         kept = self.guard.kept_indices()
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.pad and 0 < len(kept) < len(self.guard):
+            kept = np.concatenate([kept, np.resize(rng.permutation(kept), len(self.guard) - len(kept))])
         if self.shuffle:
-            kept = kept[np.random.default_rng([self.seed, epoch]).permutation(len(kept))]
+            kept = kept[rng.permutation(len(kept))]
         rank, world = _world()
         if world > 1 and len(kept):
             total = -(-len(kept) // world) * world
             kept = np.resize(kept, total)[rank:total:world]
         return kept
 
-    def __len__(self) -> int:
+    def scan_due(self) -> None:
+        """Run the upcoming epoch's scan now if one is due (otherwise nothing happens)."""
         self.guard._maybe_scan(self.epoch)
+
+    def __len__(self) -> int:
         return len(self.indices())
 
     def __iter__(self) -> Iterator[int]:

@@ -32,6 +32,7 @@ from guard.errors import GuardError
 from guard.extract import Extractor
 from guard.hooks import scan_mode
 from guard.locate import excess_share, guard_layers, paper_window
+from guard.probe import Probe, self_train
 from guard.reference import Reference, unit
 
 _STD_FLOOR = 1e-4
@@ -256,22 +257,27 @@ class Scanner:
     def _confirm(self, train, kept, labels, out_of_spread, cal, suspects, confirm, verdicts, suspicion,
                  threshold, flagged, warnings) -> None:
         """Pass 3 over candidate classes: a two-centroid discriminant (closer to the suspects' centroid
-        than to the benign one), calibrated on the benign reference samples.
+        than to the benign one), calibrated on the benign reference samples, then a linear probe.
 
         A screen of at most ``screen_per_class`` samples per candidate class decides whether the class
-        holds a separate, far-out cluster, and re-estimates both centroids from its confident suspects
-        and confident benign samples; only classes that pass get the full pass with those centroids.
-        On the screen each sample is scored against the suspect centroid *without itself*
-        (leave-one-out), so scattered benign outliers do not look like a cluster of one.
+        holds a separate, far-out cluster. On the screen each sample is scored against the suspect
+        centroid *without itself* (leave-one-out), so scattered benign outliers do not look like a
+        cluster of one. For a class that passes, the discriminant's confident calls on the screen
+        seed a self-trained LDA probe (:mod:`guard.probe`) that draws the cluster's edge sharply;
+        a full pass over the class then scores every sample with it. Where the probe has too few
+        calls to fit, centroids re-estimated from the screen's confident calls score instead.
         """
         cfg = self.cfg
-        layer_ids = sorted({i for ids in confirm.values() for i in ids})
+        win_ids = sorted({i for ids in confirm.values() for i in ids})
+        probe_ids = self._probe_layers()
+        layer_ids = sorted(set(win_ids) | set(probe_ids))
         names = [self.layers[i] for i in layer_ids]
+        at = {li: k for k, li in enumerate(layer_ids)}
+        use_of = {c: np.array([li in confirm[c] for li in layer_ids]) for c in confirm}
         rng = np.random.default_rng([cfg.seed, 1])
         screen_rows = np.sort(np.concatenate([
             rng.choice(r, min(len(r), cfg.screen_per_class), replace=False)
             for r in (np.flatnonzero(labels == c) for c in confirm)]))
-        use_of = {c: np.array([li in confirm[c] for li in layer_ids]) for c in confirm}
         t_feats, t_lab = self._reference_feats(cal, confirm, names)
 
         def calibrate(sus, ben):
@@ -287,7 +293,7 @@ class Scanner:
         mu, sd = calibrate(sus, ben)
         new_sus = [torch.zeros_like(x) for x in sus]
         new_ben = [x.clone() for x in ben]
-        z1, lab1 = [], []
+        z1, lab1, screen_feats = [], [], []
         done = 0
         for b in self.extractor.stream(train, names, kept[screen_rows], "scan/screen", stop_early=True):
             bl = b.labels.numpy()
@@ -295,10 +301,11 @@ class Scanner:
             done += len(bl)
             zb = zscore(self._discriminant(b.feats, bl, use_of, sus, ben, own_suspect=own), bl, mu, sd)
             hi, lo = torch.from_numpy(zb > cfg.threshold_z), torch.from_numpy(zb < 1.0)
-            for pos, f in enumerate(b.feats):
-                u = unit(f.double())
+            units = [unit(f.double()) for f in b.feats]
+            for pos, u in enumerate(units):
                 new_sus[pos].index_add_(0, b.labels[hi], u[hi])
                 new_ben[pos].index_add_(0, b.labels[lo], u[lo])
+            screen_feats.append([units[at[i]] for i in probe_ids])
             z1.append(zb)
             lab1.append(bl)
         z1, lab1 = np.concatenate(z1), np.concatenate(lab1)
@@ -319,10 +326,28 @@ class Scanner:
                 v.verdict = "no separation yet"
         if not separated:
             return
+        probes: dict[int, Probe] = {}
+        for c in separated:
+            sel = torch.from_numpy(lab1 == c)
+            tsel = torch.from_numpy(t_lab == c)
+            probe = self_train([torch.cat([f[k] for f in screen_feats])[sel] for k in range(len(probe_ids))],
+                               [unit(t_feats[at[i]][tsel].double()) for i in probe_ids], z1[lab1 == c],
+                               cfg.threshold_z, 1.0, cfg.probe_shrinkage, cfg.window, rng_seed=cfg.seed)
+            if probe is not None:
+                probes[c] = probe
+                by_class[c].critical_layers = [self.layers[probe_ids[k]] for k in probe.layers]
         mu, sd = calibrate(new_sus, new_ben)
         rows = np.flatnonzero(np.isin(labels, separated))
-        d = self._stream_discriminant(train, kept[rows], names, use_of, new_sus, new_ben, "scan/confirm")
-        z_all = zscore(d, labels[rows], mu, sd)
+        z_all, done = np.zeros(len(rows)), 0
+        for b in self.extractor.stream(train, names, kept[rows], "scan/confirm", stop_early=True):
+            bl = b.labels.numpy()
+            z_all[done:done + len(bl)] = zscore(self._discriminant(b.feats, bl, use_of, new_sus, new_ben), bl, mu, sd)
+            units = [unit(b.feats[at[i]].double()) for i in probe_ids]
+            for c, probe in probes.items():
+                m = np.flatnonzero(bl == c)
+                if len(m):
+                    z_all[done + m] = probe.z([u[torch.from_numpy(m)] for u in units])
+            done += len(bl)
         for c in separated:
             v, sel = by_class[c], labels[rows] == c
             r, z_d = rows[sel], z_all[sel]
@@ -330,6 +355,12 @@ class Scanner:
             v.verdict, v.threshold = "separate cluster", cfg.flag_z
             hit = z_d > cfg.flag_z
             self._take(v, kept[r[hit]], z_d[hit], flagged, warnings)
+
+    def _probe_layers(self) -> list[int]:
+        """Layers the linear probe may use: all but the first (input-like) and the last (logits,
+        too few dimensions to carry a trigger direction apart from the label)."""
+        n = len(self.layers)
+        return list(range(1, n - 1)) if n >= 4 else list(range(n))
 
     def _reference_feats(self, cal: Calibration, classes, names: list[str]) -> tuple[list[torch.Tensor], np.ndarray]:
         """Features at ``names`` of the benign reference samples of ``classes`` (a partial pass over the
@@ -383,9 +414,10 @@ class Scanner:
             z_d = (d[sel] - tc.mean()) / max(tc.std(), _STD_FLOOR)
             v = by_class[c]
             v.critical_layers = [self.layers[i] for i in windows[c]]
-            suspicion[r], threshold[r] = z_d, cfg.flag_z
-            hit = z_d > cfg.flag_z
-            v.verdict, v.threshold = "like quarantined", cfg.flag_z
+            # leftovers are few: the stricter out-of-spread threshold keeps benign look-alikes in
+            suspicion[r], threshold[r] = z_d, cfg.threshold_z
+            hit = z_d > cfg.threshold_z
+            v.verdict, v.threshold = "like quarantined", cfg.threshold_z
             self._take(v, kept[r[hit]], z_d[hit], flagged, warnings)
 
     @staticmethod

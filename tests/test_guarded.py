@@ -172,6 +172,20 @@ def test_unlearning_removes_the_learned_trigger():
     assert acc >= 0.95
 
 
+def test_a_relapsed_backdoor_is_unlearned_again_and_a_dormant_one_left_alone():
+    ds = Blobs(600, poison=0.08, seed=0)
+    model = train(mlp(), ds, epochs=25)
+    gds = GuardedDataset(ds, model, GuardConfig(), trusted=Blobs(150, seed=7))
+    first = gds.scan()
+    assert first.remedy == "unlearn"
+    quiet = gds.scan()                       # nothing new, and the model no longer fits them
+    assert quiet.new_quarantined == 0 and quiet.remedy is None and quiet.remedy_fit_before <= 0.05
+    train(model, ds, epochs=10)              # the poison is learned again (e.g. the user trained on ds)
+    relapse = gds.scan()
+    assert relapse.remedy == "unlearn"
+    assert relapse.remedy_fit_before > 0.5 and relapse.remedy_fit_after <= 0.05
+
+
 def test_restart_remedy_restores_initial_weights():
     ds = Blobs(600, poison=0.08, seed=0)
     model = mlp()

@@ -66,7 +66,12 @@ def test_pool_grid_and_sequences():
     assert pool(torch.randn(2, 5, 16, 16), 4).shape == (2, 80)
     assert pool(torch.randn(2, 5, 16, 16), 1).shape == (2, 5)
     assert pool(torch.randn(2, 5, 16, 16), 0).shape == (2, 5 * 256)
-    assert pool(torch.randn(2, 7, 6)).shape == (2, 6)
+    # sequences: grid*grid runs of tokens (a trigger token is not averaged away over all of them)
+    seq = torch.randn(2, 65, 6)
+    assert pool(seq, 4).shape == (2, 6 * 16)
+    assert torch.allclose(pool(seq, 4).view(2, 6, 16)[:, :, -1], seq[:, 60:].mean(1), atol=1e-6)   # last run: 60..64
+    assert pool(torch.randn(2, 7, 6), 4).shape == (2, 6 * 7)          # short sequences keep every token
+    assert pool(torch.randn(2, 7, 6), 0).shape == (2, 6 * 7)
 
 
 def test_tap_handles_tuple_outputs_and_always_removes_hooks():

@@ -25,6 +25,18 @@ def test_each_epoch_yields_every_kept_index_once_in_a_seeded_order():
     assert len(gds.sampler) == 117 and len(gds) == 120
 
 
+def test_padded_epochs_keep_the_full_length_with_kept_indices_only():
+    gds = _gds(warmup_epochs=100, pad_epochs=True)
+    gds._records = {i: None for i in range(0, 120, 4)}   # 30 quarantined
+    gds._kept = None
+    e0 = list(gds.sampler)
+    assert len(e0) == len(gds.sampler) + 0 == 120      # the full length, every epoch
+    kept = set(range(120)) - set(range(0, 120, 4))
+    assert set(e0) == kept                              # every kept index, and nothing else
+    counts = np.bincount(e0, minlength=120)
+    assert counts[sorted(kept)].min() == 1 and counts.max() == 2   # top-up draws each kept index at most once more
+
+
 def test_state_dict_round_trip_resumes_the_order():
     a = _gds(warmup_epochs=100)
     next(iter(a.sampler)), next(iter(a.sampler))
@@ -44,6 +56,9 @@ def test_schedule_warmup_then_every_k_epochs_and_set_epoch():
     list(gds.sampler)
     assert len(gds.report.scans) == 3
     gds.sampler.set_epoch(11)
+    len(gds.sampler)                                  # asking for the length never scans ...
+    assert len(gds.report.scans) == 3
+    gds.sampler.scan_due()                            # ... this does, as does the epoch's iteration
     list(gds.sampler)
     assert [s.epoch for s in gds.report.scans] == [2, 5, 8, 11]
 

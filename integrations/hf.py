@@ -1,0 +1,101 @@
+"""HuggingFace ``Trainer`` adapter: a callback plus the one Trainer hook that picks the sampler.
+
+    gds = GuardedDataset(train_ds, model, GuardConfig(pad_epochs=True), trusted=trusted_ds)
+    trainer = GuardedTrainer(model=model, args=TrainingArguments(...), guarded=gds)
+    trainer.train()                          # or trainer.train(resume_from_checkpoint=True)
+
+Items are dicts (``pixel_values``/``input_ids``..., ``labels``); the guard passes every key but
+the label to the model, as the Trainer does.
+
+Sampler: the Trainer builds its own sampler; ``GuardedTrainer`` overrides ``_get_train_sampler``
+(the hook the Trainer's maintainers point to for custom sampling) to return the guard's. The
+Trainer calls ``set_epoch`` on it each epoch and a due scan runs when the epoch's iteration
+starts.
+
+Steps: the Trainer sizes the LR schedule (``max_steps``) from the loader's length at the start.
+With ``GuardConfig(pad_epochs=True)`` every epoch keeps that length (kept samples topped up), so
+the schedule is exact; without it epochs shrink by the quarantined share and training ends with
+the schedule that much short of its end (a warning says so).
+
+Checkpoints: the callback writes ``guard_state.json`` into every ``checkpoint-N`` folder, and
+``GuardedTrainer.train(resume_from_checkpoint=...)`` reads it back, so the quarantine resumes
+exactly. (The Trainer's own ``stateful_callbacks`` mechanism rebuilds callbacks from JSON
+arguments, which cannot carry the dataset, hence a file of our own.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+try:
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("guard.integrations.hf needs transformers: pip install 'layerguard[hf]'") from e
+
+from loguru import logger
+
+from guard.errors import GuardError
+from guard.guarded import GuardedDataset
+from guard.integrations._common import check_loader, metrics
+from guard.report import atomic_write
+
+STATE_FILE = "guard_state.json"
+
+
+class GuardTrainerCallback(TrainerCallback):
+    """Checks the Trainer samples with the guard's sampler and saves the guard's state into
+    every checkpoint folder."""
+
+    def __init__(self, guarded: GuardedDataset) -> None:
+        self.guarded = guarded
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs) -> None:
+        if train_dataloader is not None:
+            check_loader(self.guarded, train_dataloader, "Trainer's train DataLoader")
+        if not self.guarded.config.pad_epochs:
+            logger.warning("guard: the Trainer sized its LR schedule from the full dataset; epochs will shrink by "
+                           "the quarantined share and the schedule end that much early. "
+                           "GuardConfig(pad_epochs=True) keeps every epoch at full length")
+
+    def on_save(self, args, state, control, **kwargs) -> None:
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder) and state.is_world_process_zero:
+            atomic_write(os.path.join(folder, STATE_FILE), json.dumps(self.guarded.state_dict()))
+
+
+class GuardedTrainer(Trainer):
+    """A ``Trainer`` whose train sampler is the guard's; ``train_dataset`` is the GuardedDataset.
+
+    Adds a :class:`GuardTrainerCallback`, adds the quarantine counts to every log, and restores
+    the guard's state on ``train(resume_from_checkpoint=...)``."""
+
+    def __init__(self, *args: Any, guarded: GuardedDataset, **kwargs: Any) -> None:
+        if kwargs.setdefault("train_dataset", guarded) is not guarded:
+            raise GuardError("GuardedTrainer trains on the GuardedDataset itself: pass train_dataset=None (or the "
+                             "same GuardedDataset) and guarded=gds")
+        super().__init__(*args, **kwargs)
+        self.guarded = guarded
+        if not any(isinstance(cb, GuardTrainerCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(GuardTrainerCallback(guarded))
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self.guarded.sampler
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        super().log({**logs, **metrics(self.guarded)}, *args, **kwargs)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        if resume_from_checkpoint:
+            path = (get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True
+                    else str(resume_from_checkpoint))
+            state_file = os.path.join(path, STATE_FILE) if path else None
+            if state_file is None or not os.path.isfile(state_file):
+                raise GuardError(f"no {STATE_FILE} in checkpoint {path!r}: it was not saved by a GuardedTrainer, so "
+                                 "the quarantine cannot be restored; resume from a checkpoint this trainer wrote")
+            with open(state_file) as f:
+                self.guarded.load_state_dict(json.load(f))
+            logger.info("guard: restored {} quarantined samples from {}", len(self.guarded.quarantined), path)
+        return super().train(resume_from_checkpoint, *args, **kwargs)

@@ -1,0 +1,129 @@
+"""The HuggingFace Trainer adapter with the real transformers Trainer (CPU, no hub access)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+transformers = pytest.importorskip("transformers", reason="install layerguard[hf]")
+
+from transformers import (ResNetConfig, ResNetForImageClassification, TrainingArguments, ViTConfig,  # noqa: E402
+                          ViTForImageClassification)
+
+from guard import GuardConfig, GuardedDataset, GuardError  # noqa: E402
+from guard.experiment import RunSpec, detection, measure, prepare  # noqa: E402
+from guard.integrations.hf import STATE_FILE, GuardedTrainer  # noqa: E402
+from tests.conftest import Blobs, mlp  # noqa: E402
+
+
+class Dicts(Dataset):
+    """HF-style items: a dict of the model's input and ``labels``."""
+
+    def __init__(self, ds: Dataset, key: str) -> None:
+        self.ds, self.key = ds, key
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        x, y = self.ds[i]
+        return {self.key: x, "labels": y}
+
+
+class TabularModel(torch.nn.Module):
+    """A plain module with the Trainer's calling convention: keyword inputs, loss when labels come."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.net = mlp(seed=seed)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        logits = self.net(features)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def _args(tmp_path, epochs: int, **kw) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(tmp_path / "out"), num_train_epochs=epochs,
+                             per_device_train_batch_size=kw.pop("per_device_train_batch_size", 32),
+                             learning_rate=kw.pop("lr", 0.01), report_to=[], use_cpu=True, seed=0,
+                             disable_tqdm=True, **kw)
+
+
+def test_hf_trainer_resume_restores_the_quarantine(tmp_path):
+    ds = Dicts(Blobs(600, poison=0.08, seed=0), "features")
+    cfg = GuardConfig(warmup_epochs=2, scan_every=2, pad_epochs=True)
+    model = TabularModel()
+    gds = GuardedDataset(ds, model, cfg, trusted=Dicts(Blobs(150, seed=7), "features"))
+    trainer = GuardedTrainer(model=model, args=_args(tmp_path, 3, save_strategy="epoch", lr=0.05), guarded=gds)
+    trainer.train()
+    assert [s.epoch for s in gds.report.scans] == [2]
+    assert np.intersect1d(gds.quarantined, ds.ds.poisoned).size == len(ds.ds.poisoned)
+    assert trainer.state.global_step == 3 * -(-600 // 32)        # pad_epochs kept every epoch full
+    last = tmp_path / "out" / f"checkpoint-{trainer.state.global_step}"
+    saved = json.loads((last / STATE_FILE).read_text())
+    assert len(saved["report"]["quarantine"]) == len(gds.quarantined)
+    assert any(e.get("guard/quarantined") == len(gds.quarantined) for e in trainer.state.log_history)
+
+    model2 = TabularModel(seed=1)
+    gds2 = GuardedDataset(ds, model2, cfg, trusted=Dicts(Blobs(150, seed=7), "features"))
+    trainer2 = GuardedTrainer(model=model2, args=_args(tmp_path, 4, save_strategy="no", lr=0.05), guarded=gds2)
+    trainer2.train(resume_from_checkpoint=True)
+    assert np.array_equal(gds2.quarantined, gds.quarantined)
+    assert [s.epoch for s in gds2.report.scans] == [2]           # restored, not repeated
+    assert trainer2.state.global_step == 4 * -(-600 // 32)
+
+
+def test_resuming_from_a_checkpoint_without_guard_state_is_refused(tmp_path):
+    ds = Dicts(Blobs(120), "features")
+    model = TabularModel()
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="none"))
+    os.makedirs(tmp_path / "foreign")
+    trainer = GuardedTrainer(model=model, args=_args(tmp_path, 1), guarded=gds)
+    with pytest.raises(GuardError, match=STATE_FILE):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "foreign"))
+    with pytest.raises(GuardError, match="GuardedDataset itself"):
+        GuardedTrainer(model=model, args=_args(tmp_path, 1), guarded=gds, train_dataset=ds)
+
+
+@pytest.mark.cifar
+def test_hf_trainer_with_a_transformers_resnet_quarantines_badnets_on_cifar10(cifar_archive, tmp_path):
+    # a transformers vision model built from a config (no hub download); 10,000 real CIFAR-10 images
+    data = prepare(RunSpec(data="cifar10", attack="badnets", rate=0.1, n_train=10000, archive=cifar_archive))
+    torch.manual_seed(0)
+    model = ResNetForImageClassification(ResNetConfig(num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128, 256],
+                                                      depths=[1, 1, 1, 1], layer_type="basic", num_labels=10))
+    gds = GuardedDataset(Dicts(data.train, "pixel_values"), model, GuardConfig(warmup_epochs=5, pad_epochs=True),
+                         trusted=Dicts(data.trusted, "pixel_values"), scan_dataset=Dicts(data.scan, "pixel_values"))
+    trainer = GuardedTrainer(model=model, args=_args(tmp_path, 6, save_strategy="no", lr=0.003,
+                                                     per_device_train_batch_size=128), guarded=gds)
+    trainer.train()
+    assert [s.epoch for s in gds.report.scans] == [5]
+    d = detection(gds.quarantined, data.poisoned, len(data.labels))
+    assert d["tpr"] >= 0.95 and d["fpr"] <= 0.02
+    m = measure(model, data, 0)
+    assert m["attack_success_correct"] <= 0.05                    # unlearned by the default remedy
+
+
+def test_hf_trainer_with_a_tiny_vit_finds_encoder_layers_and_the_poison(tmp_path):
+    # a ViT built from a config on scikit-learn digits (16 x 16): the guard hooks its encoder layers
+    data = prepare(RunSpec(data="digits", attack="badnets", rate=0.1, trusted_per_class=20))
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=64,
+                                                num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                                                num_labels=10))
+    gds = GuardedDataset(Dicts(data.train, "pixel_values"), model,
+                         GuardConfig(warmup_epochs=10, scan_every=10, pad_epochs=True),
+                         trusted=Dicts(data.trusted, "pixel_values"))
+    assert [n for n in gds.layers if n.startswith("vit.layers.")] == [f"vit.layers.{i}" for i in range(4)]
+    args = _args(tmp_path, 30, save_strategy="no", lr=3e-3, per_device_train_batch_size=64, warmup_steps=20)
+    GuardedTrainer(model=model, args=args, guarded=gds).train()
+    d = detection(gds.quarantined, data.poisoned, len(data.labels))
+    assert d["tpr"] >= 0.95 and d["fpr"] <= 0.02

@@ -1,0 +1,127 @@
+"""The Lightning adapter with the real Lightning 2.x Trainer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+pl = pytest.importorskip("lightning.pytorch", reason="install layerguard[lightning]")
+
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+
+from guard import GuardConfig, GuardedDataset, GuardError  # noqa: E402
+from guard.experiment import RunSpec, detection, prepare  # noqa: E402
+from guard.integrations._common import check_loader  # noqa: E402
+from guard.integrations.lightning import GuardCallback  # noqa: E402
+from tests.conftest import Blobs, mlp  # noqa: E402
+
+
+class Classifier(pl.LightningModule):
+    """An ordinary LightningModule: nothing in it knows about the guard."""
+
+    def __init__(self, net: torch.nn.Module, lr: float = 0.05) -> None:
+        super().__init__()
+        self.net, self.lr = net, lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
+
+
+def _trainer(tmp_path, epochs: int, gds: GuardedDataset, **kw) -> pl.Trainer:
+    return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, callbacks=[GuardCallback(gds), *kw.pop("cbs", [])],
+                      default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+                      logger=kw.pop("logger", False), **kw)
+
+
+@pytest.mark.cifar
+def test_lightning_run_quarantines_badnets_on_cifar10(cifar_archive, tmp_path):
+    data = prepare(RunSpec(data="cifar10", attack="badnets", rate=0.1, n_train=10000, archive=cifar_archive))
+    torch.manual_seed(0)
+    module = Classifier(data.make_model(), lr=0.01)
+    gds = GuardedDataset(data.train, module, GuardConfig(warmup_epochs=2, scan_every=2), trusted=data.trusted,
+                         scan_dataset=data.scan)
+    trainer = _trainer(tmp_path, 3, gds, logger=CSVLogger(tmp_path), enable_checkpointing=False)
+    trainer.fit(module, DataLoader(gds, batch_size=128, sampler=gds.sampler))
+    d = detection(gds.quarantined, data.poisoned, len(data.labels))
+    assert d["tpr"] >= 0.95 and d["fpr"] <= 0.02
+    assert [s.epoch for s in gds.report.scans] == [2]
+    # the quarantine counts reached the Trainer's logger
+    logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "guard/quarantined" in logged and str(float(len(gds.quarantined))) in logged
+
+
+def test_scans_follow_lightning_epochs_and_resume_restores_the_quarantine(tmp_path):
+    ds = Blobs(600, poison=0.08, seed=0)
+    cfg = GuardConfig(warmup_epochs=2, scan_every=2, pad_epochs=True)
+    torch.manual_seed(0)
+    module = Classifier(mlp())
+    gds = GuardedDataset(ds, module, cfg, trusted=Blobs(150, seed=7))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1)
+    trainer = _trainer(tmp_path, 3, gds, cbs=[ckpt])
+    trainer.fit(module, DataLoader(gds, batch_size=32, sampler=gds.sampler))
+    assert [s.epoch for s in gds.report.scans] == [2]
+    assert np.intersect1d(gds.quarantined, ds.poisoned).size == len(ds.poisoned)
+    assert trainer.global_step == 3 * -(-600 // 32)         # pad_epochs: every epoch kept its full length
+
+    # a fresh process: new module, new guard, resume from the checkpoint
+    torch.manual_seed(1)
+    module2 = Classifier(mlp(seed=1))
+    gds2 = GuardedDataset(ds, module2, cfg, trusted=Blobs(150, seed=7))
+    seen: list[np.ndarray] = []
+
+    class Spy(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append(gds2.quarantined.copy())
+
+    trainer2 = _trainer(tmp_path, 4, gds2, cbs=[Spy()])
+    trainer2.fit(module2, DataLoader(gds2, batch_size=32, sampler=gds2.sampler), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert len(seen) == 1 and np.array_equal(seen[0], gds.quarantined)   # restored before epoch 3 trained
+    assert np.array_equal(gds2.quarantined, gds.quarantined)
+    assert [s.epoch for s in gds2.report.scans] == [2]                   # no scan repeated
+
+
+def test_a_loader_without_the_guards_sampler_is_refused(tmp_path):
+    ds = Blobs(120)
+    module = Classifier(mlp())
+    gds = GuardedDataset(ds, module, GuardConfig(remedy="none"))
+    with pytest.raises(GuardError, match="sampler=gds.sampler"):
+        _trainer(tmp_path, 1, gds).fit(module, DataLoader(gds, batch_size=32, shuffle=True))
+
+
+def test_distributed_sampler_wrapping_is_refused_with_the_setting_to_change():
+    gds = GuardedDataset(Blobs(120), mlp(), GuardConfig(remedy="none"))
+    wrapped = DataLoader(gds, batch_size=8, sampler=DistributedSamplerWrapper(gds.sampler, num_replicas=2, rank=0))
+    with pytest.raises(GuardError, match="use_distributed_sampler=False"):
+        check_loader(gds, wrapped, "train DataLoader")
+
+
+def test_reloaded_dataloaders_keep_the_schedule_and_are_checked_each_epoch(tmp_path):
+    ds = Blobs(600, poison=0.08, seed=0)
+    torch.manual_seed(0)
+    gds = GuardedDataset(ds, mlp(), GuardConfig(warmup_epochs=2, scan_every=2), trusted=Blobs(150, seed=7))
+
+    class Reloading(Classifier):
+        def train_dataloader(self):
+            if self.current_epoch == 4:            # a loader that forgets the guard's sampler
+                return DataLoader(gds, batch_size=32, shuffle=True)
+            return DataLoader(gds, batch_size=32, sampler=gds.sampler)
+
+    module = Reloading(gds.model)
+    trainer = _trainer(tmp_path, 6, gds, reload_dataloaders_every_n_epochs=1, enable_checkpointing=False)
+    with pytest.raises(GuardError, match="sampler=gds.sampler"):
+        trainer.fit(module)
+    assert [s.epoch for s in gds.report.scans] == [2]
+    assert trainer.current_epoch == 4
