@@ -284,9 +284,9 @@ class GuardedDataset(Dataset):
             logger.info("guard: the model predicts {:.1%} of the held-out quarantined samples as their label{}: "
                         "unlearning", fit, "" if new else " again")
             scan.remedy = cfg.remedy
-            _, scan.remedy_fit_after = unlearn(self.model, self.dataset, self.kept_indices(), train, check,
-                                               self.adapter, cfg, self.device, seed=cfg.seed + scan_no,
-                                               channels_last=cfg.channels_last)
+            scan.remedy_fit_after = unlearn(self.model, self.dataset, self.kept_indices(), train, check, fit,
+                                            self.adapter, cfg, self.device, seed=cfg.seed + scan_no,
+                                            channels_last=cfg.channels_last)
         scan.remedy_seconds = time.monotonic() - t
 
     # ---- persistence -------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset, default_collate
 
 from guard.batches import BatchAdapter
 from guard.config import GuardConfig
+from guard.hooks import scan_mode
 
 STOP_FIT = 0.01       # unlearning stops once the held-out quarantined samples are fitted at most this much
 RELAPSE_FIT = 0.02    # a later scan unlearns again when they are fitted above this
@@ -67,43 +68,37 @@ def split_check(indices: np.ndarray, scores: np.ndarray, seed: int) -> tuple[np.
     return np.setdiff1d(indices, chosen), np.sort(chosen)
 
 
-@torch.no_grad()
 def fit_share(model: nn.Module, dataset: Dataset, indices: np.ndarray, adapter: BatchAdapter,
               device: torch.device, channels_last: bool = False) -> float:
     """Share of ``indices`` the model, in eval mode, predicts as the label they carry: how much of
     what they teach the model currently knows."""
-    was_training = [(m, m.training) for m in model.modules()]
     hits = 0
-    try:
-        model.eval()
+    with scan_mode(model):
         for start in range(0, len(indices), 128):
             inputs, labels = adapter.split(_batch(dataset, indices[start:start + 128]))
             logits = adapter.forward(model, adapter.move(inputs, device, channels_last))
             hits += int((logits.argmax(1).cpu() == labels).sum())
-    finally:
-        for m, f in was_training:
-            m.training = f
     return hits / max(len(indices), 1)
 
 
 def unlearn(model: nn.Module, dataset: Dataset, kept: np.ndarray, quarantined: np.ndarray, check: np.ndarray,
-            adapter: BatchAdapter, cfg: GuardConfig, device: torch.device, seed: int,
-            channels_last: bool = False) -> tuple[float, float]:
-    """Unlearn what the ``quarantined`` samples taught; ``check`` (held out from them) measures it.
-    Returns the share of ``check`` predicted as its (possibly poisoned) label before and after."""
+            fit_before: float, adapter: BatchAdapter, cfg: GuardConfig, device: torch.device, seed: int,
+            channels_last: bool = False) -> float:
+    """Unlearn what the ``quarantined`` samples taught; ``check`` (held out from them) measures it,
+    ``fit_before`` is its ``fit_share`` now (the caller has it already). Returns the share after."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params or len(quarantined) == 0 or len(kept) == 0:
-        return float("nan"), float("nan")
+        return float("nan")
     opt = torch.optim.SGD(params, lr=cfg.unlearn_lr, momentum=0.9)
     rng = np.random.default_rng(seed)
     half = max(cfg.batch_size // 4, 8)
     was_training = [(m, m.training) for m in model.modules()]
-    first = last = fit_share(model, dataset, check, adapter, device, channels_last)
+    last = fit_before
     accs: list[float] = []
     try:
+        model.train()                        # fit_share's scan_mode hands train mode back each check
         with torch.enable_grad():
             for step in range(3 * cfg.unlearn_steps):
-                model.train()
                 q_inputs, q_labels = adapter.split(_batch(dataset, rng.choice(quarantined, min(half, len(quarantined)),
                                                                               replace=False)))
                 k_inputs, k_labels = adapter.split(_batch(dataset, rng.choice(kept, half, replace=len(kept) < half)))
@@ -125,8 +120,8 @@ def unlearn(model: nn.Module, dataset: Dataset, kept: np.ndarray, quarantined: n
             m.training = f
         opt.zero_grad(set_to_none=True)
     logger.info("unlearn: {} steps, held-out quarantined samples predicted as their label {:.1%} -> {:.1%}, kept "
-                "batch accuracy {:.1%} -> {:.1%}", step + 1, first, last, np.mean(accs[:4]), np.mean(accs[-4:]))
-    return first, last
+                "batch accuracy {:.1%} -> {:.1%}", step + 1, fit_before, last, np.mean(accs[:4]), np.mean(accs[-4:]))
+    return last
 
 
 def restart(model: nn.Module, initial_state: dict[str, torch.Tensor]) -> None:

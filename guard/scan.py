@@ -327,10 +327,11 @@ class Scanner:
         if not separated:
             return
         probes: dict[int, Probe] = {}
+        screen_units = [torch.cat([f[k] for f in screen_feats]) for k in range(len(probe_ids))]
         for c in separated:
             sel = torch.from_numpy(lab1 == c)
             tsel = torch.from_numpy(t_lab == c)
-            probe = self_train([torch.cat([f[k] for f in screen_feats])[sel] for k in range(len(probe_ids))],
+            probe = self_train([u[sel] for u in screen_units],
                                [unit(t_feats[at[i]][tsel].double()) for i in probe_ids], z1[lab1 == c],
                                cfg.threshold_z, 1.0, cfg.probe_shrinkage, cfg.window, rng_seed=cfg.seed)
             if probe is not None:
@@ -342,7 +343,7 @@ class Scanner:
         for b in self.extractor.stream(train, names, kept[rows], "scan/confirm", stop_early=True):
             bl = b.labels.numpy()
             z_all[done:done + len(bl)] = zscore(self._discriminant(b.feats, bl, use_of, new_sus, new_ben), bl, mu, sd)
-            units = [unit(b.feats[at[i]].double()) for i in probe_ids]
+            units = [unit(b.feats[at[i]].double()) for i in probe_ids] if probes else []
             for c, probe in probes.items():
                 m = np.flatnonzero(bl == c)
                 if len(m):
