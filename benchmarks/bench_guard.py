@@ -31,12 +31,13 @@ def row(name: str, r: dict) -> dict:
     first_scan = r["scan_seconds"][0] if r["scan_seconds"] else float("nan")
     p = r["paper_rule"][0] if r["paper_rule"] else {}
     return {
-        "run": name, "poisoned": g["poisoned"], "quarantined": g["flagged"],
+        "run": name, "attack": r["spec"]["attack"], "poisoned": g["poisoned"], "quarantined": g["flagged"],
         "tpr": g["tpr"], "fpr": g["fpr"], "f1": g["f1"],
         "paper_tpr": p.get("tpr", float("nan")), "paper_fpr": p.get("fpr", float("nan")),
         "paper_f1": p.get("f1", float("nan")),
         "asr_warmup": r.get("warmup", {}).get("attack_success", float("nan")),
         "asr_unguarded": u.get("attack_success", float("nan")), "asr_guarded": g["attack_success"],
+        "asr_floor": float("nan"),      # filled in from the no-attack run (see with_floors)
         "asr_correct_unguarded": u.get("attack_success_correct", float("nan")),
         "asr_correct_guarded": g["attack_success_correct"],
         "acc_unguarded": u.get("clean_acc", float("nan")), "acc_guarded": g["clean_acc"],
@@ -57,14 +58,14 @@ def fmt(v: float, pct: bool = True) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| run | poisoned | quarantined | TPR % | FPR % | paper TPR % | paper FPR % | ASR warm-up % | "
-            "ASR no guard % | ASR guard % | ASR(correct) no guard % | ASR(correct) guard % | acc no guard % | "
+            "ASR no guard % | ASR guard % | ASR floor % | ASR(correct) no guard % | ASR(correct) guard % | acc no guard % | "
             "acc guard % | scan/epoch | overhead % | guard MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append("| " + " | ".join([
             r["run"], str(r["poisoned"]), str(r["quarantined"]), fmt(r["tpr"]), fmt(r["fpr"]),
             fmt(r["paper_tpr"]), fmt(r["paper_fpr"]), fmt(r["asr_warmup"]), fmt(r["asr_unguarded"]),
-            fmt(r["asr_guarded"]), fmt(r["asr_correct_unguarded"]), fmt(r["asr_correct_guarded"]),
+            fmt(r["asr_guarded"]), fmt(r.get("asr_floor", float("nan"))), fmt(r["asr_correct_unguarded"]), fmt(r["asr_correct_guarded"]),
             fmt(r["acc_unguarded"]), fmt(r["acc_guarded"]), fmt(r["scan_over_epoch"], False), fmt(r["overhead"]),
             fmt(r["guard_mem_mb"], False)]) + " |")
     return "\n".join(lines)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.render:
         saved = json.loads(Path(a.render).read_text())
-        print(table([row(name, r) for name, r in saved["runs"].items()]))
+        print(table(with_floors({"runs": saved["runs"], "rows": [row(n, r) for n, r in saved["runs"].items()]})["rows"]))
         print(json.dumps(saved["meta"]))
         return 0
     if a.merge:
@@ -124,8 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def with_floors(result: dict) -> dict:
+    """Each attack row's floor: its trigger's attack success on the no-attack run's final model,
+    which never saw it (what misclassification into the target class alone gives)."""
+    floor = result["runs"].get("no attack", {}).get("trigger_floor", {})
+    for r in result["rows"]:
+        if r.get("attack") in floor:
+            r["asr_floor"] = floor[r["attack"]]
+    return result
+
+
 def write(out: Path, result: dict) -> None:
     """The JSON result and a markdown table beside it."""
+    result = with_floors(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=float))
     md = table(result["rows"])

@@ -34,7 +34,7 @@ class GuardConfig(BaseModel):
         3.0, gt=0, description="a sample is out of the benign spread when its score is this many benign "
                                "standard deviations out (locating and confirming)")
     cluster_share: float = Field(
-        0.12, gt=0, le=1, description="a class holds a separate cluster when this share of its screened samples "
+        0.16, gt=0, le=1, description="a class holds a separate cluster when this share of its screened samples "
                                       "is out of the benign spread on the discriminant (trusted reference only) ...")
     separation_z: float = Field(
         5.0, gt=0, description="... or when at least min_cluster is, with a median discriminant above this "
@@ -79,7 +79,10 @@ class GuardConfig(BaseModel):
     device: str | None = Field(None, description="scan device; None uses the model's device")
     amp: bool = Field(True, description="autocast the guard's own passes (bf16 where supported, else fp16); "
                                        "features are pooled and scored in float32")
-    channels_last: bool = False
+    channels_last: bool = Field(
+        True, description="feed 4-D image inputs of the guard's own passes in channels_last memory format (the "
+                          "model's weights are left as they are): with amp, oneDNN's bf16 convolutions on CPU run "
+                          "about 2x faster than on contiguous inputs")
     num_classes: int | None = Field(None, ge=2, description="None infers it from the labels and the model")
     input_key: str | list[str] | None = Field(None, description="dict items: key(s) of the model input")
     label_key: str | None = Field(None, description="dict items: key of the label")

@@ -21,7 +21,7 @@ from loguru import logger
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from guard.attacks import make_attack
+from guard.attacks import ATTACKS, make_attack
 from guard.config import GuardConfig
 from guard.datasets import (CIFAR10_MEAN, CIFAR10_STD, ArrayImageDataset, ArraySplit, load_cifar10, load_digits,
                             stratified_indices)
@@ -142,6 +142,20 @@ def measure(model: nn.Module, data: Prepared, target: int) -> dict[str, float]:
     return out
 
 
+def trigger_floor(model: nn.Module, data: Prepared, spec: RunSpec) -> dict[str, float]:
+    """Attack success of every trigger on a model that never saw it: the share of triggered
+    non-target test images it predicts as the target anyway. A guarded model cannot go below this."""
+    imgs = (data.test.images.permute(0, 2, 3, 1).numpy(), data.test.labels)
+    out = {}
+    for name in ATTACKS:
+        atk = make_attack(name, target=spec.target, rate=spec.rate, seed=spec.seed)
+        triggered = ArrayImageDataset(ArraySplit(*atk.triggered_test(*imgs)), data.test.mean.flatten().tolist(),
+                                      data.test.std.flatten().tolist())
+        pred, _ = predict(model, triggered)
+        out[name] = float((pred == spec.target).mean())
+    return out
+
+
 def _epoch(model: nn.Module, opt: torch.optim.Optimizer, loader: DataLoader) -> float:
     device = next(model.parameters()).device
     model.train()
@@ -201,6 +215,8 @@ def run(spec: RunSpec, compare: bool = True) -> dict[str, Any]:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     out["guarded"] = {**measure(model, data, spec.target), **detection(gds.quarantined, data.poisoned, len(data.labels))}
+    if spec.attack is None:
+        out["trigger_floor"] = trigger_floor(model, data, spec)
     scans = gds.report.scans
     out["scans"] = [s.model_dump() for s in scans]
     out["paper_rule"] = paper

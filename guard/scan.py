@@ -38,6 +38,18 @@ from guard.reference import Reference, unit
 _STD_FLOOR = 1e-4
 
 
+def small_sample(n: int, z: float) -> float:
+    """Widening of a benign spread estimated from ``n`` samples, so that a new benign sample passes
+    ``z`` standard deviations as rarely as the normal tail says: Student's t quantile over the
+    normal one, times the prediction-interval term sqrt(1 + 1/n). About 1.03 for n = 100 and 1.5
+    for n = 10, where a handful of trusted samples would otherwise make a class's natural
+    variety look like a separate cluster."""
+    if n < 3:
+        return 1.0
+    q = stats.norm.cdf(z)
+    return float(stats.t.ppf(q, n - 1) / z * np.sqrt(1.0 + 1.0 / n))
+
+
 @dataclass
 class Calibration:
     """Benign reference and the benign spread of scores per class and layer."""
@@ -129,7 +141,7 @@ class Scanner:
         std = np.full((self.C, len(self.layers)), np.nan)
         for c in np.flatnonzero(counts):
             mean[c] = loo_a[lab == c].mean(0)
-            std[c] = np.maximum(loo_a[lab == c].std(0), _STD_FLOOR)
+            std[c] = np.maximum(loo_a[lab == c].std(0), _STD_FLOOR) * small_sample(int(counts[c]), self.cfg.threshold_z)
         return Calibration(ref, dataset, indices, lab, loo_a, ins_a, mean, std, source)
 
     def _trust_free_indices(self, train: Dataset, kept: np.ndarray) -> np.ndarray:
@@ -241,7 +253,8 @@ class Scanner:
                               suspicion, threshold, flagged, warnings)
                 seconds["confirm"] = time.monotonic() - t
             present = set(np.unique(labels).tolist())
-            follow = {c: q for c, q in (prior or {}).items() if len(q) >= 2 and c in present and c not in confirm}
+            separate = {v.cls for v in verdicts if v.verdict == "separate cluster"}
+            follow = {c: q for c, q in (prior or {}).items() if len(q) >= 2 and c in present and c not in separate}
             if follow:
                 t = time.monotonic()
                 self._follow_up(train, kept, labels, cal, follow, verdicts, suspicion, threshold, flagged, warnings)
@@ -283,7 +296,8 @@ class Scanner:
         def calibrate(sus, ben):
             t_d = self._discriminant(t_feats, t_lab, use_of, sus, ben, loo=True)
             return ({c: float(t_d[t_lab == c].mean()) for c in confirm},
-                    {c: max(float(t_d[t_lab == c].std()), _STD_FLOOR) for c in confirm})
+                    {c: max(float(t_d[t_lab == c].std()), _STD_FLOOR)
+                     * small_sample(int((t_lab == c).sum()), cfg.threshold_z) for c in confirm})
 
         def zscore(d, lab, mu, sd):
             return (d - np.array([mu[int(c)] for c in lab])) / np.array([sd[int(c)] for c in lab])
@@ -381,21 +395,76 @@ class Scanner:
 
     def _follow_up(self, train, kept, labels, cal, follow, verdicts, suspicion, threshold, flagged,
                    warnings) -> None:
-        """Classes that already hold quarantined samples: the quarantined samples themselves, seen
-        through the current model, are the suspect centroid. Poison left behind shares their trigger,
-        so it stands out on this discriminant even when it no longer leaves the benign spread by
-        itself (a backdoor relearned from a few remaining samples)."""
+        """Classes that already hold quarantined samples: poison left behind shares the trigger of the
+        quarantined samples, so they are its labelled examples. A linear probe is fitted with (a sample
+        of) them as the suspect side and a screen of the class's kept samples as the benign side, then
+        refitted on its own out-of-fold calls (:func:`~guard.probe.self_train`), so leftovers in the
+        screen move to the suspect side. This finds leftovers that no longer leave the benign spread by
+        themselves (a backdoor that a few remaining samples keep alive). Where no probe can be fitted,
+        the quarantined samples' centroid is the suspect centroid of a two-centroid discriminant."""
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, 2])
+        probe_ids = self._probe_layers()
+        names = [self.layers[i] for i in probe_ids]
+        q_take = {c: np.sort(rng.choice(q, min(len(q), cfg.screen_per_class), replace=False))
+                  for c, q in follow.items()}
+        s_take = {c: np.sort(rng.choice(np.flatnonzero(labels == c), min(int((labels == c).sum()),
+                                                                           cfg.screen_per_class), replace=False))
+                  for c in follow}
+        order = np.concatenate([np.concatenate([q_take[c], kept[s_take[c]]]) for c in follow])
+        chunks = [[unit(f.double()) for f in b.feats]
+                  for b in self.extractor.stream(train, names, order, "scan/quarantined", stop_early=True)]
+        units = [torch.cat([ch[k] for ch in chunks]) for k in range(len(names))]
+        t_feats, t_lab = self._reference_feats(cal, follow, names)
+        by_class = {v.cls: v for v in verdicts}
+        probes: dict[int, Probe] = {}
+        start = 0
+        for c in follow:
+            nq, ns = len(q_take[c]), len(s_take[c])
+            part = slice(start, start + nq + ns)
+            start += nq + ns
+            seed = np.concatenate([np.full(nq, cfg.threshold_z + 1.0), np.zeros(ns)])
+            tsel = torch.from_numpy(t_lab == c)
+            probe = self_train([u[part] for u in units], [unit(t[tsel].double()) for t in t_feats], seed,
+                               cfg.threshold_z, 1.0, cfg.probe_shrinkage, cfg.window, rng_seed=cfg.seed)
+            if probe is not None:
+                probes[c] = probe
+                by_class[c].critical_layers = [names[k] for k in probe.layers]
+        if len(probes) < len(follow):
+            self._follow_centroid(train, kept, labels, cal, {c: follow[c] for c in follow if c not in probes},
+                                  by_class, suspicion, threshold, flagged, warnings)
+        if not probes:
+            return
+        rows = np.flatnonzero(np.isin(labels, list(probes)))
+        z_all, done = np.zeros(len(rows)), 0
+        for b in self.extractor.stream(train, names, kept[rows], "scan/follow-up", stop_early=True):
+            bl = b.labels.numpy()
+            u = [unit(f.double()) for f in b.feats]
+            for c, probe in probes.items():
+                m = np.flatnonzero(bl == c)
+                if len(m):
+                    z_all[done + m] = probe.z([x[torch.from_numpy(m)] for x in u])
+            done += len(bl)
+        for c in probes:
+            sel = labels[rows] == c
+            self._flag_like_quarantined(by_class[c], kept, rows[sel], z_all[sel], suspicion, threshold, flagged,
+                                        warnings)
+
+    def _follow_centroid(self, train, kept, labels, cal, follow, by_class, suspicion, threshold, flagged,
+                         warnings) -> None:
+        """Fallback of the follow-up: the quarantined samples, seen through the current model, are the
+        suspect centroid of a two-centroid discriminant over the layers where they sit furthest below
+        the benign spread."""
         cfg = self.cfg
         q_idx = np.sort(np.concatenate(list(follow.values())))
         q_sums = Reference([s.shape[1] for s in cal.reference.sums], self.C)
         q_z: dict[int, list[np.ndarray]] = {c: [] for c in follow}
-        for b in self.extractor.stream(train, self.layers, q_idx, "scan/quarantined"):
+        for b in self.extractor.stream(train, self.layers, q_idx, "scan/quarantined-centroid"):
             q_sums.update(b.feats, b.labels)
             lab = b.labels.numpy()
             z = cal.z(cal.reference.score(b.feats, b.labels).numpy(), lab)
             for c in follow:
                 q_z[c].append(z[lab == c])
-        # window: the layers where the quarantined samples sit furthest below the benign spread
         windows = {c: [int(i) for i in np.argsort(np.concatenate(q_z[c]).mean(0), kind="stable")[:cfg.window]]
                    for c in follow}
         layer_ids = sorted({i for w in windows.values() for i in w})
@@ -406,20 +475,21 @@ class Scanner:
         t_feats, t_lab = self._reference_feats(cal, follow, names)
         t_d = self._discriminant(t_feats, t_lab, use_of, sus, ben, loo=True)
         rows = np.flatnonzero(np.isin(labels, list(follow)))
-        d = self._stream_discriminant(train, kept[rows], names, use_of, sus, ben, "scan/follow-up")
-        by_class = {v.cls: v for v in verdicts}
+        d = self._stream_discriminant(train, kept[rows], names, use_of, sus, ben, "scan/follow-up-centroid")
         for c in follow:
             tc = t_d[t_lab == c]
             sel = labels[rows] == c
-            r = rows[sel]
+            by_class[c].critical_layers = [self.layers[i] for i in windows[c]]
             z_d = (d[sel] - tc.mean()) / max(tc.std(), _STD_FLOOR)
-            v = by_class[c]
-            v.critical_layers = [self.layers[i] for i in windows[c]]
-            # leftovers are few: the stricter out-of-spread threshold keeps benign look-alikes in
-            suspicion[r], threshold[r] = z_d, cfg.threshold_z
-            hit = z_d > cfg.threshold_z
-            v.verdict, v.threshold = "like quarantined", cfg.threshold_z
-            self._take(v, kept[r[hit]], z_d[hit], flagged, warnings)
+            self._flag_like_quarantined(by_class[c], kept, rows[sel], z_d, suspicion, threshold, flagged, warnings)
+
+    def _flag_like_quarantined(self, v: ClassVerdict, kept, r, z_d, suspicion, threshold, flagged,
+                               warnings) -> None:
+        # leftovers are few: the stricter out-of-spread threshold keeps benign look-alikes in
+        suspicion[r], threshold[r] = z_d, self.cfg.threshold_z
+        hit = z_d > self.cfg.threshold_z
+        v.verdict, v.threshold = "like quarantined", self.cfg.threshold_z
+        self._take(v, kept[r[hit]], z_d[hit], flagged, warnings)
 
     @staticmethod
     def _discriminant(feats, lab, use_of, sus, benign, loo: bool = False,
