@@ -94,7 +94,11 @@ class GuardedDataset(Dataset):
         params = list(model.parameters())
         if not params:
             raise GuardError(f"model {type(model).__name__} has no parameters; pass the model being trained")
-        self.device = torch.device(cfg.device) if cfg.device else params[0].device
+        self.device = self._check_device(cfg.device, params[0].device)
+        if cfg.remedy == "unlearn" and not any(p.requires_grad for p in params):
+            raise GuardError(f"every parameter of {type(model).__name__} is frozen (requires_grad=False), so "
+                             "remedy='unlearn' cannot change it; unfreeze the trained layers, or set "
+                             "GuardConfig(remedy='none') to only quarantine")
         self.layers, self.num_classes = self._probe(model)
         if trusted is not None:
             self._check_trusted(trusted)
@@ -141,6 +145,21 @@ class GuardedDataset(Dataset):
                              "set GuardConfig(num_classes=...)")
         return layers, num_classes
 
+    @staticmethod
+    def _check_device(wanted: str | None, model_device: torch.device) -> torch.device:
+        if wanted is None:
+            return model_device
+        try:
+            device = torch.device(wanted)
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:
+            raise GuardError(f"scan device {wanted!r} is not usable here ({str(e).splitlines()[0]}); set "
+                             "GuardConfig(device=None) to scan where the model is") from None
+        if device.type != model_device.type:
+            raise GuardError(f"GuardConfig(device={wanted!r}) but the model's parameters are on {model_device}; "
+                             "move the model there first, or leave device=None")
+        return device
+
     def _check_trusted(self, trusted: Dataset) -> None:
         labels = dataset_labels(trusted, self.adapter, "trusted")
         if len(labels) == 0:
@@ -162,6 +181,14 @@ class GuardedDataset(Dataset):
         if len(labels) > self._n:
             raise GuardError(f"trusted set ({len(labels)}) is larger than the training set ({self._n}); "
                              "swap them, or use a smaller verified subset as trusted")
+
+    def check_length(self) -> None:
+        """Indices are positions in the wrapped dataset: a dataset that grows or shrinks while
+        training would make the quarantine point at other samples."""
+        for name, ds in (("dataset", self.dataset), ("scan_dataset", self.scan_dataset)):
+            if ds is not None and len(ds) != self._n:
+                raise GuardError(f"{name} has {len(ds)} samples now but {self._n} when it was wrapped; keep its "
+                                 "length constant while training (or wrap the new dataset in a new GuardedDataset)")
 
     # ---- Dataset protocol ----------------------------------------------------------------
     def __len__(self) -> int:
@@ -215,6 +242,7 @@ class GuardedDataset(Dataset):
         t0 = time.monotonic()
         logger.info("guard: scan {} at epoch {} over {:,} kept samples", len(self.report.scans) + 1, epoch,
                     len(self.kept_indices()))
+        self.check_length()
         source = self.scan_dataset if self.scan_dataset is not None else self.dataset
         prior: dict[int, list[int]] = {}
         for r in self._records.values():

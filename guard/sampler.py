@@ -79,6 +79,7 @@ class GuardSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         epoch = self.epoch
+        self.guard.check_length()
         self.guard._maybe_scan(epoch)
         order = self.indices(epoch)
         self.epoch = epoch + 1

@@ -131,7 +131,10 @@ class Scanner:
         counts = np.bincount(lab, minlength=self.C)
         few = [int(c) for c in np.flatnonzero((counts > 0) & (counts < 2))]
         if few:
-            raise GuardError(f"the {source} reference has fewer than 2 samples of classes {few}; add samples")
+            raise GuardError(f"the {source} reference has fewer than 2 samples of classes {few} "
+                             f"(counts {[int(counts[c]) for c in few]}); a class needs at least 2 to have a spread: "
+                             + ("pass a trusted set with samples of these classes" if source == "trust-free"
+                                else "add verified samples of these classes"))
         loo, ins = [], []
         for b in self.extractor.stream(dataset, self.layers, indices, f"scan/{source}-calibrate"):
             loo.append(ref.loo_score(b.feats, b.labels).numpy())
@@ -205,6 +208,15 @@ class Scanner:
                 raise GuardError(f"dataset yielded {done} samples for {len(kept)} indices; its length changed "
                                  "during the scan: keep len(dataset) constant while training")
 
+            present = np.unique(labels)
+            if len(present) < 2:
+                raise GuardError(f"all {len(labels)} scanned samples have label {int(present[0])}: the guard judges "
+                                 "each class against its benign reference and needs data of at least 2 classes; "
+                                 "check the labels (or label_key) the guard reads")
+            foreign = sorted(set(np.unique(cal.labels).tolist()) - set(present.tolist()))
+            if cal.source == "trusted" and foreign:
+                raise GuardError(f"the trusted set has classes {foreign} that the training set lacks; it must use "
+                                 "the training set's label mapping (same classes, same indices)")
             z = cal.z(raw, labels)
             zb = cal.z(cal.loo, cal.labels)
             suspicion = np.zeros(len(kept), dtype=np.float32)
@@ -252,7 +264,7 @@ class Scanner:
                 self._confirm(train, kept, labels, z < -cfg.threshold_z, cal, suspects, confirm, verdicts,
                               suspicion, threshold, flagged, warnings)
                 seconds["confirm"] = time.monotonic() - t
-            present = set(np.unique(labels).tolist())
+            present = set(present.tolist())
             separate = {v.cls for v in verdicts if v.verdict == "separate cluster"}
             follow = {c: q for c, q in (prior or {}).items() if len(q) >= 2 and c in present and c not in separate}
             if follow:

@@ -95,3 +95,86 @@ def test_config_values_are_validated_with_the_field_named():
     with pytest.raises(ValidationError, match="class_drop_warn"):
         GuardConfig(class_drop_warn=0.9, class_drop_cap=0.5)
     assert issubclass(GuardError, ValueError)
+
+
+class Resizable(Blobs):
+    def __init__(self, n):
+        super().__init__(n)
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+
+def test_dataset_length_that_changes_while_training():
+    ds = Resizable(90)
+    gds = GuardedDataset(ds, mlp(), GuardConfig(remedy="none"))
+    ds.n = 60
+    with pytest.raises(GuardError, match="60 samples now but 90 when it was wrapped"):
+        iter(gds.sampler)
+    with pytest.raises(GuardError, match="keep its length constant"):
+        gds.scan()
+
+
+def test_frozen_model_with_the_unlearning_remedy():
+    model = mlp()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(GuardError, match="frozen.*remedy='none'"):
+        GuardedDataset(Blobs(90), model)
+    GuardedDataset(Blobs(90), model, GuardConfig(remedy="none")).scan()     # quarantining alone works
+
+
+def test_scan_device_that_is_missing_or_not_the_models():
+    if not torch.cuda.is_available():
+        with pytest.raises(GuardError, match="'cuda' is not usable here"):
+            GuardedDataset(Blobs(90), mlp(), GuardConfig(device="cuda"))
+    with pytest.raises(GuardError, match="model's parameters are on cpu"):
+        GuardedDataset(Blobs(90), mlp(), GuardConfig(device="meta"))
+
+
+def test_single_class_data():
+    ds = TensorDataset(torch.randn(40, 16), torch.zeros(40, dtype=torch.long))
+    with pytest.raises(GuardError, match="all 40 scanned samples have label 0"):
+        GuardedDataset(ds, mlp(), GuardConfig(remedy="none")).scan()
+
+
+def test_class_with_too_few_samples_for_a_trust_free_reference():
+    ds = TensorDataset(torch.randn(40, 16), torch.tensor([0] * 19 + [1] * 19 + [2] * 2))
+    with pytest.raises(GuardError, match=r"fewer than 2 samples of classes \[2\].*pass a trusted set"):
+        GuardedDataset(ds, mlp(), GuardConfig(remedy="none")).scan()
+
+
+def test_trusted_set_with_classes_the_training_set_lacks():
+    ds = TensorDataset(torch.randn(90, 16), torch.arange(90) % 2)
+    t = TensorDataset(torch.randn(30, 16), torch.arange(30) % 3)
+    with pytest.raises(GuardError, match=r"classes \[2\] that the training set lacks"):
+        GuardedDataset(ds, mlp(), GuardConfig(remedy="none"), trusted=t).scan()
+
+
+class _Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 32)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return (h, {"h": h})
+
+
+class _Wrapped(nn.Module):
+    """A block returning a tuple holding a dict: the guard takes its first tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.block, self.mid, self.head = _Pair(), nn.Linear(32, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        h, _ = self.block(x)
+        return self.head(torch.relu(self.mid(h)))
+
+
+@pytest.mark.parametrize("wrap", [lambda m: m, nn.DataParallel], ids=["tuple-layer", "data-parallel"])
+def test_layers_returning_tuples_and_wrapped_models_are_handled(wrap):
+    gds = GuardedDataset(Blobs(90), wrap(_Wrapped()), GuardConfig(remedy="none", layers=["block", "mid", "head"]))
+    assert gds.scan().n_scanned == 90

@@ -59,6 +59,20 @@ def test_trust_free_mode_drops_nothing_on_clean_data():
     assert scan.calibration == "trust-free" and len(gds.quarantined) == 0
 
 
+def test_poison_left_behind_is_found_like_the_quarantined(poisoned):
+    # two poisoned samples escaped an earlier scan: too few to stand out by themselves, but the
+    # quarantined samples teach a probe what they look like
+    ds, model = poisoned
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="none"), trusted=Blobs(150, seed=7))
+    left, caught = ds.poisoned[:2], ds.poisoned[2:]
+    kept = np.setdiff1d(np.arange(len(ds)), caught)
+    res = gds.scanner.run(ds, gds.trusted, kept, {0: caught})
+    v = next(v for v in res.classes if v.cls == 0)
+    assert v.verdict == "like quarantined"
+    assert np.isin(left, res.flagged).all()
+    assert len(np.setdiff1d(res.flagged, left)) <= 2
+
+
 def test_cap_keeps_the_most_suspicious_and_warns(poisoned):
     ds, model = poisoned
     gds = GuardedDataset(ds, model, GuardConfig(remedy="none", class_drop_cap=0.1, class_drop_warn=0.05),
@@ -117,6 +131,35 @@ def test_scan_and_remedy_leave_training_state_untouched():
     random.seed(11)
     assert after == (torch.rand(1).item(), np.random.rand(), random.random())
     assert model.training and torch.is_grad_enabled()
+
+
+class _Interrupt(torch.nn.Module):
+    """Raises KeyboardInterrupt (a user's Ctrl-C) on its ``at``-th forward call."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return x
+
+
+@pytest.mark.parametrize("at", [2, 40], ids=["calibrating", "scoring"])
+def test_an_interrupted_scan_leaves_no_trace(poisoned, at):
+    ds, trained = poisoned
+    model = torch.nn.Sequential(_Interrupt(at), *trained)
+    model.train()
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="none", batch_size=16), trusted=Blobs(150, seed=7))
+    with pytest.raises(KeyboardInterrupt):
+        gds.scan()
+    assert model.training and all(m.training for m in model.modules()) and torch.is_grad_enabled()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert len(gds.quarantined) == 0 and not gds.report.scans and gds.last_result is None
+    model[0].at = -1
+    assert len(gds.scan().classes) == 3 and len(gds.quarantined) > 0     # a later scan runs normally
 
 
 class DictItems(Dataset):
@@ -195,3 +238,13 @@ def test_restart_remedy_restores_initial_weights():
     gds.scan()
     assert len(gds.quarantined) > 0
     assert all(torch.equal(v, init[k]) for k, v in model.state_dict().items())
+
+
+def test_same_seed_and_data_give_the_same_quarantine(poisoned):
+    ds, model = poisoned
+    runs = []
+    for _ in range(2):
+        gds = GuardedDataset(ds, model, GuardConfig(remedy="none"), trusted=Blobs(150, seed=7))
+        gds.scan()
+        runs.append((gds.quarantined, [r.score for r in gds.report.quarantine]))
+    assert len(runs[0][0]) and np.array_equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]

@@ -48,3 +48,10 @@ def test_guard_layers_pick_largest_excess_first():
     ex, base = excess_share(z_train, z_benign, 3.0)
     assert np.allclose(ex, [0, 0.1, 0.3, 0]) and np.allclose(base, 0)
     assert guard_layers(ex, 2) == [2, 1]
+
+
+def test_small_trusted_sets_widen_the_benign_spread():
+    from guard.scan import small_sample
+    f = [small_sample(n, 3.0) for n in (5, 10, 20, 100, 1000)]
+    assert all(a > b for a, b in zip(f, f[1:]))            # fewer samples, wider spread
+    assert 1.35 < f[1] < 1.5 and 1.0 < f[3] < 1.05 and f[4] < 1.005
