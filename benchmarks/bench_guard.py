@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from guard.attacks import ATTACKS
 from guard.experiment import RunSpec, run
 
 HERE = Path(__file__).resolve().parent
@@ -73,7 +74,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--attacks", nargs="+", default=["badnets", "blended", "wanet"])
+    ap.add_argument("--attacks", nargs="*", default=["badnets", "blended", "wanet"], help=f"any of {sorted(ATTACKS)}")
     ap.add_argument("--rates", nargs="+", type=float, default=[0.05, 0.1])
     ap.add_argument("--no-attack", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--trust-free", nargs="*", default=["badnets:0.1", "none:0"],

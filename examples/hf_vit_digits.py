@@ -42,7 +42,7 @@ def main(epochs: int = 30) -> dict[str, float]:
                              logging_steps=50, seed=0)
     GuardedTrainer(model=model, args=args, guarded=gds).train()
     d = detection(gds.quarantined, data.poisoned, len(data.labels))
-    m = measure(model, data, 0)
+    m = measure(model, data)
     print(gds.report.summary())
     print(f"caught {d['tpr']:.1%} of the poison, dropped {d['fpr']:.1%} of benign samples; "
           f"clean accuracy {m['clean_acc']:.1%}, attack success {m['attack_success']:.1%}")

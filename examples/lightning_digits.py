@@ -45,7 +45,7 @@ def main() -> None:
                          default_root_dir="runs/lightning_digits", enable_model_summary=False)
     trainer.fit(module, DataLoader(gds, batch_size=64, sampler=gds.sampler))
     d = detection(gds.quarantined, data.poisoned, len(data.labels))
-    m = measure(module, data, 0)
+    m = measure(module, data)
     print(gds.report.summary())
     print(f"caught {d['tpr']:.1%} of the poison, dropped {d['fpr']:.1%} of benign samples; "
           f"clean accuracy {m['clean_acc']:.1%}, attack success {m['attack_success']:.1%}")

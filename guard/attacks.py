@@ -1,4 +1,5 @@
-"""Reproducible all-to-one poisoning attacks for red-teaming and evaluation.
+"""Reproducible poisoning attacks for red-teaming and evaluation: all-to-one (BadNets, Blended,
+WaNet), all-to-all, clean-label (SIG), and a tabular feature trigger.
 
 Each attack poisons a uint8 image array (N, H, W, C) and returns the ground-truth poisoned
 indices, so detection quality can be measured exactly::
@@ -55,18 +56,26 @@ class Attack:
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
 
+    def targets(self, labels: np.ndarray) -> np.ndarray:
+        """The label the trigger should make the model predict, per true label."""
+        return np.full(len(labels), self.target, dtype=np.int64)
+
+    def test_mask(self, labels: np.ndarray) -> np.ndarray:
+        """Test images the attack success is measured on: those not already of their target."""
+        return labels != self.targets(labels)
+
     def poison(self, images: np.ndarray, labels: np.ndarray) -> PoisonResult:
         self.check(images)
         idx = self.choose(labels)
         x, y = images.copy(), labels.copy()
         if len(idx):
             x[idx] = self.trigger(images[idx])
-            y[idx] = self.target
+            y[idx] = self.targets(labels[idx])
         return PoisonResult(x, y, idx)
 
     def triggered_test(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Non-target test images with the trigger and their true labels (for attack success rate)."""
-        keep = labels != self.target
+        """Test images not of their target, with the trigger, and their true labels (for attack success)."""
+        keep = self.test_mask(labels)
         return self.trigger(images[keep]), labels[keep]
 
 
@@ -133,6 +142,57 @@ class WaNet(Attack):
 
 
 @dataclass
+class AllToAll(BadNets):
+    """BadNets patch, every poisoned sample relabelled to the next class, ``(y + 1) % num_classes``:
+    no single target class collects the poison."""
+
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        self.name = "all2all"
+
+    def choose(self, labels: np.ndarray) -> np.ndarray:
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"poisoning rate must be in [0, 1), got {self.rate}")
+        rng = np.random.default_rng(self.seed)
+        return np.sort(rng.choice(len(labels), int(round(self.rate * len(labels))), replace=False)).astype(np.int64)
+
+    def targets(self, labels: np.ndarray) -> np.ndarray:
+        return (np.asarray(labels, dtype=np.int64) + 1) % self.num_classes
+
+
+@dataclass
+class CleanLabelSIG(Attack):
+    """Barni et al. 2019 (SIG): a clean-label attack. A horizontal sinusoid (amplitude ``delta`` of
+    255, ``freq`` periods across the image) is added to images *of the target class*, whose labels
+    stay correct; the model learns the signal as a cue for the target. ``rate`` is a share of the
+    whole training set and must not exceed the target class's share."""
+
+    delta: float = 20.0
+    freq: int = 6
+
+    def __post_init__(self) -> None:
+        self.name = "sig"
+
+    def choose(self, labels: np.ndarray) -> np.ndarray:
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"poisoning rate must be in [0, 1), got {self.rate}")
+        pool = np.flatnonzero(labels == self.target)
+        n = int(round(self.rate * len(labels)))
+        if n > len(pool):
+            raise ValueError(f"clean-label rate {self.rate} asks for {n} poisoned samples but target class "
+                             f"{self.target} has only {len(pool)}; lower the rate")
+        rng = np.random.default_rng(self.seed)
+        return np.sort(rng.choice(pool, n, replace=False)).astype(np.int64)
+
+    def trigger(self, images: np.ndarray) -> np.ndarray:
+        w = images.shape[2]
+        signal = self.delta * np.sin(2 * np.pi * np.arange(w) * self.freq / w)
+        out = images.astype(np.float32) + signal[None, None, :, None]
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+@dataclass
 class FeatureTrigger(Attack):
     """A tabular backdoor: set a few features to a fixed, out-of-range value (in standard
     deviations of each feature) and relabel. Works on float (N, F) arrays.
@@ -166,11 +226,12 @@ class FeatureTrigger(Attack):
         return out
 
 
-ATTACKS: dict[str, type[Attack]] = {"badnets": BadNets, "blended": Blended, "wanet": WaNet}
+ATTACKS: dict[str, type[Attack]] = {"badnets": BadNets, "blended": Blended, "wanet": WaNet, "all2all": AllToAll,
+                                    "sig": CleanLabelSIG}
 
 
 def make_attack(name: str, **kwargs) -> Attack:
-    """Build an attack by name (``badnets``, ``blended``, ``wanet``)."""
+    """Build an attack by name (``badnets``, ``blended``, ``wanet``, ``all2all``, ``sig``)."""
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
     return ATTACKS[name](**kwargs)

@@ -21,7 +21,7 @@ from loguru import logger
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from guard.attacks import ATTACKS, make_attack
+from guard.attacks import ATTACKS, Attack, make_attack
 from guard.config import GuardConfig
 from guard.datasets import (CIFAR10_MEAN, CIFAR10_STD, ArrayImageDataset, ArraySplit, load_cifar10, load_digits,
                             stratified_indices)
@@ -56,7 +56,8 @@ class Prepared:
     trusted: ArrayImageDataset
     test: ArrayImageDataset
     triggered: ArrayImageDataset | None
-    untriggered: ArrayImageDataset | None   # the same non-target test images without the trigger
+    untriggered: ArrayImageDataset | None   # the same test images without the trigger
+    attack: Attack | None
     poisoned: np.ndarray
     labels: np.ndarray
     num_classes: int
@@ -87,16 +88,16 @@ def prepare(spec: RunSpec) -> Prepared:
     trusted_idx = stratified_indices(full.labels, spec.trusted_per_class, seed=spec.seed + 1, exclude=train_idx)
     train, trusted = full.subset(train_idx), full.subset(trusted_idx)
     poisoned = np.empty(0, np.int64)
-    triggered = untriggered = None
+    triggered = untriggered = atk = None
     if spec.attack:
         atk = make_attack(spec.attack, target=spec.target, rate=spec.rate, seed=spec.seed)
         res = atk.poison(train.images, train.labels)
         train, poisoned = ArraySplit(res.images, res.labels), res.poisoned
         triggered = ArrayImageDataset(ArraySplit(*atk.triggered_test(test.images, test.labels)), mean, std)
-        keep = test.labels != spec.target
+        keep = atk.test_mask(test.labels)
         untriggered = ArrayImageDataset(ArraySplit(test.images[keep], test.labels[keep]), mean, std)
     mk = lambda s, a=False: ArrayImageDataset(s, mean, std, augment=a)  # noqa: E731
-    return Prepared(mk(train, spec.augment), mk(train), mk(trusted), mk(test), triggered, untriggered, poisoned,
+    return Prepared(mk(train, spec.augment), mk(train), mk(trusted), mk(test), triggered, untriggered, atk, poisoned,
                     train.labels, C, make_model)
 
 
@@ -126,33 +127,33 @@ def predict(model: nn.Module, ds: ArrayImageDataset) -> tuple[np.ndarray, np.nda
     return np.concatenate(preds), np.concatenate(labels)
 
 
-def measure(model: nn.Module, data: Prepared, target: int) -> dict[str, float]:
-    """Clean accuracy; attack success (share of triggered non-target test images predicted as the
-    target); and attack success among images the model classifies correctly without the trigger,
-    which removes the floor that plain misclassification into the target class sets."""
+def measure(model: nn.Module, data: Prepared) -> dict[str, float]:
+    """Clean accuracy; attack success (share of triggered test images, not already of their
+    target, predicted as the target); and attack success among images the model classifies
+    correctly without the trigger, which removes the floor that plain misclassification sets."""
     p, y = predict(model, data.test)
     out = {"clean_acc": float((p == y).mean()), "attack_success": float("nan"),
            "attack_success_correct": float("nan")}
-    if data.triggered is not None and data.untriggered is not None:
-        pt, _ = predict(model, data.triggered)
+    if data.attack is not None and data.triggered is not None and data.untriggered is not None:
+        pt, yt = predict(model, data.triggered)
         pu, yu = predict(model, data.untriggered)
-        ok = pu == yu
-        out["attack_success"] = float((pt == target).mean())
-        out["attack_success_correct"] = float((pt[ok] == target).mean()) if ok.any() else float("nan")
+        hit, ok = pt == data.attack.targets(yt), pu == yu
+        out["attack_success"] = float(hit.mean())
+        out["attack_success_correct"] = float(hit[ok].mean()) if ok.any() else float("nan")
     return out
 
 
 def trigger_floor(model: nn.Module, data: Prepared, spec: RunSpec) -> dict[str, float]:
-    """Attack success of every trigger on a model that never saw it: the share of triggered
-    non-target test images it predicts as the target anyway. A guarded model cannot go below this."""
-    imgs = (data.test.images.permute(0, 2, 3, 1).numpy(), data.test.labels)
+    """Attack success of every image trigger on a model that never saw it: the share of triggered
+    test images it predicts as their target anyway. A guarded model cannot go below this."""
+    images, labels = data.test.images.permute(0, 2, 3, 1).numpy(), data.test.labels
+    mean, std = data.test.mean.flatten().tolist(), data.test.std.flatten().tolist()
     out = {}
     for name in ATTACKS:
-        atk = make_attack(name, target=spec.target, rate=spec.rate, seed=spec.seed)
-        triggered = ArrayImageDataset(ArraySplit(*atk.triggered_test(*imgs)), data.test.mean.flatten().tolist(),
-                                      data.test.std.flatten().tolist())
-        pred, _ = predict(model, triggered)
-        out[name] = float((pred == spec.target).mean())
+        atk = make_attack(name, target=spec.target, rate=0.0, seed=spec.seed)
+        x, y = atk.triggered_test(images, labels)
+        pred, _ = predict(model, ArrayImageDataset(ArraySplit(x, y), mean, std))
+        out[name] = float((pred == atk.targets(y)).mean())
     return out
 
 
@@ -201,7 +202,7 @@ def run(spec: RunSpec, compare: bool = True) -> dict[str, Any]:
         if epoch == cfg.warmup_epochs and compare:
             branch = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()),
                       copy.deepcopy(sched.state_dict()))
-            out["warmup"] = measure(model, data, spec.target)
+            out["warmup"] = measure(model, data)
         t0 = time.perf_counter()
         gds.sampler.set_epoch(epoch)
         n_scans = len(gds.report.scans)
@@ -214,7 +215,7 @@ def run(spec: RunSpec, compare: bool = True) -> dict[str, Any]:
             logger.info("epoch {}: scan {:.1f}s, epoch {:.1f}s", epoch, scan_time, epoch_times[-1])
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    out["guarded"] = {**measure(model, data, spec.target), **detection(gds.quarantined, data.poisoned, len(data.labels))}
+    out["guarded"] = {**measure(model, data), **detection(gds.quarantined, data.poisoned, len(data.labels))}
     if spec.attack is None:
         out["trigger_floor"] = trigger_floor(model, data, spec)
     scans = gds.report.scans
@@ -239,5 +240,5 @@ def run(spec: RunSpec, compare: bool = True) -> dict[str, Any]:
         for _ in range(cfg.warmup_epochs, spec.epochs):
             times2.append(_epoch(model2, opt2, loader2))
             sched2.step()
-        out["unguarded"] = {**measure(model2, data, spec.target), "epoch_seconds_median": float(np.median(times2))}
+        out["unguarded"] = {**measure(model2, data), "epoch_seconds_median": float(np.median(times2))}
     return out

@@ -42,3 +42,24 @@ def test_bad_attack_arguments(data):
         BadNets(rate=1.5).poison(x, y)
     with pytest.raises(ValueError, match="uint8"):
         BadNets().poison(x.astype(np.float32), y)
+
+
+def test_all_to_all_relabels_each_sample_to_the_next_class(data):
+    x, y = data
+    a = make_attack("all2all", rate=0.1, seed=5).poison(x, y)
+    assert len(a.poisoned) == 20
+    assert np.array_equal(a.labels[a.poisoned], (y[a.poisoned] + 1) % 10)
+    assert len(np.unique(y[a.poisoned])) > 3                 # no single source or target class
+    tx, ty = make_attack("all2all").triggered_test(x, y)
+    assert len(tx) == len(x)                                 # every test image has a different target
+
+
+def test_clean_label_sig_keeps_labels_and_poisons_only_the_target_class(data):
+    x, y = data
+    a = make_attack("sig", target=3, rate=0.05, seed=5).poison(x, y)
+    assert len(a.poisoned) == 10 and (y[a.poisoned] == 3).all()
+    assert np.array_equal(a.labels, y)                       # clean label: nothing relabelled
+    diff = a.images[a.poisoned].astype(int) - x[a.poisoned]
+    assert np.abs(diff).max() <= 20 and (diff != 0).any()
+    with pytest.raises(ValueError, match="target class 3 has only 20"):
+        make_attack("sig", target=3, rate=0.2).poison(x, y)
