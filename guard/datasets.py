@@ -123,6 +123,31 @@ def load_cifar10(archive: str | os.PathLike | None = None, root: str | os.PathLi
     return out
 
 
+def load_image_folder(root: str | os.PathLike) -> dict[str, ArraySplit]:
+    """``root/train/<class>/*`` and ``root/test/<class>/*`` images (one size, RGB) as uint8 arrays;
+    classes are the sorted folder names of ``train``, indexed from 0."""
+    from PIL import Image
+
+    root = Path(root)
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise FileNotFoundError(f"image folder {root} needs train/<class>/ and test/<class>/ sub-folders")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    out = {}
+    for split in ("train", "test"):
+        imgs, labels = [], []
+        for i, cls in enumerate(classes):
+            for f in sorted((root / split / cls).glob("*")) if (root / split / cls).is_dir() else []:
+                if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp"):
+                    imgs.append(np.asarray(Image.open(f).convert("RGB"), dtype=np.uint8))
+                    labels.append(i)
+        shapes = {im.shape for im in imgs}
+        if not imgs or len(shapes) != 1:
+            raise ValueError(f"{root / split}: expected images of one size under <class>/ folders, found "
+                             f"{len(imgs)} images of shapes {sorted(shapes)[:3]}")
+        out[split] = ArraySplit(np.stack(imgs), np.asarray(labels, dtype=np.int64))
+    return out
+
+
 def load_digits() -> dict[str, ArraySplit]:
     """scikit-learn's digits (1,797 real 8x8 images shipped inside the wheel), split 75/25.
 

@@ -9,10 +9,12 @@ differences come from the guard alone.
 from __future__ import annotations
 
 import copy
+import importlib
 import time
 import tracemalloc
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,7 @@ from torch.utils.data import DataLoader, Sampler
 from guard.attacks import ATTACKS, Attack, make_attack
 from guard.config import GuardConfig
 from guard.datasets import (CIFAR10_MEAN, CIFAR10_STD, ArrayImageDataset, ArraySplit, load_cifar10, load_digits,
-                            stratified_indices)
+                            load_image_folder, stratified_indices)
 from guard.guarded import GuardedDataset
 from guard.hooks import scan_mode
 from guard.models import CifarResNet18, SmallCNN
@@ -45,7 +47,10 @@ class RunSpec:
     width: int = 16
     augment: bool = False
     seed: int = 0
-    archive: str | None = None
+    archive: str | None = None           # cifar10: the JPEG archive; imagefolder: the root folder
+    download: bool = False               # cifar10 through torchvision when no archive is found
+    model: str = "auto"                  # auto | a torchvision.models name | "package.module:callable"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
     guard: dict[str, Any] = field(default_factory=dict)
 
 
@@ -67,15 +72,22 @@ class Prepared:
 def prepare(spec: RunSpec) -> Prepared:
     """Load, split (train subset / disjoint trusted set / test), poison and wrap the data."""
     if spec.data == "cifar10":
-        splits = load_cifar10(spec.archive)
+        splits = load_cifar10(spec.archive, download=spec.download)
         mean, std, C = CIFAR10_MEAN, CIFAR10_STD, 10
-        make_model = lambda: CifarResNet18(num_classes=C, width=spec.width)  # noqa: E731
+        default = lambda: CifarResNet18(num_classes=C, width=spec.width)  # noqa: E731
     elif spec.data == "digits":
         splits = load_digits()
         mean, std, C = (0.3,), (0.35,), 10
-        make_model = lambda: SmallCNN(num_classes=C, in_channels=1, width=spec.width)  # noqa: E731
+        default = lambda: SmallCNN(num_classes=C, in_channels=1, width=spec.width)  # noqa: E731
+    elif spec.data == "imagefolder":
+        if spec.archive is None:
+            raise ValueError("data 'imagefolder' needs archive=<root folder with train/ and test/>")
+        splits = load_image_folder(spec.archive)
+        mean, std, C = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), int(splits["train"].labels.max()) + 1
+        default = lambda: CifarResNet18(num_classes=C, width=spec.width)  # noqa: E731
     else:
-        raise ValueError(f"unknown data {spec.data!r}; use 'digits' or 'cifar10'")
+        raise ValueError(f"unknown data {spec.data!r}; use 'digits', 'cifar10' or 'imagefolder'")
+    make_model = default if spec.model == "auto" else (lambda: build_model(spec.model, C, spec.model_kwargs))
     full, test = splits["train"], splits["test"]
     if spec.n_train is not None:
         train_idx = stratified_indices(full.labels, spec.n_train // C, seed=spec.seed)
@@ -99,6 +111,24 @@ def prepare(spec: RunSpec) -> Prepared:
     mk = lambda s, a=False: ArrayImageDataset(s, mean, std, augment=a)  # noqa: E731
     return Prepared(mk(train, spec.augment), mk(train), mk(trusted), mk(test), triggered, untriggered, atk, poisoned,
                     train.labels, C, make_model)
+
+
+def build_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    """A torchvision model by name (``resnet18``, ``mobilenet_v2``, ...; ``num_classes`` is passed) or
+    any ``package.module:callable`` (called with ``kwargs`` only)."""
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"model {name!r} cannot be imported ({e}); use 'package.module:callable'") from None
+        return fn(**kwargs)
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"model {name!r}: {e}; use a torchvision.models name or 'package.module:callable'") from None
 
 
 class EpochPermutation(Sampler[int]):
@@ -182,8 +212,10 @@ def detection(flagged: np.ndarray, poisoned: np.ndarray, n: int) -> dict[str, fl
             "flagged": int(f.sum()), "poisoned": int(p.sum())}
 
 
-def run(spec: RunSpec, compare: bool = True) -> dict[str, Any]:
-    """Train with the guard (and, with ``compare``, the unguarded twin) and measure."""
+def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train with the guard (and, with ``compare``, the unguarded twin) and measure. With ``out_dir``,
+    the guard's files (report.json, quarantine.csv, samples.csv) and checkpoint.pt (model and guard
+    state) are written there."""
     torch.manual_seed(spec.seed)
     data = prepare(spec)
     cfg = GuardConfig(**{"seed": spec.seed, **spec.guard})
@@ -210,9 +242,11 @@ def run(spec: RunSpec, compare: bool = True) -> dict[str, Any]:
         scan_time = time.perf_counter() - t0
         epoch_times.append(_epoch(model, opt, loader))
         sched.step()
-        if len(gds.report.scans) > n_scans:
+        scanned = len(gds.report.scans) > n_scans
+        if scanned:
             paper.append(detection(gds.last_result.paper_flagged, data.poisoned, len(data.labels)))
-            logger.info("epoch {}: scan {:.1f}s, epoch {:.1f}s", epoch, scan_time, epoch_times[-1])
+        logger.info("epoch {}/{}: {:.1f}s{}, {:,} samples quarantined", epoch + 1, spec.epochs, epoch_times[-1],
+                    f" after a {scan_time:.1f}s scan" if scanned else "", len(gds.quarantined))
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     out["guarded"] = {**measure(model, data), **detection(gds.quarantined, data.poisoned, len(data.labels))}
@@ -226,6 +260,10 @@ def run(spec: RunSpec, compare: bool = True) -> dict[str, Any]:
     out["epoch_seconds_median"] = float(np.median(epoch_times))
     out["guard_peak_python_mb"] = peak / 2**20
     out["report"] = gds.report
+    if out_dir is not None:
+        gds.save(out_dir)
+        torch.save({"model": model.state_dict(), "guard": gds.state_dict(), "spec": asdict(spec)},
+                   Path(out_dir) / "checkpoint.pt")
     if compare and branch is not None:
         model2 = data.make_model()
         model2.load_state_dict(branch[0])

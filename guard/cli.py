@@ -1,0 +1,197 @@
+"""The ``guard`` command: config-driven runs and their reports.
+
+    guard train CONFIG.yaml [--output DIR]     train with the guard; write the run directory
+    guard scan CONFIG.yaml --checkpoint PATH   score a trained model once (the paper's setting)
+    guard report RUN_DIR                       print the run's summary and re-render its plots
+    guard restore RUN_DIR --indices 3 17 ...   bring quarantined samples back (recorded)
+    guard config --schema                      the JSON schema of CONFIG
+
+A run directory holds ``config.json`` (the validated config), ``results.json`` (detection and
+attack metrics), ``report.json``, ``quarantine.csv``, ``samples.csv``, ``checkpoint.pt`` and the
+PNG plots of :mod:`guard.plots`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from loguru import logger
+
+from guard.errors import GuardError
+from guard.report import GuardReport
+from guard.runconfig import RunConfig
+
+
+def _results(r: dict[str, Any]) -> dict[str, Any]:
+    keep = ("guarded", "unguarded", "warmup", "paper_rule", "trigger_floor", "n_train", "layers",
+            "epoch_seconds_median", "scan_seconds", "guard_scan_memory_mb")
+    return {k: r[k] for k in keep if k in r}
+
+
+def _load_ckpt(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise GuardError(f"{path} does not exist; point at a run directory written by `guard train`")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _guard_for(cfg: RunConfig, ckpt: dict[str, Any], **overrides: Any):
+    """The run's data and a GuardedDataset over it with the checkpoint's model (and guard state)."""
+    from guard.experiment import prepare
+    from guard.guarded import GuardedDataset
+    from guard.config import GuardConfig
+
+    spec = cfg.spec()
+    data = prepare(spec)
+    model = data.make_model()
+    model.load_state_dict(ckpt["model"])
+    gcfg = GuardConfig(**{"seed": spec.seed, **spec.guard, **overrides})
+    gds = GuardedDataset(data.train, model, gcfg, trusted=None if spec.trust_free else data.trusted,
+                         scan_dataset=data.scan)
+    return data, gds
+
+
+def _plots(run_dir: Path, cfg: RunConfig) -> None:
+    """Render the run's plots; a missing matplotlib only costs the plots."""
+    from guard.experiment import prepare
+    from guard.plots import render
+
+    try:
+        paths = render(run_dir, prepare(cfg.spec()).train.images.numpy())
+    except ImportError as e:
+        logger.warning("no plots: {}", e)
+        return
+    logger.info("plots: {}", ", ".join(p.name for p in paths))
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from guard.experiment import run
+
+    cfg = RunConfig.load(a.config)
+    out = Path(a.output or cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    r = run(cfg.spec(), compare=cfg.train.compare, out_dir=out)
+    (out / "results.json").write_text(json.dumps(_results(r), indent=1, default=float))
+    _plots(out, cfg)
+    print(r["report"].summary())
+    g = r["guarded"]
+    print(f"quarantined {g['flagged']:,}; clean accuracy {g['clean_acc']:.1%}"
+          + (f"; TPR {g['tpr']:.1%}, FPR {g['fpr']:.2%}, attack success {g['attack_success']:.1%}"
+             if cfg.attack else ""))
+    print(f"run directory: {out}")
+    return 0
+
+
+def cmd_scan(a: argparse.Namespace) -> int:
+    from guard.experiment import detection
+
+    cfg = RunConfig.load(a.config)
+    ckpt = _load_ckpt(Path(a.checkpoint))
+    out = Path(a.output or cfg.output)
+    data, gds = _guard_for(cfg, ckpt, remedy="none")
+    gds.scan()
+    gds.save(out)
+    res = detection(gds.quarantined, data.poisoned, len(data.labels))
+    (out / "results.json").write_text(json.dumps({"scan": res}, indent=1, default=float))
+    from guard.plots import render
+
+    try:
+        render(out, data.train.images.numpy())
+    except ImportError as e:
+        logger.warning("no plots: {}", e)
+    print(gds.report.summary())
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    path = Path(a.run_dir) / "report.json"
+    if not path.is_file():
+        raise GuardError(f"{path} does not exist; pass a run directory written by `guard train` or `guard scan`")
+    print(GuardReport.load_json(path).summary())
+    if not a.no_plots and (Path(a.run_dir) / "config.json").is_file():
+        _plots(Path(a.run_dir), RunConfig.load(Path(a.run_dir) / "config.json"))
+    results = Path(a.run_dir) / "results.json"
+    if results.is_file():
+        g = json.loads(results.read_text()).get("guarded")
+        if g:
+            print(f"  final: clean accuracy {g['clean_acc']:.1%}, attack success {g['attack_success']:.1%}, "
+                  f"TPR {g['tpr']:.1%}, FPR {g['fpr']:.2%}")
+    return 0
+
+
+def cmd_restore(a: argparse.Namespace) -> int:
+    run_dir = Path(a.run_dir)
+    cfg = RunConfig.load(run_dir / "config.json")
+    ckpt = _load_ckpt(run_dir / "checkpoint.pt")
+    _, gds = _guard_for(cfg, ckpt)
+    gds.load_state_dict(ckpt["guard"])
+    gds.restore(np.asarray(a.indices, dtype=np.int64))
+    gds.save(run_dir)
+    ckpt["guard"] = gds.state_dict()
+    tmp = run_dir / ".checkpoint.pt.tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, run_dir / "checkpoint.pt")
+    print(f"restored {len(set(a.indices))} samples; {len(gds.quarantined):,} remain quarantined")
+    return 0
+
+
+def cmd_config(a: argparse.Namespace) -> int:
+    if a.schema:
+        print(json.dumps(RunConfig.model_json_schema(), indent=2))
+    if a.check:
+        RunConfig.load(a.check)
+        print(f"{a.check}: valid")
+    if not (a.schema or a.check):
+        print(RunConfig().model_dump_json(indent=2))      # the defaults, as a starting point
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="guard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="a config-driven training run with the guard")
+    t.add_argument("config")
+    t.add_argument("--output", help="run directory (default: the config's output)")
+    t.set_defaults(fn=cmd_train)
+    s = sub.add_parser("scan", help="score a trained checkpoint once and write the report")
+    s.add_argument("config")
+    s.add_argument("--checkpoint", required=True, help="checkpoint.pt of a run (its 'model' weights)")
+    s.add_argument("--output")
+    s.set_defaults(fn=cmd_scan)
+    r = sub.add_parser("report", help="print a run's summary")
+    r.add_argument("run_dir")
+    r.add_argument("--no-plots", action="store_true", help="only print the summary")
+    r.set_defaults(fn=cmd_report)
+    b = sub.add_parser("restore", help="bring quarantined samples of a run back")
+    b.add_argument("run_dir")
+    b.add_argument("--indices", nargs="+", type=int, required=True)
+    b.set_defaults(fn=cmd_restore)
+    c = sub.add_parser("config", help="the config schema, a config check, or the defaults")
+    c.add_argument("--schema", action="store_true")
+    c.add_argument("--check", metavar="CONFIG")
+    c.set_defaults(fn=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    if a.quiet:
+        logger.remove()
+        logger.add(sys.stderr, level="WARNING")
+    try:
+        return a.fn(a)
+    except (GuardError, FileNotFoundError) as e:
+        print(f"guard {a.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

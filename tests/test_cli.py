@@ -1,0 +1,121 @@
+"""The `guard` command: configs validated with the field named, end-to-end runs, report and restore."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from guard.cli import main
+from guard.errors import GuardError
+from guard.runconfig import RunConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_example_configs_load(path):
+    cfg = RunConfig.load(path)
+    assert cfg.spec().epochs == cfg.train.epochs
+
+
+INVALID = [
+    ({"data": {"name": "mnist"}}, "data.name = 'mnist'"),
+    ({"data": {"n_train": 5}}, "data.n_train = 5"),
+    ({"data": {"trusted_per_class": 1}}, "data.trusted_per_class = 1"),
+    ({"attack": {"name": "badnets", "rate": 1.5}}, "attack.rate = 1.5"),
+    ({"attack": {"rate": 0.1}}, "attack.name"),
+    ({"attack": {"name": "trojan"}}, "attack.name = 'trojan'"),
+    ({"train": {"epochs": 0}}, "train.epochs = 0"),
+    ({"train": {"lr": -1}}, "train.lr = -1"),
+    ({"model": {"width": 0}}, "model.width = 0"),
+    ({"modle": {"name": "resnet18"}}, "modle: unknown field"),
+    ({"guard": {"scan_every": 0}}, "guard.scan_every = 0"),
+    ({"guard": {"warmup_epoch": 2}}, "guard.warmup_epoch: unknown field"),
+    ({"guard": {"critical_rule": "best"}}, "guard.critical_rule = 'best'"),
+    ({"guard": {"class_drop_warn": 0.9, "class_drop_cap": 0.5}}, "class_drop_warn (0.9) must not exceed"),
+    (["data", "train"], "top level must be a mapping"),
+]
+
+
+@pytest.mark.parametrize("raw, named", INVALID, ids=[m.split()[0] for _, m in INVALID])
+def test_invalid_configs_name_the_field(raw, named):
+    with pytest.raises(GuardError) as e:
+        RunConfig.parse(raw)
+    assert named in str(e.value)
+
+
+def test_unreadable_config_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [name: digits\n")
+    with pytest.raises(GuardError, match="not valid YAML"):
+        RunConfig.load(bad)
+    with pytest.raises(GuardError, match="does not exist"):
+        RunConfig.load(tmp_path / "missing.yaml")
+    assert main(["config", "--check", str(bad)]) == 2
+
+
+def test_schema_lists_every_section(capsys):
+    assert main(["config", "--schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert {"data", "attack", "model", "train", "guard", "output"} <= set(schema["properties"])
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_report_restore_and_scan_on_digits(tmp_path, capsys):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    cfg = yaml.safe_load((CONFIGS / "digits_badnets.yaml").read_text())
+    cfg["train"]["compare"] = False
+    cfg["output"] = str(tmp_path / "run")
+    path = tmp_path / "digits.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 0
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} >= {"config.json", "results.json", "report.json", "quarantine.csv",
+                                                "samples.csv", "checkpoint.pt"}
+    g = json.loads((run / "results.json").read_text())["guarded"]
+    assert g["tpr"] >= 0.95 and g["fpr"] <= 0.02 and g["attack_success"] <= 0.05
+    quarantined = _rows(run / "quarantine.csv")
+    assert len(quarantined) == g["flagged"]
+
+    for name in ("separation", "scores", "quarantine_per_class", "suspicious"):
+        img = plt.imread(run / f"{name}.png")
+        assert img.shape[0] > 200 and img.shape[1] > 200 and img[..., :3].std() > 0.05, name   # drawn, not blank
+    (run / "scores.png").unlink()
+    assert main(["report", str(run)]) == 0
+    assert "quarantined" in capsys.readouterr().out
+    assert (run / "scores.png").stat().st_size > 10_000                                     # re-rendered
+
+    back = [int(quarantined[0]["index"]), int(quarantined[1]["index"])]
+    assert main(["restore", str(run), "--indices", *map(str, back)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert len(report["quarantine"]) == g["flagged"] - 2 and report["restores"][-1]["indices"] == sorted(back)
+    status = {int(r["index"]): r["status"] for r in _rows(run / "samples.csv")}
+    assert all(status[i] == "restored" for i in back)
+    assert main(["restore", str(run), "--indices", str(back[0])]) == 2     # not quarantined any more
+
+    assert main(["scan", str(path), "--checkpoint", str(run / "checkpoint.pt"), "--output",
+                 str(tmp_path / "scan")]) == 0
+    scanned = json.loads((tmp_path / "scan" / "report.json").read_text())
+    assert len(scanned["scans"]) == 1 and scanned["scans"][0]["remedy"] is None
+
+
+@pytest.mark.cifar
+def test_train_on_cifar10_subset(cifar_archive, tmp_path):
+    cfg = {"data": {"name": "cifar10", "root": cifar_archive, "n_train": 10000},
+           "attack": {"name": "badnets", "rate": 0.1}, "train": {"epochs": 3},
+           "guard": {"warmup_epochs": 2, "scan_every": 2}, "output": str(tmp_path / "run")}
+    path = tmp_path / "cifar.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 0
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    g, paper = res["guarded"], res["paper_rule"][0]
+    assert g["tpr"] >= 0.98 and g["fpr"] <= 0.01
+    assert g["attack_success_correct"] <= 0.05               # unlearned: the trigger no longer works
+    assert g["f1"] > paper["f1"]                              # the paper's rule on the same scan
+    assert (tmp_path / "run" / "checkpoint.pt").stat().st_size > 100_000
