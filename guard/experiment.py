@@ -30,6 +30,7 @@ from guard.datasets import (CIFAR10_MEAN, CIFAR10_STD, ArrayImageDataset, ArrayS
 from guard.guarded import GuardedDataset
 from guard.hooks import scan_mode
 from guard.models import CifarResNet18, SmallCNN
+from guard.progress import Progress
 
 
 @dataclass
@@ -187,14 +188,16 @@ def trigger_floor(model: nn.Module, data: Prepared, spec: RunSpec) -> dict[str, 
     return out
 
 
-def _epoch(model: nn.Module, opt: torch.optim.Optimizer, loader: DataLoader) -> float:
+def _epoch(model: nn.Module, opt: torch.optim.Optimizer, loader: DataLoader, desc: str = "train") -> float:
     device = next(model.parameters()).device
     model.train()
     t = time.perf_counter()
-    for x, y in loader:
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
-        opt.step()
+    with Progress(len(loader), desc, min_total=50, every=30.0, unit="batches") as progress:
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            opt.step()
+            progress.update(1)
     return time.perf_counter() - t
 
 
@@ -240,7 +243,7 @@ def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None) 
         n_scans = len(gds.report.scans)
         gds.sampler.scan_due()            # a due scan runs here, before the epoch's timing
         scan_time = time.perf_counter() - t0
-        epoch_times.append(_epoch(model, opt, loader))
+        epoch_times.append(_epoch(model, opt, loader, f"train epoch {epoch + 1}/{spec.epochs}"))
         sched.step()
         scanned = len(gds.report.scans) > n_scans
         if scanned:

@@ -1,21 +1,20 @@
-"""Streaming feature extraction over a dataset (scan passes), with progress logging."""
+"""Streaming feature extraction over a dataset (scan passes), with progress (:mod:`guard.progress`)."""
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from loguru import logger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from guard.batches import BatchAdapter
 from guard.errors import GuardError
 from guard.hooks import FeatureTap, StopForward
+from guard.progress import Progress
 
 
 @dataclass
@@ -54,9 +53,10 @@ class Extractor:
             return
         view = dataset if indices is None else Subset(dataset, positions.tolist())
         loader = DataLoader(view, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
-        done, total, t0, last = 0, len(positions), time.monotonic(), time.monotonic()
+        done = 0
         stop_early = stop_early and not isinstance(self.model, torch.nn.DataParallel)
-        with FeatureTap(self.model, layers, self.grid, stop_early) as tap:
+        with FeatureTap(self.model, layers, self.grid, stop_early) as tap, \
+                Progress(len(positions), desc, self.progress) as progress:
             for batch in loader:
                 inputs, labels = self.adapter.split(batch)
                 pos = positions[done:done + len(labels)]
@@ -76,9 +76,4 @@ class Extractor:
                 feats = [f.cpu() for f in tap.take(len(labels))]
                 yield Batch(pos, labels, feats, logits)
                 done += len(labels)
-                now = time.monotonic()
-                if self.progress and (now - last > 10 or done == total) and total >= 2000:
-                    rate = done / max(now - t0, 1e-9)
-                    logger.info("{}: {:,}/{:,} samples ({:.0%}), {:.0f} samples/s, eta {:.0f}s",
-                                desc, done, total, done / total, rate, (total - done) / max(rate, 1e-9))
-                    last = now
+                progress.update(len(labels))

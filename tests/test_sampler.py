@@ -86,3 +86,4 @@ def test_workers_and_persistent_workers_see_the_new_quarantine():
     assert len(gds.quarantined) > 0
     assert seen[0] == 300 and seen[1] == seen[2] == 300 - len(gds.quarantined)
     assert np.intersect1d(gds.quarantined, ds.poisoned).size >= 0.95 * len(ds.poisoned)
+
