@@ -35,6 +35,10 @@ class Extractor:
         self.batch_size, self.num_workers = batch_size, num_workers
         self.device = device or next(model.parameters()).device
         self.amp, self.channels_last, self.grid, self.progress = amp, channels_last, grid, progress
+        # a scan needs no gradient or buffer sync: DDP's own forward would issue collectives whose
+        # count differs between ranks scoring shards of different sizes
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        self._forward_model = model.module if ddp else model
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:
@@ -70,7 +74,7 @@ class Extractor:
                 logits: torch.Tensor | None = None
                 try:
                     with self._autocast():
-                        logits = self.adapter.forward(self.model, inputs).detach().float().cpu()
+                        logits = self.adapter.forward(self._forward_model, inputs).detach().float().cpu()
                 except StopForward:
                     pass
                 feats = [f.cpu() for f in tap.take(len(labels))]

@@ -6,17 +6,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from guard.distributed import world
 
 if TYPE_CHECKING:
     from guard.guarded import GuardedDataset
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class GuardSampler(Sampler[int]):
@@ -64,10 +59,10 @@ class GuardSampler(Sampler[int]):
             kept = np.concatenate([kept, np.resize(rng.permutation(kept), len(self.guard) - len(kept))])
         if self.shuffle:
             kept = kept[rng.permutation(len(kept))]
-        rank, world = _world()
-        if world > 1 and len(kept):
-            total = -(-len(kept) // world) * world
-            kept = np.resize(kept, total)[rank:total:world]
+        rank, size = world()
+        if size > 1 and len(kept):
+            total = -(-len(kept) // size) * size
+            kept = np.resize(kept, total)[rank:total:size]
         return kept
 
     def scan_due(self) -> None:

@@ -28,6 +28,7 @@ from scipy import stats
 from torch.utils.data import Dataset
 
 from guard.config import GuardConfig
+from guard.distributed import gather_rows, shard, sum_tensors
 from guard.errors import GuardError
 from guard.extract import Extractor
 from guard.hooks import scan_mode
@@ -181,13 +182,14 @@ class Scanner:
             cal = self.calibrate(trusted, train, kept)
             seconds["calibrate"] = time.monotonic() - t
 
-            # pass 2: per-sample cosines at every layer + suspect centroids
+            # pass 2: per-sample cosines at every layer + suspect centroids (sharded across ranks)
             t = time.monotonic()
-            raw = np.empty((len(kept), L), dtype=np.float32)
-            labels = np.empty(len(kept), dtype=np.int64)
+            mine = kept[shard(len(kept))]
+            raw = np.empty((len(mine), L), dtype=np.float32)
+            labels = np.empty(len(mine), dtype=np.int64)
             suspects = Reference([s.shape[1] for s in cal.reference.sums], self.C)
             done = 0
-            for b in self.extractor.stream(train, self.layers, kept, "scan/train"):
+            for b in self.extractor.stream(train, self.layers, mine, "scan/train"):
                 n = len(b.labels)
                 lab = b.labels.numpy()
                 missing = np.flatnonzero(np.isnan(cal.mean[lab, 0]))
@@ -203,10 +205,12 @@ class Scanner:
                     if m.any():
                         suspects.sums[li].index_add_(0, b.labels[m], unit(f[m].double()))
                 done += n
-            seconds["score"] = time.monotonic() - t
-            if done != len(kept):
-                raise GuardError(f"dataset yielded {done} samples for {len(kept)} indices; its length changed "
+            if done != len(mine):
+                raise GuardError(f"dataset yielded {done} samples for {len(mine)} indices; its length changed "
                                  "during the scan: keep len(dataset) constant while training")
+            raw, labels = gather_rows(raw, len(kept)), gather_rows(labels, len(kept))
+            sum_tensors(suspects.sums)
+            seconds["score"] = time.monotonic() - t
 
             present = np.unique(labels)
             if len(present) < 2:

@@ -1,0 +1,59 @@
+"""torch.distributed helpers for sharded scans: every rank scores its share of the kept samples,
+then the per-sample scores and the suspect sums are combined so each rank holds the whole, and
+every rank takes the identical decision from identical inputs.
+
+A collective that fails (a peer crashed, or the process group's timeout passed) raises a
+:class:`~guard.errors.GuardError` on every surviving rank; the scan then applies nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from guard.errors import GuardError
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(n: int) -> np.ndarray:
+    """Positions ``0..n-1`` this rank handles (strided, so every class is spread over the ranks)."""
+    rank, size = world()
+    return np.arange(rank, n, size)
+
+
+def _collective(what: str, fn, *args) -> None:
+    try:
+        fn(*args)
+    except (RuntimeError, dist.DistBackendError) as e:     # type: ignore[attr-defined]
+        rank, size = world()
+        raise GuardError(f"rank {rank} of {size}: the scan's {what} failed ({str(e).splitlines()[0]}); a peer "
+                         "failed or timed out, so no rank applies this scan (raise the process group's timeout "
+                         "if scans are slow)") from None
+
+
+def gather_rows(local: np.ndarray, n: int) -> np.ndarray:
+    """The (n, ...) array whose rows ``shard(n)`` of each rank are that rank's ``local``."""
+    rank, size = world()
+    if size == 1:
+        return local
+    parts: list[np.ndarray | None] = [None] * size
+    _collective("gather of per-sample scores", dist.all_gather_object, parts, local)
+    out = np.empty((n, *local.shape[1:]), dtype=local.dtype)
+    for r, part in enumerate(parts):
+        out[np.arange(r, n, size)] = part
+    return out
+
+
+def sum_tensors(tensors: list[torch.Tensor]) -> None:
+    """In-place sum over ranks (the suspect centroids' sums)."""
+    if world()[1] == 1:
+        return
+    for t in tensors:
+        _collective("sum of suspect centroids", dist.all_reduce, t)
