@@ -47,6 +47,36 @@ def _worker(rank: int, world: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
+def _training_worker(rank: int, world: int, folder: str) -> None:
+    """A plain DDP loop (what torchrun runs): the guard's sampler, scheduled scans, default remedy."""
+    _setup(rank, world, folder)
+    try:
+        ds = Blobs(600, poison=0.08, seed=0)
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(mlp())
+        gds = GuardedDataset(ds, model, GuardConfig(warmup_epochs=10, scan_every=5), trusted=Blobs(150, seed=7))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        loader = torch.utils.data.DataLoader(gds, batch_size=32, sampler=gds.sampler)
+        steps = []
+        for epoch in range(20):
+            gds.sampler.set_epoch(epoch)
+            n = 0
+            for x, y in loader:
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+                n += 1
+            steps.append(n)
+        trig = torch.from_numpy(ds.x[ds.poisoned])
+        asr = float((model.module(trig).argmax(1) == 0).float().mean())
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(
+            {"quarantined": gds.quarantined.tolist(), "steps": steps, "asr": asr,
+             "poisoned": ds.poisoned.tolist(), "scans": len(gds.report.scans),
+             "weights": float(sum(p.double().sum() for p in model.parameters()))}))
+    finally:
+        dist.destroy_process_group()
+
+
 def _failing_worker(rank: int, world: int, folder: str) -> None:
     _setup(rank, world, folder, timeout=20.0)
     ds = Blobs(600, poison=0.08, seed=0)
@@ -103,3 +133,13 @@ def test_a_rank_that_fails_mid_scan_fails_every_rank_and_applies_nothing(tmp_pat
     assert r1["outcome"].startswith("RuntimeError: simulated crash")
     assert r0["outcome"].startswith("GuardError: rank 0 of 2: the scan's gather")
     assert r0["quarantined"] == r1["quarantined"] == 0 and r0["scans"] == r1["scans"] == 0
+
+
+def test_a_plain_ddp_training_loop_with_scheduled_scans_and_unlearning(tmp_path):
+    r0, r1 = _spawn(_training_worker, tmp_path)
+    assert r0["quarantined"] == r1["quarantined"] and r0["scans"] == r1["scans"] == 2
+    assert r0["steps"] == r1["steps"]                                  # ranks stay in lock-step
+    assert r0["weights"] == r1["weights"]                             # replicas identical after unlearning
+    q, p = set(r0["quarantined"]), set(r0["poisoned"])
+    assert len(q & p) >= 0.95 * len(p) and len(q - p) <= 0.02 * (600 - len(p))
+    assert r0["asr"] <= 0.05                                           # the learned trigger is unlearned
