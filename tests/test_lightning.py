@@ -125,3 +125,23 @@ def test_reloaded_dataloaders_keep_the_schedule_and_are_checked_each_epoch(tmp_p
         trainer.fit(module)
     assert [s.epoch for s in gds.report.scans] == [2]
     assert trainer.current_epoch == 4
+
+
+def test_lightning_ddp_on_two_cpu_processes(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "lightning_ddp_run.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["quarantined"] == r1["quarantined"] and r0["scans"] == r1["scans"] == 2
+    assert r0["steps"] == r1["steps"] and r0["weights"] == r1["weights"]
+    q, poisoned = set(r0["quarantined"]), set(r0["poisoned"])
+    assert len(q & poisoned) >= 0.95 * len(poisoned) and len(q - poisoned) <= 0.02 * (600 - len(poisoned))
+    assert r0["asr"] <= 0.05
