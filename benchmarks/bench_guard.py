@@ -80,6 +80,7 @@ def table(rows: list[dict]) -> str:
             r["run"], str(r["poisoned"]), str(r["quarantined"]), fmt(r["tpr"]), fmt(r["fpr"]),
             fmt(r["paper_tpr"]), fmt(r["paper_fpr"]), fmt(r["asr_warmup"]), fmt(r["asr_unguarded"]),
             fmt(r["asr_guarded"]), fmt(r.get("asr_floor", float("nan"))), fmt(r["asr_correct_unguarded"]), fmt(r["asr_correct_guarded"]),
+            fmt(r.get("asr_correct_floor", float("nan"))),
             fmt(r["acc_unguarded"]), fmt(r["acc_guarded"]), fmt(r["scan_over_epoch"], False), fmt(r["overhead"]),
             fmt(r["guard_mem_mb"], False)]) + " |")
     return "\n".join(lines)
@@ -148,8 +149,11 @@ def with_floors(result: dict) -> dict:
     floor = next((r["trigger_floor"] for n, r in result["runs"].items() if n.startswith("no attack")
                   and "trigger_floor" in r), {})
     for r in result["rows"]:
-        if r.get("attack") in floor:
-            r["asr_floor"] = floor[r["attack"]]
+        f = floor.get(r.get("attack"))
+        if isinstance(f, dict):
+            r["asr_floor"], r["asr_correct_floor"] = f["all"], f["correct"]
+        elif f is not None:                  # results written before the "correct" floor existed
+            r["asr_floor"] = f
     return result
 
 

@@ -174,17 +174,21 @@ def measure(model: nn.Module, data: Prepared) -> dict[str, float]:
     return out
 
 
-def trigger_floor(model: nn.Module, data: Prepared, spec: RunSpec) -> dict[str, float]:
+def trigger_floor(model: nn.Module, data: Prepared, spec: RunSpec) -> dict[str, dict[str, float]]:
     """Attack success of every image trigger on a model that never saw it: the share of triggered
-    test images it predicts as their target anyway. A guarded model cannot go below this."""
+    test images it predicts as their target anyway ("all"), and the same among the images it
+    classifies correctly without the trigger ("correct"). A guarded model cannot go below these."""
     images, labels = data.test.images.permute(0, 2, 3, 1).numpy(), data.test.labels
     mean, std = data.test.mean.flatten().tolist(), data.test.std.flatten().tolist()
     out = {}
     for name in ATTACKS:
         atk = make_attack(name, target=spec.target, rate=0.0, seed=spec.seed)
         x, y = atk.triggered_test(images, labels)
+        keep = atk.test_mask(labels)
         pred, _ = predict(model, ArrayImageDataset(ArraySplit(x, y), mean, std))
-        out[name] = float((pred == atk.targets(y)).mean())
+        plain, _ = predict(model, ArrayImageDataset(ArraySplit(images[keep], labels[keep]), mean, std))
+        hit, ok = pred == atk.targets(y), plain == y
+        out[name] = {"all": float(hit.mean()), "correct": float(hit[ok].mean()) if ok.any() else float("nan")}
     return out
 
 
