@@ -102,6 +102,8 @@ class GuardReport(BaseModel):
     scans: list[ScanReport] = []
     quarantine: list[QuarantineRecord] = Field(default=[], description="currently quarantined samples")
     restores: list[RestoreRecord] = []
+    evaluation: dict[str, float] | None = Field(
+        None, description="red-team runs only: detection and attack metrics against the known poison")
 
     def summary(self) -> str:
         """A short human summary."""

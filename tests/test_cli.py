@@ -78,8 +78,9 @@ def test_train_report_restore_and_scan_on_digits(tmp_path, capsys):
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} >= {"config.json", "results.json", "report.json", "quarantine.csv",
                                                 "samples.csv", "checkpoint.pt"}
-    g = json.loads((run / "results.json").read_text())["guarded"]
+    g = json.loads((run / "report.json").read_text())["evaluation"]
     assert g["tpr"] >= 0.95 and g["fpr"] <= 0.02 and g["attack_success"] <= 0.05
+    assert g == json.loads((run / "results.json").read_text())["guarded"]
     quarantined = _rows(run / "quarantine.csv")
     assert len(quarantined) == g["flagged"]
 
@@ -114,8 +115,36 @@ def test_train_on_cifar10_subset(cifar_archive, tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path)]) == 0
     res = json.loads((tmp_path / "run" / "results.json").read_text())
-    g, paper = res["guarded"], res["paper_rule"][0]
+    g, paper = json.loads((tmp_path / "run" / "report.json").read_text())["evaluation"], res["paper_rule"][0]
     assert g["tpr"] >= 0.98 and g["fpr"] <= 0.01
     assert g["attack_success_correct"] <= 0.05               # unlearned: the trigger no longer works
     assert g["f1"] > paper["f1"]                              # the paper's rule on the same scan
     assert (tmp_path / "run" / "checkpoint.pt").stat().st_size > 100_000
+
+
+def test_imagefolder_data_and_a_torchvision_model_by_path(tmp_path):
+    # a folder of PNGs in train/<class>/ and test/<class>/, a model named 'package.module:callable'
+    from PIL import Image
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    for split, n in (("train", 60), ("test", 10)):
+        for c in ("ants", "bees", "wasps"):
+            (tmp_path / "imgs" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(g.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                    tmp_path / "imgs" / split / c / f"{i}.png")
+    cfg = {"data": {"name": "imagefolder", "root": str(tmp_path / "imgs"), "trusted_per_class": 10},
+           "model": {"name": "torchvision.models:mobilenet_v2", "kwargs": {"num_classes": 3, "width_mult": 0.25}},
+           "train": {"epochs": 2, "batch_size": 32}, "guard": {"warmup_epochs": 1, "remedy": "none"},
+           "output": str(tmp_path / "run")}
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["train", str(path)]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["n_samples"] == 150 and report["num_classes"] == 3      # 180 train images - 30 trusted
+    assert len(report["scans"]) == 1 and any(layer.startswith("features.") for layer in report["layers"])
+    bad = {**cfg, "model": {"name": "torchvision.models:no_such_net"}}
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="cannot be imported"):
+        main(["train", str(path)])
