@@ -277,7 +277,9 @@ class GuardedDataset(Dataset):
             calibration=res.calibration_source, rule=rule, n_scanned=len(res.scanned),
             new_quarantined=len(new), total_quarantined=len(records), paper_flagged=len(res.paper_flagged),
             memory_bytes=res.memory_bytes,
-            classes=[ClassReport(**vars(v)) for v in res.classes], warnings=res.warnings)
+            classes=[ClassReport(**vars(v)) for v in res.classes], warnings=res.warnings,
+            reference_scores=[] if res.reference_suspicion is None
+            else np.round(res.reference_suspicion, 3).tolist())
         if self._records and (new or self.config.remedy == "unlearn"):
             with preserve_rng():
                 self._remedy(scan, scan_no, bool(new))

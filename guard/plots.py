@@ -2,7 +2,8 @@
 
 * ``separation.png`` -- per class, the share of its samples outside the benign spread at each
   layer (beyond the benign rate), at the scan that quarantined most; critical layers marked.
-* ``scores.png`` -- suspicion scores of kept and quarantined samples, with the thresholds.
+* ``scores.png`` -- suspicion scores of kept and quarantined training samples and of the trusted
+  reference samples (last scan), with the thresholds.
 * ``quarantine_per_class.png`` -- quarantined samples per class.
 * ``suspicious.png`` -- the most suspicious quarantined images (image data only), so the trigger
   can be seen.
@@ -57,10 +58,14 @@ def render(run_dir: str | Path, images: np.ndarray | None = None, top: int = 16)
     fig, ax = plt.subplots(figsize=(7, 4))
     finite = np.isfinite(score)
     bins = np.linspace(score[finite].min(), score[finite].max(), 60) if finite.any() else 10
-    for name, color in (("kept", "tab:blue"), ("quarantined", "tab:red"), ("restored", "tab:green")):
+    for name, color in (("kept", "tab:blue"), ("quarantined", "tab:red"), ("restored", "tab:orange")):
         m = (status == name) & finite
         if m.any():
             ax.hist(score[m], bins=bins, alpha=0.6, color=color, label=f"{name} ({int(m.sum()):,})", log=True)
+    ref = np.asarray(report.scans[-1].reference_scores if report.scans else [])
+    if len(ref):
+        ax.hist(ref, bins=bins, histtype="step", lw=1.5, color="tab:green", log=True,
+                label=f"trusted reference, last scan ({len(ref):,})")
     for t in sorted({round(r.threshold, 3) for r in report.quarantine}):
         ax.axvline(t, color="k", ls="--", lw=1)
     ax.set_xlabel("suspicion (benign standard deviations; dashed: thresholds)")

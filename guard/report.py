@@ -26,6 +26,9 @@ def atomic_write(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; a report is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -73,6 +76,8 @@ class ScanReport(BaseModel):
     remedy_fit_before: float | None = Field(
         None, description="share of the held-out quarantined samples predicted as their label")
     remedy_fit_after: float | None = None
+    reference_scores: list[float] = Field(
+        default=[], description="suspicion of the benign reference samples on the same scale (for plots)")
 
 
 class QuarantineRecord(BaseModel):

@@ -102,6 +102,8 @@ class ScanResult:
     seconds: dict[str, float]
     warnings: list[str]
     memory_bytes: int = 0
+    reference_suspicion: np.ndarray | None = None   # the benign reference samples' suspicion, same scale
+    reference_labels: np.ndarray | None = None
 
 
 class Scanner:
@@ -226,6 +228,7 @@ class Scanner:
             suspicion = np.zeros(len(kept), dtype=np.float32)
             threshold = np.full(len(kept), np.inf, dtype=np.float32)
             where = np.zeros(len(kept), dtype=np.int16)
+            ref_susp = np.zeros(len(cal.labels), dtype=np.float32)
             flagged: list[np.ndarray] = []
             paper_flagged: list[np.ndarray] = []
             verdicts: list[ClassVerdict] = []
@@ -248,6 +251,7 @@ class Scanner:
                 p_value = float(stats.binom.sf(k - 1, len(rows), rate))
                 is_candidate = ex[li] >= cfg.min_cluster and p_value < 1e-4
                 suspicion[rows] = -z[rows][:, layer_idx].mean(1)
+                ref_susp[cal.labels == c] = -zb[cal.labels == c][:, layer_idx].mean(1)
                 threshold[rows] = cfg.threshold_z
                 where[rows] = li
                 v = ClassVerdict(int(c), len(rows), "clean", [self.layers[i] for i in layer_idx], float(ex[li]),
@@ -266,14 +270,15 @@ class Scanner:
             if confirm:
                 t = time.monotonic()
                 self._confirm(train, kept, labels, z < -cfg.threshold_z, cal, suspects, confirm, verdicts,
-                              suspicion, threshold, flagged, warnings)
+                              suspicion, threshold, flagged, warnings, ref_susp)
                 seconds["confirm"] = time.monotonic() - t
             present = set(present.tolist())
             separate = {v.cls for v in verdicts if v.verdict == "separate cluster"}
             follow = {c: q for c, q in (prior or {}).items() if len(q) >= 2 and c in present and c not in separate}
             if follow:
                 t = time.monotonic()
-                self._follow_up(train, kept, labels, cal, follow, verdicts, suspicion, threshold, flagged, warnings)
+                self._follow_up(train, kept, labels, cal, follow, verdicts, suspicion, threshold, flagged, warnings,
+                                ref_susp)
                 seconds["follow_up"] = time.monotonic() - t
         memory = (raw.nbytes + z.nbytes + labels.nbytes + suspicion.nbytes + threshold.nbytes + where.nbytes
                   + cal.loo.nbytes + cal.in_sample.nbytes
@@ -281,10 +286,10 @@ class Scanner:
         flat = np.unique(np.concatenate(flagged)) if flagged else np.empty(0, np.int64)
         paper = np.unique(np.concatenate(paper_flagged)) if paper_flagged else np.empty(0, np.int64)
         return ScanResult(kept, suspicion, threshold, labels, where, flat.astype(np.int64), paper.astype(np.int64),
-                          verdicts, cal.source, seconds, warnings, memory)
+                          verdicts, cal.source, seconds, warnings, memory, ref_susp, cal.labels)
 
     def _confirm(self, train, kept, labels, out_of_spread, cal, suspects, confirm, verdicts, suspicion,
-                 threshold, flagged, warnings) -> None:
+                 threshold, flagged, warnings, ref_susp) -> None:
         """Pass 3 over candidate classes: a two-centroid discriminant (closer to the suspects' centroid
         than to the benign one), calibrated on the benign reference samples, then a linear probe.
 
@@ -368,6 +373,12 @@ class Scanner:
                 probes[c] = probe
                 by_class[c].critical_layers = [self.layers[probe_ids[k]] for k in probe.layers]
         mu, sd = calibrate(new_sus, new_ben)
+        t_rows = np.flatnonzero(np.isin(cal.labels, list(confirm)))       # the order of t_feats / t_lab
+        t_z = zscore(self._discriminant(t_feats, t_lab, use_of, new_sus, new_ben, loo=True), t_lab, mu, sd)
+        for c in separated:
+            tsel = t_lab == c
+            ref_susp[t_rows[tsel]] = (probes[c].z([unit(t_feats[at[i]][torch.from_numpy(tsel)].double())
+                                                   for i in probe_ids]) if c in probes else t_z[tsel])
         rows = np.flatnonzero(np.isin(labels, separated))
         z_all, done = np.zeros(len(rows)), 0
         for b in self.extractor.stream(train, names, kept[rows], "scan/confirm", stop_early=True):
@@ -410,7 +421,7 @@ class Scanner:
         return d
 
     def _follow_up(self, train, kept, labels, cal, follow, verdicts, suspicion, threshold, flagged,
-                   warnings) -> None:
+                   warnings, ref_susp) -> None:
         """Classes that already hold quarantined samples: poison left behind shares the trigger of the
         quarantined samples, so they are its labelled examples. A linear probe is fitted with (a sample
         of) them as the suspect side and a screen of the class's kept samples as the benign side, then
@@ -446,9 +457,11 @@ class Scanner:
             if probe is not None:
                 probes[c] = probe
                 by_class[c].critical_layers = [names[k] for k in probe.layers]
+                ref_susp[np.flatnonzero(np.isin(cal.labels, list(follow)))[t_lab == c]] = probe.z(
+                    [unit(t[tsel].double()) for t in t_feats])
         if len(probes) < len(follow):
             self._follow_centroid(train, kept, labels, cal, {c: follow[c] for c in follow if c not in probes},
-                                  by_class, suspicion, threshold, flagged, warnings)
+                                  by_class, suspicion, threshold, flagged, warnings, ref_susp)
         if not probes:
             return
         rows = np.flatnonzero(np.isin(labels, list(probes)))
@@ -467,7 +480,7 @@ class Scanner:
                                         warnings)
 
     def _follow_centroid(self, train, kept, labels, cal, follow, by_class, suspicion, threshold, flagged,
-                         warnings) -> None:
+                         warnings, ref_susp) -> None:
         """Fallback of the follow-up: the quarantined samples, seen through the current model, are the
         suspect centroid of a two-centroid discriminant over the layers where they sit furthest below
         the benign spread."""
@@ -492,11 +505,13 @@ class Scanner:
         t_d = self._discriminant(t_feats, t_lab, use_of, sus, ben, loo=True)
         rows = np.flatnonzero(np.isin(labels, list(follow)))
         d = self._stream_discriminant(train, kept[rows], names, use_of, sus, ben, "scan/follow-up-centroid")
+        t_rows = np.flatnonzero(np.isin(cal.labels, list(follow)))
         for c in follow:
             tc = t_d[t_lab == c]
             sel = labels[rows] == c
             by_class[c].critical_layers = [self.layers[i] for i in windows[c]]
             z_d = (d[sel] - tc.mean()) / max(tc.std(), _STD_FLOOR)
+            ref_susp[t_rows[t_lab == c]] = (tc - tc.mean()) / max(tc.std(), _STD_FLOOR)
             self._flag_like_quarantined(by_class[c], kept, rows[sel], z_d, suspicion, threshold, flagged, warnings)
 
     def _flag_like_quarantined(self, v: ClassVerdict, kept, r, z_d, suspicion, threshold, flagged,
