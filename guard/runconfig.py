@@ -3,7 +3,7 @@ training and guard settings. Validated by pydantic; a bad file gives one message
 naming the field, the value and what is allowed.
 
     >>> from guard.runconfig import RunConfig
-    >>> cfg = RunConfig.model_validate({"data": {"name": "digits"}, "train": {"epochs": 2}})
+    >>> cfg = RunConfig.model_validate({"data": {"name": "digits"}, "train": {"epochs": 3}})
     >>> cfg.guard.warmup_epochs, cfg.attack is None
     (2, True)
 """
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from guard.config import GuardConfig
 from guard.errors import GuardError
@@ -66,6 +66,14 @@ class RunConfig(_Strict):
     train: TrainSection = Field(default_factory=TrainSection)
     guard: GuardConfig = Field(default_factory=GuardConfig)
     output: str = Field("runs/guard", description="run directory (created)")
+
+    @model_validator(mode="after")
+    def _scans_fit_in_training(self) -> "RunConfig":
+        if self.guard.warmup_epochs >= self.train.epochs:
+            raise ValueError(f"guard.warmup_epochs ({self.guard.warmup_epochs}) must be below train.epochs "
+                             f"({self.train.epochs}): the first scan runs when epoch warmup_epochs starts, so "
+                             "this run would never scan")
+        return self
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":

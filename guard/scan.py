@@ -37,6 +37,7 @@ from guard.probe import Probe, self_train
 from guard.reference import Reference, unit
 
 _STD_FLOOR = 1e-4
+_MIN_CLASS = 5           # a class with fewer scanned samples is never acted on
 
 
 def small_sample(n: int, z: float) -> float:
@@ -219,6 +220,13 @@ class Scanner:
                 raise GuardError(f"all {len(labels)} scanned samples have label {int(present[0])}: the guard judges "
                                  "each class against its benign reference and needs data of at least 2 classes; "
                                  "check the labels (or label_key) the guard reads")
+            counts = np.bincount(labels, minlength=self.C)
+            few = {int(c): int(counts[c]) for c in present if counts[c] < _MIN_CLASS}
+            if few:
+                msg = (f"classes {few} have fewer than {_MIN_CLASS} samples in this scan: too few to tell a cluster "
+                       "from chance, so they are scored but never acted on; add data or merge such classes")
+                logger.warning(msg)
+                warnings.append(msg)
             foreign = sorted(set(np.unique(cal.labels).tolist()) - set(present.tolist()))
             if cal.source == "trusted" and foreign:
                 raise GuardError(f"the trusted set has classes {foreign} that the training set lacks; it must use "
@@ -249,7 +257,7 @@ class Scanner:
                 rate = max(float(base[li]), 0.5 / max((cal.labels == c).sum(), 1))
                 k = int(round((ex[li] + base[li]) * len(rows)))
                 p_value = float(stats.binom.sf(k - 1, len(rows), rate))
-                is_candidate = ex[li] >= cfg.min_cluster and p_value < 1e-4
+                is_candidate = ex[li] >= cfg.min_cluster and p_value < 1e-4 and len(rows) >= _MIN_CLASS
                 suspicion[rows] = -z[rows][:, layer_idx].mean(1)
                 ref_susp[cal.labels == c] = -zb[cal.labels == c][:, layer_idx].mean(1)
                 threshold[rows] = cfg.threshold_z

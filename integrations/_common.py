@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from loguru import logger
+
 from guard.errors import GuardError
 from guard.guarded import GuardedDataset
 
@@ -49,3 +51,11 @@ def metrics(guarded: GuardedDataset, prefix: str = "guard/") -> dict[str, float]
         key = f"{prefix}quarantined_class_{r.label}"
         out[key] = out.get(key, 0.0) + 1.0
     return out
+
+
+def warn_if_never_scans(guarded: GuardedDataset, epochs: float | None) -> None:
+    """A run shorter than the warm-up would never scan: say so at the start, not after training."""
+    warmup = guarded.config.warmup_epochs
+    if epochs is not None and 0 < epochs <= warmup:
+        logger.warning("guard: training runs {} epochs but the first scan is due when epoch {} starts "
+                       "(GuardConfig.warmup_epochs): nothing will be scanned; lower warmup_epochs", epochs, warmup)

@@ -39,7 +39,7 @@ from loguru import logger
 
 from guard.errors import GuardError
 from guard.guarded import GuardedDataset
-from guard.integrations._common import check_loader, metrics
+from guard.integrations._common import check_loader, metrics, warn_if_never_scans
 from guard.report import atomic_write
 
 STATE_FILE = "guard_state.json"
@@ -55,6 +55,7 @@ class GuardTrainerCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs) -> None:
         if train_dataloader is not None:
             check_loader(self.guarded, train_dataloader, "Trainer's train DataLoader")
+        warn_if_never_scans(self.guarded, None if args.max_steps > 0 else args.num_train_epochs)
         if not self.guarded.config.pad_epochs:
             logger.warning("guard: the Trainer sized its LR schedule from the full dataset; epochs will shrink by "
                            "the quarantined share and the schedule end that much early. "

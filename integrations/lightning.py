@@ -34,7 +34,7 @@ from loguru import logger
 
 from guard.errors import GuardError
 from guard.guarded import GuardedDataset
-from guard.integrations._common import check_loader, metrics
+from guard.integrations._common import check_loader, metrics, warn_if_never_scans
 
 
 class GuardCallback(pl.Callback):
@@ -57,6 +57,7 @@ class GuardCallback(pl.Callback):
             raise GuardError("Trainer(use_distributed_sampler=True) would wrap the guard's sampler in a "
                              "DistributedSamplerWrapper that assumes a constant dataset size; the guard's sampler "
                              "already shards by rank: pass Trainer(use_distributed_sampler=False)")
+        warn_if_never_scans(self.guarded, trainer.max_epochs if trainer.max_epochs not in (None, -1) else None)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # checked every epoch: reload_dataloaders_every_n_epochs may have built a new loader

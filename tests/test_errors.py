@@ -1,5 +1,6 @@
 """Bad input gets a clear, actionable GuardError (a ValueError), never a silent wrong answer."""
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -178,3 +179,14 @@ class _Wrapped(nn.Module):
 def test_layers_returning_tuples_and_wrapped_models_are_handled(wrap):
     gds = GuardedDataset(Blobs(90), wrap(_Wrapped()), GuardConfig(remedy="none", layers=["block", "mid", "head"]))
     assert gds.scan().n_scanned == 90
+
+
+def test_classes_too_small_to_judge_are_left_alone_with_a_warning():
+    x = torch.randn(93, 16)
+    y = torch.cat([torch.arange(90) % 2, torch.full((3,), 2)])            # class 2: three samples
+    x[90:] += 6.0                                                          # and far from everything
+    gds = GuardedDataset(TensorDataset(x, y), mlp(), GuardConfig(remedy="none"),
+                         trusted=TensorDataset(torch.randn(30, 16), torch.arange(30) % 3))
+    scan = gds.scan()
+    assert any("fewer than 5 samples" in w and "{2: 3}" in w for w in scan.warnings)
+    assert not np.isin(np.arange(90, 93), gds.quarantined).any()

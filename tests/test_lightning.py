@@ -145,3 +145,18 @@ def test_lightning_ddp_on_two_cpu_processes(tmp_path):
     q, poisoned = set(r0["quarantined"]), set(r0["poisoned"])
     assert len(q & poisoned) >= 0.95 * len(poisoned) and len(q - poisoned) <= 0.02 * (600 - len(poisoned))
     assert r0["asr"] <= 0.05
+
+
+def test_a_run_shorter_than_the_warm_up_is_flagged_at_the_start(tmp_path):
+    from loguru import logger
+
+    lines = []
+    sink = logger.add(lines.append, level="WARNING", format="{message}")
+    try:
+        torch.manual_seed(0)
+        module = Classifier(mlp())
+        gds = GuardedDataset(Blobs(120, seed=0), module, GuardConfig(warmup_epochs=5), trusted=Blobs(60, seed=7))
+        _trainer(tmp_path, 2, gds).fit(module, DataLoader(gds, batch_size=32, sampler=gds.sampler))
+    finally:
+        logger.remove(sink)
+    assert any("nothing will be scanned" in m for m in lines) and not gds.report.scans
