@@ -179,6 +179,19 @@ def render_benchmarks(results: Path = HERE / "results", target: Path = HERE.pare
         parts += [notes.read_text().strip(), ""]
     for path in sorted(results.glob("*.json")):
         saved = json.loads(path.read_text())
+        if "speedup" in saved:                     # benchmarks/bench_distributed.py
+            one, two = saved["single"], saved["ranks"]
+            parts += [f"## {path.stem}", "",
+                      f"One scan of a {saved['n_train']:,}-image CIFAR-10 subset (width-16 ResNet-18 after 2 epochs "
+                      f"of BadNets 10 %), torch {saved['torch']}, gloo, one thread per process, median of "
+                      f"{len(one['scan_seconds'])}:", "",
+                      "| ranks | scan s | guard MB per rank | quarantined |", "|---|---|---|---|",
+                      f"| 1 | {one['median']:.2f} | {one['guard_mb']:.2f} | {one['quarantined']} |",
+                      f"| 2 | {max(r['median'] for r in two):.2f} | "
+                      " / ".join(f"{r['guard_mb']:.2f}" for r in two) + f" | {two[0]['quarantined']} |", "",
+                      f"speed-up {saved['speedup']:.2f}x; identical quarantine on both ranks and the single "
+                      f"process: {saved['same_quarantine']}.", ""]
+            continue
         rows = with_floors({"runs": saved["runs"], "rows": [row(n, r) for n, r in saved["runs"].items()]})["rows"]
         metas = saved["meta"].get("parts", [saved["meta"]])
         m = metas[0]
