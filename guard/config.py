@@ -37,7 +37,7 @@ class GuardConfig(BaseModel):
         0.16, gt=0, le=1, description="a class holds a separate cluster when this share of its screened samples "
                                       "is out of the benign spread on the discriminant (trusted reference only) ...")
     separation_z: float = Field(
-        5.0, gt=0, description="... or when at least min_cluster is, with a median discriminant above this "
+        6.0, gt=0, description="... or when at least min_cluster is, with a median discriminant above this "
                                "(benign standard deviations)")
     screen_per_class: int = Field(
         512, ge=16, description="samples per candidate class screened before a full confirming pass")
