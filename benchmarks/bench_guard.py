@@ -116,12 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         write(Path(a.out), merged)
         return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    runs = [(f"{atk} {rate:.0%}", atk, rate, False) for atk in a.attacks for rate in a.rates]
+    pct = lambda r: f"{r:.1%}".replace(".0%", "%")  # noqa: E731 - 0.5 % stays 0.5 %, 10 % stays 10 %
+    runs = [(f"{atk} {pct(rate)}", atk, rate, False) for atk in a.attacks for rate in a.rates]
     if a.no_attack:
         runs.append(("no attack", None, 0.0, False))
     for item in a.trust_free:
         atk, rate = item.split(":")
-        runs.append((f"{atk} {float(rate):.0%} trust-free" if atk != "none" else "no attack trust-free",
+        runs.append((f"{atk} {pct(float(rate))} trust-free" if atk != "none" else "no attack trust-free",
                      None if atk == "none" else atk, float(rate), True))
     if a.seed:
         runs = [(f"{name} seed {a.seed}", atk, rate, tf) for name, atk, rate, tf in runs]
