@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
               "same_quarantine": single["hash"] == ranks[0]["hash"] == ranks[1]["hash"]}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
+    from bench_guard import render_benchmarks      # a sibling script: BENCHMARKS.md shows this result too
+
+    render_benchmarks()
     print(f"scan: 1 rank {single['median']:.1f}s, 2 ranks {max(r['median'] for r in ranks):.1f}s "
           f"(speedup {result['speedup']:.2f}x); guard MB per rank {[round(r['guard_mb'], 2) for r in ranks]} "
           f"vs {single['guard_mb']:.2f}; same quarantine: {result['same_quarantine']} ({single['quarantined']})")
