@@ -40,14 +40,18 @@ class Attack:
     def trigger(self, images: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def pool(self, labels: np.ndarray) -> tuple[np.ndarray, str]:
+        """The samples that may be poisoned, and what they are (for the error when too few)."""
+        return np.flatnonzero(labels != self.target), f"are outside target class {self.target}"
+
     def choose(self, labels: np.ndarray) -> np.ndarray:
         if not 0.0 <= self.rate < 1.0:
             raise ValueError(f"poisoning rate must be in [0, 1), got {self.rate}")
-        pool = np.flatnonzero(labels != self.target)
+        pool, what = self.pool(labels)
         n = int(round(self.rate * len(labels)))
         if n > len(pool):
-            raise ValueError(f"rate {self.rate} asks for {n} poisoned samples but only {len(pool)} "
-                             f"are outside target class {self.target}")
+            raise ValueError(f"rate {self.rate} asks for {n} poisoned samples but only {len(pool)} {what}; "
+                             "lower the rate")
         rng = np.random.default_rng(self.seed)
         return np.sort(rng.choice(pool, n, replace=False)).astype(np.int64)
 
@@ -151,11 +155,8 @@ class AllToAll(BadNets):
     def __post_init__(self) -> None:
         self.name = "all2all"
 
-    def choose(self, labels: np.ndarray) -> np.ndarray:
-        if not 0.0 <= self.rate < 1.0:
-            raise ValueError(f"poisoning rate must be in [0, 1), got {self.rate}")
-        rng = np.random.default_rng(self.seed)
-        return np.sort(rng.choice(len(labels), int(round(self.rate * len(labels))), replace=False)).astype(np.int64)
+    def pool(self, labels: np.ndarray) -> tuple[np.ndarray, str]:
+        return np.arange(len(labels)), "samples exist"
 
     def targets(self, labels: np.ndarray) -> np.ndarray:
         return (np.asarray(labels, dtype=np.int64) + 1) % self.num_classes
@@ -174,16 +175,9 @@ class CleanLabelSIG(Attack):
     def __post_init__(self) -> None:
         self.name = "sig"
 
-    def choose(self, labels: np.ndarray) -> np.ndarray:
-        if not 0.0 <= self.rate < 1.0:
-            raise ValueError(f"poisoning rate must be in [0, 1), got {self.rate}")
-        pool = np.flatnonzero(labels == self.target)
-        n = int(round(self.rate * len(labels)))
-        if n > len(pool):
-            raise ValueError(f"clean-label rate {self.rate} asks for {n} poisoned samples but target class "
-                             f"{self.target} has only {len(pool)}; lower the rate")
-        rng = np.random.default_rng(self.seed)
-        return np.sort(rng.choice(pool, n, replace=False)).astype(np.int64)
+    def pool(self, labels: np.ndarray) -> tuple[np.ndarray, str]:
+        return (np.flatnonzero(labels == self.target),
+                f"are in target class {self.target} (a clean-label attack poisons only those)")
 
     def trigger(self, images: np.ndarray) -> np.ndarray:
         w = images.shape[2]

@@ -392,11 +392,8 @@ class Scanner:
         for b in self.extractor.stream(train, names, kept[rows], "scan/confirm", stop_early=True):
             bl = b.labels.numpy()
             z_all[done:done + len(bl)] = zscore(self._discriminant(b.feats, bl, use_of, new_sus, new_ben), bl, mu, sd)
-            units = [unit(b.feats[at[i]].double()) for i in probe_ids] if probes else []
-            for c, probe in probes.items():
-                m = np.flatnonzero(bl == c)
-                if len(m):
-                    z_all[done + m] = probe.z([u[torch.from_numpy(m)] for u in units])
+            if probes:
+                self._apply_probes(probes, [unit(b.feats[at[i]].double()) for i in probe_ids], bl, z_all, done)
             done += len(bl)
         for c in separated:
             v, sel = by_class[c], labels[rows] == c
@@ -476,11 +473,7 @@ class Scanner:
         z_all, done = np.zeros(len(rows)), 0
         for b in self.extractor.stream(train, names, kept[rows], "scan/follow-up", stop_early=True):
             bl = b.labels.numpy()
-            u = [unit(f.double()) for f in b.feats]
-            for c, probe in probes.items():
-                m = np.flatnonzero(bl == c)
-                if len(m):
-                    z_all[done + m] = probe.z([x[torch.from_numpy(m)] for x in u])
+            self._apply_probes(probes, [unit(f.double()) for f in b.feats], bl, z_all, done)
             done += len(bl)
         for c in probes:
             sel = labels[rows] == c
@@ -529,6 +522,15 @@ class Scanner:
         hit = z_d > self.cfg.threshold_z
         v.verdict, v.threshold = "like quarantined", self.cfg.threshold_z
         self._take(v, kept[r[hit]], z_d[hit], flagged, warnings)
+
+    @staticmethod
+    def _apply_probes(probes: dict[int, Probe], units: list[torch.Tensor], labels: np.ndarray, out: np.ndarray,
+                      offset: int) -> None:
+        """Write each class's probe z for a batch (``units``: its unit features per probe layer)."""
+        for c, probe in probes.items():
+            m = np.flatnonzero(labels == c)
+            if len(m):
+                out[offset + m] = probe.z([u[torch.from_numpy(m)] for u in units])
 
     @staticmethod
     def _discriminant(feats, lab, use_of, sus, benign, loo: bool = False,

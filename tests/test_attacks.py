@@ -61,5 +61,5 @@ def test_clean_label_sig_keeps_labels_and_poisons_only_the_target_class(data):
     assert np.array_equal(a.labels, y)                       # clean label: nothing relabelled
     diff = a.images[a.poisoned].astype(int) - x[a.poisoned]
     assert np.abs(diff).max() <= 20 and (diff != 0).any()
-    with pytest.raises(ValueError, match="target class 3 has only 20"):
+    with pytest.raises(ValueError, match="only 20 are in target class 3"):
         make_attack("sig", target=3, rate=0.2).poison(x, y)
