@@ -37,6 +37,14 @@ def check_loader(guarded: GuardedDataset, loader: Any, where: str) -> None:
     if guarded.sampler not in chain:
         raise GuardError(f"the {where} does not sample with the guard's sampler, so quarantined samples would "
                          "still be trained on; build it as DataLoader(gds, batch_size=..., sampler=gds.sampler)")
+    # accelerate (HF Trainer on several processes) shards the batches of each process again
+    resharded = [type(s).__name__ for s in chain if getattr(s, "num_processes", 1) > 1
+                 or (type(s).__name__ == "DataLoaderDispatcher" and getattr(s, "state", None) is not None
+                     and getattr(s.state, "num_processes", 1) > 1)]
+    if resharded:
+        raise GuardError(f"the {where} goes through accelerate's {resharded[0]} on several processes, which shards "
+                         "the batches again although the guard's sampler already shards by rank (each rank would "
+                         "see a fraction of its share); run the HF adapter with one process per model replica")
     wrapped = [type(s).__name__ for s in chain if "Distributed" in type(s).__name__]
     if wrapped:
         raise GuardError(f"the {where}'s sampler is wrapped in {wrapped[0]}, which assumes a constant dataset size "

@@ -129,3 +129,18 @@ def test_hf_trainer_with_a_tiny_vit_finds_encoder_layers_and_the_poison(tmp_path
     # FPR measured 1.3 % (1 thread) and 3.1 % (2 threads): 1,400 digits and 20 trusted per class make the
     # small ViT's trajectory, and its benign spread, thread-count dependent
     assert d["tpr"] >= 0.95 and d["fpr"] <= 0.05
+
+
+def test_accelerate_resharding_on_several_processes_is_refused():
+    # what accelerate does to the Trainer's DataLoader with 2 processes: shard its batches again
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, DataLoader
+
+    from guard.integrations._common import check_loader
+
+    gds = GuardedDataset(Blobs(90), mlp(), GuardConfig(remedy="none"))
+    one = DataLoader(gds, batch_sampler=BatchSamplerShard(BatchSampler(gds.sampler, 16, False), num_processes=1))
+    check_loader(gds, one, "train DataLoader")                   # a single process is fine
+    two = DataLoader(gds, batch_sampler=BatchSamplerShard(BatchSampler(gds.sampler, 16, False), num_processes=2))
+    with pytest.raises(GuardError, match="accelerate's BatchSamplerShard on several processes"):
+        check_loader(gds, two, "train DataLoader")
