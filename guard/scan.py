@@ -104,7 +104,6 @@ class ScanResult:
     warnings: list[str]
     memory_bytes: int = 0
     reference_suspicion: np.ndarray | None = None   # the benign reference samples' suspicion, same scale
-    reference_labels: np.ndarray | None = None
 
 
 class Scanner:
@@ -294,7 +293,7 @@ class Scanner:
         flat = np.unique(np.concatenate(flagged)) if flagged else np.empty(0, np.int64)
         paper = np.unique(np.concatenate(paper_flagged)) if paper_flagged else np.empty(0, np.int64)
         return ScanResult(kept, suspicion, threshold, labels, where, flat.astype(np.int64), paper.astype(np.int64),
-                          verdicts, cal.source, seconds, warnings, memory, ref_susp, cal.labels)
+                          verdicts, cal.source, seconds, warnings, memory, ref_susp)
 
     def _confirm(self, train, kept, labels, out_of_spread, cal, suspects, confirm, verdicts, suspicion,
                  threshold, flagged, warnings, ref_susp) -> None:
@@ -320,7 +319,7 @@ class Scanner:
         screen_rows = np.sort(np.concatenate([
             rng.choice(r, min(len(r), cfg.screen_per_class), replace=False)
             for r in (np.flatnonzero(labels == c) for c in confirm)]))
-        t_feats, t_lab = self._reference_feats(cal, confirm, names)
+        t_feats, t_lab, t_rows = self._reference_feats(cal, confirm, names)
 
         def calibrate(sus, ben):
             t_d = self._discriminant(t_feats, t_lab, use_of, sus, ben, loo=True)
@@ -373,20 +372,20 @@ class Scanner:
         screen_units = [torch.cat([f[k] for f in screen_feats]) for k in range(len(probe_ids))]
         for c in separated:
             sel = torch.from_numpy(lab1 == c)
-            tsel = torch.from_numpy(t_lab == c)
-            probe = self_train([u[sel] for u in screen_units],
-                               [unit(t_feats[at[i]][tsel].double()) for i in probe_ids], z1[lab1 == c],
+            tsel = t_lab == c
+            t_units = [unit(t_feats[at[i]][torch.from_numpy(tsel)].double()) for i in probe_ids]
+            probe = self_train([u[sel] for u in screen_units], t_units, z1[lab1 == c],
                                cfg.threshold_z, 1.0, cfg.probe_shrinkage, cfg.window, rng_seed=cfg.seed)
             if probe is not None:
                 probes[c] = probe
                 by_class[c].critical_layers = [self.layers[probe_ids[k]] for k in probe.layers]
+                ref_susp[t_rows[tsel]] = probe.z(t_units)
         mu, sd = calibrate(new_sus, new_ben)
-        t_rows = np.flatnonzero(np.isin(cal.labels, list(confirm)))       # the order of t_feats / t_lab
-        t_z = zscore(self._discriminant(t_feats, t_lab, use_of, new_sus, new_ben, loo=True), t_lab, mu, sd)
-        for c in separated:
-            tsel = t_lab == c
-            ref_susp[t_rows[tsel]] = (probes[c].z([unit(t_feats[at[i]][torch.from_numpy(tsel)].double())
-                                                   for i in probe_ids]) if c in probes else t_z[tsel])
+        if any(c not in probes for c in separated):
+            t_z = zscore(self._discriminant(t_feats, t_lab, use_of, new_sus, new_ben, loo=True), t_lab, mu, sd)
+            for c in separated:
+                if c not in probes:
+                    ref_susp[t_rows[t_lab == c]] = t_z[t_lab == c]
         rows = np.flatnonzero(np.isin(labels, separated))
         z_all, done = np.zeros(len(rows)), 0
         for b in self.extractor.stream(train, names, kept[rows], "scan/confirm", stop_early=True):
@@ -409,13 +408,15 @@ class Scanner:
         n = len(self.layers)
         return list(range(1, n - 1)) if n >= 4 else list(range(n))
 
-    def _reference_feats(self, cal: Calibration, classes, names: list[str]) -> tuple[list[torch.Tensor], np.ndarray]:
+    def _reference_feats(self, cal: Calibration, classes,
+                         names: list[str]) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray]:
         """Features at ``names`` of the benign reference samples of ``classes`` (a partial pass over the
-        small reference set, so the reference's features need not be kept between passes)."""
+        small reference set, so the reference's features need not be kept between passes), their
+        labels, and their rows in ``cal.labels``."""
         tb = np.flatnonzero(np.isin(cal.labels, list(classes)))
         pos = tb if cal.indices is None else cal.indices[tb]
         chunks = list(self.extractor.stream(cal.dataset, names, pos, "scan/reference-layers", stop_early=True))
-        return [torch.cat([b.feats[i] for b in chunks]) for i in range(len(names))], cal.labels[tb]
+        return [torch.cat([b.feats[i] for b in chunks]) for i in range(len(names))], cal.labels[tb], tb
 
     def _stream_discriminant(self, train, indices, names, use_of, sus, ben, desc: str) -> np.ndarray:
         """The discriminant of ``indices`` (in order), from a pass that stops after the window layers."""
@@ -447,7 +448,7 @@ class Scanner:
         chunks = [[unit(f.double()) for f in b.feats]
                   for b in self.extractor.stream(train, names, order, "scan/quarantined", stop_early=True)]
         units = [torch.cat([ch[k] for ch in chunks]) for k in range(len(names))]
-        t_feats, t_lab = self._reference_feats(cal, follow, names)
+        t_feats, t_lab, t_rows = self._reference_feats(cal, follow, names)
         by_class = {v.cls: v for v in verdicts}
         probes: dict[int, Probe] = {}
         start = 0
@@ -456,14 +457,14 @@ class Scanner:
             part = slice(start, start + nq + ns)
             start += nq + ns
             seed = np.concatenate([np.full(nq, cfg.threshold_z + 1.0), np.zeros(ns)])
-            tsel = torch.from_numpy(t_lab == c)
-            probe = self_train([u[part] for u in units], [unit(t[tsel].double()) for t in t_feats], seed,
+            tsel = t_lab == c
+            t_units = [unit(t[torch.from_numpy(tsel)].double()) for t in t_feats]
+            probe = self_train([u[part] for u in units], t_units, seed,
                                cfg.threshold_z, 1.0, cfg.probe_shrinkage, cfg.window, rng_seed=cfg.seed)
             if probe is not None:
                 probes[c] = probe
                 by_class[c].critical_layers = [names[k] for k in probe.layers]
-                ref_susp[np.flatnonzero(np.isin(cal.labels, list(follow)))[t_lab == c]] = probe.z(
-                    [unit(t[tsel].double()) for t in t_feats])
+                ref_susp[t_rows[tsel]] = probe.z(t_units)
         if len(probes) < len(follow):
             self._follow_centroid(train, kept, labels, cal, {c: follow[c] for c in follow if c not in probes},
                                   by_class, suspicion, threshold, flagged, warnings, ref_susp)
@@ -502,11 +503,10 @@ class Scanner:
         use_of = {c: np.array([li in windows[c] for li in layer_ids]) for c in follow}
         sus = [q_sums.sums[i] for i in layer_ids]
         ben = [cal.reference.sums[i] for i in layer_ids]
-        t_feats, t_lab = self._reference_feats(cal, follow, names)
+        t_feats, t_lab, t_rows = self._reference_feats(cal, follow, names)
         t_d = self._discriminant(t_feats, t_lab, use_of, sus, ben, loo=True)
         rows = np.flatnonzero(np.isin(labels, list(follow)))
         d = self._stream_discriminant(train, kept[rows], names, use_of, sus, ben, "scan/follow-up-centroid")
-        t_rows = np.flatnonzero(np.isin(cal.labels, list(follow)))
         for c in follow:
             tc = t_d[t_lab == c]
             sel = labels[rows] == c
