@@ -62,7 +62,6 @@ class Prepared:
     trusted: ArrayImageDataset
     test: ArrayImageDataset
     triggered: ArrayImageDataset | None
-    untriggered: ArrayImageDataset | None   # the same test images without the trigger
     attack: Attack | None
     poisoned: np.ndarray
     labels: np.ndarray
@@ -101,16 +100,14 @@ def prepare(spec: RunSpec) -> Prepared:
     trusted_idx = stratified_indices(full.labels, spec.trusted_per_class, seed=spec.seed + 1, exclude=train_idx)
     train, trusted = full.subset(train_idx), full.subset(trusted_idx)
     poisoned = np.empty(0, np.int64)
-    triggered = untriggered = atk = None
+    triggered = atk = None
     if spec.attack:
         atk = make_attack(spec.attack, target=spec.target, rate=spec.rate, seed=spec.seed)
         res = atk.poison(train.images, train.labels)
         train, poisoned = ArraySplit(res.images, res.labels), res.poisoned
         triggered = ArrayImageDataset(ArraySplit(*atk.triggered_test(test.images, test.labels)), mean, std)
-        keep = atk.test_mask(test.labels)
-        untriggered = ArrayImageDataset(ArraySplit(test.images[keep], test.labels[keep]), mean, std)
     mk = lambda s, a=False: ArrayImageDataset(s, mean, std, augment=a)  # noqa: E731
-    return Prepared(mk(train, spec.augment), mk(train), mk(trusted), mk(test), triggered, untriggered, atk, poisoned,
+    return Prepared(mk(train, spec.augment), mk(train), mk(trusted), mk(test), triggered, atk, poisoned,
                     train.labels, C, make_model)
 
 
@@ -158,19 +155,23 @@ def predict(model: nn.Module, ds: ArrayImageDataset) -> tuple[np.ndarray, np.nda
     return np.concatenate(preds), np.concatenate(labels)
 
 
+def _success(atk: Attack, plain: np.ndarray, labels: np.ndarray, triggered: np.ndarray) -> tuple[float, float]:
+    """Attack success over the test images not already of their target, and among those the model
+    classifies correctly without the trigger (which removes the floor plain misclassification
+    sets). ``plain``: predictions on all test images; ``triggered``: on ``atk.triggered_test``."""
+    keep = atk.test_mask(labels)
+    hit, ok = triggered == atk.targets(labels[keep]), plain[keep] == labels[keep]
+    return float(hit.mean()), float(hit[ok].mean()) if ok.any() else float("nan")
+
+
 def measure(model: nn.Module, data: Prepared) -> dict[str, float]:
-    """Clean accuracy; attack success (share of triggered test images, not already of their
-    target, predicted as the target); and attack success among images the model classifies
-    correctly without the trigger, which removes the floor that plain misclassification sets."""
+    """Clean accuracy, attack success and attack success among correctly classified images."""
     p, y = predict(model, data.test)
     out = {"clean_acc": float((p == y).mean()), "attack_success": float("nan"),
            "attack_success_correct": float("nan")}
-    if data.attack is not None and data.triggered is not None and data.untriggered is not None:
-        pt, yt = predict(model, data.triggered)
-        pu, yu = predict(model, data.untriggered)
-        hit, ok = pt == data.attack.targets(yt), pu == yu
-        out["attack_success"] = float(hit.mean())
-        out["attack_success_correct"] = float(hit[ok].mean()) if ok.any() else float("nan")
+    if data.attack is not None and data.triggered is not None:
+        pt, _ = predict(model, data.triggered)
+        out["attack_success"], out["attack_success_correct"] = _success(data.attack, p, y, pt)
     return out
 
 
@@ -180,15 +181,13 @@ def trigger_floor(model: nn.Module, data: Prepared, spec: RunSpec) -> dict[str, 
     classifies correctly without the trigger ("correct"). A guarded model cannot go below these."""
     images, labels = data.test.images.permute(0, 2, 3, 1).numpy(), data.test.labels
     mean, std = data.test.mean.flatten().tolist(), data.test.std.flatten().tolist()
+    plain, _ = predict(model, data.test)
     out = {}
     for name in ATTACKS:
         atk = make_attack(name, target=spec.target, rate=0.0, seed=spec.seed)
-        x, y = atk.triggered_test(images, labels)
-        keep = atk.test_mask(labels)
-        pred, _ = predict(model, ArrayImageDataset(ArraySplit(x, y), mean, std))
-        plain, _ = predict(model, ArrayImageDataset(ArraySplit(images[keep], labels[keep]), mean, std))
-        hit, ok = pred == atk.targets(y), plain == y
-        out[name] = {"all": float(hit.mean()), "correct": float(hit[ok].mean()) if ok.any() else float("nan")}
+        pred, _ = predict(model, ArrayImageDataset(ArraySplit(*atk.triggered_test(images, labels)), mean, std))
+        a, c = _success(atk, plain, labels, pred)
+        out[name] = {"all": a, "correct": c}
     return out
 
 
