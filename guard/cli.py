@@ -57,39 +57,50 @@ def _guard_for(cfg: RunConfig, ckpt: dict[str, Any], **overrides: Any):
     return data, gds
 
 
-def _plots(run_dir: Path, cfg: RunConfig) -> None:
+def _say(text: str) -> None:
+    """What the command reports to its user: stdout, through loguru (see ``main``)."""
+    logger.bind(cli_output=True).info(text)
+
+
+def _plots(run_dir: Path, images: np.ndarray) -> None:
     """Render the run's plots; a missing matplotlib only costs the plots."""
-    from guard.experiment import prepare
     from guard.plots import render
 
     try:
-        paths = render(run_dir, prepare(cfg.spec()).train.images.numpy())
+        paths = render(run_dir, images)
     except ImportError as e:
         logger.warning("no plots: {}", e)
         return
     logger.info("plots: {}", ", ".join(p.name for p in paths))
 
 
+def _train_images(cfg: RunConfig) -> np.ndarray:
+    from guard.experiment import prepare
+
+    return prepare(cfg.spec()).train.images.numpy()
+
+
 def cmd_train(a: argparse.Namespace) -> int:
-    from guard.experiment import run
+    from guard.experiment import prepare, run
 
     cfg = RunConfig.load(a.config)
     out = Path(a.output or cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
-    r = run(cfg.spec(), compare=cfg.train.compare, out_dir=out)
+    data = prepare(cfg.spec())
+    r = run(cfg.spec(), compare=cfg.train.compare, out_dir=out, data=data)
     (out / "results.json").write_text(json.dumps(_results(r), indent=1, default=float))
     if cfg.attack:                        # the ground truth is known: keep the numbers with the report
         report = GuardReport.load_json(out / "report.json")
         report.evaluation = {k: float(v) for k, v in r["guarded"].items()}
         report.save_json(out / "report.json")
-    _plots(out, cfg)
-    print(r["report"].summary())
+    _plots(out, data.train.images.numpy())
+    _say(r["report"].summary())
     g = r["guarded"]
-    print(f"quarantined {g['flagged']:,}; clean accuracy {g['clean_acc']:.1%}"
-          + (f"; TPR {g['tpr']:.1%}, FPR {g['fpr']:.2%}, attack success {g['attack_success']:.1%}"
-             if cfg.attack else ""))
-    print(f"run directory: {out}")
+    _say(f"quarantined {g['flagged']:,}; clean accuracy {g['clean_acc']:.1%}"
+         + (f"; TPR {g['tpr']:.1%}, FPR {g['fpr']:.2%}, attack success {g['attack_success']:.1%}"
+            if cfg.attack else ""))
+    _say(f"run directory: {out}")
     return 0
 
 
@@ -104,13 +115,8 @@ def cmd_scan(a: argparse.Namespace) -> int:
     gds.save(out)
     res = detection(gds.quarantined, data.poisoned, len(data.labels))
     (out / "results.json").write_text(json.dumps({"scan": res}, indent=1, default=float))
-    from guard.plots import render
-
-    try:
-        render(out, data.train.images.numpy())
-    except ImportError as e:
-        logger.warning("no plots: {}", e)
-    print(gds.report.summary())
+    _plots(out, data.train.images.numpy())
+    _say(gds.report.summary())
     return 0
 
 
@@ -118,15 +124,15 @@ def cmd_report(a: argparse.Namespace) -> int:
     path = Path(a.run_dir) / "report.json"
     if not path.is_file():
         raise GuardError(f"{path} does not exist; pass a run directory written by `guard train` or `guard scan`")
-    print(GuardReport.load_json(path).summary())
+    _say(GuardReport.load_json(path).summary())
     if not a.no_plots and (Path(a.run_dir) / "config.json").is_file():
-        _plots(Path(a.run_dir), RunConfig.load(Path(a.run_dir) / "config.json"))
+        _plots(Path(a.run_dir), _train_images(RunConfig.load(Path(a.run_dir) / "config.json")))
     results = Path(a.run_dir) / "results.json"
     if results.is_file():
         g = json.loads(results.read_text()).get("guarded")
         if g:
-            print(f"  final: clean accuracy {g['clean_acc']:.1%}, attack success {g['attack_success']:.1%}, "
-                  f"TPR {g['tpr']:.1%}, FPR {g['fpr']:.2%}")
+            _say(f"  final: clean accuracy {g['clean_acc']:.1%}, attack success {g['attack_success']:.1%}, "
+                 f"TPR {g['tpr']:.1%}, FPR {g['fpr']:.2%}")
     return 0
 
 
@@ -142,18 +148,18 @@ def cmd_restore(a: argparse.Namespace) -> int:
     tmp = run_dir / ".checkpoint.pt.tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, run_dir / "checkpoint.pt")
-    print(f"restored {len(set(a.indices))} samples; {len(gds.quarantined):,} remain quarantined")
+    _say(f"restored {len(set(a.indices))} samples; {len(gds.quarantined):,} remain quarantined")
     return 0
 
 
 def cmd_config(a: argparse.Namespace) -> int:
     if a.schema:
-        print(json.dumps(RunConfig.model_json_schema(), indent=2))
+        _say(json.dumps(RunConfig.model_json_schema(), indent=2))
     if a.check:
         RunConfig.load(a.check)
-        print(f"{a.check}: valid")
+        _say(f"{a.check}: valid")
     if not (a.schema or a.check):
-        print(RunConfig().model_dump_json(indent=2))      # the defaults, as a starting point
+        _say(RunConfig().model_dump_json(indent=2))      # the defaults, as a starting point
     return 0
 
 
@@ -186,15 +192,21 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Its report goes to stdout (plain lines), the library's log to stderr; both
+    through loguru, whose handlers are set for the command and put back to the default after."""
     a = parser().parse_args(argv)
-    if a.quiet:
-        logger.remove()
-        logger.add(sys.stderr, level="WARNING")
+    logger.remove()
+    for_user = lambda r: r["extra"].get("cli_output", False)  # noqa: E731
+    logger.add(sys.stdout, level="INFO", format="{message}", filter=for_user)
+    logger.add(sys.stderr, level="WARNING" if a.quiet else "INFO", filter=lambda r: not for_user(r))
     try:
         return a.fn(a)
     except (GuardError, FileNotFoundError) as e:
-        print(f"guard {a.command}: error: {e}", file=sys.stderr)
+        logger.error("guard {}: error: {}", a.command, e)
         return 2
+    finally:
+        logger.remove()
+        logger.add(sys.stderr)
 
 
 if __name__ == "__main__":

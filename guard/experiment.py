@@ -218,12 +218,13 @@ def detection(flagged: np.ndarray, poisoned: np.ndarray, n: int) -> dict[str, fl
             "flagged": int(f.sum()), "poisoned": int(p.sum())}
 
 
-def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None) -> dict[str, Any]:
+def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None,
+        data: Prepared | None = None) -> dict[str, Any]:
     """Train with the guard (and, with ``compare``, the unguarded twin) and measure. With ``out_dir``,
     the guard's files (report.json, quarantine.csv, samples.csv) and checkpoint.pt (model and guard
-    state) are written there."""
+    state) are written there. ``data``: ``prepare(spec)`` when the caller has it already."""
     torch.manual_seed(spec.seed)
-    data = prepare(spec)
+    data = prepare(spec) if data is None else data
     cfg = GuardConfig(**{"seed": spec.seed, **spec.guard})
     model = data.make_model()
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=5e-4)
