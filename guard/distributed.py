@@ -22,10 +22,11 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def shard(n: int) -> np.ndarray:
-    """Positions ``0..n-1`` this rank handles (strided, so every class is spread over the ranks)."""
-    rank, size = world()
-    return np.arange(rank, n, size)
+def shard(n: int, rank: int | None = None) -> np.ndarray:
+    """Positions ``0..n-1`` that ``rank`` (default: this one) handles (strided, so every class is
+    spread over the ranks)."""
+    own, size = world()
+    return np.arange(own if rank is None else rank, n, size)
 
 
 def _collective(what: str, fn, *args) -> None:
@@ -40,14 +41,14 @@ def _collective(what: str, fn, *args) -> None:
 
 def gather_rows(local: np.ndarray, n: int) -> np.ndarray:
     """The (n, ...) array whose rows ``shard(n)`` of each rank are that rank's ``local``."""
-    rank, size = world()
+    size = world()[1]
     if size == 1:
         return local
     parts: list[np.ndarray | None] = [None] * size
     _collective("gather of per-sample scores", dist.all_gather_object, parts, local)
     out = np.empty((n, *local.shape[1:]), dtype=local.dtype)
     for r, part in enumerate(parts):
-        out[np.arange(r, n, size)] = part
+        out[shard(n, r)] = part
     return out
 
 
