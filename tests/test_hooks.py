@@ -66,12 +66,23 @@ def test_pool_grid_and_sequences():
     assert pool(torch.randn(2, 5, 16, 16), 4).shape == (2, 80)
     assert pool(torch.randn(2, 5, 16, 16), 1).shape == (2, 5)
     assert pool(torch.randn(2, 5, 16, 16), 0).shape == (2, 5 * 256)
-    # sequences: grid*grid runs of tokens (a trigger token is not averaged away over all of them)
+    # sequences: grid*grid runs of tokens (a trigger token is not averaged away over all of them), unit
+    # length, then each channel's peak deviation of a token from the sample's mean token, unit length
     seq = torch.randn(2, 65, 6)
-    assert pool(seq, 4).shape == (2, 6 * 16)
-    assert torch.allclose(pool(seq, 4).view(2, 6, 16)[:, :, -1], seq[:, 60:].mean(1), atol=1e-6)   # last run: 60..64
-    assert pool(torch.randn(2, 7, 6), 4).shape == (2, 6 * 7)          # short sequences keep every token
-    assert pool(torch.randn(2, 7, 6), 0).shape == (2, 6 * 7)
+    out = pool(seq, 4)
+    assert out.shape == (2, 6 * 16 + 6)
+    runs = out[:, :96].view(2, 6, 16)
+    last = seq[:, 60:].mean(1)
+    ref = torch.nn.functional.adaptive_avg_pool1d(seq.transpose(1, 2), 16)
+    assert torch.allclose(runs, ref / ref.flatten(1).norm(dim=1)[:, None, None], atol=1e-6)
+    assert torch.allclose(runs[:, :, -1] / runs[:, :, -1].norm(dim=1, keepdim=True),
+                          last / last.norm(dim=1, keepdim=True), atol=1e-5)        # last run: tokens 60..64
+    assert torch.allclose(out.norm(dim=1), torch.full((2,), 2 ** 0.5))          # two unit halves
+    odd = seq.clone()
+    odd[0, 64, 2] += 50.0                                                        # one token stands out in channel 2
+    assert pool(odd, 4)[0, 96:].argmax() == 2
+    assert pool(torch.randn(2, 7, 6), 4).shape == (2, 6 * 7 + 6)      # short sequences keep every token
+    assert pool(torch.randn(2, 7, 6), 0).shape == (2, 6 * 7 + 6)
 
 
 def test_tap_handles_tuple_outputs_and_always_removes_hooks():
