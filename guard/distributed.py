@@ -22,11 +22,11 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def shard(n: int, rank: int | None = None) -> np.ndarray:
+def shard(n: int, rank: int | None = None) -> slice:
     """Positions ``0..n-1`` that ``rank`` (default: this one) handles (strided, so every class is
-    spread over the ranks)."""
+    spread over the ranks). A slice, so indexing with it makes a view, not an N-sized copy."""
     own, size = world()
-    return np.arange(own if rank is None else rank, n, size)
+    return slice(own if rank is None else rank, n, size)
 
 
 def _collective(what: str, fn, *args) -> None:

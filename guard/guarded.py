@@ -112,7 +112,7 @@ class GuardedDataset(Dataset):
         self._kept: np.ndarray | None = None
         self._scanned_epochs: set[int] = set()
         self._scores = np.full(n, np.nan, dtype=np.float32)
-        self._labels = np.full(n, -1, dtype=np.int64)
+        self._labels = np.full(n, -1, dtype=np.int32)
         self.last_result: ScanResult | None = None
         self.report = GuardReport(config=cfg, n_samples=n, num_classes=self.num_classes, layers=self.layers)
         self.sampler = GuardSampler(self, cfg.shuffle, cfg.seed, cfg.pad_epochs)
@@ -257,12 +257,11 @@ class GuardedDataset(Dataset):
         self.last_result = res
         self._scores[res.scanned] = res.suspicion
         self._labels[res.scanned] = res.labels
-        pos = {int(i): j for j, i in enumerate(res.scanned)}
         rule = self.config.critical_rule
         new = [int(i) for i in res.flagged if int(i) not in self._records and int(i) not in self._pinned]
         records = dict(self._records)
-        for i in new:
-            j = pos[i]
+        rows = np.searchsorted(res.scanned, new)        # scanned is sorted: no N-entry dict at N = 10**6
+        for i, j in zip(new, rows.tolist()):
             cls = int(res.labels[j])
             verdict = next(v for v in res.classes if v.cls == cls)
             records[i] = QuarantineRecord(

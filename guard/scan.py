@@ -66,8 +66,16 @@ class Calibration:
     std: np.ndarray             # (C, L)
     source: str
 
-    def z(self, raw: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        return (raw - self.mean[labels]) / self.std[labels]
+    def z(self, raw: np.ndarray, labels: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+        """float32 z-scores, filled in chunks of rows: at N = 1,000,000 a float64 result and its
+        temporaries would each be N x L x 8 bytes."""
+        mean, std = self.mean.astype(np.float32), self.std.astype(np.float32)
+        out = np.empty(raw.shape, dtype=np.float32)
+        for s in range(0, len(raw), chunk):
+            lab = labels[s:s + chunk]
+            np.subtract(raw[s:s + chunk], mean[lab], out=out[s:s + chunk])
+            out[s:s + chunk] /= std[lab]
+        return out
 
 
 @dataclass
@@ -188,7 +196,7 @@ class Scanner:
             t = time.monotonic()
             mine = kept[shard(len(kept))]
             raw = np.empty((len(mine), L), dtype=np.float32)
-            labels = np.empty(len(mine), dtype=np.int64)
+            labels = np.empty(len(mine), dtype=np.int32)          # C < 2**31; 4 bytes a sample at N = 10**6
             suspects = Reference([s.shape[1] for s in cal.reference.sums], self.C)
             done = 0
             for b in self.extractor.stream(train, self.layers, mine, "scan/train"):
@@ -230,7 +238,6 @@ class Scanner:
             if cal.source == "trusted" and foreign:
                 raise GuardError(f"the trusted set has classes {foreign} that the training set lacks; it must use "
                                  "the training set's label mapping (same classes, same indices)")
-            z = cal.z(raw, labels)
             zb = cal.z(cal.loo, cal.labels)
             suspicion = np.zeros(len(kept), dtype=np.float32)
             threshold = np.full(len(kept), np.inf, dtype=np.float32)
@@ -240,9 +247,14 @@ class Scanner:
             paper_flagged: list[np.ndarray] = []
             verdicts: list[ClassVerdict] = []
             confirm: dict[int, list[int]] = {}
+            # z-scores one class at a time: only the out-of-spread flags (1 byte a layer) are kept for
+            # all N, not an N x L float table besides the raw cosines
+            out_of_spread = np.zeros(raw.shape, dtype=bool)
             for c in np.unique(labels):
                 rows = np.flatnonzero(labels == c)
-                ex, base = excess_share(z[rows], zb[cal.labels == c], cfg.threshold_z)
+                z_c = cal.z(raw[rows], labels[rows])
+                out_of_spread[rows] = z_c < -cfg.threshold_z
+                ex, base = excess_share(z_c, zb[cal.labels == c], cfg.threshold_z)
                 # paper baseline: in-sample mean - 2.5 std of summed cosines over its window
                 win = paper_window(cal.in_sample[cal.labels == c].mean(0))
                 ref_sum = cal.in_sample[cal.labels == c][:, win].sum(1)
@@ -257,7 +269,7 @@ class Scanner:
                 k = int(round((ex[li] + base[li]) * len(rows)))
                 p_value = float(stats.binom.sf(k - 1, len(rows), rate))
                 is_candidate = ex[li] >= cfg.min_cluster and p_value < 1e-4 and len(rows) >= _MIN_CLASS
-                suspicion[rows] = -z[rows][:, layer_idx].mean(1)
+                suspicion[rows] = -z_c[:, layer_idx].mean(1)
                 ref_susp[cal.labels == c] = -zb[cal.labels == c][:, layer_idx].mean(1)
                 threshold[rows] = cfg.threshold_z
                 where[rows] = li
@@ -276,7 +288,7 @@ class Scanner:
                     v.verdict = "no separation yet"
             if confirm:
                 t = time.monotonic()
-                self._confirm(train, kept, labels, z < -cfg.threshold_z, cal, suspects, confirm, verdicts,
+                self._confirm(train, kept, labels, out_of_spread, cal, suspects, confirm, verdicts,
                               suspicion, threshold, flagged, warnings, ref_susp)
                 seconds["confirm"] = time.monotonic() - t
             present = set(present.tolist())
@@ -287,7 +299,7 @@ class Scanner:
                 self._follow_up(train, kept, labels, cal, follow, verdicts, suspicion, threshold, flagged, warnings,
                                 ref_susp)
                 seconds["follow_up"] = time.monotonic() - t
-        memory = (raw.nbytes + z.nbytes + labels.nbytes + suspicion.nbytes + threshold.nbytes + where.nbytes
+        memory = (raw.nbytes + out_of_spread.nbytes + labels.nbytes + suspicion.nbytes + threshold.nbytes + where.nbytes
                   + cal.loo.nbytes + cal.in_sample.nbytes
                   + 3 * sum(x.numel() * x.element_size() for x in cal.reference.sums))
         flat = np.unique(np.concatenate(flagged)) if flagged else np.empty(0, np.int64)

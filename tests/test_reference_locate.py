@@ -55,3 +55,16 @@ def test_small_trusted_sets_widen_the_benign_spread():
     f = [small_sample(n, 3.0) for n in (5, 10, 20, 100, 1000)]
     assert all(a > b for a, b in zip(f, f[1:]))            # fewer samples, wider spread
     assert 1.35 < f[1] < 1.5 and 1.0 < f[3] < 1.05 and f[4] < 1.005
+
+
+def test_calibration_z_is_float32_and_chunked_exactly():
+    from guard.scan import Calibration
+    g = np.random.default_rng(0)
+    mean, std = g.normal(size=(3, 4)), g.uniform(0.5, 2.0, size=(3, 4))
+    cal = Calibration(None, None, None, np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros((0, 4)), mean, std,
+                      "trusted")
+    raw = g.normal(size=(10, 4)).astype(np.float32)
+    lab = g.integers(0, 3, 10).astype(np.int32)
+    z = cal.z(raw, lab, chunk=3)                         # 4 chunks, the last one short
+    assert z.dtype == np.float32 and z.shape == raw.shape
+    assert np.allclose(z, (raw - mean[lab]) / std[lab], atol=1e-5)
