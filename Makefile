@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?= digits
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-full install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,8 +22,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+# quick suite (about 25 minutes on 2 CPU cores): every detector on the same warm-up checkpoint
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/bench_peers.py
+
+# full suite (hours on a CPU): whole training runs with and without the guard, scaling, distributed
+bench-full: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/bench_peers.py
 	$(BIN)/python benchmarks/bench_guard.py
+	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_distributed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -72,7 +72,8 @@ def fmt(v: float, pct: bool = True) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| run | poisoned | quarantined | TPR % | FPR % | paper TPR % | paper FPR % | ASR warm-up % | "
-            "ASR no guard % | ASR guard % | ASR floor % | ASR(correct) no guard % | ASR(correct) guard % | acc no guard % | "
+            "ASR no guard % | ASR guard % | ASR floor % | ASR(correct) no guard % | ASR(correct) guard % | "
+            "ASR(correct) floor % | acc no guard % | "
             "acc guard % | scan/epoch | overhead % | guard MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -93,11 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-attack", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--trust-free", nargs="*", default=["badnets:0.1", "none:0"],
                     help="attack:rate runs repeated in trust-free mode")
-    ap.add_argument("--n-train", type=int, default=10000)
+    ap.add_argument("--n-train", type=int, default=10000, help="training subset size (0: all of CIFAR-10's train split)")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="where the model trains, e.g. cuda")
+    ap.add_argument("--guard", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="GuardConfig fields for every run, e.g. num_workers=8 (JSON values)")
     ap.add_argument("--out", default=str(HERE / "results" / "guard_cifar10.json"))
     ap.add_argument("--render", metavar="JSON", help="only re-render the table of an earlier result file")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
@@ -129,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     results, rows = {}, []
     t0 = time.time()
     for name, atk, rate, tf in runs:
-        spec = RunSpec(data="cifar10", attack=atk, rate=rate, n_train=a.n_train, epochs=a.epochs, width=a.width,
-                       lr=a.lr, seed=a.seed, trust_free=tf)
+        spec = RunSpec(data="cifar10", attack=atk, rate=rate, n_train=a.n_train or None, epochs=a.epochs,
+                       width=a.width, lr=a.lr, seed=a.seed, trust_free=tf, device=a.device,
+                       guard={k: json.loads(v) for k, v in (g.split("=", 1) for g in a.guard)})
         r = run(spec, compare=not tf)
         r.pop("report")
         results[name] = r
@@ -138,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     meta = {"machine": platform.platform(), "processor": platform.processor(), "python": sys.version.split()[0],
             "torch": torch.__version__, "threads": torch.get_num_threads(), "seed": a.seed,
-            "n_train": a.n_train, "epochs": a.epochs, "width": a.width, "lr": a.lr,
+            "n_train": next(iter(results.values()))["n_train"] if results else a.n_train, "epochs": a.epochs,
+            "width": a.width, "lr": a.lr, "device": a.device, "guard": a.guard,
+            "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
             "wall_seconds": time.time() - t0}
     write(Path(a.out), {"meta": meta, "rows": rows, "runs": results})
     return 0
@@ -193,12 +200,33 @@ def render_benchmarks(results: Path = HERE / "results", target: Path = HERE.pare
                       f"speed-up {saved['speedup']:.2f}x; identical quarantine on both ranks and the single "
                       f"process: {saved['same_quarantine']}.", ""]
             continue
+        if "synthetic" in saved:                   # benchmarks/bench_scale.py
+            parts += [f"## {path.stem}", "",
+                      "Scan time and guard memory against N and layer width (one forced scan; torch "
+                      f"{saved['meta']['torch']}, {saved['meta']['threads']} thread(s); {saved['meta']['machine']}). "
+                      "Peak traced = numpy/Python allocations during the scan (the guard's tables; torch's own "
+                      "allocator, holding model and batch, is not traced).", "",
+                      path.with_suffix(".md").read_text().strip(), ""]
+            continue
+        if "cells" in saved:                       # benchmarks/bench_peers.py
+            m = saved["meta"].get("parts", [saved["meta"]])[0]
+            parts += [f"## {path.stem}", "",
+                      "Every detector on the same checkpoint (the first of the guard's default scans, epochs 2, 4, 6 "
+                      f"of {m['epochs']}, where the attack is learned) of a poisoned {m['n_train']:,}-image CIFAR-10 "
+                      f"run, width-{m['width']} "
+                      f"ResNet-18 unless named, lr {m['lr']}, seed {m['seed']}, torch {m['torch']}; {m['machine']}. "
+                      "Cells: F1 (TPR / FPR), all in %; FPR over all benign training samples.", "",
+                      path.with_suffix(".md").read_text().strip(), ""]
+            continue
         rows = with_floors({"runs": saved["runs"], "rows": [row(n, r) for n, r in saved["runs"].items()]})["rows"]
         metas = saved["meta"].get("parts", [saved["meta"]])
         m = metas[0]
         parts += [f"## {path.stem}", "",
                   f"CIFAR-10 {m['n_train']:,}-image subset, width-{m['width']} ResNet-18, {m['epochs']} epochs, "
-                  f"lr {m['lr']}, seed {m['seed']}, torch {m['torch']}, {m['threads']} thread(s) per process, "
+                  f"lr {m['lr']}, seed {m['seed']}, torch {m['torch']}, "
+                  + (f"trained on one {m['gpu']}" + (f" (GuardConfig {', '.join(m['guard'])})" if m.get("guard") else "")
+                     + ", " if m.get("gpu") else "")
+                  + f"{m['threads']} thread(s) per process, "
                   f"{len(metas)} process(es); {m['machine']}.", "", table(rows), "",
                   "max class drop (share of one class quarantined): " + ", ".join(
                       f"{r['run']} {fmt(r['max_class_drop'])} %" for r in rows), ""]

@@ -53,6 +53,7 @@ class RunSpec:
     model: str = "auto"                  # auto | a torchvision.models name | "package.module:callable"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     guard: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"                  # where the model trains ("cuda" on a GPU); the guard follows it
 
 
 @dataclass
@@ -87,7 +88,8 @@ def prepare(spec: RunSpec) -> Prepared:
         default = lambda: CifarResNet18(num_classes=C, width=spec.width)  # noqa: E731
     else:
         raise ValueError(f"unknown data {spec.data!r}; use 'digits', 'cifar10' or 'imagefolder'")
-    make_model = default if spec.model == "auto" else (lambda: build_model(spec.model, C, spec.model_kwargs))
+    build = default if spec.model == "auto" else (lambda: build_model(spec.model, C, spec.model_kwargs))
+    make_model = lambda: build().to(spec.device)  # noqa: E731
     full, test = splits["train"], splits["test"]
     if spec.n_train is not None:
         train_idx = stratified_indices(full.labels, spec.n_train // C, seed=spec.seed)

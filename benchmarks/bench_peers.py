@@ -1,0 +1,296 @@
+"""Every detector on the same poisoned model at the same moment: the guard against its peers.
+
+For each cell (attack x rate x model) one poisoned training run is trained up to the first of the
+guard's default scans (epochs 2, 4, 6 of 8) where the attack is learned (attack success >= 80 %;
+the last one where it never is, the first one without an attack), and every detector scores that
+one checkpoint:
+
+- the guard (default configuration) and its trust-free mode;
+- the paper's rule on training samples (layer after the largest rise of benign within-class
+  cosine similarity, 3 layers, in-sample mean - 2.5 std), as the guard's scan computes it;
+- IBM ART 1.20.1 ``ActivationDefence`` and ``SpectralSignatureDefense`` wrapped the way ART's
+  docs show (``PyTorchClassifier``; both read the classifier's last layer): defaults, and a tuned
+  setting (the penultimate features; Spectral told the true poisoning rate; for ActivationDefence
+  the best F1 of its cluster analyses, chosen with the ground truth: an upper bound for it);
+- loss isolation in the style of Anti-Backdoor Learning: the lowest-loss 1 % (its default
+  isolation ratio) and, tuned, the lowest-loss share equal to the true poisoning rate.
+
+Per detector: TPR, FPR (over all benign training samples), precision, F1, AUROC where it gives
+scores, wall time and peak traced memory (numpy/Python allocations; torch's own CPU allocator is
+not traced).
+
+    python benchmarks/bench_peers.py                                   # the committed quick suite
+    python benchmarks/bench_peers.py --cells badnets:0.1 --out /tmp/x.json   # one cell
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from loguru import logger
+from torch.utils.data import DataLoader
+
+from guard import GuardConfig, GuardedDataset
+from guard.experiment import EpochPermutation, Prepared, RunSpec, _epoch, detection, measure, prepare
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CELLS = ["badnets:0.01", "badnets:0.05", "badnets:0.1", "blended:0.01", "blended:0.05", "blended:0.1",
+                 "wanet:0.05", "wanet:0.1", "none:0", "badnets:0.1:mobilenet_v2"]
+
+
+def timed(fn: Callable[[], tuple[np.ndarray, np.ndarray | None]]) -> tuple[np.ndarray, np.ndarray | None, float, float]:
+    """Run a detector; its flagged indices, scores (higher = more suspicious), seconds, peak MB."""
+    gc.collect()                           # the previous detector's garbage is not this one's peak
+    tracemalloc.start()
+    try:
+        t = time.perf_counter()
+        flagged, scores = fn()
+        seconds = time.perf_counter() - t
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+    finally:                               # a failing detector must not leave tracing on
+        tracemalloc.stop()
+    return np.asarray(flagged, dtype=np.int64), scores, seconds, peak
+
+
+def arrays(data: Prepared) -> tuple[np.ndarray, np.ndarray]:
+    """The un-augmented training images as ART takes them: (N, C, H, W) float32, one-hot labels."""
+    x = torch.stack([data.scan[i][0] for i in range(len(data.scan))]).numpy()
+    return x, np.eye(int(data.labels.max()) + 1, dtype=np.float32)[data.labels]
+
+
+class Penultimate(nn.Module):
+    """The model up to the input of its last linear layer, so that ART's "last layer" is the
+    penultimate features (ART's detectors have no layer argument)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self._head = ([m for m in model.modules() if isinstance(m, nn.Linear)][-1],)   # not a second submodule
+        self.features = nn.Identity()          # ART hooks its last named layer: this one
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats: list[torch.Tensor] = []
+        h = self._head[0].register_forward_hook(lambda _m, inp, _out: feats.append(inp[0]))
+        try:
+            self.model(x)
+        finally:
+            h.remove()
+        return self.features(feats[0])
+
+
+def art_classifier(model: nn.Module, shape: tuple[int, ...], classes: int):
+    from art.estimators.classification import PyTorchClassifier
+    return PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=shape, nb_classes=classes)
+
+
+def activation_defence(model: nn.Module, x: np.ndarray, y: np.ndarray, analysis: str = "smaller"):
+    from art.defences.detector.poison import ActivationDefence
+    clf = art_classifier(model, x.shape[1:], y.shape[1])
+    _, clean = ActivationDefence(clf, x, y).detect_poison(nb_clusters=2, nb_dims=10, reduce="PCA",
+                                                          cluster_analysis=analysis)
+    return np.flatnonzero(np.asarray(clean) == 0), None
+
+
+def spectral(model: nn.Module, x: np.ndarray, y: np.ndarray, expected: float = 0.33):
+    from art.defences.detector.poison import SpectralSignatureDefense
+    clf = art_classifier(model, x.shape[1:], y.shape[1])
+    defence = SpectralSignatureDefense(clf, x, y, batch_size=128, eps_multiplier=1.5, expected_pp_poison=expected)
+    _, clean = defence.detect_poison()
+    # its per-sample scores (ART reports them for the flagged ones only): the same statistic for all
+    feats = clf.get_activations(x, layer=len(clf.layer_names) - 1, batch_size=128).reshape(len(x), -1)
+    scores = np.zeros(len(x))
+    labels = y.argmax(1)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        scores[rows] = SpectralSignatureDefense.spectral_signature_scores(feats[rows]).ravel()
+    return np.flatnonzero(np.asarray(clean) == 0), scores
+
+
+def losses(model: nn.Module, data: Prepared) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for x, y in DataLoader(data.scan, batch_size=512):
+            out.append(nn.functional.cross_entropy(model(x), y, reduction="none"))
+    model.train()
+    return torch.cat(out).numpy()
+
+
+def loss_isolation(model: nn.Module, data: Prepared, share: float):
+    """ABL-style: the lowest-loss ``share`` of the training set (a learned trigger makes its
+    samples the easiest ones)."""
+    loss = losses(model, data)
+    k = max(1, int(round(share * len(loss))))
+    return np.argsort(loss)[:k], -loss
+
+
+def guard_scan(model: nn.Module, data: Prepared, trust_free: bool, seed: int, rule: str = "guard"):
+    cfg = GuardConfig(remedy="none", seed=seed, critical_rule=rule)
+    gds = GuardedDataset(data.train, model, cfg, trusted=None if trust_free else data.trusted, scan_dataset=data.scan)
+    gds.scan()
+    res = gds.last_result
+    scores = np.zeros(len(data.labels))
+    scores[res.scanned] = res.suspicion
+    return (gds.quarantined, scores) if rule == "guard" else (res.paper_flagged, None)
+
+
+def score(flagged: np.ndarray, scores: np.ndarray | None, seconds: float, peak: float, data: Prepared) -> dict:
+    d = detection(flagged, data.poisoned, len(data.labels))
+    truth = np.zeros(len(data.labels), bool)
+    truth[data.poisoned] = True
+    auroc = float(roc_auc_score(truth, scores)) if scores is not None and truth.any() else float("nan")
+    return {**d, "auroc": auroc, "seconds": seconds, "peak_mb": peak}
+
+
+def cell(attack: str | None, rate: float, model_name: str, a: argparse.Namespace) -> dict:
+    spec = RunSpec(data="cifar10", attack=attack, rate=rate, n_train=a.n_train, epochs=a.epochs, width=a.width,
+                   lr=a.lr, seed=a.seed, model=model_name)
+    torch.manual_seed(spec.seed)
+    data = prepare(spec)
+    model = data.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec.epochs)
+    sampler = EpochPermutation(len(data.labels), spec.seed)
+    loader = DataLoader(data.train, batch_size=spec.batch_size, sampler=sampler)
+    epoch_s = []
+    # the guard's default schedule: scans when epochs 2, 4, 6 start; the checkpoint is the first of them
+    # where the attack is learned (the last one otherwise): there every detector has its best chance
+    cfg = GuardConfig()
+    scans = list(range(cfg.warmup_epochs, a.epochs, cfg.scan_every))
+    for epoch in range(scans[-1]):
+        epoch_s.append(_epoch(model, opt, loader, f"epoch {epoch + 1}/{scans[-1]}"))
+        sched.step()
+        if epoch + 1 in scans:
+            checkpoint = measure(model, data)
+            if attack is None or checkpoint["attack_success"] >= 0.8:
+                break
+    at = len(epoch_s)
+    x, y = arrays(data)
+    pen = Penultimate(model)
+    detectors: dict[str, Callable[[], tuple[np.ndarray, np.ndarray | None]]] = {
+        "guard": lambda: guard_scan(model, data, False, spec.seed),
+        "guard trust-free": lambda: guard_scan(model, data, True, spec.seed),
+        "paper rule": lambda: guard_scan(model, data, False, spec.seed, rule="paper"),
+        "ART activation (default)": lambda: activation_defence(model, x, y),
+        "ART spectral (default)": lambda: spectral(model, x, y),
+        "ART spectral (tuned)": lambda: spectral(pen, x, y, expected=max(rate, 0.01)),
+        "loss isolation (1 %)": lambda: loss_isolation(model, data, 0.01),
+        "loss isolation (tuned)": lambda: loss_isolation(model, data, max(rate, 0.01)),
+    }
+    out = {}
+    for name, fn in detectors.items():
+        out[name] = score(*timed(fn), data)
+    tuned = {}
+    for k in ("smaller", "distance", "silhouette-scores", "relative-size"):
+        try:
+            tuned[k] = score(*timed(lambda k=k: activation_defence(pen, x, y, k)), data)
+        except ValueError as e:            # ART 1.20.1's relative-size analysis fails on recent numpy
+            logger.warning("ART ActivationDefence cluster_analysis={!r} failed: {}", k, e)
+    best = max(tuned, key=lambda k: tuned[k]["f1"])
+    out["ART activation (tuned)"] = {**tuned[best], "setting": best}
+    return {"attack": attack, "rate": rate, "model": model_name, "n_train": len(data.labels),
+            "checkpoint_epoch": at, "checkpoint": checkpoint, "learned": checkpoint["attack_success"] >= 0.8,
+            "epoch_seconds_median": float(np.median(epoch_s)), "detectors": out}
+
+
+def table(cells: dict[str, dict]) -> str:
+    names = list(next(iter(cells.values()))["detectors"])
+    head = "| cell | epoch | ASR % | " + " | ".join(f"{n} F1 % (TPR/FPR)" for n in names) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for key, c in cells.items():
+        vals = []
+        for n in names:
+            d = c["detectors"][n]
+            f1 = "-" if np.isnan(d["f1"]) else f"{100 * d['f1']:.1f}"
+            tpr = "-" if np.isnan(d["tpr"]) else f"{100 * d['tpr']:.1f}"
+            vals.append(f"{f1} ({tpr}/{100 * d['fpr']:.1f})")
+        learned = "" if c["learned"] or c["attack"] is None else " (not learned)"
+        asr = c["checkpoint"]["attack_success"]
+        lines.append(f"| {key}{learned} | {c['checkpoint_epoch']} | {'-' if np.isnan(asr) else f'{100 * asr:.1f}'} | "
+                     + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def cost_table(cells: dict[str, dict]) -> str:
+    names = list(next(iter(cells.values()))["detectors"])
+    head = "| cell | epoch s | " + " | ".join(f"{n} s / MB / AUROC" for n in names) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for key, c in cells.items():
+        vals = [f"{d['seconds']:.1f} / {d['peak_mb']:.0f} / " + ("-" if np.isnan(d["auroc"]) else f"{d['auroc']:.3f}")
+                for d in (c["detectors"][n] for n in names)]
+        lines.append(f"| {key} | {c['epoch_seconds_median']:.1f} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def verdict(cells: dict[str, dict]) -> list[str]:
+    """Where the guard's F1 beats every ART detector (default and tuned) and the paper rule."""
+    lines = []
+    for key, c in cells.items():
+        if not c["learned"] or c["attack"] is None:
+            continue
+        d = c["detectors"]
+        rivals = {n: v["f1"] for n, v in d.items() if n.startswith("ART") or n == "paper rule"}
+        best = max(rivals, key=rivals.get)
+        won = d["guard"]["f1"] > rivals[best]
+        lines.append(f"- {key}: guard F1 {100 * d['guard']['f1']:.1f} % vs best peer {best} "
+                     f"{100 * rivals[best]:.1f} %: {'wins' if won else 'DOES NOT WIN'}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", nargs="+", default=DEFAULT_CELLS, help="attack:rate[:model] (attack none: no attack)")
+    ap.add_argument("--n-train", type=int, default=10000)
+    ap.add_argument("--epochs", type=int, default=8, help="the schedule's length (cosine LR)")
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(HERE / "results" / "peers_cifar10.json"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge result files of parallel runs into --out")
+    a = ap.parse_args(argv)
+    if a.merge:
+        parts = [json.loads(Path(p).read_text()) for p in a.merge]
+        write(Path(a.out), {"meta": {"parts": [p["meta"] for p in parts]},
+                            "cells": {k: v for p in parts for k, v in p["cells"].items()}})
+        return 0
+    t0 = time.time()
+    cells = {}
+    for item in a.cells:
+        attack, rate, *rest = item.split(":")
+        model_name = rest[0] if rest else "auto"
+        key = "no attack" if attack == "none" else f"{attack} {float(rate):.0%}"
+        key += "" if model_name == "auto" else f" {model_name}"
+        cells[key] = cell(None if attack == "none" else attack, float(rate), model_name, a)
+        print(table({key: cells[key]}).splitlines()[-1], flush=True)
+    meta = {"machine": platform.platform(), "processor": platform.processor(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "seed": a.seed, "n_train": a.n_train,
+            "epochs": a.epochs, "width": a.width, "lr": a.lr, "wall_seconds": time.time() - t0}
+    write(Path(a.out), {"meta": meta, "cells": cells})
+    return 0
+
+
+def write(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=float))
+    md = "\n\n".join([table(result["cells"]), cost_table(result["cells"]), "\n".join(verdict(result["cells"]))])
+    out.with_suffix(".md").write_text(md + "\n")
+    print(md)
+    sys.path.insert(0, str(HERE))
+    from bench_guard import render_benchmarks
+    render_benchmarks()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
