@@ -217,6 +217,8 @@ def render_benchmarks(results: Path = HERE / "results", target: Path = HERE.pare
                       f"ResNet-18 unless named, lr {m['lr']}, seed {m['seed']}, torch {m['torch']}; {m['machine']}. "
                       "Cells: F1 (TPR / FPR), all in %; FPR over all benign training samples.", "",
                       path.with_suffix(".md").read_text().strip(), ""]
+            parts += [f"![{png.stem}](benchmarks/results/plots/{png.name})" for png in
+                      sorted((results / "plots").glob("*.png"))] + [""]
             continue
         rows = with_floors({"runs": saved["runs"], "rows": [row(n, r) for n, r in saved["runs"].items()]})["rows"]
         metas = saved["meta"].get("parts", [saved["meta"]])

@@ -136,14 +136,66 @@ def loss_isolation(model: nn.Module, data: Prepared, share: float):
     return np.argsort(loss)[:k], -loss
 
 
-def guard_scan(model: nn.Module, data: Prepared, trust_free: bool, seed: int, rule: str = "guard"):
+def guard_scan(model: nn.Module, data: Prepared, trust_free: bool, seed: int, rule: str = "guard",
+               keep: list | None = None):
     cfg = GuardConfig(remedy="none", seed=seed, critical_rule=rule)
     gds = GuardedDataset(data.train, model, cfg, trusted=None if trust_free else data.trusted, scan_dataset=data.scan)
     gds.scan()
+    if keep is not None:
+        keep.append(gds)
     res = gds.last_result
     scores = np.zeros(len(data.labels))
     scores[res.scanned] = res.suspicion
     return (gds.quarantined, scores) if rule == "guard" else (res.paper_flagged, None)
+
+
+def plot_cell(gds: GuardedDataset, data: Prepared, target: int, path: Path) -> None:
+    """Two panels for one poisoned checkpoint: per layer, the AUROC of poison against benign samples
+    of the target class (cosine to the trusted class mean, the paper's score), the guard's critical
+    layers and the paper's window marked; and the guard's suspicion scores in the target class,
+    poison and benign apart, with its threshold."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from guard.hooks import scan_mode
+    from guard.reference import Reference
+
+    rows = np.flatnonzero(data.labels == target)
+    with scan_mode(gds.scanner.model):
+        ref = None
+        for b in gds.extractor.stream(data.trusted, gds.layers, None, "plot/trusted"):
+            ref = ref or Reference([f.shape[1] for f in b.feats], gds.num_classes)
+            ref.update(b.feats, b.labels)
+        cos = np.concatenate([ref.score(b.feats, b.labels).numpy()
+                              for b in gds.extractor.stream(data.scan, gds.layers, rows, "plot/target")])
+    truth = np.isin(rows, data.poisoned)
+    auroc = [roc_auc_score(truth, -cos[:, li]) for li in range(len(gds.layers))]
+    verdict = next(v for v in gds.report.scans[-1].classes if v.cls == target)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
+    x = np.arange(len(gds.layers))
+    a1.plot(x, auroc, "o-", color="tab:blue")
+    for name in verdict.critical_layers:
+        if name in gds.layers:
+            a1.axvline(gds.layers.index(name), color="tab:red", ls="--", lw=1)
+    a1.set_xticks(x, gds.layers, rotation=60, ha="right", fontsize=7)
+    a1.set_ylim(0.4, 1.02)
+    a1.set_ylabel(f"AUROC, poison vs benign in class {target}")
+    a1.set_title("per-layer separation (red: the guard's critical layers)")
+    res = gds.last_result
+    pos = np.searchsorted(res.scanned, rows)
+    sus, thr = res.suspicion[pos], float(np.median(res.threshold[pos]))
+    bins = np.linspace(np.percentile(sus, 0.5), np.percentile(sus, 99.5), 60)
+    a2.hist(sus[~truth], bins=bins, alpha=0.6, label=f"benign ({(~truth).sum()})")
+    a2.hist(sus[truth], bins=bins, alpha=0.6, label=f"poison ({truth.sum()})")
+    a2.axvline(thr, color="k", ls="--", lw=1, label=f"threshold {thr:.1f}")
+    a2.set_xlabel("guard suspicion (higher = more suspicious)")
+    a2.set_title(f"class {target}: {verdict.verdict}")
+    a2.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def score(flagged: np.ndarray, scores: np.ndarray | None, seconds: float, peak: float, data: Prepared) -> dict:
@@ -179,8 +231,9 @@ def cell(attack: str | None, rate: float, model_name: str, a: argparse.Namespace
     at = len(epoch_s)
     x, y = arrays(data)
     pen = Penultimate(model)
+    kept: list[GuardedDataset] = []
     detectors: dict[str, Callable[[], tuple[np.ndarray, np.ndarray | None]]] = {
-        "guard": lambda: guard_scan(model, data, False, spec.seed),
+        "guard": lambda: guard_scan(model, data, False, spec.seed, keep=kept),
         "guard trust-free": lambda: guard_scan(model, data, True, spec.seed),
         "paper rule": lambda: guard_scan(model, data, False, spec.seed, rule="paper"),
         "ART activation (default)": lambda: activation_defence(model, x, y),
@@ -200,6 +253,9 @@ def cell(attack: str | None, rate: float, model_name: str, a: argparse.Namespace
             logger.warning("ART ActivationDefence cluster_analysis={!r} failed: {}", k, e)
     best = max(tuned, key=lambda k: tuned[k]["f1"])
     out["ART activation (tuned)"] = {**tuned[best], "setting": best}
+    if a.plots and attack is not None:
+        name = f"{attack}_{round(100 * rate)}{'' if model_name == 'auto' else '_' + model_name}.png"
+        plot_cell(kept[0], data, spec.target, Path(a.plots) / name)
     return {"attack": attack, "rate": rate, "model": model_name, "n_train": len(data.labels),
             "checkpoint_epoch": at, "checkpoint": checkpoint, "learned": checkpoint["attack_success"] >= 0.8,
             "epoch_seconds_median": float(np.median(epoch_s)), "detectors": out}
@@ -258,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(HERE / "results" / "peers_cifar10.json"))
+    ap.add_argument("--plots", default=str(HERE / "results" / "plots"), help="folder for per-cell PNGs ('' : none)")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge result files of parallel runs into --out")
     a = ap.parse_args(argv)
     if a.merge:
