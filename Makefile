@@ -28,7 +28,8 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
-# quick suite (about 25 minutes on 2 CPU cores): every detector on the same warm-up checkpoint
+# quick suite (about 40 minutes on 2 CPU cores; cells whose attack is not learned train to epoch 6): every
+# detector on the same checkpoint
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_peers.py
 
