@@ -207,6 +207,13 @@ def score(flagged: np.ndarray, scores: np.ndarray | None, seconds: float, peak: 
 
 
 def cell(attack: str | None, rate: float, model_name: str, a: argparse.Namespace) -> dict:
+    # the guard's default schedule: scans when epochs 2, 4, 6 start; the checkpoint is the first of them
+    # where the attack is learned (the last one otherwise): there every detector has its best chance
+    cfg = GuardConfig()
+    scans = list(range(cfg.warmup_epochs, a.epochs, cfg.scan_every))
+    if not scans:
+        raise SystemExit(f"--epochs {a.epochs} leaves no scan after the guard's {cfg.warmup_epochs}-epoch warm-up; "
+                         f"use --epochs {cfg.warmup_epochs + 1} or more")
     spec = RunSpec(data="cifar10", attack=attack, rate=rate, n_train=a.n_train, epochs=a.epochs, width=a.width,
                    lr=a.lr, seed=a.seed, model=model_name)
     torch.manual_seed(spec.seed)
@@ -217,10 +224,6 @@ def cell(attack: str | None, rate: float, model_name: str, a: argparse.Namespace
     sampler = EpochPermutation(len(data.labels), spec.seed)
     loader = DataLoader(data.train, batch_size=spec.batch_size, sampler=sampler)
     epoch_s = []
-    # the guard's default schedule: scans when epochs 2, 4, 6 start; the checkpoint is the first of them
-    # where the attack is learned (the last one otherwise): there every detector has its best chance
-    cfg = GuardConfig()
-    scans = list(range(cfg.warmup_epochs, a.epochs, cfg.scan_every))
     for epoch in range(scans[-1]):
         epoch_s.append(_epoch(model, opt, loader, f"epoch {epoch + 1}/{scans[-1]}"))
         sched.step()
