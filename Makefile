@@ -28,14 +28,14 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
-# quick suite (about 40 minutes on 2 CPU cores; cells whose attack is not learned train to epoch 6): every
-# detector on the same checkpoint
+# quick suite (about 25 minutes on 2 CPU cores, two pinned single-thread processes): every detector on the
+# same checkpoint of each cell, and whole runs with and without the guard for its cost
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_peers.py
 
 # full suite (hours on a CPU): whole training runs with and without the guard, scaling, distributed
 bench-full: $(BENCH_STAMP)
-	$(BIN)/python benchmarks/bench_peers.py
+	$(BIN)/python benchmarks/bench_peers.py --suite full
 	$(BIN)/python benchmarks/bench_guard.py
 	$(BIN)/python benchmarks/bench_scale.py
 	$(BIN)/python benchmarks/bench_distributed.py

@@ -185,6 +185,7 @@ def render_benchmarks(results: Path = HERE / "results", target: Path = HERE.pare
     notes = HERE / "NOTES.md"
     if notes.exists():
         parts += [notes.read_text().strip(), ""]
+    plotted = False
     for path in sorted(results.glob("*.json")):
         saved = json.loads(path.read_text())
         if "speedup" in saved:                     # benchmarks/bench_distributed.py
@@ -209,16 +210,22 @@ def render_benchmarks(results: Path = HERE / "results", target: Path = HERE.pare
                       path.with_suffix(".md").read_text().strip(), ""]
             continue
         if "cells" in saved:                       # benchmarks/bench_peers.py
-            m = saved["meta"].get("parts", [saved["meta"]])[0]
+            metas = saved["meta"].get("parts", [saved["meta"]])
+            m = metas[0]
+            wall = max(p["wall_seconds"] for p in metas) / 60
             parts += [f"## {path.stem}", "",
+                      f"`python benchmarks/bench_peers.py --suite {m.get('suite', 'full')}`: {len(metas)} process(es) "
+                      f"of {m['threads']} thread(s), {wall:.0f} minutes wall (the longest process). "
                       "Every detector on the same checkpoint (the first of the guard's default scans, epochs 2, 4, 6 "
                       f"of {m['epochs']}, where the attack is learned) of a poisoned {m['n_train']:,}-image CIFAR-10 "
                       f"run, width-{m['width']} "
                       f"ResNet-18 unless named, lr {m['lr']}, seed {m['seed']}, torch {m['torch']}; {m['machine']}. "
                       "Cells: F1 (TPR / FPR), all in %; FPR over all benign training samples.", "",
                       path.with_suffix(".md").read_text().strip(), ""]
-            parts += [f"![{png.stem}](benchmarks/results/plots/{png.name})" for png in
-                      sorted((results / "plots").glob("*.png"))] + [""]
+            if not plotted:                        # the plots folder is shared by both suites: shown once
+                parts += [f"![{png.stem}](benchmarks/results/plots/{png.name})" for png in
+                          sorted((results / "plots").glob("*.png"))] + [""]
+                plotted = True
             continue
         rows = with_floors({"runs": saved["runs"], "rows": [row(n, r) for n, r in saved["runs"].items()]})["rows"]
         metas = saved["meta"].get("parts", [saved["meta"]])

@@ -17,10 +17,15 @@ one checkpoint:
 
 Per detector: TPR, FPR (over all benign training samples), precision, F1, AUROC where it gives
 scores, wall time and peak traced memory (numpy/Python allocations; torch's own CPU allocator is
-not traced).
+not traced). The cost cells are also trained whole, with the guard's default configuration and
+without it: training wall time, the guard's overhead, scan time against epoch time, and the final
+clean accuracy and attack success of both models.
 
-    python benchmarks/bench_peers.py                                   # the committed quick suite
-    python benchmarks/bench_peers.py --cells badnets:0.1 --out /tmp/x.json   # one cell
+The work runs as ``--jobs`` single-thread processes (default 2), each pinned to a core.
+
+    python benchmarks/bench_peers.py                  # the committed quick suite -> results/peers_quick.json
+    python benchmarks/bench_peers.py --suite full     # every cell -> results/peers_full.json
+    python benchmarks/bench_peers.py --cells badnets:0.1 --cost --jobs 1 --out /tmp/x.json   # one cell
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -43,11 +50,16 @@ from loguru import logger
 from torch.utils.data import DataLoader
 
 from guard import GuardConfig, GuardedDataset
-from guard.experiment import EpochPermutation, Prepared, RunSpec, _epoch, detection, measure, prepare
+from guard.experiment import EpochPermutation, Prepared, RunSpec, _epoch, detection, measure, prepare, run
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_CELLS = ["badnets:0.01", "badnets:0.05", "badnets:0.1", "blended:0.01", "blended:0.05", "blended:0.1",
-                 "wanet:0.05", "wanet:0.1", "none:0", "badnets:0.1:mobilenet_v2"]
+# the quick suite: every attack at the rates these 8-epoch CPU runs learn (WaNet at its strongest rate), and the
+# control; the full suite adds the rates and the architecture they do not learn
+QUICK_CELLS = ["badnets:0.05", "badnets:0.1", "blended:0.05", "blended:0.1", "wanet:0.1", "none:0"]
+FULL_CELLS = QUICK_CELLS + ["badnets:0.01", "blended:0.01", "wanet:0.05", "badnets:0.1:mobilenet_v2"]
+# whole training runs with the guard's default configuration and without it, for the cost and the final model:
+# no attack (what insurance costs) and the costliest attack cell (learned late, then unlearned)
+COST_CELLS = ["none:0", "badnets:0.05"]
 
 
 def timed(fn: Callable[[], tuple[np.ndarray, np.ndarray | None]]) -> tuple[np.ndarray, np.ndarray | None, float, float]:
@@ -308,43 +320,159 @@ def verdict(cells: dict[str, dict]) -> list[str]:
     return lines
 
 
+def parse_cell(item: str) -> tuple[str, str | None, float, str]:
+    """``attack:rate[:model]`` -> (table key, attack or None, rate, model)."""
+    attack, rate, *rest = item.split(":")
+    model_name = rest[0] if rest else "auto"
+    key = "no attack" if attack == "none" else f"{attack} {float(rate):.0%}"
+    return key + ("" if model_name == "auto" else f" {model_name}"), None if attack == "none" else attack, \
+        float(rate), model_name
+
+
+def cost(attack: str | None, rate: float, a: argparse.Namespace) -> dict:
+    """One whole training run with the guard's default configuration and its unguarded twin (same warm-up):
+    what the guard costs and what the final models look like."""
+    spec = RunSpec(data="cifar10", attack=attack, rate=rate, n_train=a.n_train, epochs=a.epochs, width=a.width,
+                   lr=a.lr, seed=a.seed)
+    r = run(spec, compare=True)
+    g, u = r["guarded"], r["unguarded"]
+    scans = [s["seconds"] for s in r["scans"]]
+    remedies = [s["remedy_seconds"] for s in r["scans"]]
+    warm = r["epoch_seconds"][:len(r["epoch_seconds"]) - len(u["epoch_seconds"])]
+    epoch = float(np.median(warm + u["epoch_seconds"]))           # an unguarded epoch: all samples, no guard
+    return {"attack": attack, "rate": rate, "epochs": spec.epochs, "scan_seconds": scans,
+            "remedy_seconds": remedies, "epoch_seconds_unguarded_median": epoch,
+            # the guard's own work over the unguarded training time (median epochs: robust to noise on a
+            # shared machine; shorter guarded epochs after a quarantine are not credited)
+            "overhead": (sum(scans) + sum(remedies)) / (spec.epochs * epoch),
+            # plain wall clock, guarded run against its twin (warm-up shared)
+            "wall_guarded": sum(r["epoch_seconds"]) + sum(scans) + sum(remedies),
+            "wall_unguarded": sum(warm) + sum(u["epoch_seconds"]),
+            "scan_over_epoch": float(np.median(scans)) / epoch if scans else float("nan"),
+            "guarded": g, "unguarded": {k: v for k, v in u.items() if k != "epoch_seconds"}}
+
+
+def cost_runs_table(runs: dict[str, dict]) -> str:
+    lines = ["| run (whole training) | epochs | unguarded epoch s | scans s | remedy s | guard overhead % | "
+             "wall guarded / unguarded | scan / epoch | TPR % | FPR % | acc no guard -> guard % | "
+             "ASR no guard -> guard % |", "|" + "---|" * 12]
+    pct = lambda v: "-" if v is None or np.isnan(v) else f"{100 * v:.1f}"  # noqa: E731
+    for key, c in runs.items():
+        g, u = c["guarded"], c["unguarded"]
+        lines.append(
+            f"| {key} | {c['epochs']} | {c['epoch_seconds_unguarded_median']:.1f} | "
+            f"{' + '.join(f'{s:.1f}' for s in c['scan_seconds'])} | {sum(c['remedy_seconds']):.1f} | "
+            f"**{pct(c['overhead'])}** | {c['wall_guarded'] / c['wall_unguarded']:.2f} | {c['scan_over_epoch']:.2f} | "
+            f"{pct(g['tpr'])} | {pct(g['fpr'])} | {pct(u['clean_acc'])} -> {pct(g['clean_acc'])} | "
+            f"{pct(u['attack_success'])} -> {pct(g['attack_success'])} |")
+    return "\n".join(lines)
+
+
+def spawn(a: argparse.Namespace, argv: list[str]) -> int:
+    """Run the cells and cost runs as ``a.jobs`` single-thread processes, each pinned to its own core
+    where the machine allows (faster than one process using every core: small convolutions scale badly
+    across threads), then merge their results into ``a.out``."""
+    weight = {k: 2.0 if "mobilenet" in k else 1.5 if k in ("badnets:0.01", "blended:0.01", "wanet:0.05",
+                                                           "wanet:0.1", "badnets:0.05") else 1.0 for k in a.cells}
+    work = sorted([(weight[c], "cells", c) for c in a.cells] + [(2.0, "cost", c) for c in a.cost],
+                  key=lambda w: -w[0])
+    jobs: list[dict[str, list[str] | float]] = [{"cells": [], "cost": [], "load": 0.0} for _ in range(a.jobs)]
+    for w, kind, c in work:                            # longest first, onto the least loaded job
+        j = min(jobs, key=lambda j: j["load"])
+        j[kind].append(c)
+        j["load"] += w
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    out = Path(a.out)
+    procs, parts = [], []
+    for i, j in enumerate(jobs):
+        part = out.with_name(f"{out.stem}.part{i}.json")
+        cmd = [sys.executable, __file__, *argv, "--jobs", "1", "--out", str(part), "--no-render",
+               "--cells", *j["cells"], "--cost", *j["cost"]]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        pin = (lambda core=cores[i]: os.sched_setaffinity(0, {core})) if len(cores) >= a.jobs else None
+        logger.info("job {}: cells {}, whole runs {}", i, j["cells"], j["cost"])
+        procs.append(subprocess.Popen(cmd, env=env, preexec_fn=pin))
+        parts.append(part)
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"a benchmark job failed (exit codes {codes}); its log is above")
+    merge(parts, out)
+    for p in parts:
+        p.unlink()
+    return 0
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    write(out, {"meta": {"parts": [p["meta"] for p in parts]},
+                "cells": {k: v for p in parts for k, v in p["cells"].items()},
+                "cost": {k: v for p in parts for k, v in p.get("cost", {}).items()}})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cells", nargs="+", default=DEFAULT_CELLS, help="attack:rate[:model] (attack none: no attack)")
+    ap.add_argument("--suite", choices=["quick", "full"], default="quick",
+                    help="quick: the cells in QUICK_CELLS (about 25 minutes on 2 cores); full: FULL_CELLS")
+    ap.add_argument("--cells", nargs="*", help="attack:rate[:model] (attack none: no attack); default: the suite's")
+    ap.add_argument("--cost", nargs="*", default=COST_CELLS,
+                    help="attack:rate cells also trained whole, with the guard and without, for the cost")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="parallel single-thread processes (1: this process, with torch's default threads)")
     ap.add_argument("--n-train", type=int, default=10000)
     ap.add_argument("--epochs", type=int, default=8, help="the schedule's length (cosine LR)")
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(HERE / "results" / "peers_cifar10.json"))
+    ap.add_argument("--out", help="result JSON (default: benchmarks/results/peers_<suite>.json)")
     ap.add_argument("--plots", default=str(HERE / "results" / "plots"), help="folder for per-cell PNGs ('' : none)")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge result files of parallel runs into --out")
+    ap.add_argument("--no-render", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    a.out = a.out or str(HERE / "results" / f"peers_{a.suite}.json")
+    a.cells = FULL_CELLS if a.cells is None and a.suite == "full" else QUICK_CELLS if a.cells is None else a.cells
     if a.merge:
-        parts = [json.loads(Path(p).read_text()) for p in a.merge]
-        write(Path(a.out), {"meta": {"parts": [p["meta"] for p in parts]},
-                            "cells": {k: v for p in parts for k, v in p["cells"].items()}})
+        merge([Path(p) for p in a.merge], Path(a.out))
         return 0
+    if a.jobs > 1:
+        passed = [x for x in (sys.argv[1:] if argv is None else argv)]
+        return spawn(a, strip(passed, ("--cells", "--cost", "--jobs", "--out")))
     t0 = time.time()
-    cells = {}
+    cells, costs = {}, {}
     for item in a.cells:
-        attack, rate, *rest = item.split(":")
-        model_name = rest[0] if rest else "auto"
-        key = "no attack" if attack == "none" else f"{attack} {float(rate):.0%}"
-        key += "" if model_name == "auto" else f" {model_name}"
-        cells[key] = cell(None if attack == "none" else attack, float(rate), model_name, a)
+        key, attack, rate, model_name = parse_cell(item)
+        cells[key] = cell(attack, rate, model_name, a)
         print(table({key: cells[key]}).splitlines()[-1], flush=True)
+    for item in a.cost:
+        key, attack, rate, _ = parse_cell(item)
+        costs[key] = cost(attack, rate, a)
+        print(cost_runs_table({key: costs[key]}).splitlines()[-1], flush=True)
     meta = {"machine": platform.platform(), "processor": platform.processor(), "python": sys.version.split()[0],
             "torch": torch.__version__, "threads": torch.get_num_threads(), "seed": a.seed, "n_train": a.n_train,
-            "epochs": a.epochs, "width": a.width, "lr": a.lr, "wall_seconds": time.time() - t0}
-    write(Path(a.out), {"meta": meta, "cells": cells})
+            "epochs": a.epochs, "width": a.width, "lr": a.lr, "suite": a.suite, "wall_seconds": time.time() - t0}
+    result = {"meta": meta, "cells": cells, "cost": costs}
+    if a.no_render:
+        Path(a.out).write_text(json.dumps(result, indent=1, default=float))
+    else:
+        write(Path(a.out), result)
     return 0
+
+
+def strip(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """``argv`` without the given options and their values (the parent sets them per job)."""
+    out, skip = [], False
+    for x in argv:
+        if x.startswith("--"):
+            skip = x.split("=")[0] in options
+        if not skip:
+            out.append(x)
+    return out
 
 
 def write(out: Path, result: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=float))
-    md = "\n\n".join([table(result["cells"]), cost_table(result["cells"]), "\n".join(verdict(result["cells"]))])
+    md = "\n\n".join([table(result["cells"]), cost_table(result["cells"]), "\n".join(verdict(result["cells"]))]
+                       + ([cost_runs_table(result["cost"])] if result.get("cost") else []))
     out.with_suffix(".md").write_text(md + "\n")
     print(md)
     sys.path.insert(0, str(HERE))

@@ -62,8 +62,9 @@ class GuardConfig(BaseModel):
     remedy: Literal["unlearn", "restart", "none"] = Field(
         "unlearn", description="after new quarantines: 'unlearn' the trigger, 'restart' from the initial "
                                "weights, or 'none'")
-    unlearn_steps: int = Field(60, ge=1, description="optimizer steps of one unlearning (up to 3x as many until "
-                                                     "the quarantined samples are unlearned and kept accuracy is back)")
+    unlearn_steps: int = Field(60, ge=1, description="optimizer steps of one unlearning at least (up to 3x as many "
+                                                     "until held-out quarantined samples are fitted no more than by "
+                                                     "chance)")
     unlearn_lr: float = Field(0.01, gt=0, description="SGD learning rate used for unlearning")
 
     # sampling

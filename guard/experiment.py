@@ -267,6 +267,7 @@ def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None,
     out["guard_scan_memory_mb"] = max((s.memory_bytes for s in scans), default=0) / 2**20
     out["scan_seconds"] = [s.seconds for s in scans]            # detection only; remedy_seconds apart
     out["epoch_seconds_median"] = float(np.median(epoch_times))
+    out["epoch_seconds"] = epoch_times
     out["guard_peak_python_mb"] = peak / 2**20
     out["report"] = gds.report
     if out_dir is not None:
@@ -287,5 +288,6 @@ def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None,
         for _ in range(cfg.warmup_epochs, spec.epochs):
             times2.append(_epoch(model2, opt2, loader2))
             sched2.step()
-        out["unguarded"] = {**measure(model2, data), "epoch_seconds_median": float(np.median(times2))}
+        out["unguarded"] = {**measure(model2, data), "epoch_seconds_median": float(np.median(times2)),
+                            "epoch_seconds": times2}
     return out

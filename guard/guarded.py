@@ -21,13 +21,14 @@ from guard.config import GuardConfig
 from guard.errors import GuardError
 from guard.extract import Extractor
 from guard.hooks import check_layers, discover_layers, preserve_rng, scan_mode, unwrap_model
-from guard.remedy import RELAPSE_FIT, fit_share, restart, split_check, unlearn
+from guard.remedy import allowed_fit, chance_fit, fit_share, predictions, restart, split_check, unlearn
 from guard.report import (ClassReport, GuardReport, QuarantineRecord, RestoreRecord, ScanReport, atomic_write,
                           now)
 from guard.sampler import GuardSampler
 from guard.scan import Scanner, ScanResult
 
 _PROBE = 4
+_CHANCE_SAMPLES = 2048     # benign samples that estimate how often the model predicts a label by chance
 
 
 def _length(ds: Any, what: str) -> int:
@@ -290,9 +291,10 @@ class GuardedDataset(Dataset):
 
     def _remedy(self, scan: ScanReport, scan_no: int, new: bool) -> None:
         """``restart`` after new quarantines. ``unlearn`` whenever the model fits the held-out check
-        set of quarantined samples (predicts the label they carry) above ``RELAPSE_FIT``: right after
-        they are found if the backdoor was already learned, and at any later scan if a suppressed
-        backdoor creeps back. Nothing is unlearned while the model does not know what they teach."""
+        set of quarantined samples (predicts the label they carry) more than chance allows (see
+        :mod:`guard.remedy`): right after they are found if the backdoor was already learned, and at
+        any later scan if a suppressed backdoor creeps back. Nothing is unlearned while the model
+        does not know what they teach."""
         cfg = self.config
         if cfg.remedy == "none":
             return
@@ -305,18 +307,33 @@ class GuardedDataset(Dataset):
             recs = list(self._records.values())
             train, check = split_check(np.array([r.index for r in recs]), np.array([r.score for r in recs]), cfg.seed)
             fit = fit_share(self.model, self.dataset, check, self.adapter, self.device, cfg.channels_last)
-            scan.remedy_fit_before = fit
-            if fit <= RELAPSE_FIT:
-                logger.info("guard: the model predicts {:.1%} of the held-out quarantined samples as their label: "
-                            "nothing to unlearn", fit)
+            allowed = allowed_fit(self._chance(np.array([self._records[int(i)].label for i in check])), len(check))
+            scan.remedy_fit_before, scan.remedy_fit_allowed = fit, allowed
+            if fit <= allowed:
+                logger.info("guard: the model predicts {:.1%} of the held-out quarantined samples as their label "
+                            "(chance: up to {:.1%}): nothing to unlearn", fit, allowed)
                 return
-            logger.info("guard: the model predicts {:.1%} of the held-out quarantined samples as their label{}: "
-                        "unlearning", fit, "" if new else " again")
+            logger.info("guard: the model predicts {:.1%} of the held-out quarantined samples as their label "
+                        "(chance: up to {:.1%}){}: unlearning", fit, allowed, "" if new else " again")
             scan.remedy = cfg.remedy
-            scan.remedy_fit_after = unlearn(self.model, self.dataset, self.kept_indices(), train, check, fit,
-                                            self.adapter, cfg, self.device, seed=cfg.seed + scan_no,
-                                            channels_last=cfg.channels_last)
+            scan.remedy_fit_after, scan.remedy_steps = unlearn(
+                self.model, self.dataset, self.kept_indices(), train, check, fit, allowed, self.adapter, cfg,
+                self.device, seed=cfg.seed + scan_no, channels_last=cfg.channels_last)
         scan.remedy_seconds = time.monotonic() - t
+
+    def _chance(self, targets: np.ndarray) -> float:
+        """How often the model predicts ``targets``' labels for benign images of other classes: on the
+        trusted set, or trust-free on kept training samples (fitted, so a lower, stricter rate);
+        at most ``_CHANCE_SAMPLES`` of them."""
+        rng = np.random.default_rng([self.config.seed, 2])
+        if self.trusted is not None:
+            source, pool = self.trusted, np.arange(len(self.trusted))
+        else:
+            source = self.scan_dataset if self.scan_dataset is not None else self.dataset
+            pool = self.kept_indices()
+        idx = np.sort(rng.choice(pool, min(len(pool), _CHANCE_SAMPLES), replace=False))
+        pred, lab = predictions(self.model, source, idx, self.adapter, self.device, self.config.channels_last)
+        return chance_fit(pred, lab, targets)
 
     # ---- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -7,12 +7,15 @@ bounded loss, unlike gradient ascent).
 
 Whether it worked is judged on *held-out* quarantined samples (``check``, a fifth of the most
 suspicious half, never unlearned on): the unlearned samples themselves are soon memorised and
-say nothing about the trigger on new images. Unlearning runs at least ``unlearn_steps`` steps
-and goes on (up to 3x) until at most ``STOP_FIT`` of the held-out samples are still predicted as
-their label and the kept samples are fitted as before. Every later scan checks the held-out
-samples again and unlearns once more if they are fitted above ``RELAPSE_FIT`` (a suppressed
-backdoor creeping back while training goes on). ``restart`` reloads the weights the model had
-when it was wrapped.
+say nothing about the trigger on new images. The goal is the model that never learned the
+trigger, which still predicts that label for some images of other classes (an 8-epoch CIFAR-10
+model sends 3-4 % of other images to any one class): pushing the check samples below that
+*chance* rate would teach an anti-trigger and cost accuracy for nothing. So unlearning runs at
+least ``unlearn_steps`` steps (fewer leave the check samples unlearned before the trigger itself is) and stops (at most 3x as many) once the check samples are fitted no
+more than benign images of other classes are predicted as their label, plus two binomial standard
+errors (``allowed_fit``). Every later scan checks them again and unlearns once more if they are
+fitted above that (a suppressed backdoor creeping back). ``restart`` reloads the weights the model
+had when it was wrapped.
 """
 
 from __future__ import annotations
@@ -29,8 +32,7 @@ from guard.batches import BatchAdapter
 from guard.config import GuardConfig
 from guard.hooks import scan_mode
 
-STOP_FIT = 0.01       # unlearning stops once the held-out quarantined samples are fitted at most this much
-RELAPSE_FIT = 0.02    # a later scan unlearns again when they are fitted above this
+FIT_FLOOR = 0.01      # the allowed fit of unlearned samples is never set below this
 _CHECK_MAX = 512
 _CHECK_EVERY = 10
 
@@ -68,27 +70,52 @@ def split_check(indices: np.ndarray, scores: np.ndarray, seed: int) -> tuple[np.
     return np.setdiff1d(indices, chosen), np.sort(chosen)
 
 
+def predictions(model: nn.Module, dataset: Dataset, indices: np.ndarray, adapter: BatchAdapter,
+                device: torch.device, channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The eval-mode predicted class and the carried label of each of ``indices``."""
+    preds, labels = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    with scan_mode(model):
+        for start in range(0, len(indices), 128):
+            inputs, lab = adapter.split(_batch(dataset, indices[start:start + 128]))
+            logits = adapter.forward(model, adapter.move(inputs, device, channels_last))
+            preds.append(logits.argmax(1).cpu().numpy())
+            labels.append(lab.numpy())
+    return np.concatenate(preds), np.concatenate(labels)
+
+
 def fit_share(model: nn.Module, dataset: Dataset, indices: np.ndarray, adapter: BatchAdapter,
               device: torch.device, channels_last: bool = False) -> float:
     """Share of ``indices`` the model, in eval mode, predicts as the label they carry: how much of
     what they teach the model currently knows."""
-    hits = 0
-    with scan_mode(model):
-        for start in range(0, len(indices), 128):
-            inputs, labels = adapter.split(_batch(dataset, indices[start:start + 128]))
-            logits = adapter.forward(model, adapter.move(inputs, device, channels_last))
-            hits += int((logits.argmax(1).cpu() == labels).sum())
-    return hits / max(len(indices), 1)
+    pred, lab = predictions(model, dataset, indices, adapter, device, channels_last)
+    return float((pred == lab).mean()) if len(lab) else 0.0
+
+
+def chance_fit(pred: np.ndarray, labels: np.ndarray, targets: np.ndarray) -> float:
+    """How often the model predicts the labels ``targets`` carry for benign images that do not belong
+    there: per target label, the share of benign samples (``pred``, ``labels``) of the other classes
+    predicted as it, averaged over ``targets``. What unlearned samples are still fitted by chance."""
+    rates = {int(c): float((pred[labels != c] == c).mean()) if (labels != c).any() else 0.0
+             for c in np.unique(targets)}
+    return float(np.mean([rates[int(c)] for c in targets])) if len(targets) else 0.0
+
+
+def allowed_fit(chance: float, n: int) -> float:
+    """The fit of ``n`` check samples that still counts as unlearned: the chance rate plus two
+    binomial standard errors (a check set of 50 resolves 2 %), never below ``FIT_FLOOR``."""
+    p = min(max(chance, 1.0 / max(n, 1)), 1.0)
+    return max(FIT_FLOOR, chance + 2.0 * float(np.sqrt(p * (1.0 - p) / max(n, 1))))
 
 
 def unlearn(model: nn.Module, dataset: Dataset, kept: np.ndarray, quarantined: np.ndarray, check: np.ndarray,
-            fit_before: float, adapter: BatchAdapter, cfg: GuardConfig, device: torch.device, seed: int,
-            channels_last: bool = False) -> float:
+            fit_before: float, allowed: float, adapter: BatchAdapter, cfg: GuardConfig, device: torch.device,
+            seed: int, channels_last: bool = False) -> tuple[float, int]:
     """Unlearn what the ``quarantined`` samples taught; ``check`` (held out from them) measures it,
-    ``fit_before`` is its ``fit_share`` now (the caller has it already). Returns the share after."""
+    ``fit_before`` is its ``fit_share`` now (the caller has it already), ``allowed`` the fit at which
+    it counts as unlearned. Returns the share after and the steps taken."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params or len(quarantined) == 0 or len(kept) == 0:
-        return float("nan")
+        return float("nan"), 0
     opt = torch.optim.SGD(params, lr=cfg.unlearn_lr, momentum=0.9)
     rng = np.random.default_rng(seed)
     half = max(cfg.batch_size // 4, 8)
@@ -110,18 +137,19 @@ def unlearn(model: nn.Module, dataset: Dataset, kept: np.ndarray, quarantined: n
                 loss.backward()
                 opt.step()
                 accs.append(float((k_logits.argmax(1) == k_labels).float().mean()))
-                # stop once the held-out quarantined samples are unlearned and the kept ones fitted as before
+                # stop once the held-out quarantined samples are fitted no more than by chance
                 if step + 1 >= cfg.unlearn_steps and (step + 1) % _CHECK_EVERY == 0:
                     last = fit_share(model, dataset, check, adapter, device, channels_last)
-                    if last <= STOP_FIT and np.mean(accs[-4:]) >= np.mean(accs[:4]) - 0.02:
+                    if last <= allowed:
                         break
     finally:
         for m, f in was_training:
             m.training = f
         opt.zero_grad(set_to_none=True)
-    logger.info("unlearn: {} steps, held-out quarantined samples predicted as their label {:.1%} -> {:.1%}, kept "
-                "batch accuracy {:.1%} -> {:.1%}", step + 1, fit_before, last, np.mean(accs[:4]), np.mean(accs[-4:]))
-    return last
+    logger.info("unlearn: {} steps, held-out quarantined samples predicted as their label {:.1%} -> {:.1%} (by "
+                "chance: up to {:.1%}), kept batch accuracy {:.1%} -> {:.1%}", step + 1, fit_before, last, allowed,
+                np.mean(accs[:4]), np.mean(accs[-4:]))
+    return last, step + 1
 
 
 def restart(model: nn.Module, initial_state: dict[str, torch.Tensor]) -> None:

@@ -76,6 +76,10 @@ class ScanReport(BaseModel):
     remedy_fit_before: float | None = Field(
         None, description="share of the held-out quarantined samples predicted as their label")
     remedy_fit_after: float | None = None
+    remedy_fit_allowed: float | None = Field(
+        None, description="the fit that counts as unlearned: how often benign images of other classes are "
+                          "predicted as those labels, plus two standard errors")
+    remedy_steps: int = 0
     reference_scores: list[float] = Field(
         default=[], description="suspicion of the benign reference samples on the same scale (for plots)")
 
