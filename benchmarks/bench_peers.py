@@ -35,8 +35,10 @@ import gc
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -223,9 +225,6 @@ def cell(attack: str | None, rate: float, model_name: str, a: argparse.Namespace
     # where the attack is learned (the last one otherwise): there every detector has its best chance
     cfg = GuardConfig()
     scans = list(range(cfg.warmup_epochs, a.epochs, cfg.scan_every))
-    if not scans:
-        raise SystemExit(f"--epochs {a.epochs} leaves no scan after the guard's {cfg.warmup_epochs}-epoch warm-up; "
-                         f"use --epochs {cfg.warmup_epochs + 1} or more")
     spec = RunSpec(data="cifar10", attack=attack, rate=rate, n_train=a.n_train, epochs=a.epochs, width=a.width,
                    lr=a.lr, seed=a.seed, model=model_name)
     torch.manual_seed(spec.seed)
@@ -342,6 +341,7 @@ def cost(attack: str | None, rate: float, a: argparse.Namespace) -> dict:
     epoch = float(np.median(warm + u["epoch_seconds"]))           # an unguarded epoch: all samples, no guard
     return {"attack": attack, "rate": rate, "epochs": spec.epochs, "scan_seconds": scans,
             "remedy_seconds": remedies, "epoch_seconds_unguarded_median": epoch,
+            "epoch_seconds_guarded": r["epoch_seconds"], "epoch_seconds_twin": u["epoch_seconds"],
             # the guard's own work over the unguarded training time (median epochs: robust to noise on a
             # shared machine; shorter guarded epochs after a quarantine are not credited)
             "overhead": (sum(scans) + sum(remedies)) / (spec.epochs * epoch),
@@ -382,10 +382,10 @@ def spawn(a: argparse.Namespace, argv: list[str]) -> int:
         j[kind].append(c)
         j["load"] += w
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    out = Path(a.out)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_peers."))      # not in results/, which is rendered as a whole
     procs, parts = [], []
     for i, j in enumerate(jobs):
-        part = out.with_name(f"{out.stem}.part{i}.json")
+        part = tmp / f"part{i}.json"
         cmd = [sys.executable, __file__, *argv, "--jobs", "1", "--out", str(part), "--no-render",
                "--cells", *j["cells"], "--cost", *j["cost"]]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -396,9 +396,8 @@ def spawn(a: argparse.Namespace, argv: list[str]) -> int:
     codes = [p.wait() for p in procs]
     if any(codes):
         raise SystemExit(f"a benchmark job failed (exit codes {codes}); its log is above")
-    merge(parts, out)
-    for p in parts:
-        p.unlink()
+    merge(parts, Path(a.out))
+    shutil.rmtree(tmp)
     return 0
 
 
@@ -433,9 +432,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.merge:
         merge([Path(p) for p in a.merge], Path(a.out))
         return 0
+    warmup = GuardConfig().warmup_epochs
+    if a.epochs <= warmup:
+        raise SystemExit(f"--epochs {a.epochs} leaves no scan after the guard's {warmup}-epoch warm-up; "
+                         f"use --epochs {warmup + 1} or more")
     if a.jobs > 1:
-        passed = [x for x in (sys.argv[1:] if argv is None else argv)]
-        return spawn(a, strip(passed, ("--cells", "--cost", "--jobs", "--out")))
+        return spawn(a, strip(sys.argv[1:] if argv is None else argv, ("--cells", "--cost", "--jobs", "--out")))
     t0 = time.time()
     cells, costs = {}, {}
     for item in a.cells:

@@ -3,7 +3,8 @@
 Used by ``make demo``, the benchmark and the end-to-end tests; also a template for users who
 want to check the guard on their own pipeline. The guarded and unguarded runs share the warm-up
 (same seed, same sample order, same weights) and branch at the first scan, so their
-differences come from the guard alone.
+differences come from the guard alone; after it they train in lockstep, epoch by epoch, so that
+their wall times see the same machine load.
 """
 
 from __future__ import annotations
@@ -220,11 +221,35 @@ def detection(flagged: np.ndarray, poisoned: np.ndarray, n: int) -> dict[str, fl
             "flagged": int(f.sum()), "poisoned": int(p.sum())}
 
 
+class _Twin:
+    """The unguarded run, branched from the guarded one when the warm-up ends (same weights, optimizer
+    and schedule state, same sample order) and trained in lockstep with it, one epoch after each
+    guarded epoch, so that both see the same machine load: their wall times compare."""
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, data: Prepared, spec: RunSpec,
+                 cfg: GuardConfig) -> None:
+        self.model = data.make_model()
+        self.model.load_state_dict(copy.deepcopy(model.state_dict()))
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=5e-4)
+        self.opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=spec.epochs)
+        self.sched.load_state_dict(copy.deepcopy(sched.state_dict()))
+        sampler = EpochPermutation(len(data.labels), cfg.seed)
+        sampler.epoch = cfg.warmup_epochs
+        self.loader = DataLoader(data.train, batch_size=spec.batch_size, sampler=sampler)
+        self.times: list[float] = []
+
+    def epoch(self, desc: str) -> None:
+        self.times.append(_epoch(self.model, self.opt, self.loader, desc))
+        self.sched.step()
+
+
 def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None,
         data: Prepared | None = None) -> dict[str, Any]:
-    """Train with the guard (and, with ``compare``, the unguarded twin) and measure. With ``out_dir``,
-    the guard's files (report.json, quarantine.csv, samples.csv) and checkpoint.pt (model and guard
-    state) are written there. ``data``: ``prepare(spec)`` when the caller has it already."""
+    """Train with the guard (and, with ``compare``, the unguarded twin, in lockstep) and measure.
+    With ``out_dir``, the guard's files (report.json, quarantine.csv, samples.csv) and checkpoint.pt
+    (model and guard state) are written there. ``data``: ``prepare(spec)`` when the caller has it
+    already."""
     torch.manual_seed(spec.seed)
     data = prepare(spec) if data is None else data
     cfg = GuardConfig(**{"seed": spec.seed, **spec.guard})
@@ -237,12 +262,11 @@ def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None,
     out: dict[str, Any] = {"spec": asdict(spec), "n_train": len(data.labels), "layers": gds.layers}
     epoch_times: list[float] = []
     paper: list[dict[str, float]] = []
-    branch = None
+    twin: _Twin | None = None
     tracemalloc.start()
     for epoch in range(spec.epochs):
         if epoch == cfg.warmup_epochs and compare:
-            branch = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()),
-                      copy.deepcopy(sched.state_dict()))
+            twin = _Twin(model, opt, sched, data, spec, cfg)
             out["warmup"] = measure(model, data)
         t0 = time.perf_counter()
         gds.sampler.set_epoch(epoch)
@@ -256,6 +280,8 @@ def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None,
             paper.append(detection(gds.last_result.paper_flagged, data.poisoned, len(data.labels)))
         logger.info("epoch {}/{}: {:.1f}s{}, {:,} samples quarantined", epoch + 1, spec.epochs, epoch_times[-1],
                     f" after a {scan_time:.1f}s scan" if scanned else "", len(gds.quarantined))
+        if twin is not None:
+            twin.epoch(f"unguarded epoch {epoch + 1}/{spec.epochs}")
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     out["guarded"] = {**measure(model, data), **detection(gds.quarantined, data.poisoned, len(data.labels))}
@@ -274,20 +300,7 @@ def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None,
         gds.save(out_dir)
         torch.save({"model": model.state_dict(), "guard": gds.state_dict(), "spec": asdict(spec)},
                    Path(out_dir) / "checkpoint.pt")
-    if compare and branch is not None:
-        model2 = data.make_model()
-        model2.load_state_dict(branch[0])
-        opt2 = torch.optim.SGD(model2.parameters(), lr=spec.lr, momentum=0.9, weight_decay=5e-4)
-        opt2.load_state_dict(branch[1])
-        sched2 = torch.optim.lr_scheduler.CosineAnnealingLR(opt2, T_max=spec.epochs)
-        sched2.load_state_dict(branch[2])
-        sampler = EpochPermutation(len(data.labels), cfg.seed)
-        sampler.epoch = cfg.warmup_epochs
-        loader2 = DataLoader(data.train, batch_size=spec.batch_size, sampler=sampler)
-        times2 = []
-        for _ in range(cfg.warmup_epochs, spec.epochs):
-            times2.append(_epoch(model2, opt2, loader2))
-            sched2.step()
-        out["unguarded"] = {**measure(model2, data), "epoch_seconds_median": float(np.median(times2)),
-                            "epoch_seconds": times2}
+    if twin is not None:
+        out["unguarded"] = {**measure(twin.model, data), "epoch_seconds_median": float(np.median(twin.times)),
+                            "epoch_seconds": twin.times}
     return out
