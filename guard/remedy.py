@@ -11,11 +11,12 @@ say nothing about the trigger on new images. The goal is the model that never le
 trigger, which still predicts that label for some images of other classes (an 8-epoch CIFAR-10
 model sends 3-4 % of other images to any one class): pushing the check samples below that
 *chance* rate would teach an anti-trigger and cost accuracy for nothing. So unlearning runs at
-least ``unlearn_steps`` steps (fewer leave the check samples unlearned before the trigger itself is) and stops (at most 3x as many) once the check samples are fitted no
-more than benign images of other classes are predicted as their label, plus two binomial standard
-errors (``allowed_fit``). Every later scan checks them again and unlearns once more if they are
-fitted above that (a suppressed backdoor creeping back). ``restart`` reloads the weights the model
-had when it was wrapped.
+least ``unlearn_steps`` steps (fewer leave the check samples unlearned before the trigger itself
+is) and stops, at most 3x as many, once the check samples are fitted no more than benign images
+of other classes are predicted as their label, plus two binomial standard errors
+(``allowed_fit``). Every later scan checks them again and unlearns once more if they are fitted
+above that (a suppressed backdoor creeping back). ``restart`` reloads the weights the model had
+when it was wrapped.
 """
 
 from __future__ import annotations
@@ -102,9 +103,9 @@ def chance_fit(pred: np.ndarray, labels: np.ndarray, targets: np.ndarray) -> flo
 
 def allowed_fit(chance: float, n: int) -> float:
     """The fit of ``n`` check samples that still counts as unlearned: the chance rate plus two
-    binomial standard errors (a check set of 50 resolves 2 %), never below ``FIT_FLOOR``."""
-    p = min(max(chance, 1.0 / max(n, 1)), 1.0)
-    return max(FIT_FLOOR, chance + 2.0 * float(np.sqrt(p * (1.0 - p) / max(n, 1))))
+    binomial standard errors of it, never below ``FIT_FLOOR`` (so a model that predicts the label
+    for no other image must fit none of the check samples)."""
+    return max(FIT_FLOOR, chance + 2.0 * float(np.sqrt(chance * (1.0 - chance) / max(n, 1))))
 
 
 def unlearn(model: nn.Module, dataset: Dataset, kept: np.ndarray, quarantined: np.ndarray, check: np.ndarray,

@@ -229,6 +229,29 @@ def test_a_relapsed_backdoor_is_unlearned_again_and_a_dormant_one_left_alone():
     assert relapse.remedy_fit_before > 0.5 and relapse.remedy_fit_after <= 0.05
 
 
+def test_chance_fit_is_the_rate_other_classes_are_predicted_as_the_label():
+    from guard.remedy import allowed_fit, chance_fit
+    labels = np.repeat(np.arange(4), 100)
+    pred = labels.copy()
+    pred[100:110] = 0                        # 10 of the 300 non-class-0 samples predicted as class 0
+    pred[0:50] = 1                           # class-0 samples predicted elsewhere do not count
+    assert chance_fit(pred, labels, np.zeros(7, int)) == pytest.approx(10 / 300)
+    assert chance_fit(pred, labels, np.array([0, 0, 3])) == pytest.approx((2 * 10 / 300 + 0) / 3)
+    assert allowed_fit(0.04, 400) == pytest.approx(0.04 + 2 * np.sqrt(0.04 * 0.96 / 400))
+    assert allowed_fit(0.04, 50) > allowed_fit(0.04, 400) > 0.04                     # fewer checks, wider
+    assert allowed_fit(0.0, 5) == allowed_fit(0.001, 10**6) == 0.01                  # never below the floor
+
+
+def test_unlearning_stops_at_the_chance_rate_and_records_it():
+    ds = Blobs(600, poison=0.08, seed=0)
+    model = train(mlp(), ds, epochs=25)
+    gds = GuardedDataset(ds, model, GuardConfig(), trusted=Blobs(150, seed=7))
+    scan = gds.scan()
+    assert scan.remedy == "unlearn" and scan.remedy_fit_allowed is not None
+    assert scan.remedy_fit_after <= scan.remedy_fit_allowed < 0.5
+    assert gds.config.unlearn_steps <= scan.remedy_steps <= 3 * gds.config.unlearn_steps
+
+
 def test_restart_remedy_restores_initial_weights():
     ds = Blobs(600, poison=0.08, seed=0)
     model = mlp()
