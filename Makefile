@@ -28,7 +28,7 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
-# quick suite (about 25 minutes on 2 CPU cores, two pinned single-thread processes): every detector on the
+# quick suite (about 30 minutes on 2 CPU cores, two pinned single-thread processes): every detector on the
 # same checkpoint of each cell, and whole runs with and without the guard for its cost
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_peers.py

@@ -55,6 +55,8 @@ from guard import GuardConfig, GuardedDataset
 from guard.experiment import EpochPermutation, Prepared, RunSpec, _epoch, detection, measure, prepare, run
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))                  # bench_guard beside this file, also when imported from elsewhere
+from bench_guard import fmt, render_benchmarks  # noqa: E402
 # the quick suite: every attack at the rates these 8-epoch CPU runs learn (WaNet at its strongest rate), and the
 # control; the full suite adds the rates and the architecture they do not learn
 QUICK_CELLS = ["badnets:0.05", "badnets:0.1", "blended:0.05", "blended:0.1", "wanet:0.1", "none:0"]
@@ -356,15 +358,14 @@ def cost_runs_table(runs: dict[str, dict]) -> str:
     lines = ["| run (whole training) | epochs | unguarded epoch s | scans s | remedy s | guard overhead % | "
              "wall guarded / unguarded | scan / epoch | TPR % | FPR % | acc no guard -> guard % | "
              "ASR no guard -> guard % |", "|" + "---|" * 12]
-    pct = lambda v: "-" if v is None or np.isnan(v) else f"{100 * v:.1f}"  # noqa: E731
     for key, c in runs.items():
         g, u = c["guarded"], c["unguarded"]
         lines.append(
             f"| {key} | {c['epochs']} | {c['epoch_seconds_unguarded_median']:.1f} | "
             f"{' + '.join(f'{s:.1f}' for s in c['scan_seconds'])} | {sum(c['remedy_seconds']):.1f} | "
-            f"**{pct(c['overhead'])}** | {c['wall_guarded'] / c['wall_unguarded']:.2f} | {c['scan_over_epoch']:.2f} | "
-            f"{pct(g['tpr'])} | {pct(g['fpr'])} | {pct(u['clean_acc'])} -> {pct(g['clean_acc'])} | "
-            f"{pct(u['attack_success'])} -> {pct(g['attack_success'])} |")
+            f"**{fmt(c['overhead'])}** | {c['wall_guarded'] / c['wall_unguarded']:.2f} | {c['scan_over_epoch']:.2f} | "
+            f"{fmt(g['tpr'])} | {fmt(g['fpr'])} | {fmt(u['clean_acc'])} -> {fmt(g['clean_acc'])} | "
+            f"{fmt(u['attack_success'])} -> {fmt(g['attack_success'])} |")
     return "\n".join(lines)
 
 
@@ -411,7 +412,7 @@ def merge(paths: list[Path], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=["quick", "full"], default="quick",
-                    help="quick: the cells in QUICK_CELLS (about 25 minutes on 2 cores); full: FULL_CELLS")
+                    help="quick: the cells in QUICK_CELLS (about 30 minutes on 2 cores); full: FULL_CELLS")
     ap.add_argument("--cells", nargs="*", help="attack:rate[:model] (attack none: no attack); default: the suite's")
     ap.add_argument("--cost", nargs="*", default=COST_CELLS,
                     help="attack:rate cells also trained whole, with the guard and without, for the cost")
@@ -473,12 +474,11 @@ def strip(argv: list[str], options: tuple[str, ...]) -> list[str]:
 def write(out: Path, result: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=float))
-    md = "\n\n".join([table(result["cells"]), cost_table(result["cells"]), "\n".join(verdict(result["cells"]))]
-                       + ([cost_runs_table(result["cost"])] if result.get("cost") else []))
+    cells, costs = result["cells"], result.get("cost")
+    md = "\n\n".join(([table(cells), cost_table(cells), "\n".join(verdict(cells))] if cells else [])
+                       + ([cost_runs_table(costs)] if costs else []))
     out.with_suffix(".md").write_text(md + "\n")
     print(md)
-    sys.path.insert(0, str(HERE))
-    from bench_guard import render_benchmarks
     render_benchmarks()
 
 
