@@ -54,19 +54,22 @@ def first_tensor(out: Any) -> torch.Tensor | None:
     return None
 
 
+PEAK = ":peak"
+"""Suffix of a token layer's second view (``"vit.encoder.layer.2:peak"``), see :func:`peak`."""
+
+
+def module_of(layer: str) -> str:
+    """The module a layer view is read from: ``"blocks.3:peak"`` -> ``"blocks.3"``."""
+    return layer[:-len(PEAK)] if layer.endswith(PEAK) else layer
+
+
 def pool(t: torch.Tensor, grid: int = 4) -> torch.Tensor:
     """(N, D) float32 summary of a layer output.
 
     Feature maps are average-pooled to a ``grid`` x ``grid`` map and flattened: the coarse layout
     is what separates a local trigger (a global mean dilutes it), and the size no longer grows
     with the input resolution. ``grid=0`` keeps the full map. Token sequences (B, T, D) are
-    averaged in ``grid * grid`` consecutive runs of tokens, the same idea along the sequence: a
-    trigger patch of a ViT is one token among many, and a mean over all of them dilutes it. Even a
-    run dilutes it four-fold, so a second half follows: per channel, the largest deviation of any
-    token from the sample's mean token (a trigger token stands out of its own image). Both halves
-    have unit length, so a cosine weighs them equally. Measured on a 4-layer ViT trained from scratch
-    on 10k CIFAR-10 with BadNets 10 %: AUROC of the class-0 poison 0.78-0.83 with the runs alone,
-    0.95-0.98 with the peak alone, at the best encoder layer (two seeds).
+    averaged in ``grid * grid`` consecutive runs of tokens, the same idea along the sequence.
     """
     t = t.detach()
     if t.dim() == 4:
@@ -75,16 +78,30 @@ def pool(t: torch.Tensor, grid: int = 4) -> torch.Tensor:
         t = t.flatten(1)
     elif t.dim() == 3:
         t = t.float()
-        peak = (t - t.mean(1, keepdim=True)).abs().amax(1)
         if grid and t.shape[1] > grid * grid:
-            runs = torch.nn.functional.adaptive_avg_pool1d(t.transpose(1, 2), grid * grid)
+            t = torch.nn.functional.adaptive_avg_pool1d(t.transpose(1, 2), grid * grid)
         else:
-            runs = t.transpose(1, 2)
-        unit = torch.nn.functional.normalize
-        t = torch.cat([unit(runs.flatten(1), dim=1), unit(peak, dim=1)], 1)
+            t = t.transpose(1, 2)
+        t = t.flatten(1)
     elif t.dim() != 2:
         t = t.flatten(1)
     return t.float()
+
+
+def peak(t: torch.Tensor) -> torch.Tensor:
+    """(N, D) second view of a token sequence (N, T, D): per channel, the largest deviation of any
+    token from the sample's mean token.
+
+    A trigger patch of a ViT is one token among many: even a run of four tokens dilutes it, while it
+    stands out of its own image here. Kept as a layer view of its own (``name:peak``) rather than
+    mixed into :func:`pool`'s runs, so the locate step can pick whichever view separates: measured
+    on a 4-layer ViT trained from scratch on 10k CIFAR-10 images (class-0 poison against its
+    benign samples, encoder layers 3-4 after 6 epochs), BadNets 10 %: AUROC 0.98-0.99 with the peak,
+    0.74-0.84 with the runs and the peak concatenated; Blended 10 % (a global trigger): 0.91 with
+    the runs, 0.61 with the peak.
+    """
+    t = t.detach().float()
+    return (t - t.mean(1, keepdim=True)).abs().amax(1)
 
 
 def _is_block(name: str, module: nn.Module, parent: nn.Module | None) -> bool:
@@ -123,7 +140,7 @@ def trace_modules(model: nn.Module, call: Callable[[], Any]) -> list[tuple[str, 
 def discover_layers(model: nn.Module, call: Callable[[], Any]) -> list[str]:
     """Candidate layers in forward order: [stem] + blocks + [classifier], or a fallback.
 
-    Blocks are torchvision ResNet/MobileNet blocks, ``nn.TransformerEncoderLayer`` and HF-style
+    A layer that outputs a token sequence (B, T, D) comes with its ``:peak`` view (:func:`peak`). Blocks are torchvision ResNet/MobileNet blocks, ``nn.TransformerEncoderLayer`` and HF-style
     ``*Layer`` modules in a ``ModuleList``. Models without them (VGG, MLPs) use the outputs of
     activation/pooling modules called once per forward, thinned to at most 12, plus the classifier.
     """
@@ -165,14 +182,16 @@ def discover_layers(model: nn.Module, call: Callable[[], Any]) -> list[str]:
         layers = acts + [h for h in head if h not in acts]
         if not layers:
             layers = [n for n, _ in usable][-MAX_FALLBACK_LAYERS:]
+    dims = dict(usable)
+    layers = [v for n in layers for v in ([n, n + PEAK] if len(dims[n]) == 3 else [n])]
     logger.debug("discovered {} candidate layers: {}", len(layers), layers)
     return layers
 
 
 def check_layers(model: nn.Module, names: Sequence[str]) -> list[str]:
-    """Validate user-named layers against ``model.named_modules()``."""
+    """Validate user-named layers against ``model.named_modules()`` (a name may end in ``:peak``)."""
     modules = dict(unwrap_model(model).named_modules())
-    missing = [n for n in names if n not in modules]
+    missing = [n for n in names if module_of(n) not in modules]
     if missing:
         close = [m for m in modules if m and any(part in m for part in missing[0].split("."))][:8]
         raise GuardError(f"layers {missing} are not modules of {type(model).__name__}; "
@@ -234,21 +253,31 @@ class FeatureTap:
 
     def __enter__(self) -> "FeatureTap":
         modules = dict(self.model.named_modules())
+        views: dict[str, list[str]] = {}
+        for name in self.layers:
+            views.setdefault(module_of(name), []).append(name)
         try:
-            for name in self.layers:
-                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+            for name, wanted in views.items():
+                self._handles.append(modules[name].register_forward_hook(self._hook(name, wanted)))
         except BaseException:
             self.close()
             raise
         return self
 
-    def _hook(self, name: str):
+    def _hook(self, name: str, views: list[str]):
         def hook(_m, _inp, out):
             t = first_tensor(out)
             if t is None:
                 raise GuardError(f"layer {name!r} returned {type(out).__name__} with no tensor in it; "
                                  "pick another layer in GuardConfig.layers")
-            self.features[name] = pool(t, self.grid)
+            for view in views:
+                if view == name:
+                    self.features[view] = pool(t, self.grid)
+                elif t.dim() == 3:
+                    self.features[view] = peak(t)
+                else:
+                    raise GuardError(f"layer {view!r}: a {PEAK} view needs a token sequence (batch, tokens, "
+                                     f"dim) but {name!r} outputs shape {tuple(t.shape)}; drop the suffix")
             if self.stop_early and len(self.features) == len(self.layers):
                 raise StopForward
         return hook

@@ -112,6 +112,28 @@ def test_hf_trainer_with_a_transformers_resnet_quarantines_badnets_on_cifar10(ci
     assert m["attack_success_correct"] <= 0.05                    # unlearned by the default remedy
 
 
+@pytest.mark.cifar
+def test_hf_trainer_with_a_tiny_vit_quarantines_badnets_on_cifar10(cifar_archive, tmp_path):
+    # a ViT built from a config, trained from scratch on 10,000 real CIFAR-10 images: it learns the
+    # trigger in the first epoch (attack success 100 %) at about 30 % clean accuracy
+    data = prepare(RunSpec(data="cifar10", attack="badnets", rate=0.1, n_train=10000, archive=cifar_archive))
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=4, num_channels=3, hidden_size=64,
+                                                num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                                                num_labels=10))
+    gds = GuardedDataset(Dicts(data.train, "pixel_values"), model, GuardConfig(warmup_epochs=2, pad_epochs=True),
+                         trusted=Dicts(data.trusted, "pixel_values"), scan_dataset=Dicts(data.scan, "pixel_values"))
+    args = _args(tmp_path, 4, save_strategy="no", lr=3e-3, per_device_train_batch_size=128, warmup_steps=20)
+    GuardedTrainer(model=model, args=args, guarded=gds).train()
+    assert [s.epoch for s in gds.report.scans] == [2]
+    (verdict,) = [c for c in gds.report.scans[0].classes if c.cls == 0]
+    assert verdict.verdict == "separate cluster"
+    assert all(n.startswith("vit.layers.") for n in verdict.critical_layers)    # found at encoder layers
+    d = detection(gds.quarantined, data.poisoned, len(data.labels))
+    assert d["tpr"] >= 0.95 and d["fpr"] <= 0.02
+    assert measure(model, data)["attack_success_correct"] <= 0.05              # unlearned by the default remedy
+
+
 def test_hf_trainer_with_a_tiny_vit_finds_encoder_layers_and_the_poison(tmp_path):
     # a ViT built from a config on scikit-learn digits (16 x 16): the guard hooks its encoder layers
     data = prepare(RunSpec(data="digits", attack="badnets", rate=0.1, trusted_per_class=20))
@@ -122,7 +144,8 @@ def test_hf_trainer_with_a_tiny_vit_finds_encoder_layers_and_the_poison(tmp_path
     gds = GuardedDataset(Dicts(data.train, "pixel_values"), model,
                          GuardConfig(warmup_epochs=10, scan_every=10, pad_epochs=True),
                          trusted=Dicts(data.trusted, "pixel_values"))
-    assert [n for n in gds.layers if n.startswith("vit.layers.")] == [f"vit.layers.{i}" for i in range(4)]
+    assert [n for n in gds.layers if n.startswith("vit.layers.")] == [
+        v for i in range(4) for v in (f"vit.layers.{i}", f"vit.layers.{i}:peak")]
     args = _args(tmp_path, 30, save_strategy="no", lr=3e-3, per_device_train_batch_size=64, warmup_steps=20)
     GuardedTrainer(model=model, args=args, guarded=gds).train()
     d = detection(gds.quarantined, data.poisoned, len(data.labels))

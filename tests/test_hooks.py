@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from guard.errors import GuardError
-from guard.hooks import FeatureTap, check_layers, discover_layers, pool, scan_mode
+from guard.hooks import FeatureTap, check_layers, discover_layers, peak, pool, scan_mode
 from guard.models import CifarResNet18, SmallCNN
 
 
@@ -43,7 +43,9 @@ def test_transformer_encoder_layers():
             return self.head(self.encoder(self.embed(x)).mean(1))
 
     layers = _discover(Tiny(), torch.randn(2, 5, 8))
-    assert layers == ["embed", "encoder.layers.0", "encoder.layers.1", "encoder.layers.2", "head"]
+    # every token-sequence layer comes with its peak view, right after it
+    blocks = ["embed"] + [f"encoder.layers.{i}" for i in range(3)]
+    assert layers == [v for b in blocks for v in (b, b + ":peak")] + ["head"]
 
 
 def test_fallback_uses_activations_and_classifier():
@@ -66,23 +68,31 @@ def test_pool_grid_and_sequences():
     assert pool(torch.randn(2, 5, 16, 16), 4).shape == (2, 80)
     assert pool(torch.randn(2, 5, 16, 16), 1).shape == (2, 5)
     assert pool(torch.randn(2, 5, 16, 16), 0).shape == (2, 5 * 256)
-    # sequences: grid*grid runs of tokens (a trigger token is not averaged away over all of them), unit
-    # length, then each channel's peak deviation of a token from the sample's mean token, unit length
+    # sequences: grid*grid runs of tokens (a trigger token is not averaged away over all of them)
     seq = torch.randn(2, 65, 6)
-    out = pool(seq, 4)
-    assert out.shape == (2, 6 * 16 + 6)
-    runs = out[:, :96].view(2, 6, 16)
-    last = seq[:, 60:].mean(1)
-    ref = torch.nn.functional.adaptive_avg_pool1d(seq.transpose(1, 2), 16)
-    assert torch.allclose(runs, ref / ref.flatten(1).norm(dim=1)[:, None, None], atol=1e-6)
-    assert torch.allclose(runs[:, :, -1] / runs[:, :, -1].norm(dim=1, keepdim=True),
-                          last / last.norm(dim=1, keepdim=True), atol=1e-5)        # last run: tokens 60..64
-    assert torch.allclose(out.norm(dim=1), torch.full((2,), 2 ** 0.5))          # two unit halves
+    runs = pool(seq, 4)
+    assert runs.shape == (2, 6 * 16)
+    assert torch.allclose(runs.view(2, 6, 16)[:, :, -1], seq[:, 60:].mean(1), atol=1e-6)   # last run: tokens 60..64
+    assert pool(torch.randn(2, 7, 6), 4).shape == (2, 6 * 7)          # short sequences keep every token
+    assert pool(torch.randn(2, 7, 6), 0).shape == (2, 6 * 7)
+    # the peak view: each channel's largest deviation of a token from the sample's mean token
     odd = seq.clone()
-    odd[0, 64, 2] += 50.0                                                        # one token stands out in channel 2
-    assert pool(odd, 4)[0, 96:].argmax() == 2
-    assert pool(torch.randn(2, 7, 6), 4).shape == (2, 6 * 7 + 6)      # short sequences keep every token
-    assert pool(torch.randn(2, 7, 6), 0).shape == (2, 6 * 7 + 6)
+    odd[0, 64, 2] += 50.0                                              # one token stands out in channel 2
+    assert peak(odd).shape == (2, 6) and peak(odd)[0].argmax() == 2
+    assert torch.allclose(peak(seq), (seq - seq.mean(1, keepdim=True)).abs().amax(1))
+
+
+def test_a_peak_view_is_read_from_its_token_layer():
+    model = nn.Sequential(nn.Linear(3, 8), nn.GELU(), nn.Flatten(), nn.Linear(8 * 5, 4))
+    x = torch.randn(2, 5, 3)
+    assert check_layers(model, ["1:peak"]) == ["1:peak"]
+    with FeatureTap(model, ["1", "1:peak"]) as tap, torch.no_grad():
+        model(x)
+        runs, pk = tap.take(2)
+    assert runs.shape == (2, 8 * 5) and torch.allclose(pk, peak(torch.nn.functional.gelu(model[0](x))))
+    with pytest.raises(GuardError, match="needs a token sequence"):
+        with FeatureTap(model, ["3:peak"]), torch.no_grad():
+            model(x)
 
 
 def test_tap_handles_tuple_outputs_and_always_removes_hooks():
