@@ -18,7 +18,12 @@ class GuardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # schedule
-    warmup_epochs: int = Field(2, ge=0, description="first scan when this epoch starts (after this many full epochs)")
+    warmup_epochs: int = Field(
+        3, ge=0, description="first scan when this epoch starts (after this many full epochs). A backdoor shows "
+                             "fully only once it is learned from every poisoned sample: on 10,000 CIFAR-10 images "
+                             "(79 steps an epoch) a first scan after 2 epochs caught 89 % of Blended 5 %, after 3 "
+                             "or 4 epochs 99.8 / 100 %; a second look one epoch after dropping the first 89 % "
+                             "found no more (the trigger fades once most of its samples are gone)")
     scan_every: int = Field(2, ge=1, description="then scan every this many epochs")
     max_scans: int | None = Field(None, ge=1, description="stop scheduled scans after this many (None: no limit)")
 
