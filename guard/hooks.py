@@ -55,7 +55,7 @@ def first_tensor(out: Any) -> torch.Tensor | None:
 
 
 PEAK = ":peak"
-"""Suffix of a token layer's second view (``"vit.encoder.layer.2:peak"``), see :func:`peak`."""
+"""Suffix of a token layer's second view (``"vit.layers.2:peak"``), see :func:`peak`."""
 
 
 def module_of(layer: str) -> str:
@@ -140,9 +140,10 @@ def trace_modules(model: nn.Module, call: Callable[[], Any]) -> list[tuple[str, 
 def discover_layers(model: nn.Module, call: Callable[[], Any]) -> list[str]:
     """Candidate layers in forward order: [stem] + blocks + [classifier], or a fallback.
 
-    A layer that outputs a token sequence (B, T, D) comes with its ``:peak`` view (:func:`peak`). Blocks are torchvision ResNet/MobileNet blocks, ``nn.TransformerEncoderLayer`` and HF-style
+    Blocks are torchvision ResNet/MobileNet blocks, ``nn.TransformerEncoderLayer`` and HF-style
     ``*Layer`` modules in a ``ModuleList``. Models without them (VGG, MLPs) use the outputs of
     activation/pooling modules called once per forward, thinned to at most 12, plus the classifier.
+    A layer that outputs a token sequence (B, T, D) is followed by its ``:peak`` view (:func:`peak`).
     """
     model = unwrap_model(model)
     modules = dict(model.named_modules())
@@ -238,6 +239,8 @@ class StopForward(Exception):
 
 class FeatureTap:
     """Forward hooks on named layers collecting pooled, detached features of the last forward.
+
+    A ``name:peak`` layer is read from module ``name`` by the same hook (:func:`peak`).
 
     With ``stop_early`` the hook of the last-running named layer raises :class:`StopForward`,
     so passes that need only early layers do not pay for the rest of the network.

@@ -3,9 +3,9 @@ training and guard settings. Validated by pydantic; a bad file gives one message
 naming the field, the value and what is allowed.
 
     >>> from guard.runconfig import RunConfig
-    >>> cfg = RunConfig.model_validate({"data": {"name": "digits"}, "train": {"epochs": 3}})
+    >>> cfg = RunConfig.model_validate({"data": {"name": "digits"}, "train": {"epochs": 4}})
     >>> cfg.guard.warmup_epochs, cfg.attack is None
-    (2, True)
+    (3, True)
 """
 
 from __future__ import annotations
