@@ -228,8 +228,7 @@ def score(flagged: np.ndarray, scores: np.ndarray | None, seconds: float, peak: 
 def cell(attack: str | None, rate: float, model_name: str, a: argparse.Namespace) -> dict:
     # scans when epochs 2, 4, 6 start (SCHEDULE); the checkpoint is the first of them where the attack
     # is learned (the last one otherwise): there every detector has its best chance
-    cfg = GuardConfig(**SCHEDULE)
-    scans = list(range(cfg.warmup_epochs, a.epochs, cfg.scan_every))
+    scans = list(range(SCHEDULE["warmup_epochs"], a.epochs, SCHEDULE["scan_every"]))
     spec = RunSpec(data="cifar10", attack=attack, rate=rate, n_train=a.n_train, epochs=a.epochs, width=a.width,
                    lr=a.lr, seed=a.seed, model=model_name)
     torch.manual_seed(spec.seed)

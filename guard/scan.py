@@ -38,11 +38,12 @@ from guard.reference import Reference, unit
 
 _STD_FLOOR = 1e-4
 _MIN_CLASS = 5           # a class with fewer scanned samples is never acted on
-# (share, separation slack): a screened cluster holding at least this share of its class counts as
-# separate at separation_z minus the slack. Recorded screens (CIFAR-10 benchmarks): benign classes
-# reached shares of at most 0.20 (trust-free, separation 3.9) and 0.12 (trusted); BadNets 10 % scanned
-# trust-free after 3 epochs held half its class at a median separation of 5.4
-_LARGE_CLUSTER = (0.3, 1.0)
+# A screened cluster holding at least _LARGE_SHARE of its class counts as separate at separation_z
+# minus _LARGE_SLACK. Recorded screens (CIFAR-10 benchmarks): benign classes reached shares of at most
+# 0.20 (trust-free, separation 3.9) and 0.12 (trusted); BadNets 10 % scanned trust-free after 3 epochs
+# held half its class at a median separation of 5.4
+_LARGE_SHARE = 0.3
+_LARGE_SLACK = 1.0
 
 
 def small_sample(n: int, z: float) -> float:
@@ -378,10 +379,10 @@ class Scanner:
             v.screen_share = float(hit.mean())
             # A trust-free reference is the hard half of each class, so the easy half sits apart from it
             # in every clean class (most at the logits): there only a far-out cluster counts, or one that
-            # holds a large share of the class and is nearly as far out (_LARGE_CLUSTER; with a trusted
+            # holds a large share of the class and is nearly as far out (_LARGE_SHARE; with a trusted
             # reference such a share counts alone).
             share_alone = cal.source == "trusted" and hit.mean() >= cfg.cluster_share
-            large = hit.mean() >= _LARGE_CLUSTER[0] and v.separation > cfg.separation_z - _LARGE_CLUSTER[1]
+            large = hit.mean() >= _LARGE_SHARE and v.separation > cfg.separation_z - _LARGE_SLACK
             if share_alone or large or (hit.mean() >= cfg.min_cluster and v.separation > cfg.separation_z):
                 separated.append(c)
             else:
