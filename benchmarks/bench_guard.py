@@ -39,6 +39,8 @@ def row(name: str, r: dict) -> dict:
         "asr_warmup": r.get("warmup", {}).get("attack_success", float("nan")),
         "asr_unguarded": u.get("attack_success", float("nan")), "asr_guarded": g["attack_success"],
         "asr_floor": float("nan"),      # filled in from the no-attack run (see with_floors)
+        # the guarded model's own rate of predicting the target for the same images without the trigger
+        "target_clean_guarded": g.get("target_rate_clean", float("nan")),
         "asr_correct_unguarded": u.get("attack_success_correct", float("nan")),
         "asr_correct_guarded": g["attack_success_correct"],
         "acc_unguarded": u.get("clean_acc", float("nan")), "acc_guarded": g["clean_acc"],
@@ -72,7 +74,8 @@ def fmt(v: float, pct: bool = True) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| run | poisoned | quarantined | TPR % | FPR % | paper TPR % | paper FPR % | ASR warm-up % | "
-            "ASR no guard % | ASR guard % | ASR floor % | ASR(correct) no guard % | ASR(correct) guard % | "
+            "ASR no guard % | ASR guard % | ASR floor % | target w/o trigger, guard % | ASR(correct) no guard % | "
+            "ASR(correct) guard % | "
             "ASR(correct) floor % | acc no guard % | "
             "acc guard % | scan/epoch | overhead % | guard MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -80,7 +83,8 @@ def table(rows: list[dict]) -> str:
         lines.append("| " + " | ".join([
             r["run"], str(r["poisoned"]), str(r["quarantined"]), fmt(r["tpr"]), fmt(r["fpr"]),
             fmt(r["paper_tpr"]), fmt(r["paper_fpr"]), fmt(r["asr_warmup"]), fmt(r["asr_unguarded"]),
-            fmt(r["asr_guarded"]), fmt(r.get("asr_floor", float("nan"))), fmt(r["asr_correct_unguarded"]), fmt(r["asr_correct_guarded"]),
+            fmt(r["asr_guarded"]), fmt(r.get("asr_floor", float("nan"))),
+            fmt(r.get("target_clean_guarded", float("nan"))), fmt(r["asr_correct_unguarded"]), fmt(r["asr_correct_guarded"]),
             fmt(r.get("asr_correct_floor", float("nan"))),
             fmt(r["acc_unguarded"]), fmt(r["acc_guarded"]), fmt(r["scan_over_epoch"], False), fmt(r["overhead"]),
             fmt(r["guard_mem_mb"], False)]) + " |")

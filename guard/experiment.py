@@ -158,30 +158,37 @@ def predict(model: nn.Module, ds: ArrayImageDataset) -> tuple[np.ndarray, np.nda
     return np.concatenate(preds), np.concatenate(labels)
 
 
-def _success(atk: Attack, plain: np.ndarray, labels: np.ndarray, triggered: np.ndarray) -> tuple[float, float]:
-    """Attack success over the test images not already of their target, and among those the model
+def _success(atk: Attack, plain: np.ndarray, labels: np.ndarray,
+             triggered: np.ndarray) -> tuple[float, float, float]:
+    """Attack success over the test images not already of their target; among those the model
     classifies correctly without the trigger (which removes the floor plain misclassification
-    sets). ``plain``: predictions on all test images; ``triggered``: on ``atk.triggered_test``."""
+    sets); and how often the same images are predicted as their target *without* the trigger
+    (that floor itself: attack success minus it is what the trigger adds). ``plain``: predictions
+    on all test images; ``triggered``: on ``atk.triggered_test``."""
     keep = atk.test_mask(labels)
-    hit, ok = triggered == atk.targets(labels[keep]), plain[keep] == labels[keep]
-    return float(hit.mean()), float(hit[ok].mean()) if ok.any() else float("nan")
+    target = atk.targets(labels[keep])
+    hit, ok = triggered == target, plain[keep] == labels[keep]
+    return float(hit.mean()), float(hit[ok].mean()) if ok.any() else float("nan"), float((plain[keep] == target).mean())
 
 
 def measure(model: nn.Module, data: Prepared) -> dict[str, float]:
-    """Clean accuracy, attack success and attack success among correctly classified images."""
+    """Clean accuracy, attack success, attack success among correctly classified images, and the
+    rate at which the same images are predicted as the target without the trigger."""
     p, y = predict(model, data.test)
     out = {"clean_acc": float((p == y).mean()), "attack_success": float("nan"),
-           "attack_success_correct": float("nan")}
+           "attack_success_correct": float("nan"), "target_rate_clean": float("nan")}
     if data.attack is not None and data.triggered is not None:
         pt, _ = predict(model, data.triggered)
-        out["attack_success"], out["attack_success_correct"] = _success(data.attack, p, y, pt)
+        out["attack_success"], out["attack_success_correct"], out["target_rate_clean"] = _success(data.attack, p, y, pt)
     return out
 
 
 def trigger_floor(model: nn.Module, data: Prepared, spec: RunSpec) -> dict[str, dict[str, float]]:
     """Attack success of every image trigger on a model that never saw it: the share of triggered
-    test images it predicts as their target anyway ("all"), and the same among the images it
-    classifies correctly without the trigger ("correct"). A guarded model cannot go below these."""
+    test images it predicts as their target anyway ("all"), the same among the images it
+    classifies correctly without the trigger ("correct"), and the share of those images predicted
+    as the target without the trigger ("clean"). What a model that never learned the trigger gives;
+    only one taught to avoid the trigger goes lower."""
     images, labels = data.test.images.permute(0, 2, 3, 1).numpy(), data.test.labels
     mean, std = data.test.mean.flatten().tolist(), data.test.std.flatten().tolist()
     plain, _ = predict(model, data.test)
@@ -189,8 +196,8 @@ def trigger_floor(model: nn.Module, data: Prepared, spec: RunSpec) -> dict[str, 
     for name in ATTACKS:
         atk = make_attack(name, target=spec.target, rate=0.0, seed=spec.seed)
         pred, _ = predict(model, ArrayImageDataset(ArraySplit(*atk.triggered_test(images, labels)), mean, std))
-        a, c = _success(atk, plain, labels, pred)
-        out[name] = {"all": a, "correct": c}
+        a, c, clean = _success(atk, plain, labels, pred)
+        out[name] = {"all": a, "correct": c, "clean": clean}
     return out
 
 
