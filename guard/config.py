@@ -83,8 +83,9 @@ class GuardConfig(BaseModel):
     batch_size: int = Field(256, ge=1, description="scan batch size")
     num_workers: int = Field(0, ge=0, description="DataLoader workers used by scans")
     device: str | None = Field(None, description="scan device; None uses the model's device")
-    amp: bool = Field(True, description="autocast the guard's own passes (bf16 where supported, else fp16); "
-                                       "features are pooled and scored in float32")
+    amp: bool = Field(True, description="autocast the guard's own passes, scans and unlearning (bf16 where "
+                                       "supported; else fp16 for scans, float32 for unlearning); features are "
+                                       "pooled and scored in float32")
     channels_last: bool = Field(
         True, description="feed 4-D image inputs of the guard's own passes in channels_last memory format (the "
                           "model's weights are left as they are): with amp, oneDNN's bf16 convolutions on CPU run "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from guard.batches import BatchAdapter
+from guard.batches import BatchAdapter, autocast
 from guard.errors import GuardError
 from guard.hooks import FeatureTap, StopForward
 from guard.progress import Progress
@@ -40,13 +39,6 @@ class Extractor:
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self._forward_model = model.module if ddp else model
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if not self.amp:
-            return contextlib.nullcontext()
-        bf16 = self.device.type == "cpu" or (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
-        dtype = torch.bfloat16 if bf16 else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
-
     def stream(self, dataset: Dataset, layers: Sequence[str], indices: np.ndarray | None = None,
                desc: str = "scan", stop_early: bool = False) -> Iterator[Batch]:
         """Yield batches in dataset order (``indices`` order when given). Call inside ``scan_mode``.
@@ -73,7 +65,7 @@ class Extractor:
                 inputs = self.adapter.move(inputs, self.device, self.channels_last)
                 logits: torch.Tensor | None = None
                 try:
-                    with self._autocast():
+                    with autocast(self.device, self.amp):
                         logits = self.adapter.forward(self._forward_model, inputs).detach().float().cpu()
                 except StopForward:
                     pass

@@ -306,7 +306,7 @@ class GuardedDataset(Dataset):
         else:
             recs = list(self._records.values())
             train, check = split_check(np.array([r.index for r in recs]), np.array([r.score for r in recs]), cfg.seed)
-            fit = fit_share(self.model, self.dataset, check, self.adapter, self.device, cfg.channels_last)
+            fit = fit_share(self.model, self.dataset, check, self.adapter, self.device, cfg.channels_last, cfg.amp)
             allowed = allowed_fit(self._chance(np.array([self._records[int(i)].label for i in check])), len(check))
             scan.remedy_fit_before, scan.remedy_fit_allowed = fit, allowed
             if fit <= allowed:
@@ -332,7 +332,8 @@ class GuardedDataset(Dataset):
             source = self.scan_dataset if self.scan_dataset is not None else self.dataset
             pool = self.kept_indices()
         idx = np.sort(rng.choice(pool, min(len(pool), _CHANCE_SAMPLES), replace=False))
-        pred, lab = predictions(self.model, source, idx, self.adapter, self.device, self.config.channels_last)
+        pred, lab = predictions(self.model, source, idx, self.adapter, self.device, self.config.channels_last,
+                                self.config.amp)
         return chance_fit(pred, lab, targets)
 
     # ---- persistence -------------------------------------------------------------------------

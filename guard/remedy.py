@@ -16,7 +16,8 @@ is) and stops, at most 3x as many, once the check samples are fitted no more tha
 of other classes are predicted as their label, plus two binomial standard errors
 (``allowed_fit``). Every later scan checks them again and unlearns once more if they are fitted
 above that (a suppressed backdoor creeping back). ``restart`` reloads the weights the model had
-when it was wrapped.
+when it was wrapped. Unlearning steps and checks run under the guard's autocast (``amp``: bf16 on
+CPU and recent GPUs), like scans.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from loguru import logger
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from guard.batches import BatchAdapter
+from guard.batches import BatchAdapter, autocast
 from guard.config import GuardConfig
 from guard.hooks import scan_mode
 
@@ -72,23 +73,24 @@ def split_check(indices: np.ndarray, scores: np.ndarray, seed: int) -> tuple[np.
 
 
 def predictions(model: nn.Module, dataset: Dataset, indices: np.ndarray, adapter: BatchAdapter,
-                device: torch.device, channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                device: torch.device, channels_last: bool = False, amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The eval-mode predicted class and the carried label of each of ``indices``."""
     preds, labels = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
     with scan_mode(model):
         for start in range(0, len(indices), 128):
             inputs, lab = adapter.split(_batch(dataset, indices[start:start + 128]))
-            logits = adapter.forward(model, adapter.move(inputs, device, channels_last))
+            with autocast(device, amp):
+                logits = adapter.forward(model, adapter.move(inputs, device, channels_last))
             preds.append(logits.argmax(1).cpu().numpy())
             labels.append(lab.numpy())
     return np.concatenate(preds), np.concatenate(labels)
 
 
 def fit_share(model: nn.Module, dataset: Dataset, indices: np.ndarray, adapter: BatchAdapter,
-              device: torch.device, channels_last: bool = False) -> float:
+              device: torch.device, channels_last: bool = False, amp: bool = False) -> float:
     """Share of ``indices`` the model, in eval mode, predicts as the label they carry: how much of
     what they teach the model currently knows."""
-    pred, lab = predictions(model, dataset, indices, adapter, device, channels_last)
+    pred, lab = predictions(model, dataset, indices, adapter, device, channels_last, amp)
     return float((pred == lab).mean()) if len(lab) else 0.0
 
 
@@ -130,7 +132,8 @@ def unlearn(model: nn.Module, dataset: Dataset, kept: np.ndarray, quarantined: n
                 q_inputs, q_labels = adapter.split(_batch(dataset, rng.choice(quarantined, min(half, len(quarantined)),
                                                                               replace=False)))
                 k_inputs, k_labels = adapter.split(_batch(dataset, rng.choice(kept, half, replace=len(kept) < half)))
-                logits = adapter.forward(model, adapter.move(_cat(q_inputs, k_inputs), device, channels_last))
+                with autocast(device, cfg.amp, training=True):
+                    logits = adapter.forward(model, adapter.move(_cat(q_inputs, k_inputs), device, channels_last))
                 q_logits, k_logits = logits[:len(q_labels)], logits[len(q_labels):]
                 q_labels, k_labels = q_labels.to(device), k_labels.to(device)
                 loss = nn.functional.cross_entropy(k_logits.float(), k_labels) + away_loss(q_logits.float(), q_labels)
@@ -140,7 +143,7 @@ def unlearn(model: nn.Module, dataset: Dataset, kept: np.ndarray, quarantined: n
                 accs.append(float((k_logits.argmax(1) == k_labels).float().mean()))
                 # stop once the held-out quarantined samples are fitted no more than by chance
                 if step + 1 >= cfg.unlearn_steps and (step + 1) % _CHECK_EVERY == 0:
-                    last = fit_share(model, dataset, check, adapter, device, channels_last)
+                    last = fit_share(model, dataset, check, adapter, device, channels_last, cfg.amp)
                     if last <= allowed:
                         break
     finally:

@@ -199,12 +199,13 @@ def test_dict_items_and_custom_unpack(poisoned):
     assert set(batch) == {"features", "labels"}
 
 
-def test_unlearning_removes_the_learned_trigger():
+@pytest.mark.parametrize("amp", [True, False], ids=["bf16", "fp32"])
+def test_unlearning_removes_the_learned_trigger(amp):
     ds = Blobs(600, poison=0.08, seed=0)
     model = train(mlp(), ds, epochs=25)
     trig = torch.from_numpy(ds.x[ds.poisoned])
     assert (model(trig).argmax(1) == 0).float().mean() > 0.9
-    gds = GuardedDataset(ds, model, GuardConfig(), trusted=Blobs(150, seed=7))
+    gds = GuardedDataset(ds, model, GuardConfig(amp=amp), trusted=Blobs(150, seed=7))
     scan = gds.scan()
     assert scan.remedy == "unlearn" and scan.remedy_fit_after <= 0.05
     train(model, torch.utils.data.Subset(ds, gds.kept_indices().tolist()), epochs=3)   # training goes on
