@@ -75,17 +75,15 @@ def fmt(v: float, pct: bool = True) -> str:
 def table(rows: list[dict]) -> str:
     head = ("| run | poisoned | quarantined | TPR % | FPR % | paper TPR % | paper FPR % | ASR warm-up % | "
             "ASR no guard % | ASR guard % | ASR floor % | target w/o trigger, guard % | ASR(correct) no guard % | "
-            "ASR(correct) guard % | "
-            "ASR(correct) floor % | acc no guard % | "
-            "acc guard % | scan/epoch | overhead % | guard MB |")
+            "ASR(correct) guard % | ASR(correct) floor % | acc no guard % | acc guard % | scan/epoch | overhead % | "
+            "guard MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append("| " + " | ".join([
             r["run"], str(r["poisoned"]), str(r["quarantined"]), fmt(r["tpr"]), fmt(r["fpr"]),
             fmt(r["paper_tpr"]), fmt(r["paper_fpr"]), fmt(r["asr_warmup"]), fmt(r["asr_unguarded"]),
-            fmt(r["asr_guarded"]), fmt(r.get("asr_floor", float("nan"))),
-            fmt(r.get("target_clean_guarded", float("nan"))), fmt(r["asr_correct_unguarded"]), fmt(r["asr_correct_guarded"]),
-            fmt(r.get("asr_correct_floor", float("nan"))),
+            fmt(r["asr_guarded"]), fmt(r.get("asr_floor", float("nan"))), fmt(r.get("target_clean_guarded", float("nan"))),
+            fmt(r["asr_correct_unguarded"]), fmt(r["asr_correct_guarded"]), fmt(r.get("asr_correct_floor", float("nan"))),
             fmt(r["acc_unguarded"]), fmt(r["acc_guarded"]), fmt(r["scan_over_epoch"], False), fmt(r["overhead"]),
             fmt(r["guard_mem_mb"], False)]) + " |")
     return "\n".join(lines)
