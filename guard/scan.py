@@ -381,9 +381,10 @@ class Scanner:
             # in every clean class (most at the logits): there only a far-out cluster counts, or one that
             # holds a large share of the class and is nearly as far out (_LARGE_SHARE; with a trusted
             # reference such a share counts alone).
-            share_alone = cal.source == "trusted" and hit.mean() >= cfg.cluster_share
-            large = hit.mean() >= _LARGE_SHARE and v.separation > cfg.separation_z - _LARGE_SLACK
-            if share_alone or large or (hit.mean() >= cfg.min_cluster and v.separation > cfg.separation_z):
+            share = v.screen_share
+            share_alone = cal.source == "trusted" and share >= cfg.cluster_share
+            large = share >= _LARGE_SHARE and v.separation > cfg.separation_z - _LARGE_SLACK
+            if share_alone or large or (share >= cfg.min_cluster and v.separation > cfg.separation_z):
                 separated.append(c)
             else:
                 v.verdict = "no separation yet"
