@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?= digits
+# a developer's layout: the CIFAR-10 archive beside the checkout (the library reads only the variable)
+GUARD_CIFAR10_ARCHIVE ?= $(abspath ../shared/data/cifar10-jpg.tar.gz)
+export GUARD_CIFAR10_ARCHIVE
 
 .PHONY: demo test bench bench-full install clean
 

@@ -1,7 +1,7 @@
 """The main demo: poison a real dataset, train a model with the guard, show what was caught.
 
     python examples/demo.py                      # scikit-learn digits, offline, about a minute
-    python examples/demo.py --data cifar10       # CIFAR-10 subset ($GUARD_CIFAR10_ARCHIVE or ../shared/data)
+    python examples/demo.py --data cifar10       # CIFAR-10 subset from $GUARD_CIFAR10_ARCHIVE
 """
 
 from __future__ import annotations

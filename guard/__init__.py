@@ -4,14 +4,60 @@ One line in an existing loop::
 
     gds = GuardedDataset(train_ds, model, GuardConfig(warmup_epochs=2, scan_every=2), trusted=trusted_ds)
     loader = DataLoader(gds, batch_size=128, sampler=gds.sampler)   # then train as usual
+
+The names below are imported on first use, so ``import guard`` (and ``guard --help``) stays quick.
 """
 
-from guard.config import GuardConfig
-from guard.errors import GuardError
-from guard.filter import InputFilter
-from guard.guarded import GuardedDataset
-from guard.report import GuardReport
-from guard.sampler import GuardSampler
+from __future__ import annotations
 
-__all__ = ["GuardConfig", "GuardError", "InputFilter", "GuardReport", "GuardSampler", "GuardedDataset"]
-__version__ = "0.1.0"
+import importlib
+import sys
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from guard.config import GuardConfig  # noqa: F401
+    from guard.discover import discover_layers  # noqa: F401
+    from guard.errors import GuardError, GuardWarning  # noqa: F401
+    from guard.filter import InputFilter  # noqa: F401
+    from guard.guarded import GuardedDataset, detect  # noqa: F401
+    from guard.report import GuardReport  # noqa: F401
+    from guard.sampler import GuardSampler  # noqa: F401
+
+_LAZY = {"GuardConfig": "guard.config", "GuardError": "guard.errors", "GuardWarning": "guard.errors",
+         "GuardReport": "guard.report", "GuardSampler": "guard.sampler", "GuardedDataset": "guard.guarded",
+         "InputFilter": "guard.filter", "detect": "guard.guarded", "discover_layers": "guard.discover"}
+__all__ = [*_LAZY, "enable_logging"]
+
+try:
+    __version__ = _version("layerguard")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+logger.disable("guard")      # a library is quiet until asked (loguru's advice); see enable_logging
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'guard' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def enable_logging(level: str | None = None, sink: Any = sys.stderr) -> int | None:
+    """Let the guard's log through loguru (it is off after ``import guard``). Without ``level`` the
+    records go to the handlers you have (loguru's default prints everything to stderr); with it, a
+    handler for the guard's records at that level is added to ``sink``, and its id returned
+    (``logger.remove(id)`` removes it). ``logger.disable("guard")`` turns the log off again."""
+    logger.enable("guard")
+    if level is None:
+        return None
+    return logger.add(sink, level=level, filter="guard", format="{time:HH:mm:ss} guard: {message}")

@@ -20,13 +20,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
+
 from loguru import logger
 
 from guard.errors import GuardError
-from guard.report import GuardReport
-from guard.runconfig import RunConfig
+
+if TYPE_CHECKING:  # pragma: no cover - imported where used, so `guard --help` does not load torch
+    import numpy as np
+
+    from guard.runconfig import RunConfig
+
+_WRITES = ("report.json", "results.json", "quarantine.csv", "samples.csv")
+_DEFAULT_HANDLER = [0]       # id of loguru's default handler (put back under a new id after each command)
 
 
 def _results(r: dict[str, Any]) -> dict[str, Any]:
@@ -36,9 +42,24 @@ def _results(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_ckpt(path: Path) -> dict[str, Any]:
+    """A run's ``checkpoint.pt`` (``{"model": state_dict, "guard": ..., "spec": ...}``) or a plain
+    ``state_dict``, read with ``weights_only=True``: tensors and plain containers only, no code."""
+    import torch
+
     if not path.is_file():
         raise GuardError(f"{path} does not exist; point at a run directory written by `guard train`")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                 # pickled objects a weights-only load refuses to run
+        raise GuardError(f"{path} cannot be read as weights only ({str(e).splitlines()[0][:200]}); save "
+                         "the model's state_dict (torch.save(model.state_dict(), path)) or a dict holding it "
+                         "under 'model'") from None
+    if isinstance(ckpt, dict) and "model" in ckpt:
+        return ckpt
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return {"model": ckpt}             # a plain state_dict
+    raise GuardError(f"{path} holds {type(ckpt).__name__}, not a state_dict or a dict with 'model'; save "
+                     "torch.save(model.state_dict(), path)")
 
 
 def _guard_for(cfg: RunConfig, ckpt: dict[str, Any], **overrides: Any):
@@ -82,6 +103,8 @@ def _train_images(cfg: RunConfig) -> np.ndarray:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from guard.experiment import prepare, run
+    from guard.report import GuardReport
+    from guard.runconfig import RunConfig
 
     cfg = RunConfig.load(a.config)
     out = Path(a.output or cfg.output)
@@ -106,10 +129,15 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_scan(a: argparse.Namespace) -> int:
     from guard.experiment import detection
+    from guard.runconfig import RunConfig
 
     cfg = RunConfig.load(a.config)
     ckpt = _load_ckpt(Path(a.checkpoint))
     out = Path(a.output or cfg.output)
+    there = [f for f in _WRITES if (out / f).exists()]
+    if there and not a.overwrite:
+        raise GuardError(f"{out} already holds {there} (a training run's files, say); pass --output NEW_DIR, or "
+                         "--overwrite to replace them")
     data, gds = _guard_for(cfg, ckpt, remedy="none")
     gds.scan()
     gds.save(out)
@@ -121,11 +149,14 @@ def cmd_scan(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
+    from guard.report import GuardReport
+    from guard.runconfig import RunConfig
+
     path = Path(a.run_dir) / "report.json"
     if not path.is_file():
         raise GuardError(f"{path} does not exist; pass a run directory written by `guard train` or `guard scan`")
     _say(GuardReport.load_json(path).summary())
-    if not a.no_plots and (Path(a.run_dir) / "config.json").is_file():
+    if a.plots and (Path(a.run_dir) / "config.json").is_file():
         _plots(Path(a.run_dir), _train_images(RunConfig.load(Path(a.run_dir) / "config.json")))
     results = Path(a.run_dir) / "results.json"
     if results.is_file():
@@ -137,6 +168,11 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_restore(a: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from guard.runconfig import RunConfig
+
     run_dir = Path(a.run_dir)
     cfg = RunConfig.load(run_dir / "config.json")
     ckpt = _load_ckpt(run_dir / "checkpoint.pt")
@@ -153,6 +189,8 @@ def cmd_restore(a: argparse.Namespace) -> int:
 
 
 def cmd_config(a: argparse.Namespace) -> int:
+    from guard.runconfig import RunConfig
+
     if a.schema:
         _say(json.dumps(RunConfig.model_json_schema(), indent=2))
     if a.check:
@@ -174,11 +212,12 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("scan", help="score a trained checkpoint once and write the report")
     s.add_argument("config")
     s.add_argument("--checkpoint", required=True, help="checkpoint.pt of a run (its 'model' weights)")
-    s.add_argument("--output")
+    s.add_argument("--output", help="folder for the scan's files (default: the config's output)")
+    s.add_argument("--overwrite", action="store_true", help="replace report/results files already in --output")
     s.set_defaults(fn=cmd_scan)
     r = sub.add_parser("report", help="print a run's summary")
     r.add_argument("run_dir")
-    r.add_argument("--no-plots", action="store_true", help="only print the summary")
+    r.add_argument("--plots", action="store_true", help="also re-render the run's plots into its folder")
     r.set_defaults(fn=cmd_report)
     b = sub.add_parser("restore", help="bring quarantined samples of a run back")
     b.add_argument("run_dir")
@@ -192,21 +231,31 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command. Its report goes to stdout (plain lines), the library's log to stderr; both
-    through loguru, whose handlers are set for the command and put back to the default after."""
+    """Run a command. Its report goes to stdout (plain lines), the library's log to stderr (plain
+    lines, one per message), through loguru handlers of its own that are removed afterwards;
+    handlers you added stay, and loguru's default one is set aside meanwhile."""
     a = parser().parse_args(argv)
-    logger.remove()
     for_user = lambda r: r["extra"].get("cli_output", False)  # noqa: E731
-    logger.add(sys.stdout, level="INFO", format="{message}", filter=for_user)
-    logger.add(sys.stderr, level="WARNING" if a.quiet else "INFO", filter=lambda r: not for_user(r))
+    try:
+        logger.remove(_DEFAULT_HANDLER[0])   # loguru's default stderr handler: our own replaces it here
+        default = True
+    except ValueError:                       # already removed by the program
+        default = False
+    ours = [logger.add(sys.stdout, level="INFO", format="{message}", filter=for_user),
+            logger.add(sys.stderr, level="WARNING" if a.quiet else "INFO", format="{message}",
+                       filter=lambda r: r["name"].startswith("guard") and not for_user(r))]
+    logger.enable("guard")
     try:
         return a.fn(a)
-    except (GuardError, FileNotFoundError) as e:
+    except (ValueError, ImportError, FileNotFoundError) as e:   # bad input (GuardError is a ValueError): one line
         logger.error("guard {}: error: {}", a.command, e)
         return 2
     finally:
-        logger.remove()
-        logger.add(sys.stderr)
+        logger.disable("guard")
+        for i in ours:
+            logger.remove(i)
+        if default:
+            _DEFAULT_HANDLER[0] = logger.add(sys.stderr)
 
 
 if __name__ == "__main__":

@@ -47,15 +47,12 @@ def cache_dir() -> Path:
 
 
 def find_cifar10_archive(path: str | os.PathLike | None = None) -> Path | None:
-    """Locate ``cifar10-jpg.tar.gz``: explicit path, ``$GUARD_CIFAR10_ARCHIVE``, then ``../shared/data``."""
+    """Locate ``cifar10-jpg.tar.gz``: the explicit ``path``, else ``$GUARD_CIFAR10_ARCHIVE``."""
     candidates: list[Path] = []
     if path is not None:
         candidates.append(Path(path))
     if os.environ.get(ARCHIVE_ENV):
         candidates.append(Path(os.environ[ARCHIVE_ENV]))
-    here = Path(__file__).resolve().parent.parent
-    for base in (Path.cwd(), here):
-        candidates.append(base.parent / "shared" / "data" / "cifar10-jpg.tar.gz")
     for c in candidates:
         if c.is_file():
             return c
@@ -94,12 +91,15 @@ def load_cifar10(archive: str | os.PathLike | None = None, root: str | os.PathLi
                  download: bool = False) -> dict[str, ArraySplit]:
     """CIFAR-10 train/test as uint8 arrays.
 
-    Reads the JPEG archive (``archive`` or ``$GUARD_CIFAR10_ARCHIVE`` or ``../shared/data``) and
-    caches the decoded arrays; falls back to torchvision's loader at ``root`` (with ``download``).
+    Reads the JPEG archive (``archive`` or ``$GUARD_CIFAR10_ARCHIVE``) and caches the decoded arrays
+    (keyed by the archive's name, size and first MiB, so the same file reached by another path is
+    decoded once); falls back to torchvision's loader at ``root`` (with ``download``).
     """
     found = find_cifar10_archive(archive)
     if found is not None:
-        digest = hashlib.sha1(f"{found.resolve()}:{found.stat().st_size}".encode()).hexdigest()[:12]
+        with open(found, "rb") as f:
+            head = f.read(2**20)
+        digest = hashlib.sha1(f"{found.name}:{found.stat().st_size}:".encode() + head).hexdigest()[:12]
         cached = cache_dir() / f"cifar10-{digest}.npz"
         if cached.is_file():
             z = np.load(cached)
@@ -153,7 +153,10 @@ def load_digits() -> dict[str, ArraySplit]:
 
     Upscaled to 16x16 grey images (H, W, 1) so a 4x4 trigger stays small relative to the digit.
     """
-    from sklearn.datasets import load_digits as _load
+    try:
+        from sklearn.datasets import load_digits as _load
+    except ImportError:
+        raise ImportError("data 'digits' comes with scikit-learn: pip install 'layerguard[demo]'") from None
 
     d = _load()
     img = (d.images / 16.0 * 255.0).astype(np.uint8)            # (N, 8, 8)

@@ -1,6 +1,11 @@
 """torch.distributed helpers for sharded scans: every rank scores its share of the kept samples,
-then the per-sample scores and the suspect sums are combined so each rank holds the whole, and
-every rank takes the identical decision from identical inputs.
+then the per-sample scores and the suspect sums are combined so each rank holds the whole.
+
+Every rank applies the same decision by construction, not by computing the same floats: before a
+scan the ranks check that they scan the same thing (:func:`agree`) and take rank 0's parameters
+and buffers (:func:`broadcast_model`; BatchNorm running statistics differ between ranks, since
+each updates them from its own batches); after it, rank 0's result is applied everywhere
+(:func:`broadcast_object`), and the model the guard changed on rank 0 is copied to the others.
 
 A collective that fails (a peer crashed, or the process group's timeout passed) raises a
 :class:`~guard.errors.GuardError` on every surviving rank; the scan then applies nothing.
@@ -8,9 +13,12 @@ A collective that fails (a peer crashed, or the process group's timeout passed) 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from guard.errors import GuardError
 
@@ -58,3 +66,36 @@ def sum_tensors(tensors: list[torch.Tensor]) -> None:
         return
     for t in tensors:
         _collective("sum of suspect centroids", dist.all_reduce, t)
+
+
+def broadcast_object(obj: Any, what: str) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    _collective(what, dist.broadcast_object_list, box, 0)
+    return box[0]
+
+
+def broadcast_model(model: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers into every rank's ``model`` (in place)."""
+    if world()[1] == 1:
+        return
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            _collective("broadcast of the model from rank 0", dist.broadcast, t.data, 0)
+
+
+def agree(facts: dict[str, Any]) -> None:
+    """Raise a :class:`GuardError` on every rank unless every rank holds the same ``facts``."""
+    rank, size = world()
+    if size == 1:
+        return
+    parts: list[Any] = [None] * size
+    _collective("check that the ranks agree", dist.all_gather_object, parts, facts)
+    differ = [k for k in facts if any(p[k] != parts[0][k] for p in parts)]
+    if differ:
+        said = "; ".join(f"{k}: " + ", ".join(f"rank {r} {p[k]!r}" for r, p in enumerate(parts)) for k in differ)
+        raise GuardError(f"rank {rank} of {size}: the ranks do not scan the same thing ({said}), so no rank applies "
+                         "this scan. Give every rank the same dataset, GuardConfig and guard state (a quarantine "
+                         "or restore made on one rank only, or a state_dict loaded on one rank, causes this)")

@@ -3,3 +3,8 @@
 
 class GuardError(ValueError):
     """Bad input or state detected by the guard, with an actionable message."""
+
+
+class GuardWarning(UserWarning):
+    """The guard works, but weaker than it could: said through :mod:`warnings`, so it shows even while
+    the guard's log is off."""

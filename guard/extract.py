@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from guard.batches import BatchAdapter, autocast
 from guard.errors import GuardError
-from guard.hooks import FeatureTap, StopForward
+from guard.hooks import FeatureTap, StopForward, unwrap_model
 from guard.progress import Progress
 
 
@@ -35,9 +35,8 @@ class Extractor:
         self.device = device or next(model.parameters()).device
         self.amp, self.channels_last, self.grid, self.progress = amp, channels_last, grid, progress
         # a scan needs no gradient or buffer sync: DDP's own forward would issue collectives whose
-        # count differs between ranks scoring shards of different sizes
-        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-        self._forward_model = model.module if ddp else model
+        # count differs between ranks scoring shards of different sizes; a compiled model runs eagerly
+        self._forward_model = unwrap_model(model, keep_data_parallel=True)
 
     def stream(self, dataset: Dataset, layers: Sequence[str], indices: np.ndarray | None = None,
                desc: str = "scan", stop_early: bool = False) -> Iterator[Batch]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import csv
+import hashlib
+import inspect
 import io
 import time
 from collections.abc import Sequence
@@ -19,8 +20,10 @@ from torch.utils.data import Dataset, default_collate
 from guard.batches import BatchAdapter, Unpack
 from guard.config import GuardConfig
 from guard.errors import GuardError
+from guard.discover import discover_layers
+from guard.distributed import agree, broadcast_model, broadcast_object, world
 from guard.extract import Extractor
-from guard.hooks import check_layers, discover_layers, preserve_rng, scan_mode, unwrap_model
+from guard.hooks import check_layers, preserve_rng, scan_mode, unwrap_model
 from guard.remedy import allowed_fit, chance_fit, fit_share, predictions, restart, split_check, unlearn
 from guard.report import (ClassReport, GuardReport, QuarantineRecord, RestoreRecord, ScanReport, atomic_write,
                           now)
@@ -28,6 +31,8 @@ from guard.sampler import GuardSampler
 from guard.scan import Scanner, ScanResult
 
 _PROBE = 4
+_REMEDY_FIELDS = ("remedy", "remedy_seconds", "remedy_fit_before", "remedy_fit_after", "remedy_fit_allowed",
+                  "remedy_steps")
 _CHANCE_SAMPLES = 2048     # benign samples that estimate how often the model predicts a label by chance
 
 
@@ -80,8 +85,11 @@ class GuardedDataset(Dataset):
 
     def __init__(self, dataset: Dataset, model: nn.Module, config: GuardConfig | None = None,
                  trusted: Dataset | None = None, scan_dataset: Dataset | None = None,
-                 unpack: Unpack | None = None) -> None:
-        self.dataset, self.model = dataset, model
+                 unpack: Unpack | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """``optimizer``: the one training ``model``; unlearning then uses a fresh optimizer of its type
+        at its current learning rate (its first parameter group's settings) instead of
+        ``SGD(lr=GuardConfig.unlearn_lr, momentum=0.9)``."""
+        self.dataset, self.model, self.optimizer = dataset, model, optimizer
         self.config = cfg = config if config is not None else GuardConfig()
         self.trusted, self.scan_dataset = trusted, scan_dataset
         n = _length(dataset, "dataset")
@@ -113,9 +121,12 @@ class GuardedDataset(Dataset):
         self._kept: np.ndarray | None = None
         self._scanned_epochs: set[int] = set()
         self._scores = np.full(n, np.nan, dtype=np.float32)
+        self._thresholds = np.full(n, np.nan, dtype=np.float32)
         self._labels = np.full(n, -1, dtype=np.int32)
         self.last_result: ScanResult | None = None
-        self.report = GuardReport(config=cfg, n_samples=n, num_classes=self.num_classes, layers=self.layers)
+        self.report = GuardReport(config=cfg, n_samples=n, num_classes=self.num_classes, layers=self.layers,
+                                  layers_source="discovered" if cfg.layers is None else "named")
+        self.report._samples = self.table
         self.sampler = GuardSampler(self, cfg.shuffle, cfg.seed, cfg.pad_epochs)
 
     # ---- set-up checks -------------------------------------------------------------------
@@ -128,7 +139,7 @@ class GuardedDataset(Dataset):
         logits: list[torch.Tensor] = []
 
         def call() -> None:
-            logits.append(self.adapter.forward(model, inputs))
+            logits.append(self.adapter.forward(unwrap_model(model, keep_data_parallel=True), inputs))
 
         with scan_mode(model):
             if cfg.layers is not None:
@@ -248,8 +259,13 @@ class GuardedDataset(Dataset):
         prior: dict[int, list[int]] = {}
         for r in self._records.values():
             prior.setdefault(r.label, []).append(r.index)
-        res = self.scanner.run(source, self.trusted, self.kept_indices(),
-                               {c: np.asarray(v, dtype=np.int64) for c, v in prior.items()})
+        kept = self.kept_indices()
+        # distributed: the same scan of the same model on every rank, and rank 0's decision applied
+        agree({"epoch": epoch, "kept samples": len(kept), "kept hash": hashlib.sha1(kept.tobytes()).hexdigest()[:12],
+               "layers": self.layers, "classes": self.num_classes, "scans": len(self.report.scans)})
+        broadcast_model(unwrap_model(self.model))
+        res = self.scanner.run(source, self.trusted, kept, {c: np.asarray(v, dtype=np.int64) for c, v in prior.items()})
+        res = broadcast_object(res, "broadcast of rank 0's scan result")
         self._scanned_epochs.add(epoch)
         return self._apply(res, epoch, time.monotonic() - t0)
 
@@ -257,6 +273,7 @@ class GuardedDataset(Dataset):
         scan_no = len(self.report.scans) + 1
         self.last_result = res
         self._scores[res.scanned] = res.suspicion
+        self._thresholds[res.scanned] = res.threshold
         self._labels[res.scanned] = res.labels
         rule = self.config.critical_rule
         new = [int(i) for i in res.flagged if int(i) not in self._records and int(i) not in self._pinned]
@@ -281,8 +298,14 @@ class GuardedDataset(Dataset):
             reference_scores=[] if res.reference_suspicion is None
             else np.round(res.reference_suspicion, 3).tolist())
         if self._records and (new or self.config.remedy == "unlearn"):
-            with preserve_rng():
-                self._remedy(scan, scan_no, bool(new))
+            if world()[0] == 0:                    # distributed: rank 0 changes the model, the others copy it
+                with preserve_rng():
+                    self._remedy(scan, scan_no, bool(new))
+            if world()[1] > 1:
+                done = broadcast_object({k: getattr(scan, k) for k in _REMEDY_FIELDS}, "broadcast of rank 0's remedy")
+                for k, v in done.items():
+                    setattr(scan, k, v)
+                broadcast_model(unwrap_model(self.model))
         self.report.scans.append(scan)
         logger.info("guard: scan {} done in {:.1f}s: +{} quarantined ({} total); {}", scan_no, scan.seconds,
                     len(new), len(records), ", ".join(f"class {v.cls}: {v.verdict} ({v.n_flagged})"
@@ -298,6 +321,7 @@ class GuardedDataset(Dataset):
         cfg = self.config
         if cfg.remedy == "none":
             return
+        model = unwrap_model(self.model)           # DDP's own forward would wait for the other ranks
         t = time.monotonic()
         if cfg.remedy == "restart":
             assert self._initial_state is not None
@@ -306,7 +330,7 @@ class GuardedDataset(Dataset):
         else:
             recs = list(self._records.values())
             train, check = split_check(np.array([r.index for r in recs]), np.array([r.score for r in recs]), cfg.seed)
-            fit = fit_share(self.model, self.dataset, check, self.adapter, self.device, cfg.channels_last, cfg.amp)
+            fit = fit_share(model, self.dataset, check, self.adapter, self.device, cfg.channels_last, cfg.amp)
             allowed = allowed_fit(self._chance(np.array([self._records[int(i)].label for i in check])), len(check))
             scan.remedy_fit_before, scan.remedy_fit_allowed = fit, allowed
             if fit <= allowed:
@@ -317,9 +341,18 @@ class GuardedDataset(Dataset):
                         "(chance: up to {:.1%}){}: unlearning", fit, allowed, "" if new else " again")
             scan.remedy = cfg.remedy
             scan.remedy_fit_after, scan.remedy_steps = unlearn(
-                self.model, self.dataset, self.kept_indices(), train, check, fit, allowed, self.adapter, cfg,
-                self.device, seed=cfg.seed + scan_no, channels_last=cfg.channels_last)
+                model, self.dataset, self.kept_indices(), train, check, fit, allowed, self.adapter, cfg,
+                self.device, seed=cfg.seed + scan_no, channels_last=cfg.channels_last, optimizer=self._unlearner)
         scan.remedy_seconds = time.monotonic() - t
+
+    def _unlearner(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """The optimizer of the unlearning steps: like the user's, at its current learning rate."""
+        if self.optimizer is None:
+            return torch.optim.SGD(params, lr=self.config.unlearn_lr, momentum=0.9)
+        group = self.optimizer.param_groups[0]
+        accepted = inspect.signature(type(self.optimizer).__init__).parameters
+        settings = {k: group[k] for k in accepted if k in group and k not in ("self", "params")}
+        return type(self.optimizer)(params, **settings)
 
     def _chance(self, targets: np.ndarray) -> float:
         """How often the model predicts ``targets``' labels for benign images of other classes: on the
@@ -332,7 +365,7 @@ class GuardedDataset(Dataset):
             source = self.scan_dataset if self.scan_dataset is not None else self.dataset
             pool = self.kept_indices()
         idx = np.sort(rng.choice(pool, min(len(pool), _CHANCE_SAMPLES), replace=False))
-        pred, lab = predictions(self.model, source, idx, self.adapter, self.device, self.config.channels_last,
+        pred, lab = predictions(unwrap_model(self.model), source, idx, self.adapter, self.device, self.config.channels_last,
                                 self.config.amp)
         return chance_fit(pred, lab, targets)
 
@@ -349,19 +382,25 @@ class GuardedDataset(Dataset):
         report = GuardReport.model_validate(state["report"])
         self._records = {r.index: r for r in report.quarantine}
         self.report = report.model_copy(update={"config": self.config})
+        self.report._samples = self.table
         self._pinned = set(state["pinned"])
         self._scanned_epochs = set(state["scanned_epochs"])
         self._kept = None
         self.sampler.load_state_dict(state["sampler"])
 
     def table(self) -> list[dict[str, Any]]:
-        """One row per sample: index, label (-1 if never scanned), status, last suspicion score."""
+        """One row per sample: index, label (-1 if never scanned), status (kept, quarantined, restored),
+        its suspicion score and threshold (when quarantined, those of the scan that took it; else of
+        the last scan), and for quarantined samples the layer, the reason and the scan."""
         q = self._records
         rows = []
         for i in range(self._n):
-            status = "quarantined" if i in q else ("restored" if i in self._pinned else "kept")
-            score = float(q[i].score) if i in q else float(self._scores[i])
-            rows.append({"index": i, "label": int(self._labels[i]), "status": status, "score": score})
+            r = q.get(i)
+            status = "quarantined" if r else ("restored" if i in self._pinned else "kept")
+            rows.append({"index": i, "label": int(self._labels[i]), "status": status, "is_quarantined": bool(r),
+                         "score": float(r.score) if r else float(self._scores[i]),
+                         "threshold": float(r.threshold) if r else float(self._thresholds[i]),
+                         "layer": r.layer if r else "", "reason": r.reason if r else "", "scan": r.scan if r else 0})
         return rows
 
     def save(self, folder: str | PathLike) -> None:
@@ -372,7 +411,8 @@ class GuardedDataset(Dataset):
         self.report.save_json(folder / "report.json")
         self.report.save_csv(folder / "quarantine.csv")
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=["index", "label", "status", "score"])
+        w = csv.DictWriter(buf, fieldnames=["index", "label", "status", "is_quarantined", "score", "threshold", "layer",
+                                            "reason", "scan"])
         w.writeheader()
         w.writerows(self.table())
         atomic_write(folder / "samples.csv", buf.getvalue())
@@ -380,3 +420,18 @@ class GuardedDataset(Dataset):
     def __repr__(self) -> str:
         return (f"GuardedDataset({type(self.dataset).__name__}, n={self._n}, classes={self.num_classes}, "
                 f"layers={len(self.layers)}, quarantined={len(self._records)}, scans={len(self.report.scans)})")
+
+
+def detect(model: nn.Module, dataset: Dataset, trusted: Dataset | None = None, config: GuardConfig | None = None,
+           scan_dataset: Dataset | None = None, unpack: Unpack | None = None) -> GuardReport:
+    """Scan a trained ``model`` over ``dataset`` once and report what looks poisoned; the model is
+    not changed (no remedy runs; modes, grad mode and RNG states are restored). The post-hoc
+    counterpart of training with a :class:`GuardedDataset` (ART's ``detect_poison``, cleanlab's
+    ``find_issues``); ``report.to_pandas()`` gives one row per sample.
+
+    ``config``: any :class:`GuardConfig` (its ``remedy`` is set to ``"none"``); ``trusted``: a small
+    verified set (without it the scan runs trust-free)."""
+    cfg = (config or GuardConfig()).model_copy(update={"remedy": "none"})
+    gds = GuardedDataset(dataset, model, cfg, trusted=trusted, scan_dataset=scan_dataset, unpack=unpack)
+    gds.scan()
+    return gds.report

@@ -1,4 +1,4 @@
-"""Step 1 of the pipeline: find candidate layers and stream their pooled features.
+"""Step 1 of the pipeline: hook the chosen layers (see ``guard.discover``) and stream their pooled features.
 
 Hooks are always removed in ``finally``; a scan restores the model's per-module train/eval
 flags, the grad mode and the global RNG states, so the user's training is unchanged.
@@ -8,34 +8,28 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from loguru import logger
 from torch import nn
 
 from guard.errors import GuardError
 
-try:  # torchvision's block types are the common case; fall back on names otherwise.
-    from torchvision.models.mobilenetv2 import InvertedResidual
-    from torchvision.models.resnet import BasicBlock, Bottleneck
 
-    _BLOCK_TYPES: tuple[type, ...] = (BasicBlock, Bottleneck, InvertedResidual, nn.TransformerEncoderLayer)
-except ImportError:  # pragma: no cover
-    _BLOCK_TYPES = (nn.TransformerEncoderLayer,)
-
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardswish,
-                nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-MAX_FALLBACK_LAYERS = 12
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module whose layers are hooked: ``DataParallel``/``DDP`` wrappers are looked through."""
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return model.module
-    return model
+def unwrap_model(model: nn.Module, keep_data_parallel: bool = False) -> nn.Module:
+    """The module whose layers are hooked: ``DataParallel``/``DDP`` wrappers and ``torch.compile``'s
+    ``OptimizedModule`` are looked through (the guard's passes run the original module eagerly).
+    ``keep_data_parallel`` keeps a ``DataParallel`` (for passes that should use all its devices)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel) or (
+                isinstance(model, nn.DataParallel) and not keep_data_parallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):     # torch.compile(model)
+            model = model._orig_mod
+        else:
+            return model
 
 
 def first_tensor(out: Any) -> torch.Tensor | None:
@@ -102,91 +96,6 @@ def peak(t: torch.Tensor) -> torch.Tensor:
     """
     t = t.detach().float()
     return (t - t.mean(1, keepdim=True)).abs().amax(1)
-
-
-def _is_block(name: str, module: nn.Module, parent: nn.Module | None) -> bool:
-    if isinstance(module, _BLOCK_TYPES):
-        return True
-    cls = type(module).__name__
-    # HF-style encoder layers (ViTLayer, BertLayer, ...) sit in an nn.ModuleList.
-    return isinstance(parent, nn.ModuleList) and (cls.endswith("Layer") or cls.endswith("Block"))
-
-
-def trace_modules(model: nn.Module, call: Callable[[], Any]) -> list[tuple[str, torch.Size | None, int]]:
-    """Run ``call`` once and return ``(name, output shape, times called)`` in first-call order."""
-    seen: dict[str, list] = {}
-    handles = []
-
-    def make(name: str):
-        def hook(_m, _inp, out):
-            t = first_tensor(out)
-            if name in seen:
-                seen[name][2] += 1
-            else:
-                seen[name] = [name, None if t is None else t.shape, 1]
-        return hook
-
-    try:
-        for name, m in model.named_modules():
-            if name:
-                handles.append(m.register_forward_hook(make(name)))
-        call()
-    finally:
-        for h in handles:
-            h.remove()
-    return [tuple(v) for v in seen.values()]  # type: ignore[misc]
-
-
-def discover_layers(model: nn.Module, call: Callable[[], Any]) -> list[str]:
-    """Candidate layers in forward order: [stem] + blocks + [classifier], or a fallback.
-
-    Blocks are torchvision ResNet/MobileNet blocks, ``nn.TransformerEncoderLayer`` and HF-style
-    ``*Layer`` modules in a ``ModuleList``. Models without them (VGG, MLPs) use the outputs of
-    activation/pooling modules called once per forward, thinned to at most 12, plus the classifier.
-    A layer that outputs a token sequence (B, T, D) is followed by its ``:peak`` view (:func:`peak`).
-    """
-    model = unwrap_model(model)
-    modules = dict(model.named_modules())
-    if len(modules) <= 1:
-        raise GuardError(f"model {type(model).__name__} has no submodules to hook: build it from "
-                         "nn.Module layers (e.g. nn.Sequential) or wrap it so its layers are submodules")
-    trace = trace_modules(model, call)
-    batch = None
-    usable = []
-    for name, shape, calls in trace:
-        if shape is None or calls != 1 or len(shape) < 2:
-            continue
-        batch = shape[0] if batch is None else batch
-        if shape[0] == batch:
-            usable.append((name, shape))
-    if not usable:
-        raise GuardError(f"model {type(model).__name__} has no hookable layers: no submodule returned a "
-                         "tensor (batch, ...) exactly once per forward; pass GuardConfig(layers=[...]) "
-                         "with module names from model.named_modules()")
-    parents = {name: modules[name.rsplit(".", 1)[0]] if "." in name else model for name, _ in usable}
-    blocks: list[str] = []
-    for name, _ in usable:
-        if _is_block(name, modules[name], parents[name]) and not any(name.startswith(b + ".") for b in blocks):
-            blocks.append(name)
-    linears = [n for n, s in usable if isinstance(modules[n], nn.Linear) and len(s) == 2]
-    head = linears[-1:] if linears else []
-    if blocks:
-        order = [n for n, _ in usable]
-        first = order.index(blocks[0])
-        stems = [n for n in order[:first] if "." not in n]
-        layers = stems[-1:] + blocks + [h for h in head if order.index(h) > order.index(blocks[-1])]
-    else:
-        acts = [n for n, _ in usable if isinstance(modules[n], _ACTIVATIONS)]
-        if len(acts) > MAX_FALLBACK_LAYERS:
-            keep = np.unique(np.linspace(0, len(acts) - 1, MAX_FALLBACK_LAYERS).round().astype(int))
-            acts = [acts[i] for i in keep]
-        layers = acts + [h for h in head if h not in acts]
-        if not layers:
-            layers = [n for n, _ in usable][-MAX_FALLBACK_LAYERS:]
-    dims = dict(usable)
-    layers = [v for n in layers for v in ([n, n + PEAK] if len(dims[n]) == 3 else [n])]
-    logger.debug("discovered {} candidate layers: {}", len(layers), layers)
-    return layers
 
 
 def check_layers(model: nn.Module, names: Sequence[str]) -> list[str]:

@@ -1,5 +1,6 @@
-"""Progress of long passes: a tqdm bar on a terminal, periodic loguru lines elsewhere (CI logs,
-files, notebooks' captured stderr), so neither floods a log nor stays silent for minutes."""
+"""Progress of long passes: a ``tqdm.auto`` bar on a terminal or in a notebook (a widget there),
+periodic loguru lines elsewhere (CI logs, files; shown once the guard's log is enabled), so neither
+floods a log nor stays silent for minutes. ``GuardConfig(progress=False)`` turns both off."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ class Progress:
         self.on = enabled and total >= min_total
         self.done, self.t0, self.last = 0, time.monotonic(), time.monotonic()
         self.bar = None
-        if self.on and sys.stderr.isatty():
-            from tqdm import tqdm
+        if self.on and (sys.stderr.isatty() or "ipykernel" in sys.modules):
+            from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit=unit[:-1] if unit.endswith("s") else unit,
                             leave=False, dynamic_ncols=True)

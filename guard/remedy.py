@@ -22,6 +22,7 @@ CPU and recent GPUs), like scans.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -112,14 +113,16 @@ def allowed_fit(chance: float, n: int) -> float:
 
 def unlearn(model: nn.Module, dataset: Dataset, kept: np.ndarray, quarantined: np.ndarray, check: np.ndarray,
             fit_before: float, allowed: float, adapter: BatchAdapter, cfg: GuardConfig, device: torch.device,
-            seed: int, channels_last: bool = False) -> tuple[float, int]:
+            seed: int, channels_last: bool = False,
+            optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None) -> tuple[float, int]:
     """Unlearn what the ``quarantined`` samples taught; ``check`` (held out from them) measures it,
     ``fit_before`` is its ``fit_share`` now (the caller has it already), ``allowed`` the fit at which
-    it counts as unlearned. Returns the share after and the steps taken."""
+    it counts as unlearned. ``optimizer`` builds the optimizer of the steps from the parameters
+    (default ``SGD(lr=cfg.unlearn_lr, momentum=0.9)``). Returns the share after and the steps taken."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params or len(quarantined) == 0 or len(kept) == 0:
         return float("nan"), 0
-    opt = torch.optim.SGD(params, lr=cfg.unlearn_lr, momentum=0.9)
+    opt = (optimizer or (lambda p: torch.optim.SGD(p, lr=cfg.unlearn_lr, momentum=0.9)))(params)
     rng = np.random.default_rng(seed)
     half = max(cfg.batch_size // 4, 8)
     was_training = [(m, m.training) for m in model.modules()]

@@ -8,8 +8,9 @@ import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from guard.config import GuardConfig
 
@@ -101,6 +102,14 @@ class RestoreRecord(BaseModel):
     indices: list[int]
 
 
+_MEANING = {
+    "separate cluster": "part of the class sits apart from that class's benign samples in the model's features at "
+                        "the named layers, as samples carrying a trigger do; that part was quarantined",
+    "like quarantined": "samples that resemble ones already quarantined from the class, at the named layers",
+    "flagged by paper rule": "below the paper's similarity threshold at its critical layer (critical_rule='paper')",
+}
+
+
 class GuardReport(BaseModel):
     """Everything the guard did: every scan (per class, per layer), the quarantine and restores."""
 
@@ -108,17 +117,46 @@ class GuardReport(BaseModel):
     n_samples: int
     num_classes: int
     layers: list[str]
+    layers_source: Literal["discovered", "named"] = Field(
+        "discovered", description="found by guard.discover from the model's structure, or GuardConfig.layers")
     scans: list[ScanReport] = []
     quarantine: list[QuarantineRecord] = Field(default=[], description="currently quarantined samples")
     restores: list[RestoreRecord] = []
     evaluation: dict[str, float] | None = Field(
         None, description="red-team runs only: detection and attack metrics against the known poison")
 
+    _samples: Any = PrivateAttr(default=None)      # the GuardedDataset's per-sample table, while it lives
+
+    def to_pandas(self, per: Literal["sample", "class"] = "sample") -> Any:
+        """A pandas DataFrame: one row per sample (``index, label, status, is_quarantined, score,
+        threshold, layer, reason, scan``; a report read back from JSON has the quarantined samples
+        only), or with ``per="class"`` one row per class of the last scan (``cls, n_scanned, verdict,
+        critical_layers, n_flagged, quarantined, separation, screen_share``). Needs pandas."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("GuardReport.to_pandas needs pandas: pip install 'layerguard[pandas]'") from None
+        if per == "class":
+            last = self.scans[-1].classes if self.scans else []
+            held = pd.Series([r.label for r in self.quarantine], dtype="int64").value_counts()
+            return pd.DataFrame([{"cls": c.cls, "n_scanned": c.n_scanned, "verdict": c.verdict,
+                                  "critical_layers": "/".join(c.critical_layers), "n_flagged": c.n_flagged,
+                                  "quarantined": int(held.get(c.cls, 0)), "separation": c.separation,
+                                  "screen_share": c.screen_share} for c in last])
+        if self._samples is not None:
+            return pd.DataFrame(self._samples()).set_index("index")
+        return pd.DataFrame([{"index": r.index, "label": r.label, "status": "quarantined", "is_quarantined": True,
+                              "score": r.score, "threshold": r.threshold, "layer": r.layer, "reason": r.reason,
+                              "scan": r.scan} for r in self.quarantine],
+                            columns=["index", "label", "status", "is_quarantined", "score", "threshold", "layer",
+                                     "reason", "scan"]).set_index("index")
+
     def summary(self) -> str:
         """A short human summary."""
-        lines = [f"guard: {self.n_samples:,} samples, {self.num_classes} classes, {len(self.layers)} layers "
-                 f"({self.layers[0]} .. {self.layers[-1]}), {len(self.scans)} scans, "
-                 f"{len(self.quarantine):,} quarantined ({len(self.quarantine) / max(self.n_samples, 1):.2%})"]
+        lines = [f"guard: {self.n_samples:,} samples, {self.num_classes} classes, {len(self.layers)} layers, "
+                 f"{len(self.scans)} scans, "
+                 f"{len(self.quarantine):,} quarantined ({len(self.quarantine) / max(self.n_samples, 1):.2%})",
+                 f"  layers ({self.layers_source}, early to late): {', '.join(self.layers)}"]
         for s in self.scans:
             acted = [c for c in s.classes if c.n_flagged]
             lines.append(f"  scan {s.scan} @ epoch {s.epoch}: {s.seconds:.1f}s, {s.calibration} reference, "
@@ -128,6 +166,8 @@ class GuardReport(BaseModel):
             lines.extend(f"    warning: {w}" for w in s.warnings)
         if self.restores:
             lines.append(f"  restored: {sum(len(r.indices) for r in self.restores)} samples")
+        said = {c.verdict for s in self.scans for c in s.classes if c.n_flagged}
+        lines.extend(f"  ({v}: {_MEANING[v]})" for v in sorted(said) if v in _MEANING)
         return "\n".join(lines)
 
     def save_json(self, path: str | os.PathLike) -> None:

@@ -27,11 +27,12 @@ class _Strict(BaseModel):
 
 class DataSection(_Strict):
     name: Literal["digits", "cifar10", "imagefolder"] = "digits"
-    root: str | None = Field(None, description="cifar10: the JPEG archive (default: $GUARD_CIFAR10_ARCHIVE or "
-                                               "../shared/data); imagefolder: folder with train/ and test/")
+    root: str | None = Field(None, description="cifar10: the JPEG archive (default: $GUARD_CIFAR10_ARCHIVE); "
+                                               "imagefolder: folder with train/ and test/")
     download: bool = Field(False, description="cifar10: fetch it with torchvision when no archive is found")
     n_train: int | None = Field(None, ge=10, description="stratified training subset size (None: all)")
-    trusted_per_class: int = Field(100, ge=2, description="verified samples per class held out as the trusted set")
+    trusted_per_class: int | None = Field(None, ge=2, description="verified samples per class held out as the "
+                                                                   "trusted set (default: 20 for digits, else 100)")
     trust_free: bool = Field(False, description="run without the trusted set (weaker; see README)")
     augment: bool = False
 
@@ -69,6 +70,9 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _scans_fit_in_training(self) -> "RunConfig":
+        if self.data.name == "imagefolder" and not self.data.root:
+            raise ValueError("data.root: imagefolder needs the folder holding train/ and test/ (data.root is "
+                             "RunSpec's archive=)")
         if self.guard.warmup_epochs >= self.train.epochs:
             raise ValueError(f"guard.warmup_epochs ({self.guard.warmup_epochs}) must be below train.epochs "
                              f"({self.train.epochs}): the first scan runs when epoch warmup_epochs starts, so "
@@ -105,7 +109,8 @@ class RunConfig(_Strict):
     def spec(self) -> RunSpec:
         d, a, m, t = self.data, self.attack, self.model, self.train
         return RunSpec(data=d.name, attack=a.name if a else None, rate=a.rate if a else 0.0,
-                       target=a.target if a else 0, n_train=d.n_train, trusted_per_class=d.trusted_per_class,
+                       target=a.target if a else 0, n_train=d.n_train,
+                       trusted_per_class=d.trusted_per_class or (20 if d.name == "digits" else 100),
                        trust_free=d.trust_free, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, width=m.width,
                        augment=d.augment, seed=t.seed, archive=d.root, download=d.download, model=m.name,
                        model_kwargs=dict(m.kwargs), guard=self.guard.model_dump(exclude_unset=True))

@@ -4,6 +4,12 @@
     trainer = GuardedTrainer(model=model, args=TrainingArguments(...), guarded=gds)
     trainer.train()                          # or trainer.train(resume_from_checkpoint=True)
 
+Any other Trainer subclass (``Seq2SeqTrainer``, TRL's ``SFTTrainer``, your own) takes the guard
+through the mixin, put first::
+
+    class GuardedSFTTrainer(GuardedTrainerMixin, SFTTrainer):
+        pass
+
 Items are dicts (``pixel_values``/``input_ids``..., ``labels``); the guard passes every key but
 the label to the model, as the Trainer does.
 
@@ -67,17 +73,20 @@ class GuardTrainerCallback(TrainerCallback):
             atomic_write(os.path.join(folder, STATE_FILE), json.dumps(self.guarded.state_dict()))
 
 
-class GuardedTrainer(Trainer):
-    """A ``Trainer`` whose train sampler is the guard's; ``train_dataset`` is the GuardedDataset.
-
-    Adds a :class:`GuardTrainerCallback`, adds the quarantine counts to every log, and restores
-    the guard's state on ``train(resume_from_checkpoint=...)``."""
+class GuardedTrainerMixin:
+    """Makes any ``Trainer`` subclass train with the guard: its train sampler is the guard's and
+    ``train_dataset`` the GuardedDataset (``guarded=gds``). Adds a :class:`GuardTrainerCallback`,
+    adds the quarantine counts to every log, and restores the guard's state on
+    ``train(resume_from_checkpoint=...)``. Put it before the Trainer class in the bases."""
 
     def __init__(self, *args: Any, guarded: GuardedDataset, **kwargs: Any) -> None:
         if kwargs.setdefault("train_dataset", guarded) is not guarded:
             raise GuardError("GuardedTrainer trains on the GuardedDataset itself: pass train_dataset=None (or the "
                              "same GuardedDataset) and guarded=gds")
-        super().__init__(*args, **kwargs)
+        if not isinstance(self, Trainer):
+            raise GuardError(f"{type(self).__name__}: GuardedTrainerMixin goes before a transformers Trainer class in "
+                             "the bases, e.g. class MyTrainer(GuardedTrainerMixin, Seq2SeqTrainer)")
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self.guarded = guarded
         if not any(isinstance(cb, GuardTrainerCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(GuardTrainerCallback(guarded))
@@ -86,7 +95,7 @@ class GuardedTrainer(Trainer):
         return self.guarded.sampler
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        super().log({**logs, **metrics(self.guarded)}, *args, **kwargs)
+        super().log({**logs, **metrics(self.guarded)}, *args, **kwargs)  # type: ignore[misc]
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         if resume_from_checkpoint:
@@ -99,4 +108,8 @@ class GuardedTrainer(Trainer):
             with open(state_file) as f:
                 self.guarded.load_state_dict(json.load(f))
             logger.info("guard: restored {} quarantined samples from {}", len(self.guarded.quarantined), path)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+
+
+class GuardedTrainer(GuardedTrainerMixin, Trainer):
+    """A ``Trainer`` with the guard (see :class:`GuardedTrainerMixin`)."""

@@ -65,8 +65,8 @@ class GuardCallback(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # logged after the epoch: a due scan runs when the epoch's iteration starts, after the start hooks
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(metrics(self.guarded, self.log_prefix), step=trainer.global_step)
+        for lg in trainer.loggers:           # every logger the Trainer has, not only the first
+            lg.log_metrics(metrics(self.guarded, self.log_prefix), step=trainer.global_step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         logger.info(self.guarded.report.summary())

@@ -1,8 +1,11 @@
-"""Shared fixtures. Real CIFAR-10 comes from $GUARD_CIFAR10_ARCHIVE or ../shared/data."""
+"""Shared fixtures. Real CIFAR-10 comes from $GUARD_CIFAR10_ARCHIVE, set here to the checkout's
+../shared/data/cifar10-jpg.tar.gz when unset (a developer's layout; the library reads only the
+variable or an explicit path)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,9 @@ from torch.utils.data import Dataset
 from guard.datasets import find_cifar10_archive
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+_DEV_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.gz"
+if "GUARD_CIFAR10_ARCHIVE" not in os.environ and _DEV_ARCHIVE.is_file():
+    os.environ["GUARD_CIFAR10_ARCHIVE"] = str(_DEV_ARCHIVE)          # subprocesses (CLI, DDP ranks) see it too
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +26,7 @@ def cifar_archive():
     path = find_cifar10_archive()
     if path is None:
         msg = ("CIFAR-10 archive not found: set GUARD_CIFAR10_ARCHIVE to cifar10-jpg.tar.gz "
-               "(or place it at ../shared/data/cifar10-jpg.tar.gz)")
+               "(or place it at ../shared/data/cifar10-jpg.tar.gz beside the checkout)")
         if os.environ.get("GUARD_REQUIRE_CIFAR"):
             pytest.fail(msg)
         pytest.skip(msg)

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from guard.cli import main
@@ -89,9 +90,13 @@ def test_train_report_restore_and_scan_on_digits(tmp_path, capsys):
         img = plt.imread(run / f"{name}.png")
         assert img.shape[0] > 200 and img.shape[1] > 200 and img[..., :3].std() > 0.05, name   # drawn, not blank
     (run / "scores.png").unlink()
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir())
     assert main(["report", str(run)]) == 0
-    assert "quarantined" in capsys.readouterr().out
-    assert (run / "scores.png").stat().st_size > 10_000                                     # re-rendered
+    out = capsys.readouterr().out
+    assert "quarantined" in out and "layers (discovered, early to late): block1, block2, block3, block4, head" in out
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir()) == before         # reads, writes nothing
+    assert main(["report", str(run), "--plots"]) == 0
+    assert (run / "scores.png").stat().st_size > 10_000                                     # re-rendered, as asked
 
     back = [int(quarantined[0]["index"]), int(quarantined[1]["index"])]
     assert main(["restore", str(run), "--indices", *map(str, back)]) == 0
@@ -101,10 +106,26 @@ def test_train_report_restore_and_scan_on_digits(tmp_path, capsys):
     assert all(status[i] == "restored" for i in back)
     assert main(["restore", str(run), "--indices", str(back[0])]) == 2     # not quarantined any more
 
+    trained = (run / "report.json").read_bytes()
+    assert main(["scan", str(path), "--checkpoint", str(run / "checkpoint.pt")]) == 2      # would overwrite the run
+    assert "already holds ['report.json', 'results.json'" in capsys.readouterr().err
+    assert (run / "report.json").read_bytes() == trained
     assert main(["scan", str(path), "--checkpoint", str(run / "checkpoint.pt"), "--output",
                  str(tmp_path / "scan")]) == 0
     scanned = json.loads((tmp_path / "scan" / "report.json").read_text())
     assert len(scanned["scans"]) == 1 and scanned["scans"][0]["remedy"] is None
+    # a plain state_dict is a checkpoint too, read weights-only; a pickled object is refused
+    torch.save(torch.load(run / "checkpoint.pt", weights_only=True)["model"], tmp_path / "weights.pt")
+    assert main(["scan", str(path), "--checkpoint", str(tmp_path / "weights.pt"), "--output",
+                 str(tmp_path / "scan2")]) == 0
+    torch.save({"model": _Pickled()}, tmp_path / "pickled.pt")
+    assert main(["scan", str(path), "--checkpoint", str(tmp_path / "pickled.pt"), "--output",
+                 str(tmp_path / "scan3")]) == 2
+    assert "cannot be read as weights only" in capsys.readouterr().err
+
+
+class _Pickled:
+    """An object a weights-only load must refuse to unpickle."""
 
 
 @pytest.mark.cifar
@@ -123,7 +144,7 @@ def test_train_on_cifar10_subset(cifar_archive, tmp_path):
     assert (tmp_path / "run" / "checkpoint.pt").stat().st_size > 100_000
 
 
-def test_imagefolder_data_and_a_torchvision_model_by_path(tmp_path):
+def test_imagefolder_data_and_a_torchvision_model_by_path(tmp_path, capsys):
     # a folder of PNGs in train/<class>/ and test/<class>/, a model named 'package.module:callable'
     from PIL import Image
     import numpy as np
@@ -147,5 +168,20 @@ def test_imagefolder_data_and_a_torchvision_model_by_path(tmp_path):
     assert len(report["scans"]) == 1 and any(layer.startswith("features.") for layer in report["layers"])
     bad = {**cfg, "model": {"name": "torchvision.models:no_such_net"}}
     path.write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match="cannot be imported"):
-        main(["train", str(path)])
+    capsys.readouterr()
+    assert main(["train", str(path)]) == 2                                 # one line, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("guard train: error: model 'torchvision.models:no_such_net' cannot be imported")
+    assert len(err.strip().splitlines()) == 1
+    path.write_text(json.dumps({**cfg, "data": {"name": "imagefolder"}}))
+    assert main(["train", str(path)]) == 2
+    assert "data.root: imagefolder needs the folder holding train/ and test/" in capsys.readouterr().err
+
+
+def test_the_default_config_is_a_runnable_config(tmp_path, capsys):
+    assert main(["config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    cfg["output"] = str(tmp_path / "run")
+    (tmp_path / "defaults.json").write_text(json.dumps(cfg))
+    assert main(["train", str(tmp_path / "defaults.json")]) == 0          # digits, no attack: nothing dropped
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["quarantine"] == []

@@ -20,6 +20,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from guard import GuardConfig, GuardedDataset, GuardError
+from guard.datasets import load_cifar10
+from guard.experiment import RunSpec, prepare
+from guard.models import CifarResNet18
 from tests.conftest import Blobs, mlp, train
 
 
@@ -102,10 +105,98 @@ def _failing_worker(rank: int, world: int, folder: str) -> None:
         {"outcome": outcome, "quarantined": len(gds.quarantined), "scans": len(gds.report.scans)}))
 
 
-def _spawn(fn, tmp_path) -> list[dict]:
+def _state_hash(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for t in model.state_dict().values():
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _batchnorm_worker(rank: int, world: int, folder: str, order: str, archive: str) -> None:
+    """A BatchNorm CNN on real CIFAR-10 trained through DDP, the guard handed the DDP wrapper
+    (``order="wrapper"``) or the module inside it before wrapping (``order="module"``)."""
+    _setup(rank, world, folder, timeout=300.0)
+    try:
+        data = prepare(RunSpec(data="cifar10", attack="badnets", rate=0.2, n_train=4000, trusted_per_class=40,
+                               archive=archive))
+        torch.manual_seed(0)
+        model = CifarResNet18(width=16)
+        cfg = GuardConfig(warmup_epochs=2, scan_every=1, progress=False, batch_size=250)
+        if order == "wrapper":
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            gds = GuardedDataset(data.train, ddp, cfg, trusted=data.trusted, scan_dataset=data.scan)
+        else:
+            gds = GuardedDataset(data.train, model, cfg, trusted=data.trusted, scan_dataset=data.scan)
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        loader = torch.utils.data.DataLoader(gds, batch_size=32, sampler=gds.sampler)
+        scans = []
+        for epoch in range(5):
+            gds.sampler.set_epoch(epoch)
+            before = _state_hash(model)
+            gds.sampler.scan_due()                   # a due scan runs here, before the epoch's batches
+            if len(gds.report.scans) > len(scans):
+                s = gds.report.scans[-1]
+                scans.append({"before": before, "after": _state_hash(model), "new": s.new_quarantined,
+                              "remedy": s.remedy, "steps": s.remedy_steps})
+            for x, y in loader:
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(ddp(x), y).backward()
+                opt.step()
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(
+            {"quarantined": gds.quarantined.tolist(), "scans": scans, "poisoned": data.poisoned.tolist(),
+             "weights": hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _disagreeing_worker(rank: int, world: int, folder: str) -> None:
+    _setup(rank, world, folder, timeout=60.0)
+    try:
+        ds = Blobs(600, poison=0.08, seed=0)
+        layers = ["1", "3", "4"] if rank == 0 else ["1", "4"]           # rank 1 was configured differently
+        gds = GuardedDataset(ds, train(mlp(), ds, epochs=5), GuardConfig(remedy="none", layers=layers),
+                             trusted=Blobs(150, seed=7))
+        try:
+            gds.scan()
+            outcome = "no error"
+        except GuardError as e:
+            outcome = f"GuardError: {e}"
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(
+            {"outcome": outcome, "quarantined": len(gds.quarantined), "scans": len(gds.report.scans)}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, tmp_path, *args) -> list[dict]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(fn, args=(2, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(fn, args=(2, str(tmp_path), *args), nprocs=2, join=True)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.cifar
+@pytest.mark.parametrize("order", ["wrapper", "module"])
+def test_a_batchnorm_cnn_under_ddp_gets_one_quarantine_and_one_model_whichever_object_the_guard_holds(
+        order, cifar_archive, tmp_path):
+    load_cifar10(cifar_archive)                      # decoded once here, not by both ranks at once
+    r0, r1 = _spawn(_batchnorm_worker, tmp_path, order, cifar_archive)
+    assert len(r0["scans"]) == len(r1["scans"]) == 3             # a scan after a quarantine (it used to crash)
+    # the cause: each rank's BatchNorm statistics follow its own batches, so before a scan the ranks
+    # hold different models; the guard scans rank 0's (and applies rank 0's decision)
+    assert r0["scans"][0]["before"] != r1["scans"][0]["before"]
+    assert [s["after"] for s in r0["scans"]] == [s["after"] for s in r1["scans"]]   # weights and buffers
+    assert r0["scans"] == [{**s, "before": r0["scans"][i]["before"]} for i, s in enumerate(r1["scans"])]
+    assert r0["quarantined"] == r1["quarantined"] and r0["weights"] == r1["weights"]
+    assert any(s["new"] > 0 and s["remedy"] == "unlearn" and s["steps"] > 0 for s in r0["scans"])
+    q, p = set(r0["quarantined"]), set(r0["poisoned"])
+    assert len(q & p) >= 0.9 * len(p)
+
+
+def test_ranks_that_scan_different_things_fail_together_and_apply_nothing(tmp_path):
+    r0, r1 = _spawn(_disagreeing_worker, tmp_path)
+    for r in (r0, r1):
+        assert "the ranks do not scan the same thing (layers: rank 0 ['1', '3', '4'], rank 1 ['1', '4'])" in r["outcome"]
+        assert r["quarantined"] == 0 and r["scans"] == 0
 
 
 def test_two_ranks_shard_the_data_and_reach_the_single_process_quarantine(tmp_path):

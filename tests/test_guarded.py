@@ -272,3 +272,32 @@ def test_same_seed_and_data_give_the_same_quarantine(poisoned):
         gds.scan()
         runs.append((gds.quarantined, [r.score for r in gds.report.quarantine]))
     assert len(runs[0][0]) and np.array_equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+
+
+def test_unlearning_follows_the_users_optimizer_and_learning_rate():
+    """A fine-tuning user (AdamW at lr 2e-5) gets unlearning steps of that size, not SGD at 0.01."""
+    ds = Blobs(600, poison=0.08, seed=0)
+    changes = {}
+    for name, make in (("default", lambda m: None),
+                       ("adamw", lambda m: torch.optim.AdamW(m.parameters(), lr=2e-5, weight_decay=0.01))):
+        model = train(mlp(), ds, epochs=25)
+        before = [p.detach().clone() for p in model.parameters()]
+        gds = GuardedDataset(ds, model, GuardConfig(), trusted=Blobs(150, seed=7), optimizer=make(model))
+        scan = gds.scan()
+        assert scan.remedy == "unlearn" and scan.remedy_steps > 0
+        changes[name] = (max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before)),
+                         scan.remedy_steps, scan.remedy_fit_after)
+    step, steps, _ = changes["adamw"]
+    assert step <= 3 * steps * 2e-5                       # Adam moves a weight by about lr per step at most
+    assert changes["default"][0] > 20 * step, changes      # SGD(lr=0.01, momentum 0.9) moves it far more
+
+
+def test_a_compiled_model_is_scanned_through_its_original_module(poisoned):
+    ds, model = poisoned
+    cfg = GuardConfig(remedy="none")
+    plain = GuardedDataset(ds, model, cfg, trusted=Blobs(150, seed=7))
+    plain.scan()
+    compiled = GuardedDataset(ds, torch.compile(model, backend="eager"), cfg, trusted=Blobs(150, seed=7))
+    assert compiled.layers == plain.layers == ["1", "3", "4"]
+    compiled.scan()
+    assert np.array_equal(compiled.quarantined, plain.quarantined) and len(plain.quarantined)

@@ -17,7 +17,7 @@ from transformers import (ResNetConfig, ResNetForImageClassification, TrainingAr
 
 from guard import GuardConfig, GuardedDataset, GuardError  # noqa: E402
 from guard.experiment import RunSpec, detection, measure, prepare  # noqa: E402
-from guard.integrations.hf import STATE_FILE, GuardedTrainer  # noqa: E402
+from guard.integrations.hf import STATE_FILE, GuardedTrainer, GuardedTrainerMixin  # noqa: E402
 from tests.conftest import Blobs, mlp  # noqa: E402
 
 
@@ -81,6 +81,37 @@ def test_hf_trainer_resume_restores_the_quarantine(tmp_path):
     assert trainer2.state.global_step == 4 * -(-600 // 32)
 
 
+def test_the_mixin_guards_another_trainer_subclass(tmp_path):
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    class GuardedSeq2SeqTrainer(GuardedTrainerMixin, Seq2SeqTrainer):
+        pass
+
+    ds = Dicts(Blobs(600, poison=0.08, seed=0), "features")
+    runs = {}
+    for name, (cls, arg_cls) in {"plain": (GuardedTrainer, TrainingArguments),
+                                 "seq2seq": (GuardedSeq2SeqTrainer, Seq2SeqTrainingArguments)}.items():
+        model = TabularModel()
+        gds = GuardedDataset(ds, model, GuardConfig(warmup_epochs=2, scan_every=2, pad_epochs=True),
+                             trusted=Dicts(Blobs(150, seed=7), "features"))
+        args = arg_cls(output_dir=str(tmp_path / name), num_train_epochs=3, per_device_train_batch_size=32,
+                       learning_rate=0.05, report_to=[], use_cpu=True, seed=0, disable_tqdm=True, save_strategy="no")
+        trainer = cls(model=model, args=args, guarded=gds)
+        trainer.train()
+        assert [s.epoch for s in gds.report.scans] == [2]
+        assert any(e.get("guard/quarantined") == len(gds.quarantined) for e in trainer.state.log_history)
+        runs[name] = gds.quarantined
+    assert isinstance(trainer, Seq2SeqTrainer)
+    assert np.array_equal(runs["seq2seq"], runs["plain"])                     # the same run, the same quarantine
+    assert np.intersect1d(runs["seq2seq"], ds.ds.poisoned).size == len(ds.ds.poisoned)
+
+    class Alone(GuardedTrainerMixin):
+        pass
+
+    with pytest.raises(GuardError, match="goes before a transformers Trainer"):
+        Alone(guarded=gds)
+
+
 def test_resuming_from_a_checkpoint_without_guard_state_is_refused(tmp_path):
     ds = Dicts(Blobs(120), "features")
     model = TabularModel()
@@ -128,7 +159,8 @@ def test_hf_trainer_with_a_tiny_vit_quarantines_badnets_on_cifar10(cifar_archive
     assert [s.epoch for s in gds.report.scans] == [2]
     (verdict,) = [c for c in gds.report.scans[0].classes if c.cls == 0]
     assert verdict.verdict == "separate cluster"
-    assert all(n.startswith("vit.layers.") for n in verdict.critical_layers)    # found at encoder layers
+    # found inside the network: the patch embedding or the encoder layers (each with its :peak view), not the head
+    assert all(n.startswith(("vit.layers.", "vit.embeddings")) for n in verdict.critical_layers)
     d = detection(gds.quarantined, data.poisoned, len(data.labels))
     assert d["tpr"] >= 0.95 and d["fpr"] <= 0.02
     assert measure(model, data)["attack_success_correct"] <= 0.05              # unlearned by the default remedy

@@ -1,62 +1,21 @@
-"""Step 1: layer discovery, feature taps and scan isolation."""
+"""Step 1: feature taps, layer names and scan isolation (discovery: test_discover.py)."""
 
 import random
 
 import numpy as np
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from guard.errors import GuardError
-from guard.hooks import FeatureTap, check_layers, discover_layers, peak, pool, scan_mode
-from guard.models import CifarResNet18, SmallCNN
-
-
-def _discover(model, x):
-    with scan_mode(model):
-        return discover_layers(model, lambda: model(x))
-
-
-def test_cifar_resnet_layers_are_stem_blocks_and_classifier():
-    layers = _discover(CifarResNet18(width=8), torch.randn(2, 3, 32, 32))
-    assert layers == ["stem", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1",
-                      "layer4.0", "layer4.1", "fc"]
-
-
-def test_torchvision_resnet_and_mobilenet_blocks():
-    r = _discover(torchvision.models.resnet18(num_classes=5), torch.randn(2, 3, 64, 64))
-    assert r[0] == "maxpool" and r[-1] == "fc" and "layer4.1" in r and len(r) == 10
-    m = _discover(torchvision.models.mobilenet_v2(num_classes=5), torch.randn(2, 3, 64, 64))
-    assert sum(n.startswith("features.") for n in m) >= 17 and m[-1] == "classifier.1"
-
-
-def test_transformer_encoder_layers():
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Linear(8, 16)
-            self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 3)
-            self.head = nn.Linear(16, 4)
-
-        def forward(self, x):
-            return self.head(self.encoder(self.embed(x)).mean(1))
-
-    layers = _discover(Tiny(), torch.randn(2, 5, 8))
-    # every token-sequence layer comes with its peak view, right after it
-    blocks = ["embed"] + [f"encoder.layers.{i}" for i in range(3)]
-    assert layers == [v for b in blocks for v in (b, b + ":peak")] + ["head"]
-
-
-def test_fallback_uses_activations_and_classifier():
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
-    assert _discover(model, torch.randn(2, 4)) == ["1", "3", "4"]
-    assert _discover(SmallCNN(width=4), torch.randn(2, 1, 16, 16))[-1] == "head.2"
+from guard.discover import discover_layers
+from guard.hooks import FeatureTap, check_layers, peak, pool, scan_mode
+from guard.models import CifarResNet18
 
 
 def test_model_without_submodules_is_an_error():
     with pytest.raises(GuardError, match="no submodules"):
-        _discover(nn.Linear(4, 2), torch.randn(2, 4))
+        discover_layers(nn.Linear(4, 2), torch.randn(2, 4))
 
 
 def test_unknown_layer_names_are_an_error():

@@ -53,14 +53,16 @@ def test_lightning_run_quarantines_badnets_on_cifar10(cifar_archive, tmp_path):
     module = Classifier(data.make_model(), lr=0.01)
     gds = GuardedDataset(data.train, module, GuardConfig(warmup_epochs=2, scan_every=2), trusted=data.trusted,
                          scan_dataset=data.scan)
-    trainer = _trainer(tmp_path, 3, gds, logger=CSVLogger(tmp_path), enable_checkpointing=False)
+    trainer = _trainer(tmp_path, 3, gds, logger=[CSVLogger(tmp_path), CSVLogger(tmp_path, name="second")],
+                       enable_checkpointing=False)
     trainer.fit(module, DataLoader(gds, batch_size=128, sampler=gds.sampler))
     d = detection(gds.quarantined, data.poisoned, len(data.labels))
     assert d["tpr"] >= 0.95 and d["fpr"] <= 0.02
     assert [s.epoch for s in gds.report.scans] == [2]
-    # the quarantine counts reached the Trainer's logger
-    logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
-    assert "guard/quarantined" in logged and str(float(len(gds.quarantined))) in logged
+    # the quarantine counts reached every one of the Trainer's loggers
+    for name in ("lightning_logs", "second"):
+        logged = (tmp_path / name / "version_0" / "metrics.csv").read_text()
+        assert "guard/quarantined" in logged and str(float(len(gds.quarantined))) in logged
 
 
 def test_scans_follow_lightning_epochs_and_resume_restores_the_quarantine(tmp_path):
@@ -127,7 +129,8 @@ def test_reloaded_dataloaders_keep_the_schedule_and_are_checked_each_epoch(tmp_p
     assert trainer.current_epoch == 4
 
 
-def test_lightning_ddp_on_two_cpu_processes(tmp_path):
+@pytest.mark.parametrize("model", ["mlp", "batchnorm"])
+def test_lightning_ddp_on_two_cpu_processes(model, tmp_path):
     import json
     import os
     import subprocess
@@ -136,14 +139,18 @@ def test_lightning_ddp_on_two_cpu_processes(tmp_path):
 
     script = Path(__file__).resolve().parent / "lightning_ddp_run.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
-                       timeout=600, cwd=tmp_path)
+    p = subprocess.run([sys.executable, str(script), str(tmp_path)] + (["batchnorm"] if model == "batchnorm" else []),
+                       env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["quarantined"] == r1["quarantined"] and r0["scans"] == r1["scans"] == 2
     assert r0["steps"] == r1["steps"] and r0["weights"] == r1["weights"]
+    assert r0["scan_states"] == r1["scan_states"]        # weights and buffers equal right after each scan
     q, poisoned = set(r0["quarantined"]), set(r0["poisoned"])
-    assert len(q & poisoned) >= 0.95 * len(poisoned) and len(q - poisoned) <= 0.02 * (600 - len(poisoned))
+    # this test is about agreement between ranks; detection is the MLP's to show (the BatchNorm MLP on
+    # these blobs measured TPR 100 %, FPR 2.4 %: 13 of 552 clean samples)
+    fpr_bound = 0.02 if model == "mlp" else 0.05
+    assert len(q & poisoned) >= 0.95 * len(poisoned) and len(q - poisoned) <= fpr_bound * (600 - len(poisoned))
     assert r0["asr"] <= 0.05
 
 
@@ -152,11 +159,13 @@ def test_a_run_shorter_than_the_warm_up_is_flagged_at_the_start(tmp_path):
 
     lines = []
     sink = logger.add(lines.append, level="WARNING", format="{message}")
+    logger.enable("guard")
     try:
         torch.manual_seed(0)
         module = Classifier(mlp())
         gds = GuardedDataset(Blobs(120, seed=0), module, GuardConfig(warmup_epochs=5), trusted=Blobs(60, seed=7))
         _trainer(tmp_path, 2, gds).fit(module, DataLoader(gds, batch_size=32, sampler=gds.sampler))
     finally:
+        logger.disable("guard")
         logger.remove(sink)
     assert any("nothing will be scanned" in m for m in lines) and not gds.report.scans
