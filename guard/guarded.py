@@ -365,8 +365,8 @@ class GuardedDataset(Dataset):
             source = self.scan_dataset if self.scan_dataset is not None else self.dataset
             pool = self.kept_indices()
         idx = np.sort(rng.choice(pool, min(len(pool), _CHANCE_SAMPLES), replace=False))
-        pred, lab = predictions(unwrap_model(self.model), source, idx, self.adapter, self.device, self.config.channels_last,
-                                self.config.amp)
+        pred, lab = predictions(unwrap_model(self.model), source, idx, self.adapter, self.device,
+                                self.config.channels_last, self.config.amp)
         return chance_fit(pred, lab, targets)
 
     # ---- persistence -------------------------------------------------------------------------

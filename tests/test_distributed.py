@@ -159,7 +159,8 @@ def _batchnorm_worker(rank: int, world: int, folder: str, order: str, archive: s
                 opt.step()
         Path(folder, f"rank{rank}.json").write_text(json.dumps(
             {"quarantined": gds.quarantined.tolist(), "scans": scans, "poisoned": data.poisoned.tolist(),
-             "weights": hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()}))
+             "weights": hashlib.sha256(b"".join(p.detach().numpy().tobytes()
+                                                for p in model.parameters())).hexdigest()}))
     except BaseException:
         dist.destroy_process_group()
         raise
@@ -213,7 +214,8 @@ def test_a_batchnorm_cnn_under_ddp_gets_one_quarantine_and_one_model_whichever_o
 def test_ranks_that_scan_different_things_fail_together_and_apply_nothing(tmp_path):
     r0, r1 = _spawn(_disagreeing_worker, tmp_path)
     for r in (r0, r1):
-        assert "the ranks do not scan the same thing (layers: rank 0 ['1', '3', '4'], rank 1 ['1', '4'])" in r["outcome"]
+        said = "the ranks do not scan the same thing (layers: rank 0 ['1', '3', '4'], rank 1 ['1', '4'])"
+        assert said in r["outcome"]
         assert r["quarantined"] == 0 and r["scans"] == 0
 
 

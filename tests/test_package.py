@@ -49,6 +49,7 @@ def test_importing_and_scanning_prints_nothing_until_logging_is_enabled():
 
 
 def test_the_command_line_help_does_not_load_torch():
-    probe = "import sys, guard.cli; guard.cli.parser().format_help(); print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    probe = ("import sys, guard.cli; guard.cli.parser().format_help(); "
+             "print(sorted({'torch', 'numpy'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
