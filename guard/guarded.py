@@ -25,8 +25,8 @@ from guard.distributed import agree, broadcast_model, broadcast_object, world
 from guard.extract import Extractor
 from guard.hooks import check_layers, preserve_rng, scan_mode, unwrap_model
 from guard.remedy import allowed_fit, chance_fit, fit_share, predictions, restart, split_check, unlearn
-from guard.report import (ClassReport, GuardReport, QuarantineRecord, RestoreRecord, ScanReport, atomic_write,
-                          now)
+from guard.report import (SAMPLE_COLUMNS, ClassReport, GuardReport, QuarantineRecord, RestoreRecord, ScanReport,
+                          atomic_write, now, quarantined_row)
 from guard.sampler import GuardSampler
 from guard.scan import Scanner, ScanResult
 
@@ -331,7 +331,8 @@ class GuardedDataset(Dataset):
             recs = list(self._records.values())
             train, check = split_check(np.array([r.index for r in recs]), np.array([r.score for r in recs]), cfg.seed)
             fit = fit_share(model, self.dataset, check, self.adapter, self.device, cfg.channels_last, cfg.amp)
-            allowed = allowed_fit(self._chance(np.array([self._records[int(i)].label for i in check])), len(check))
+            allowed = allowed_fit(self._chance(model, np.array([self._records[int(i)].label for i in check])),
+                                  len(check))
             scan.remedy_fit_before, scan.remedy_fit_allowed = fit, allowed
             if fit <= allowed:
                 logger.info("guard: the model predicts {:.1%} of the held-out quarantined samples as their label "
@@ -354,7 +355,7 @@ class GuardedDataset(Dataset):
         settings = {k: group[k] for k in accepted if k in group and k not in ("self", "params")}
         return type(self.optimizer)(params, **settings)
 
-    def _chance(self, targets: np.ndarray) -> float:
+    def _chance(self, model: nn.Module, targets: np.ndarray) -> float:
         """How often the model predicts ``targets``' labels for benign images of other classes: on the
         trusted set, or trust-free on kept training samples (fitted, so a lower, stricter rate);
         at most ``_CHANCE_SAMPLES`` of them."""
@@ -365,8 +366,8 @@ class GuardedDataset(Dataset):
             source = self.scan_dataset if self.scan_dataset is not None else self.dataset
             pool = self.kept_indices()
         idx = np.sort(rng.choice(pool, min(len(pool), _CHANCE_SAMPLES), replace=False))
-        pred, lab = predictions(unwrap_model(self.model), source, idx, self.adapter, self.device,
-                                self.config.channels_last, self.config.amp)
+        pred, lab = predictions(model, source, idx, self.adapter, self.device, self.config.channels_last,
+                                self.config.amp)
         return chance_fit(pred, lab, targets)
 
     # ---- persistence -------------------------------------------------------------------------
@@ -392,15 +393,13 @@ class GuardedDataset(Dataset):
         """One row per sample: index, label (-1 if never scanned), status (kept, quarantined, restored),
         its suspicion score and threshold (when quarantined, those of the scan that took it; else of
         the last scan), and for quarantined samples the layer, the reason and the scan."""
-        q = self._records
         rows = []
         for i in range(self._n):
-            r = q.get(i)
-            status = "quarantined" if r else ("restored" if i in self._pinned else "kept")
-            rows.append({"index": i, "label": int(self._labels[i]), "status": status, "is_quarantined": bool(r),
-                         "score": float(r.score) if r else float(self._scores[i]),
-                         "threshold": float(r.threshold) if r else float(self._thresholds[i]),
-                         "layer": r.layer if r else "", "reason": r.reason if r else "", "scan": r.scan if r else 0})
+            r = self._records.get(i)
+            rows.append(quarantined_row(r) if r else {
+                "index": i, "label": int(self._labels[i]), "status": "restored" if i in self._pinned else "kept",
+                "is_quarantined": False, "score": float(self._scores[i]), "threshold": float(self._thresholds[i]),
+                "layer": "", "reason": "", "scan": 0})
         return rows
 
     def save(self, folder: str | PathLike) -> None:
@@ -411,8 +410,7 @@ class GuardedDataset(Dataset):
         self.report.save_json(folder / "report.json")
         self.report.save_csv(folder / "quarantine.csv")
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=["index", "label", "status", "is_quarantined", "score", "threshold", "layer",
-                                            "reason", "scan"])
+        w = csv.DictWriter(buf, fieldnames=SAMPLE_COLUMNS)
         w.writeheader()
         w.writerows(self.table())
         atomic_write(folder / "samples.csv", buf.getvalue())

@@ -96,6 +96,16 @@ class QuarantineRecord(BaseModel):
     reason: str
 
 
+SAMPLE_COLUMNS = ("index", "label", "status", "is_quarantined", "score", "threshold", "layer", "reason", "scan")
+"""The per-sample table's columns (``GuardedDataset.table``, ``samples.csv``, ``GuardReport.to_pandas``)."""
+
+
+def quarantined_row(r: QuarantineRecord) -> dict[str, Any]:
+    """A quarantined sample's row of the per-sample table."""
+    return {"index": r.index, "label": r.label, "status": "quarantined", "is_quarantined": True, "score": r.score,
+            "threshold": r.threshold, "layer": r.layer, "reason": r.reason, "scan": r.scan}
+
+
 class RestoreRecord(BaseModel):
     time: str
     epoch: int
@@ -144,12 +154,9 @@ class GuardReport(BaseModel):
                                   "quarantined": int(held.get(c.cls, 0)), "separation": c.separation,
                                   "screen_share": c.screen_share} for c in last])
         if self._samples is not None:
-            return pd.DataFrame(self._samples()).set_index("index")
-        return pd.DataFrame([{"index": r.index, "label": r.label, "status": "quarantined", "is_quarantined": True,
-                              "score": r.score, "threshold": r.threshold, "layer": r.layer, "reason": r.reason,
-                              "scan": r.scan} for r in self.quarantine],
-                            columns=["index", "label", "status", "is_quarantined", "score", "threshold", "layer",
-                                     "reason", "scan"]).set_index("index")
+            return pd.DataFrame(self._samples(), columns=list(SAMPLE_COLUMNS)).set_index("index")
+        rows = [quarantined_row(r) for r in self.quarantine]
+        return pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS)).set_index("index")
 
     def summary(self) -> str:
         """A short human summary."""

@@ -7,9 +7,11 @@ threshold (none here); across ranks they must be bit-identical (every rank decid
 same gathered scores).
 """
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,6 +34,19 @@ def _setup(rank: int, world: int, folder: str, timeout: float = 60.0) -> None:
                             timeout=timedelta(seconds=timeout))
 
 
+@contextlib.contextmanager
+def _group(rank: int, world: int, folder: str, timeout: float = 60.0) -> Iterator[None]:
+    """A worker's process group: left together when the block ends (see ``_leave``), torn down
+    and the error raised when it fails."""
+    _setup(rank, world, folder, timeout)
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _leave()
+
+
 def _leave(together: bool = True) -> None:
     """End a worker whose results are written: meet the peer, then exit at once. Tearing gloo down
     at interpreter exit aborts now and then ('terminate called without an active exception', in 3 of
@@ -42,8 +57,7 @@ def _leave(together: bool = True) -> None:
 
 
 def _worker(rank: int, world: int, folder: str) -> None:
-    _setup(rank, world, folder)
-    try:
+    with _group(rank, world, folder):
         ds = Blobs(600, poison=0.08, seed=0)
         model = torch.nn.parallel.DistributedDataParallel(train(mlp(), ds, epochs=25))
         gds = GuardedDataset(ds, model, GuardConfig(remedy="none"), trusted=Blobs(150, seed=7))
@@ -55,16 +69,11 @@ def _worker(rank: int, world: int, folder: str) -> None:
         scores = {int(r.index): [r.score, r.threshold] for r in gds.report.quarantine}
         Path(folder, f"rank{rank}.json").write_text(json.dumps(
             {"before": before, "after": after, "quarantined": q.tolist(), "hash": digest, "scores": scores}))
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    _leave()
 
 
 def _training_worker(rank: int, world: int, folder: str) -> None:
     """A plain DDP loop (what torchrun runs): the guard's sampler, scheduled scans, default remedy."""
-    _setup(rank, world, folder)
-    try:
+    with _group(rank, world, folder):
         ds = Blobs(600, poison=0.08, seed=0)
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(mlp())
@@ -87,10 +96,6 @@ def _training_worker(rank: int, world: int, folder: str) -> None:
             {"quarantined": gds.quarantined.tolist(), "steps": steps, "asr": asr,
              "poisoned": ds.poisoned.tolist(), "scans": len(gds.report.scans),
              "weights": float(sum(p.double().sum() for p in model.parameters()))}))
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    _leave()
 
 
 def _failing_worker(rank: int, world: int, folder: str) -> None:
@@ -129,8 +134,7 @@ def _state_hash(model: torch.nn.Module) -> str:
 def _batchnorm_worker(rank: int, world: int, folder: str, order: str, archive: str) -> None:
     """A BatchNorm CNN on real CIFAR-10 trained through DDP, the guard handed the DDP wrapper
     (``order="wrapper"``) or the module inside it before wrapping (``order="module"``)."""
-    _setup(rank, world, folder, timeout=300.0)
-    try:
+    with _group(rank, world, folder, timeout=300.0):
         data = prepare(RunSpec(data="cifar10", attack="badnets", rate=0.2, n_train=4000, trusted_per_class=40,
                                archive=archive))
         torch.manual_seed(0)
@@ -161,15 +165,10 @@ def _batchnorm_worker(rank: int, world: int, folder: str, order: str, archive: s
             {"quarantined": gds.quarantined.tolist(), "scans": scans, "poisoned": data.poisoned.tolist(),
              "weights": hashlib.sha256(b"".join(p.detach().numpy().tobytes()
                                                 for p in model.parameters())).hexdigest()}))
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    _leave()
 
 
 def _disagreeing_worker(rank: int, world: int, folder: str) -> None:
-    _setup(rank, world, folder, timeout=60.0)
-    try:
+    with _group(rank, world, folder, timeout=60.0):
         ds = Blobs(600, poison=0.08, seed=0)
         layers = ["1", "3", "4"] if rank == 0 else ["1", "4"]           # rank 1 was configured differently
         gds = GuardedDataset(ds, train(mlp(), ds, epochs=5), GuardConfig(remedy="none", layers=layers),
@@ -181,10 +180,6 @@ def _disagreeing_worker(rank: int, world: int, folder: str) -> None:
             outcome = f"GuardError: {e}"
         Path(folder, f"rank{rank}.json").write_text(json.dumps(
             {"outcome": outcome, "quarantined": len(gds.quarantined), "scans": len(gds.report.scans)}))
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    _leave()
 
 
 def _spawn(fn, tmp_path, *args) -> list[dict]:
