@@ -6,6 +6,36 @@ One line in an existing loop::
     loader = DataLoader(gds, batch_size=128, sampler=gds.sampler)   # then train as usual
 
 The names below are imported on first use, so ``import guard`` (and ``guard --help``) stays quick.
+
+Module map (one line each: what it owns)::
+
+    guarded      GuardedDataset: the wrapper; quarantine records, scan schedule, remedy, state; detect()
+    sampler      GuardSampler: hands out the kept indices per epoch (calls an epoch-start hook, nothing else)
+    schedule     ScanSchedule: which epochs scan (warm-up, every k, at most n) and which did
+    setup        set-up checks shared by GuardedDataset and InputFilter (layers, classes, device, trusted set)
+    discover     which layers to analyse, from the traced forward pass of any nn.Module
+    hooks        forward hooks (FeatureTap), scan_mode (eval, no grad, states restored), unwrapping DDP/compile
+    extract      Extractor: streams pooled per-layer features over a dataset (the only model forward of a scan)
+    batches      reading items and batches (tuples, dicts, unpack=), Feed: device, channels_last, autocast
+    scan         Scanner: one scan as named stages over one ScanState; every model pass counted in Passes
+    calibrate    stage 1: the benign reference and its spread per class and layer (trusted or trust-free)
+    reference    streaming class sums of unit features; cosine and leave-one-out scores
+    locate       the critical-layer rules (the paper's window, the guard's largest excess)
+    decide       the per-class decision: decide(stats, thresholds) -> (Verdict, reason); the per-class cap
+    cluster      the suspect-vs-benign centroid discriminant of the confirm and follow-up stages
+    probe        the self-trained shrinkage-LDA probe that sharpens a confirmed cluster
+    thresholds   Thresholds: every tuned number of the decisions, each with its rule
+    config       GuardConfig: every setting, validated (thresholds is one of its sections)
+    remedy       unlearning (or restart) after quarantines, judged on held-out quarantined samples
+    report       GuardReport and its parts: JSON, CSV, per-sample and per-class DataFrames, summary
+    filter       InputFilter: flag inputs at inference (the paper's own setting)
+    distributed  torch.distributed helpers: sharding, gathers, rank agreement, broadcasts
+    errors       GuardError, GuardWarning
+    progress     progress bars (tqdm.auto) or log lines of long passes
+    cli          the ``guard`` command; runconfig: its YAML/JSON run files
+    experiment   red-team runs (poison, train with and without the guard, measure); attacks, datasets,
+                 models, archs: the data, triggers and models those runs and the tests use
+    plots        figures of a report
 """
 
 from __future__ import annotations

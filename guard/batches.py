@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -109,3 +110,19 @@ class BatchAdapter:
         if logits is None:
             raise GuardError(f"model returned {type(out).__name__} with no tensor; return logits")
         return logits
+
+
+@dataclass(frozen=True)
+class Feed:
+    """How the guard runs a model: unpacking and moving batches, on ``device``, in ``channels_last``
+    memory format (4-D inputs) and under autocast (``amp``)."""
+
+    adapter: BatchAdapter
+    device: torch.device
+    channels_last: bool = False
+    amp: bool = False
+
+    def logits(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        """The model's logits for a batch of (unmoved) inputs, in the guard's autocast."""
+        with autocast(self.device, self.amp):
+            return self.adapter.forward(model, self.adapter.move(inputs, self.device, self.channels_last))

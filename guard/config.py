@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from guard.thresholds import Thresholds
+
+# flat names the decision numbers had before ``thresholds`` (still accepted, e.g. in saved reports) -> the
+# Thresholds fields that now hold what each one set
+_LEGACY = {"threshold_z": ("out_z", "screen_z", "follow_z", "filter_z"), "min_cluster": ("min_excess", "min_screen_share"),
+           **{k: (k,) for k in ("window", "cluster_share", "separation_z", "screen_per_class", "flag_z",
+                                "probe_shrinkage", "class_drop_warn", "class_drop_cap")}}
 
 
 class GuardConfig(BaseModel):
@@ -13,6 +21,8 @@ class GuardConfig(BaseModel):
     >>> from guard import GuardConfig
     >>> GuardConfig(warmup_epochs=2, scan_every=2).remedy
     'unlearn'
+    >>> GuardConfig(thresholds={"class_drop_cap": 0.5}).thresholds.class_drop_cap
+    0.5
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -29,25 +39,8 @@ class GuardConfig(BaseModel):
     critical_rule: Literal["guard", "paper"] = Field(
         "guard", description="'guard': separation-tested layer window; 'paper': Jebreel et al.'s rule")
 
-    # scoring and decision
-    window: int = Field(2, ge=1, description="guard rule: score over this many layers (largest excess first)")
-    threshold_z: float = Field(
-        3.0, gt=0, description="out of the benign spread: this many benign standard deviations out")
-    cluster_share: float = Field(
-        0.16, gt=0, le=1, description="separate cluster: this share of the screened class far out (trusted only)")
-    separation_z: float = Field(
-        6.0, gt=0, description="... or min_cluster of it, with a median this many standard deviations out")
-    screen_per_class: int = Field(
-        512, ge=16, description="samples per candidate class screened before a full confirming pass")
-    flag_z: float = Field(
-        2.0, gt=0, description="in a class that holds a separate cluster, quarantine samples whose "
-                               "discriminant is above this (benign standard deviations)")
-    probe_shrinkage: float = Field(
-        0.8, gt=0, le=1, description="the cluster probe's LDA shrinkage (1: a mean-difference direction)")
-    min_cluster: float = Field(
-        0.01, gt=0, lt=1, description="least share of a class beyond the false-alarm rate that is acted on")
-    class_drop_warn: float = Field(0.2, gt=0, le=1, description="warn when a class loses more than this share")
-    class_drop_cap: float = Field(0.75, gt=0, le=1, description="never drop more than this share of a class")
+    # decision
+    thresholds: Thresholds = Field(default_factory=Thresholds, description="the decision rules' numbers")
 
     # trusted data
     min_trusted_per_class: int = Field(10, ge=2, description="smallest trusted set per class that is accepted")
@@ -59,6 +52,7 @@ class GuardConfig(BaseModel):
         "unlearn", description="after quarantines: 'unlearn' the trigger, 'restart' from the first weights, 'none'")
     unlearn_steps: int = Field(60, ge=1, description="least unlearning steps (up to 3x, until fitted at chance)")
     unlearn_lr: float = Field(0.01, gt=0, description="unlearning SGD learning rate (without optimizer=)")
+    unlearn_momentum: float = Field(0.9, ge=0, lt=1, description="unlearning SGD momentum (without optimizer=)")
 
     # sampling
     shuffle: bool = True
@@ -78,9 +72,25 @@ class GuardConfig(BaseModel):
     label_key: str | None = Field(None, description="dict items: key of the label")
     progress: bool = Field(True, description="progress bars (terminal, notebook) or log lines of long passes")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data: Any) -> Any:
+        """Decision numbers given flat (``GuardConfig(cluster_share=0.2)``) move into ``thresholds``."""
+        if isinstance(data, dict) and set(data) & set(_LEGACY):
+            data = dict(data)
+            th = data.get("thresholds", {})
+            th = dict(th.model_dump(exclude_unset=True) if isinstance(th, Thresholds) else th)
+            for old in sorted(set(data) & set(_LEGACY)):
+                value = data.pop(old)
+                for new in _LEGACY[old]:
+                    th.setdefault(new, value)
+            data["thresholds"] = th
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> "GuardConfig":
-        if self.class_drop_warn > self.class_drop_cap:
-            raise ValueError(f"class_drop_warn ({self.class_drop_warn}) must not exceed class_drop_cap "
-                             f"({self.class_drop_cap})")
+        t = self.thresholds
+        if t.class_drop_warn > t.class_drop_cap:
+            raise ValueError(f"thresholds.class_drop_warn ({t.class_drop_warn}) must not exceed "
+                             f"thresholds.class_drop_cap ({t.class_drop_cap})")
         return self

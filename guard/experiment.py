@@ -25,13 +25,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from guard.attacks import ATTACKS, Attack, make_attack
+from guard.batches import BatchAdapter, Feed
 from guard.config import GuardConfig
 from guard.datasets import (CIFAR10_MEAN, CIFAR10_STD, ArrayImageDataset, ArraySplit, load_cifar10, load_digits,
                             load_image_folder, stratified_indices)
 from guard.guarded import GuardedDataset
-from guard.hooks import scan_mode
 from guard.models import CifarResNet18, SmallCNN
 from guard.progress import Progress
+from guard.remedy import predictions
 
 
 @dataclass
@@ -148,14 +149,8 @@ class EpochPermutation(Sampler[int]):
 
 
 def predict(model: nn.Module, ds: ArrayImageDataset) -> tuple[np.ndarray, np.ndarray]:
-    device = next(model.parameters()).device
-    preds, labels = [], []
-    with scan_mode(model):
-        for x, y in DataLoader(ds, batch_size=512):
-            out = model(x.to(device))
-            preds.append(getattr(out, "logits", out).argmax(1).cpu().numpy())   # HF models return .logits
-            labels.append(y.numpy())
-    return np.concatenate(preds), np.concatenate(labels)
+    """Eval-mode predictions and labels of a whole dataset (:func:`guard.remedy.predictions`)."""
+    return predictions(model, ds, np.arange(len(ds)), Feed(BatchAdapter(), next(model.parameters()).device))
 
 
 def _success(atk: Attack, plain: np.ndarray, labels: np.ndarray,
@@ -278,7 +273,7 @@ def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None,
         t0 = time.perf_counter()
         gds.sampler.set_epoch(epoch)
         n_scans = len(gds.report.scans)
-        gds.sampler.scan_due()            # a due scan runs here, before the epoch's timing
+        gds.scan_if_due()                 # a due scan runs here, before the epoch's timing
         scan_time = time.perf_counter() - t0
         epoch_times.append(_epoch(model, opt, loader, f"train epoch {epoch + 1}/{spec.epochs}"))
         sched.step()

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from guard.batches import BatchAdapter, autocast
+from guard.batches import Feed, autocast
+from guard.config import GuardConfig
 from guard.errors import GuardError
 from guard.hooks import FeatureTap, StopForward, unwrap_model
 from guard.progress import Progress
@@ -27,13 +28,12 @@ class Batch:
 class Extractor:
     """Runs the model over (part of) a dataset and yields pooled features per layer."""
 
-    def __init__(self, model: nn.Module, adapter: BatchAdapter, num_classes: int, batch_size: int = 256,
-                 num_workers: int = 0, device: torch.device | None = None, amp: bool = False,
-                 channels_last: bool = False, grid: int = 4, progress: bool = True) -> None:
-        self.model, self.adapter, self.num_classes = model, adapter, num_classes
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.device = device or next(model.parameters()).device
-        self.amp, self.channels_last, self.grid, self.progress = amp, channels_last, grid, progress
+    def __init__(self, model: nn.Module, feed: Feed, num_classes: int, cfg: GuardConfig) -> None:
+        """``cfg``: its batch_size, num_workers, pool_grid and progress apply."""
+        self.model, self.adapter, self.num_classes = model, feed.adapter, num_classes
+        self.batch_size, self.num_workers = cfg.batch_size, cfg.num_workers
+        self.device, self.amp, self.channels_last = feed.device, feed.amp, feed.channels_last
+        self.grid, self.progress = cfg.pool_grid, cfg.progress
         # a scan needs no gradient or buffer sync: DDP's own forward would issue collectives whose
         # count differs between ranks scoring shards of different sizes; a compiled model runs eagerly
         self._forward_model = unwrap_model(model, keep_data_parallel=True)

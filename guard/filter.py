@@ -9,14 +9,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from guard.batches import BatchAdapter, Unpack
+from guard.batches import BatchAdapter, Feed, Unpack
 from guard.config import GuardConfig
 from guard.errors import GuardError
+from guard.calibrate import calibrate
 from guard.extract import Extractor
-from guard.guarded import GuardedDataset
 from guard.hooks import FeatureTap, scan_mode
 from guard.locate import paper_window
-from guard.scan import Scanner
+from guard.setup import check_device, check_trusted, layers_and_classes
 
 
 class InputFilter:
@@ -25,7 +25,8 @@ class InputFilter:
     Per class, the layer window comes from benign behaviour alone (the paper's rule: the layers
     up to the largest rise of benign within-class similarity); scores are the window's mean
     leave-one-out-standardised cosine, so the threshold (``GuardConfig.threshold_z``) is in
-    benign standard deviations calibrated on trusted samples that did not build the reference.
+    benign standard deviations calibrated on trusted samples that did not build the reference;
+    an input is flagged above ``thresholds.filter_z``.
 
     >>> import torch
     >>> from torch.utils.data import TensorDataset
@@ -42,24 +43,24 @@ class InputFilter:
                  unpack: Unpack | None = None) -> None:
         self.model = model
         self.config = cfg = config or GuardConfig()
-        # GuardedDataset's checks (layers, classes, trusted coverage) apply unchanged.
-        probe = GuardedDataset(trusted, model, cfg.model_copy(update={"min_trusted_per_class": 2}),
-                               trusted=trusted, unpack=unpack)
-        self.layers, self.num_classes, self.device = probe.layers, probe.num_classes, probe.device
+        th = cfg.thresholds
         self.adapter = BatchAdapter(cfg.input_key, cfg.label_key, unpack)
-        extractor = Extractor(model, self.adapter, self.num_classes, cfg.batch_size, cfg.num_workers,
-                              self.device, cfg.amp, cfg.channels_last, cfg.pool_grid, progress=False)
+        self.device = check_device(cfg.device, model)
+        self.layers, self.num_classes = layers_and_classes(model, trusted, self.adapter, cfg, self.device)
+        check_trusted(trusted, self.adapter, self.num_classes, 2)
+        extractor = Extractor(model, Feed(self.adapter, self.device, cfg.channels_last, cfg.amp), self.num_classes,
+                              cfg.model_copy(update={"progress": False}))
         with scan_mode(model):
-            cal = Scanner(model, self.layers, extractor, cfg).calibrate(trusted, trusted, np.arange(len(trusted)))
+            cal = calibrate(extractor.stream, self.layers, (trusted, None, "trusted"), self.num_classes, th)
         self.calibration = cal
         self.windows = {}
         self._mu, self._sd = np.zeros(self.num_classes), np.ones(self.num_classes)
         zb = cal.z(cal.loo, cal.labels)
         for c in range(self.num_classes):
             m = cal.labels == c
-            self.windows[c] = paper_window(cal.in_sample[m].mean(0))
+            self.windows[c] = paper_window(cal.in_sample[m].mean(0), th.paper_width)
             s = zb[m][:, self.windows[c]].mean(1)
-            self._mu[c], self._sd[c] = s.mean(), max(s.std(), 1e-4)
+            self._mu[c], self._sd[c] = s.mean(), max(s.std(), th.std_floor)
 
     @torch.no_grad()
     def __call__(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,4 +77,4 @@ class InputFilter:
         score = np.array([(-(z[i, self.windows[int(c)]].mean()) + self._mu[int(c)]) / self._sd[int(c)]
                           for i, c in enumerate(pred)])
         s = torch.from_numpy(score).float()
-        return s > cfg.threshold_z, s
+        return s > cfg.thresholds.filter_z, s

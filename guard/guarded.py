@@ -15,59 +15,33 @@ import numpy as np
 import torch
 from loguru import logger
 from torch import nn
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
-from guard.batches import BatchAdapter, Unpack
+from guard.batches import BatchAdapter, Feed, Unpack
 from guard.config import GuardConfig
-from guard.errors import GuardError
-from guard.discover import discover_layers
 from guard.distributed import agree, broadcast_model, broadcast_object, world
+from guard.errors import GuardError
 from guard.extract import Extractor
-from guard.hooks import check_layers, preserve_rng, scan_mode, unwrap_model
-from guard.remedy import allowed_fit, chance_fit, fit_share, predictions, restart, split_check, unlearn
-from guard.report import (SAMPLE_COLUMNS, ClassReport, GuardReport, QuarantineRecord, RestoreRecord, ScanReport,
-                          atomic_write, now, quarantined_row)
+from guard.hooks import preserve_rng, unwrap_model
+from guard.remedy import (Unlearning, allowed_fit, chance_fit, fit_share, predictions, restart, split_check,
+                          unlearn)
+from guard.report import (SAMPLE_COLUMNS, GuardReport, QuarantineRecord, RestoreRecord, ScanReport, atomic_write, now,
+                          quarantined_row)
 from guard.sampler import GuardSampler
 from guard.scan import Scanner, ScanResult
+from guard.schedule import ScanSchedule
+from guard.setup import check_device, check_trusted, dataset_labels, layers_and_classes, length
 
-_PROBE = 4
 _REMEDY_FIELDS = ("remedy", "remedy_seconds", "remedy_fit_before", "remedy_fit_after", "remedy_fit_allowed",
                   "remedy_steps")
-_CHANCE_SAMPLES = 2048     # benign samples that estimate how often the model predicts a label by chance
-
-
-def _length(ds: Any, what: str) -> int:
-    try:
-        return len(ds)
-    except TypeError as e:
-        raise GuardError(f"{what} of type {type(ds).__name__} has no len(); the guard needs a map-style "
-                         "Dataset with __len__ and __getitem__") from e
-
-
-def _collate(items: list, what: str) -> Any:
-    try:
-        return default_collate(items)
-    except (RuntimeError, TypeError) as e:
-        raise GuardError(f"items of {what} cannot be batched ({e}); items must have equal shapes and be "
-                         "tensors/numbers (resize or pad them in the dataset's transform)") from e
-
-
-def dataset_labels(ds: Dataset, adapter: BatchAdapter, what: str) -> np.ndarray:
-    """All labels of a (small) dataset, read through the same unpacking as scans."""
-    n = _length(ds, what)
-    out = []
-    for start in range(0, n, 256):
-        _, y = adapter.split(_collate([ds[i] for i in range(start, min(start + 256, n))], what))
-        out.append(y.numpy())
-    return np.concatenate(out) if out else np.empty(0, np.int64)
 
 
 class GuardedDataset(Dataset):
     """Wraps a training dataset; scans the model during training and quarantines poisoned samples.
 
     ``gds[i]`` is ``dataset[i]`` unchanged and ``len(gds) == len(dataset)``: only ``gds.sampler``
-    leaves quarantined indices out. Scans run by themselves when a scheduled epoch starts
-    (``warmup_epochs``, then every ``scan_every``); ``scan()`` forces one.
+    leaves quarantined indices out. Scans run by themselves when a scheduled epoch's iteration
+    starts (``warmup_epochs``, then every ``scan_every``; ``gds.schedule``); ``scan()`` forces one.
 
     >>> import torch
     >>> from torch.utils.data import DataLoader, TensorDataset
@@ -92,34 +66,31 @@ class GuardedDataset(Dataset):
         self.dataset, self.model, self.optimizer = dataset, model, optimizer
         self.config = cfg = config if config is not None else GuardConfig()
         self.trusted, self.scan_dataset = trusted, scan_dataset
-        n = _length(dataset, "dataset")
+        n = length(dataset, "dataset")
         if n == 0:
             raise GuardError("dataset is empty (len 0): there is nothing to guard")
-        if scan_dataset is not None and _length(scan_dataset, "scan_dataset") != n:
+        if scan_dataset is not None and length(scan_dataset, "scan_dataset") != n:
             raise GuardError(f"scan_dataset has {len(scan_dataset)} samples but dataset has {n}; it must be the "
                              "same samples in the same order (without random augmentation)")
         self._n = n
         self.adapter = BatchAdapter(cfg.input_key, cfg.label_key, unpack)
-        params = list(model.parameters())
-        if not params:
-            raise GuardError(f"model {type(model).__name__} has no parameters; pass the model being trained")
-        self.device = self._check_device(cfg.device, params[0].device)
-        if cfg.remedy == "unlearn" and not any(p.requires_grad for p in params):
+        self.device = check_device(cfg.device, model)
+        if cfg.remedy == "unlearn" and not any(p.requires_grad for p in model.parameters()):
             raise GuardError(f"every parameter of {type(model).__name__} is frozen (requires_grad=False), so "
                              "remedy='unlearn' cannot change it; unfreeze the trained layers, or set "
                              "GuardConfig(remedy='none') to only quarantine")
-        self.layers, self.num_classes = self._probe(model)
+        self.layers, self.num_classes = layers_and_classes(model, self._source, self.adapter, cfg, self.device)
         if trusted is not None:
-            self._check_trusted(trusted)
-        self.extractor = Extractor(model, self.adapter, self.num_classes, cfg.batch_size, cfg.num_workers,
-                                   self.device, cfg.amp, cfg.channels_last, cfg.pool_grid, cfg.progress)
+            check_trusted(trusted, self.adapter, self.num_classes, cfg.min_trusted_per_class, n)
+        self.feed = Feed(self.adapter, self.device, cfg.channels_last, cfg.amp)
+        self.extractor = Extractor(model, self.feed, self.num_classes, cfg)
         self.scanner = Scanner(model, self.layers, self.extractor, cfg)
         self._initial_state = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                                if cfg.remedy == "restart" else None)
         self._records: dict[int, QuarantineRecord] = {}
         self._pinned: set[int] = set()
         self._kept: np.ndarray | None = None
-        self._scanned_epochs: set[int] = set()
+        self.schedule = ScanSchedule(cfg.warmup_epochs, cfg.scan_every, cfg.max_scans)
         self._scores = np.full(n, np.nan, dtype=np.float32)
         self._thresholds = np.full(n, np.nan, dtype=np.float32)
         self._labels = np.full(n, -1, dtype=np.int32)
@@ -127,72 +98,12 @@ class GuardedDataset(Dataset):
         self.report = GuardReport(config=cfg, n_samples=n, num_classes=self.num_classes, layers=self.layers,
                                   layers_source="discovered" if cfg.layers is None else "named")
         self.report._samples = self.table
-        self.sampler = GuardSampler(self, cfg.shuffle, cfg.seed, cfg.pad_epochs)
+        self.sampler = GuardSampler(self.kept_indices, n, cfg.shuffle, cfg.seed, cfg.pad_epochs, self._epoch_starts)
 
-    # ---- set-up checks -------------------------------------------------------------------
-    def _probe(self, model: nn.Module) -> tuple[list[str], int]:
-        cfg, source = self.config, self.scan_dataset if self.scan_dataset is not None else self.dataset
-        items = [source[i] for i in range(min(_PROBE, self._n))]
-        inputs, _ = self.adapter.split(_collate(items, "dataset"))
-        inputs = self.adapter.move(inputs, self.device, cfg.channels_last)
-        inner = unwrap_model(model)
-        logits: list[torch.Tensor] = []
-
-        def call() -> None:
-            logits.append(self.adapter.forward(unwrap_model(model, keep_data_parallel=True), inputs))
-
-        with scan_mode(model):
-            if cfg.layers is not None:
-                layers = check_layers(inner, cfg.layers)
-                call()
-            else:
-                layers = discover_layers(inner, call)
-        out = logits[0]
-        if cfg.num_classes is not None:
-            num_classes = cfg.num_classes
-        elif out.dim() == 2 and out.shape[1] >= 2:
-            num_classes = int(out.shape[1])
-        else:
-            raise GuardError(f"cannot infer the number of classes from model output of shape {tuple(out.shape)}; "
-                             "set GuardConfig(num_classes=...)")
-        return layers, num_classes
-
-    @staticmethod
-    def _check_device(wanted: str | None, model_device: torch.device) -> torch.device:
-        if wanted is None:
-            return model_device
-        try:
-            device = torch.device(wanted)
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as e:
-            raise GuardError(f"scan device {wanted!r} is not usable here ({str(e).splitlines()[0]}); set "
-                             "GuardConfig(device=None) to scan where the model is") from None
-        if device.type != model_device.type:
-            raise GuardError(f"GuardConfig(device={wanted!r}) but the model's parameters are on {model_device}; "
-                             "move the model there first, or leave device=None")
-        return device
-
-    def _check_trusted(self, trusted: Dataset) -> None:
-        labels = dataset_labels(trusted, self.adapter, "trusted")
-        if len(labels) == 0:
-            raise GuardError("trusted set is empty; pass trusted=None for trust-free mode")
-        if (labels < 0).any() or (labels >= self.num_classes).any():
-            bad = int(labels[(labels < 0) | (labels >= self.num_classes)][0])
-            raise GuardError(f"trusted label {bad} is outside [0, {self.num_classes})")
-        counts = np.bincount(labels, minlength=self.num_classes)
-        missing = np.flatnonzero(counts == 0).tolist()
-        if missing:
-            raise GuardError(f"trusted set has no samples of classes {missing}; add at least "
-                             f"{self.config.min_trusted_per_class} verified samples of each class "
-                             "(or pass trusted=None for the weaker trust-free mode)")
-        few = {int(c): int(counts[c]) for c in np.flatnonzero(counts < self.config.min_trusted_per_class)}
-        if few:
-            raise GuardError(f"trusted set has too few samples for classes {few} (need "
-                             f"min_trusted_per_class={self.config.min_trusted_per_class}; about 100 per class is "
-                             "recommended)")
-        if len(labels) > self._n:
-            raise GuardError(f"trusted set ({len(labels)}) is larger than the training set ({self._n}); "
-                             "swap them, or use a smaller verified subset as trusted")
+    @property
+    def _source(self) -> Dataset:
+        """What scans read: ``scan_dataset`` when given, else the training dataset."""
+        return self.scan_dataset if self.scan_dataset is not None else self.dataset
 
     def check_length(self) -> None:
         """Indices are positions in the wrapped dataset: a dataset that grows or shrinks while
@@ -237,16 +148,31 @@ class GuardedDataset(Dataset):
         self.report.restores.append(RestoreRecord(time=now(), epoch=self.sampler.epoch, indices=idx))
         logger.info("restored {} samples; {} remain quarantined", len(idx), len(self._records))
 
-    # ---- scanning --------------------------------------------------------------------------
-    def _due(self, epoch: int) -> bool:
-        cfg = self.config
-        if epoch < cfg.warmup_epochs or (epoch - cfg.warmup_epochs) % cfg.scan_every:
-            return False
-        return cfg.max_scans is None or len(self._scanned_epochs) < cfg.max_scans
+    def quarantine(self, indices: Sequence[int] | np.ndarray, reason: str = "quarantined by hand") -> None:
+        """Quarantine samples you know are bad (recorded with ``reason``, scan 0); restorable like any
+        other. Later scans search their classes for look-alikes, and unlearn what they taught."""
+        idx = sorted({int(i) for i in np.asarray(indices).reshape(-1)} - set(self._records))
+        bad = [i for i in idx if not 0 <= i < self._n]
+        if bad:
+            raise GuardError(f"indices {bad[:10]} are outside [0, {self._n})")
+        labels = dataset_labels(self._source, self.adapter, "dataset", idx)
+        for i, c in zip(idx, labels.tolist()):
+            self._records[i] = QuarantineRecord(index=i, label=int(c), scan=0, epoch=self.sampler.epoch, layer="",
+                                                score=0.0, threshold=0.0, reason=reason)
+        self._pinned.difference_update(idx)
+        self._kept = None
+        self.report.quarantine = [self._records[i] for i in sorted(self._records)]
 
-    def _maybe_scan(self, epoch: int) -> None:
-        if epoch not in self._scanned_epochs and self._due(epoch):
-            self.scan(epoch)
+    # ---- scanning --------------------------------------------------------------------------
+    def _epoch_starts(self, epoch: int) -> None:
+        self.check_length()
+        self.scan_if_due(epoch)
+
+    def scan_if_due(self, epoch: int | None = None) -> ScanReport | None:
+        """Run the scheduled scan of ``epoch`` (default: the sampler's upcoming epoch) if it is due and
+        has not run; the sampler does this when the epoch's iteration starts."""
+        epoch = self.sampler.epoch if epoch is None else int(epoch)
+        return self.scan(epoch) if self.schedule.due(epoch) else None
 
     def scan(self, epoch: int | None = None) -> ScanReport:
         """Scan now: locate, score, decide, quarantine, remedy. Nothing changes if it fails."""
@@ -255,7 +181,6 @@ class GuardedDataset(Dataset):
         logger.info("guard: scan {} at epoch {} over {:,} kept samples", len(self.report.scans) + 1, epoch,
                     len(self.kept_indices()))
         self.check_length()
-        source = self.scan_dataset if self.scan_dataset is not None else self.dataset
         prior: dict[int, list[int]] = {}
         for r in self._records.values():
             prior.setdefault(r.label, []).append(r.index)
@@ -264,9 +189,10 @@ class GuardedDataset(Dataset):
         agree({"epoch": epoch, "kept samples": len(kept), "kept hash": hashlib.sha1(kept.tobytes()).hexdigest()[:12],
                "layers": self.layers, "classes": self.num_classes, "scans": len(self.report.scans)})
         broadcast_model(unwrap_model(self.model))
-        res = self.scanner.run(source, self.trusted, kept, {c: np.asarray(v, dtype=np.int64) for c, v in prior.items()})
+        res = self.scanner.run(self._source, self.trusted, kept,
+                               {c: np.asarray(v, dtype=np.int64) for c, v in prior.items()})
         res = broadcast_object(res, "broadcast of rank 0's scan result")
-        self._scanned_epochs.add(epoch)
+        self.schedule.done(epoch)
         return self._apply(res, epoch, time.monotonic() - t0)
 
     def _apply(self, res: ScanResult, epoch: int, seconds: float) -> ScanReport:
@@ -294,7 +220,7 @@ class GuardedDataset(Dataset):
             calibration=res.calibration_source, rule=rule, n_scanned=len(res.scanned),
             new_quarantined=len(new), total_quarantined=len(records), paper_flagged=len(res.paper_flagged),
             memory_bytes=res.memory_bytes,
-            classes=[ClassReport(**vars(v)) for v in res.classes], warnings=res.warnings,
+            classes=res.classes, warnings=res.warnings, passes=res.passes,
             reference_scores=[] if res.reference_suspicion is None
             else np.round(res.reference_suspicion, 3).tolist())
         if self._records and (new or self.config.remedy == "unlearn"):
@@ -329,10 +255,11 @@ class GuardedDataset(Dataset):
             restart(self.model, self._initial_state)
         else:
             recs = list(self._records.values())
-            train, check = split_check(np.array([r.index for r in recs]), np.array([r.score for r in recs]), cfg.seed)
-            fit = fit_share(model, self.dataset, check, self.adapter, self.device, cfg.channels_last, cfg.amp)
+            train, check = split_check(np.array([r.index for r in recs]), np.array([r.score for r in recs]), cfg.seed,
+                                       cfg.thresholds)
+            fit = fit_share(model, self.dataset, check, self.feed)
             allowed = allowed_fit(self._chance(model, np.array([self._records[int(i)].label for i in check])),
-                                  len(check))
+                                  len(check), cfg.thresholds)
             scan.remedy_fit_before, scan.remedy_fit_allowed = fit, allowed
             if fit <= allowed:
                 logger.info("guard: the model predicts {:.1%} of the held-out quarantined samples as their label "
@@ -341,15 +268,14 @@ class GuardedDataset(Dataset):
             logger.info("guard: the model predicts {:.1%} of the held-out quarantined samples as their label "
                         "(chance: up to {:.1%}){}: unlearning", fit, allowed, "" if new else " again")
             scan.remedy = cfg.remedy
-            scan.remedy_fit_after, scan.remedy_steps = unlearn(
-                model, self.dataset, self.kept_indices(), train, check, fit, allowed, self.adapter, cfg,
-                self.device, seed=cfg.seed + scan_no, channels_last=cfg.channels_last, optimizer=self._unlearner)
+            job = Unlearning(self.dataset, self.kept_indices(), train, check, fit, allowed, cfg.seed + scan_no)
+            scan.remedy_fit_after, scan.remedy_steps = unlearn(model, job, self.feed, cfg, self._unlearner)
         scan.remedy_seconds = time.monotonic() - t
 
     def _unlearner(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """The optimizer of the unlearning steps: like the user's, at its current learning rate."""
         if self.optimizer is None:
-            return torch.optim.SGD(params, lr=self.config.unlearn_lr, momentum=0.9)
+            return torch.optim.SGD(params, lr=self.config.unlearn_lr, momentum=self.config.unlearn_momentum)
         group = self.optimizer.param_groups[0]
         accepted = inspect.signature(type(self.optimizer).__init__).parameters
         settings = {k: group[k] for k in accepted if k in group and k not in ("self", "params")}
@@ -358,23 +284,21 @@ class GuardedDataset(Dataset):
     def _chance(self, model: nn.Module, targets: np.ndarray) -> float:
         """How often the model predicts ``targets``' labels for benign images of other classes: on the
         trusted set, or trust-free on kept training samples (fitted, so a lower, stricter rate);
-        at most ``_CHANCE_SAMPLES`` of them."""
+        at most ``thresholds.chance_samples`` of them."""
         rng = np.random.default_rng([self.config.seed, 2])
         if self.trusted is not None:
             source, pool = self.trusted, np.arange(len(self.trusted))
         else:
-            source = self.scan_dataset if self.scan_dataset is not None else self.dataset
-            pool = self.kept_indices()
-        idx = np.sort(rng.choice(pool, min(len(pool), _CHANCE_SAMPLES), replace=False))
-        pred, lab = predictions(model, source, idx, self.adapter, self.device, self.config.channels_last,
-                                self.config.amp)
+            source, pool = self._source, self.kept_indices()
+        idx = np.sort(rng.choice(pool, min(len(pool), self.config.thresholds.chance_samples), replace=False))
+        pred, lab = predictions(model, source, idx, self.feed)
         return chance_fit(pred, lab, targets)
 
     # ---- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: quarantine, pins, scan history, schedule and sampler."""
         return {"version": 1, "n_samples": self._n, "report": self.report.model_dump(mode="json"),
-                "pinned": sorted(self._pinned), "scanned_epochs": sorted(self._scanned_epochs),
+                "pinned": sorted(self._pinned), **self.schedule.state_dict(),
                 "sampler": self.sampler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -385,7 +309,7 @@ class GuardedDataset(Dataset):
         self.report = report.model_copy(update={"config": self.config})
         self.report._samples = self.table
         self._pinned = set(state["pinned"])
-        self._scanned_epochs = set(state["scanned_epochs"])
+        self.schedule.load_state_dict(state)
         self._kept = None
         self.sampler.load_state_dict(state["sampler"])
 

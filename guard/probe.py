@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-_MIN_SIDE = 5
+from guard.thresholds import Thresholds
 
 
 def lda_direction(pos: torch.Tensor, neg: torch.Tensor, shrinkage: float) -> torch.Tensor:
@@ -67,43 +67,45 @@ def _calibrate(scores: torch.Tensor) -> tuple[float, float]:
     return float(scores.mean()), max(float(scores.std(correction=0)), 1e-8)
 
 
-def self_train(screen: list[torch.Tensor], benign: list[torch.Tensor], seed: np.ndarray, hi: float, lo: float,
-               shrinkage: float, window: int, rounds: int = 3, rng_seed: int = 0) -> Probe | None:
+def self_train(screen: list[torch.Tensor], benign: list[torch.Tensor], seed: np.ndarray, t: Thresholds,
+               rng_seed: int = 0) -> Probe | None:
     """Fit a :class:`Probe` for one class.
 
     ``screen``/``benign``: unit features per layer of the class's screened training samples and
-    of its benign reference samples; ``seed``: a first suspicion z per screened sample. Each round
-    takes samples above ``hi`` as suspects and below ``lo`` as benign, fits every layer on half of
-    the screen and scores the other half, keeps the ``window`` layers that set the suspects
-    furthest from the benign reference, and uses their averaged z as the next round's calls.
-    Returns None when either side has fewer than 5 samples (nothing to fit), or when the probe ends
-    up calling fewer than half as many suspects as its seed did: a seed too weak to steer the fit
-    lets it drift, and the caller keeps the seed's own discriminant instead."""
+    of its benign reference samples; ``seed``: a first suspicion z per screened sample. Each of
+    ``t.probe_rounds`` rounds takes samples above ``t.screen_z`` as suspects and below
+    ``t.benign_z`` as benign, fits every layer on half of the screen and scores the other half,
+    keeps the ``t.window`` layers that set the suspects furthest from the benign reference, and
+    uses their averaged z as the next round's calls. Returns None when either side has fewer than
+    ``t.probe_min_side`` samples (twice that in a round, which fits on halves), or when the probe
+    ends up calling fewer than ``t.probe_keep`` times as many suspects as its seed did: a seed too
+    weak to steer the fit lets it drift, and the caller keeps the seed's own discriminant instead."""
+    hi, lo, side = t.screen_z, t.benign_z, t.probe_min_side
     n = len(seed)
     folds = np.random.default_rng(rng_seed).permutation(n) % 2
     s = np.asarray(seed, dtype=np.float64)
     n_seed = int((s > hi).sum())
     chosen: list[int] = []
-    for _ in range(rounds):
+    for _ in range(t.probe_rounds):
         pos, neg = s > hi, s < lo
-        if min(int(pos.sum()), int(neg.sum())) < 2 * _MIN_SIDE:
+        if min(int(pos.sum()), int(neg.sum())) < 2 * side:
             return None
         z = np.zeros((n, len(screen)))
-        for li, (x, t) in enumerate(zip(screen, benign)):
+        for li, (x, b) in enumerate(zip(screen, benign)):
             for f in (0, 1):
                 fit, out = folds != f, folds == f
-                w = lda_direction(x[torch.from_numpy(fit & pos)], x[torch.from_numpy(fit & neg)], shrinkage)
-                mu, sd = _calibrate(t @ w)
+                w = lda_direction(x[torch.from_numpy(fit & pos)], x[torch.from_numpy(fit & neg)], t.probe_shrinkage)
+                mu, sd = _calibrate(b @ w)
                 z[out, li] = ((x[torch.from_numpy(out)] @ w).numpy() - mu) / sd
         separation = np.median(z[pos], axis=0)
-        chosen = [int(i) for i in np.argsort(-separation, kind="stable")[:window]]
+        chosen = [int(i) for i in np.argsort(-separation, kind="stable")[:t.window]]
         s = z[:, chosen].mean(1)
     pos, neg = s > hi, s < lo
-    if min(int(pos.sum()), int(neg.sum())) < _MIN_SIDE or pos.sum() < 0.5 * n_seed:
+    if min(int(pos.sum()), int(neg.sum())) < side or pos.sum() < t.probe_keep * n_seed:
         return None
     weights, mus, sds = [], [], []
     for li in chosen:
-        w = lda_direction(screen[li][torch.from_numpy(pos)], screen[li][torch.from_numpy(neg)], shrinkage)
+        w = lda_direction(screen[li][torch.from_numpy(pos)], screen[li][torch.from_numpy(neg)], t.probe_shrinkage)
         mu, sd = _calibrate(benign[li] @ w)
         weights.append(w), mus.append(mu), sds.append(sd)
     probe = Probe(chosen, weights, mus, sds, 0.0, 1.0)

@@ -29,12 +29,6 @@ class Reference:
         self.counts = torch.zeros(num_classes, dtype=torch.float64)
         self._dirs: list[torch.Tensor] | None = None
 
-    @classmethod
-    def fit(cls, feats: Sequence[torch.Tensor], labels: torch.Tensor, num_classes: int) -> "Reference":
-        ref = cls([f.shape[1] for f in feats], num_classes)
-        ref.update(feats, labels)
-        return ref
-
     def update(self, feats: Sequence[torch.Tensor], labels: torch.Tensor) -> None:
         """Add a batch of features (streaming)."""
         labels = labels.cpu()
@@ -42,12 +36,6 @@ class Reference:
         self.counts += torch.bincount(labels, minlength=self.num_classes).double()
         for s, f in zip(self.sums, feats):
             s.index_add_(0, labels, unit(f.cpu().double()))
-
-    def merge(self, other: "Reference") -> None:
-        for s, o in zip(self.sums, other.sums):
-            s += o
-        self.counts += other.counts
-        self._dirs = None
 
     def directions(self) -> list[torch.Tensor]:
         """Unit class-mean directions per layer, (C, D_l) float32 (cached until the next update)."""
@@ -72,7 +60,3 @@ class Reference:
             m = unit(s[labels] - u)
             cols.append((u * m).sum(1))
         return torch.stack(cols, 1).float()
-
-    def cross_score(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(n, L, C) cosine similarity of each sample to every class's mean direction."""
-        return torch.stack([unit(f.cpu().double()) @ unit(s).T for s, f in zip(self.sums, feats)], 1).float()

@@ -5,16 +5,16 @@ warm-up stays. ``unlearn`` trains briefly on a mix of kept samples (their labels
 and quarantined samples pushed *away* from the label they carry (``-log(1 - p_label)``, a
 bounded loss, unlike gradient ascent).
 
-Whether it worked is judged on *held-out* quarantined samples (``check``, a fifth of the most
-suspicious half, never unlearned on): the unlearned samples themselves are soon memorised and
+Whether it worked is judged on *held-out* quarantined samples (``check``, 1 in ``check_share`` of the
+more suspicious half, never unlearned on): the unlearned samples themselves are soon memorised and
 say nothing about the trigger on new images. The goal is the model that never learned the
 trigger, which still predicts that label for some images of other classes (an 8-epoch CIFAR-10
 model sends 3-4 % of other images to any one class): pushing the check samples below that
 *chance* rate would teach an anti-trigger and cost accuracy for nothing. So unlearning runs at
 least ``unlearn_steps`` steps (fewer leave the check samples unlearned before the trigger itself
-is) and stops, at most 3x as many, once the check samples are fitted no more than benign images
-of other classes are predicted as their label, plus two binomial standard errors
-(``allowed_fit``). Every later scan checks them again and unlearns once more if they are fitted
+is) and stops, at most ``unlearn_max_factor`` times as many, once the check samples are fitted
+no more than benign images of other classes are predicted as their label, plus ``fit_se``
+binomial standard errors (``allowed_fit``; the numbers are :class:`~guard.thresholds.Thresholds`). Every later scan checks them again and unlearns once more if they are fitted
 above that (a suppressed backdoor creeping back). ``restart`` reloads the weights the model had
 when it was wrapped. Unlearning steps and checks run under the guard's autocast (``amp``: bf16 on
 CPU and recent GPUs), like scans.
@@ -23,6 +23,7 @@ CPU and recent GPUs), like scans.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,13 +32,10 @@ from loguru import logger
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from guard.batches import BatchAdapter, autocast
+from guard.batches import Feed, autocast
 from guard.config import GuardConfig
 from guard.hooks import scan_mode
-
-FIT_FLOOR = 0.01      # the allowed fit of unlearned samples is never set below this
-_CHECK_MAX = 512
-_CHECK_EVERY = 10
+from guard.thresholds import Thresholds
 
 
 def _batch(dataset: Dataset, idx: np.ndarray) -> Any:
@@ -59,39 +57,37 @@ def away_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (torch.logsumexp(logits, 1) - torch.logsumexp(others, 1)).mean()
 
 
-def split_check(indices: np.ndarray, scores: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(unlearn, check): the check set is a fixed fifth (by a hash of the index, so it does not move
-    between scans) of the more suspicious half, at most 512; benign look-alikes sit near the
-    threshold, and the model rightly fits them, which must not read as a backdoor."""
+def split_check(indices: np.ndarray, scores: np.ndarray, seed: int, t: Thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """(unlearn, check): the check set is a fixed 1 in ``check_share`` (by a hash of the index, so it
+    does not move between scans) of the more suspicious half, at most ``check_max``; benign
+    look-alikes sit near the threshold, and the model rightly fits them, which must not read as a
+    backdoor. Fewer than ``check_min`` samples both unlearn and check."""
     indices = np.asarray(indices, dtype=np.int64)
-    if len(indices) < 10:
+    if len(indices) < t.check_min:
         return indices, indices
     top = indices[np.argsort(-np.asarray(scores), kind="stable")[:len(indices) // 2]]
-    chosen = top[((top * 2654435761 + seed) % 2**32) % 5 == 0][:_CHECK_MAX]
+    chosen = top[((top * 2654435761 + seed) % 2**32) % t.check_share == 0][:t.check_max]
     if len(chosen) == 0:
         return indices, indices
     return np.setdiff1d(indices, chosen), np.sort(chosen)
 
 
-def predictions(model: nn.Module, dataset: Dataset, indices: np.ndarray, adapter: BatchAdapter,
-                device: torch.device, channels_last: bool = False, amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def predictions(model: nn.Module, dataset: Dataset, indices: np.ndarray, feed: Feed) -> tuple[np.ndarray, np.ndarray]:
     """The eval-mode predicted class and the carried label of each of ``indices``."""
     preds, labels = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
     with scan_mode(model):
         for start in range(0, len(indices), 128):
-            inputs, lab = adapter.split(_batch(dataset, indices[start:start + 128]))
-            with autocast(device, amp):
-                logits = adapter.forward(model, adapter.move(inputs, device, channels_last))
+            inputs, lab = feed.adapter.split(_batch(dataset, indices[start:start + 128]))
+            logits = feed.logits(model, inputs)
             preds.append(logits.argmax(1).cpu().numpy())
             labels.append(lab.numpy())
     return np.concatenate(preds), np.concatenate(labels)
 
 
-def fit_share(model: nn.Module, dataset: Dataset, indices: np.ndarray, adapter: BatchAdapter,
-              device: torch.device, channels_last: bool = False, amp: bool = False) -> float:
+def fit_share(model: nn.Module, dataset: Dataset, indices: np.ndarray, feed: Feed) -> float:
     """Share of ``indices`` the model, in eval mode, predicts as the label they carry: how much of
     what they teach the model currently knows."""
-    pred, lab = predictions(model, dataset, indices, adapter, device, channels_last, amp)
+    pred, lab = predictions(model, dataset, indices, feed)
     return float((pred == lab).mean()) if len(lab) else 0.0
 
 
@@ -104,39 +100,54 @@ def chance_fit(pred: np.ndarray, labels: np.ndarray, targets: np.ndarray) -> flo
     return float(np.mean([rates[int(c)] for c in targets])) if len(targets) else 0.0
 
 
-def allowed_fit(chance: float, n: int) -> float:
-    """The fit of ``n`` check samples that still counts as unlearned: the chance rate plus two
-    binomial standard errors of it, never below ``FIT_FLOOR`` (so a model that predicts the label
+def allowed_fit(chance: float, n: int, t: Thresholds) -> float:
+    """The fit of ``n`` check samples that still counts as unlearned: the chance rate plus ``fit_se``
+    binomial standard errors of it, never below ``fit_floor`` (so a model that predicts the label
     for no other image must fit none of the check samples)."""
-    return max(FIT_FLOOR, chance + 2.0 * float(np.sqrt(chance * (1.0 - chance) / max(n, 1))))
+    return max(t.fit_floor, chance + t.fit_se * float(np.sqrt(chance * (1.0 - chance) / max(n, 1))))
 
 
-def unlearn(model: nn.Module, dataset: Dataset, kept: np.ndarray, quarantined: np.ndarray, check: np.ndarray,
-            fit_before: float, allowed: float, adapter: BatchAdapter, cfg: GuardConfig, device: torch.device,
-            seed: int, channels_last: bool = False,
+@dataclass(frozen=True)
+class Unlearning:
+    """One unlearning job: what the ``quarantined`` samples of ``dataset`` taught is unlearned while
+    ``kept`` samples keep the task; ``check`` (held out from them) measures it. ``fit_before``: the
+    check samples' ``fit_share`` now; ``allowed``: the fit at which they count as unlearned."""
+
+    dataset: Dataset
+    kept: np.ndarray
+    quarantined: np.ndarray
+    check: np.ndarray
+    fit_before: float
+    allowed: float
+    seed: int
+
+
+def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
             optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None) -> tuple[float, int]:
-    """Unlearn what the ``quarantined`` samples taught; ``check`` (held out from them) measures it,
-    ``fit_before`` is its ``fit_share`` now (the caller has it already), ``allowed`` the fit at which
-    it counts as unlearned. ``optimizer`` builds the optimizer of the steps from the parameters
-    (default ``SGD(lr=cfg.unlearn_lr, momentum=0.9)``). Returns the share after and the steps taken."""
+    """Run ``job``. ``optimizer`` builds the optimizer of the steps from the parameters (default
+    ``SGD(lr=cfg.unlearn_lr, momentum=cfg.unlearn_momentum)``). Each step mixes a quarter scan batch
+    of quarantined and a quarter of kept samples. Returns the check samples' fit after and the steps."""
+    dataset, kept, quarantined, check = job.dataset, job.kept, job.quarantined, job.check
+    adapter, device = feed.adapter, feed.device
     params = [p for p in model.parameters() if p.requires_grad]
     if not params or len(quarantined) == 0 or len(kept) == 0:
         return float("nan"), 0
-    opt = (optimizer or (lambda p: torch.optim.SGD(p, lr=cfg.unlearn_lr, momentum=0.9)))(params)
-    rng = np.random.default_rng(seed)
+    opt = (optimizer or (lambda p: torch.optim.SGD(p, lr=cfg.unlearn_lr, momentum=cfg.unlearn_momentum)))(params)
+    t = cfg.thresholds
+    rng = np.random.default_rng(job.seed)
     half = max(cfg.batch_size // 4, 8)
     was_training = [(m, m.training) for m in model.modules()]
-    last = fit_before
+    last = job.fit_before
     accs: list[float] = []
     try:
         model.train()                        # fit_share's scan_mode hands train mode back each check
         with torch.enable_grad():
-            for step in range(3 * cfg.unlearn_steps):
+            for step in range(t.unlearn_max_factor * cfg.unlearn_steps):
                 q_inputs, q_labels = adapter.split(_batch(dataset, rng.choice(quarantined, min(half, len(quarantined)),
                                                                               replace=False)))
                 k_inputs, k_labels = adapter.split(_batch(dataset, rng.choice(kept, half, replace=len(kept) < half)))
                 with autocast(device, cfg.amp, training=True):
-                    logits = adapter.forward(model, adapter.move(_cat(q_inputs, k_inputs), device, channels_last))
+                    logits = adapter.forward(model, adapter.move(_cat(q_inputs, k_inputs), device, feed.channels_last))
                 q_logits, k_logits = logits[:len(q_labels)], logits[len(q_labels):]
                 q_labels, k_labels = q_labels.to(device), k_labels.to(device)
                 loss = nn.functional.cross_entropy(k_logits.float(), k_labels) + away_loss(q_logits.float(), q_labels)
@@ -145,16 +156,16 @@ def unlearn(model: nn.Module, dataset: Dataset, kept: np.ndarray, quarantined: n
                 opt.step()
                 accs.append(float((k_logits.argmax(1) == k_labels).float().mean()))
                 # stop once the held-out quarantined samples are fitted no more than by chance
-                if step + 1 >= cfg.unlearn_steps and (step + 1) % _CHECK_EVERY == 0:
-                    last = fit_share(model, dataset, check, adapter, device, channels_last, cfg.amp)
-                    if last <= allowed:
+                if step + 1 >= cfg.unlearn_steps and (step + 1) % t.check_every == 0:
+                    last = fit_share(model, dataset, check, feed)
+                    if last <= job.allowed:
                         break
     finally:
         for m, f in was_training:
             m.training = f
         opt.zero_grad(set_to_none=True)
     logger.info("unlearn: {} steps, held-out quarantined samples predicted as their label {:.1%} -> {:.1%} (by "
-                "chance: up to {:.1%}), kept batch accuracy {:.1%} -> {:.1%}", step + 1, fit_before, last, allowed,
+                "chance: up to {:.1%}), kept batch accuracy {:.1%} -> {:.1%}", step + 1, job.fit_before, last, job.allowed,
                 np.mean(accs[:4]), np.mean(accs[-4:]))
     return last, step + 1
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, PrivateAttr
 
 from guard.config import GuardConfig
+from guard.decide import Verdict
 
 
 def now() -> str:
@@ -37,24 +38,24 @@ def atomic_write(path: str | os.PathLike, text: str) -> None:
 
 
 class ClassReport(BaseModel):
-    """One class in one scan."""
+    """One class in one scan (built by the scan's stages, see :mod:`guard.scan`)."""
 
     cls: int
     n_scanned: int
-    verdict: str = Field(description="clean | no separation yet | separate cluster | like quarantined | "
-                                     "flagged by paper rule")
+    verdict: Verdict = Field(description="clean | no separation yet | separate cluster | like quarantined | "
+                                         "flagged by paper rule")
     critical_layers: list[str]
     excess: float = Field(description="share of the class outside the benign spread, beyond the benign rate")
     benign_rate: float
     p_value: float
-    separation: float
-    screen_share: float
+    separation: float = Field(0.0, description="median discriminant z of the screened far-out samples")
+    screen_share: float = Field(0.0, description="share of the screened samples far out")
     threshold: float
-    n_flagged: int
-    n_paper_flagged: int = Field(description="what the paper's rule would flag (baseline)")
-    capped: bool
-    n_quarantined_before: int
-    layer_excess: list[float]
+    n_flagged: int = 0
+    n_paper_flagged: int = Field(0, description="what the paper's rule would flag (baseline)")
+    capped: bool = False
+    n_quarantined_before: int = 0
+    layer_excess: list[float] = []
 
 
 class ScanReport(BaseModel):
@@ -70,6 +71,7 @@ class ScanReport(BaseModel):
     total_quarantined: int
     paper_flagged: int
     memory_bytes: int = Field(0, description="guard's own arrays during the scan (scores, references, trusted features)")
+    passes: dict[str, int] = Field(default={}, description="samples each model pass of the scan forwarded")
     classes: list[ClassReport]
     warnings: list[str] = []
     remedy: str | None = None
@@ -149,7 +151,7 @@ class GuardReport(BaseModel):
         if per == "class":
             last = self.scans[-1].classes if self.scans else []
             held = pd.Series([r.label for r in self.quarantine], dtype="int64").value_counts()
-            return pd.DataFrame([{"cls": c.cls, "n_scanned": c.n_scanned, "verdict": c.verdict,
+            return pd.DataFrame([{"cls": c.cls, "n_scanned": c.n_scanned, "verdict": str(c.verdict),
                                   "critical_layers": "/".join(c.critical_layers), "n_flagged": c.n_flagged,
                                   "quarantined": int(held.get(c.cls, 0)), "separation": c.separation,
                                   "screen_share": c.screen_share} for c in last])

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Sampler
 
 from guard.distributed import world
-
-if TYPE_CHECKING:
-    from guard.guarded import GuardedDataset
 
 
 class GuardSampler(Sampler[int]):
@@ -26,11 +23,11 @@ class GuardSampler(Sampler[int]):
     or progress bars computed from the initial length) stay exact.
 
     Each call to ``iter()`` is one epoch: the sampler counts epochs itself and honours
-    ``set_epoch``. When an epoch is due for a scan (``GuardConfig.warmup_epochs`` /
-    ``scan_every``), the scan runs when that epoch's iteration starts, before its first index
-    (``scan_due()`` runs it earlier, e.g. to time it apart). ``len()`` never scans: frameworks
-    ask for it at odd moments (Lightning after the last epoch), and a scan then would be wasted;
-    before a due scan it reports the current quarantine.
+    ``set_epoch``. It only hands out indices; ``on_epoch(epoch)``, if given, is called when an
+    epoch's iteration starts, before its first index is drawn (a :class:`~guard.GuardedDataset`
+    runs its scheduled scans there; ``gds.scan_if_due()`` runs one earlier, e.g. to time it
+    apart). ``len()`` calls nothing: frameworks ask for it at odd moments (Lightning after the
+    last epoch); before a due scan it reports the current quarantine.
 
     >>> import torch
     >>> from torch.utils.data import TensorDataset, DataLoader
@@ -42,8 +39,11 @@ class GuardSampler(Sampler[int]):
     True
     """
 
-    def __init__(self, guard: "GuardedDataset", shuffle: bool = True, seed: int = 0, pad: bool = False) -> None:
-        self.guard, self.shuffle, self.seed, self.pad = guard, shuffle, seed, pad
+    def __init__(self, kept: Callable[[], np.ndarray], n: int, shuffle: bool = True, seed: int = 0,
+                 pad: bool = False, on_epoch: Callable[[int], None] | None = None) -> None:
+        """``kept()``: the indices not quarantined now (sorted); ``n``: the dataset's length."""
+        self.kept, self.n, self.on_epoch = kept, n, on_epoch
+        self.shuffle, self.seed, self.pad = shuffle, seed, pad
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -51,12 +51,12 @@ class GuardSampler(Sampler[int]):
         self.epoch = int(epoch)
 
     def indices(self, epoch: int | None = None) -> np.ndarray:
-        """The indices this process yields in ``epoch`` (default: the upcoming one), without scanning."""
+        """The indices this process yields in ``epoch`` (default: the upcoming one); calls nothing."""
         epoch = self.epoch if epoch is None else epoch
-        kept = self.guard.kept_indices()
+        kept = self.kept()
         rng = np.random.default_rng([self.seed, epoch])
-        if self.pad and 0 < len(kept) < len(self.guard):
-            kept = np.concatenate([kept, np.resize(rng.permutation(kept), len(self.guard) - len(kept))])
+        if self.pad and 0 < len(kept) < self.n:
+            kept = np.concatenate([kept, np.resize(rng.permutation(kept), self.n - len(kept))])
         if self.shuffle:
             kept = kept[rng.permutation(len(kept))]
         rank, size = world()
@@ -65,17 +65,13 @@ class GuardSampler(Sampler[int]):
             kept = np.resize(kept, total)[rank:total:size]
         return kept
 
-    def scan_due(self) -> None:
-        """Run the upcoming epoch's scan now if one is due (otherwise nothing happens)."""
-        self.guard._maybe_scan(self.epoch)
-
     def __len__(self) -> int:
         return len(self.indices())
 
     def __iter__(self) -> Iterator[int]:
         epoch = self.epoch
-        self.guard.check_length()
-        self.guard._maybe_scan(epoch)
+        if self.on_epoch is not None:
+            self.on_epoch(epoch)
         order = self.indices(epoch)
         self.epoch = epoch + 1
         return iter(order.tolist())

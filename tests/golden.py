@@ -26,7 +26,7 @@ FOLDER = Path(__file__).parent / "golden"
 CASES = {"badnets": "badnets", "blended": "blended", "clean": None}
 MODES = {"trusted": {}, "trust-free": {}, "paper": {"critical_rule": "paper"},
          # a screen too small to fit the probe (the centroid fall-back) and a per-class cap that binds
-         "small-screen": {"screen_per_class": 16, "class_drop_cap": 0.05, "class_drop_warn": 0.05}}
+         "small-screen": {"thresholds": {"screen_per_class": 16, "class_drop_cap": 0.05, "class_drop_warn": 0.05}}}
 _FLOATS = ("excess", "benign_rate", "separation", "screen_share", "threshold")
 
 

@@ -35,7 +35,7 @@ INVALID = [
     ({"guard": {"scan_every": 0}}, "guard.scan_every = 0"),
     ({"guard": {"warmup_epoch": 2}}, "guard.warmup_epoch: unknown field"),
     ({"guard": {"critical_rule": "best"}}, "guard.critical_rule = 'best'"),
-    ({"guard": {"class_drop_warn": 0.9, "class_drop_cap": 0.5}}, "class_drop_warn (0.9) must not exceed"),
+    ({"guard": {"thresholds": {"class_drop_warn": 0.9, "class_drop_cap": 0.5}}}, "class_drop_warn (0.9) must not exceed"),
     (["data", "train"], "top level must be a mapping"),
     ({"train": {"epochs": 4}, "guard": {"warmup_epochs": 4}}, "guard.warmup_epochs (4) must be below train.epochs (4)"),
 ]

@@ -152,7 +152,7 @@ def _batchnorm_worker(rank: int, world: int, folder: str, order: str, archive: s
         for epoch in range(5):
             gds.sampler.set_epoch(epoch)
             before = _state_hash(model)
-            gds.sampler.scan_due()                   # a due scan runs here, before the epoch's batches
+            gds.scan_if_due()                        # a due scan runs here, before the epoch's batches
             if len(gds.report.scans) > len(scans):
                 s = gds.report.scans[-1]
                 scans.append({"before": before, "after": _state_hash(model), "new": s.new_quarantined,

@@ -94,7 +94,7 @@ def test_config_values_are_validated_with_the_field_named():
     with pytest.raises(ValidationError, match="warmup_epoch"):
         GuardConfig(warmup_epoch=2)                                    # typo: unknown key
     with pytest.raises(ValidationError, match="class_drop_warn"):
-        GuardConfig(class_drop_warn=0.9, class_drop_cap=0.5)
+        GuardConfig(thresholds={"class_drop_warn": 0.9, "class_drop_cap": 0.5})
     assert issubclass(GuardError, ValueError)
 
 

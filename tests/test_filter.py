@@ -10,7 +10,7 @@ from tests.conftest import Blobs, mlp, train
 def test_input_filter_flags_triggered_inputs_and_passes_clean_ones():
     ds = Blobs(600, poison=0.08, seed=0)
     model = train(mlp(), ds, epochs=25)
-    flt = InputFilter(model, Blobs(150, seed=7), GuardConfig(threshold_z=3.0))
+    flt = InputFilter(model, Blobs(150, seed=7), GuardConfig(thresholds={"filter_z": 3.0}))
     clean = Blobs(300, seed=3)
     triggered = clean.x[clean.y != 0].copy()
     triggered[:, -4:] = 8.0

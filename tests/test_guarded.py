@@ -75,7 +75,7 @@ def test_poison_left_behind_is_found_like_the_quarantined(poisoned):
 
 def test_cap_keeps_the_most_suspicious_and_warns(poisoned):
     ds, model = poisoned
-    gds = GuardedDataset(ds, model, GuardConfig(remedy="none", class_drop_cap=0.1, class_drop_warn=0.05),
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="none", thresholds={"class_drop_cap": 0.1, "class_drop_warn": 0.05}),
                          trusted=Blobs(150, seed=7))
     scan = gds.scan()
     n0 = int((ds.y == 0).sum())
@@ -232,15 +232,17 @@ def test_a_relapsed_backdoor_is_unlearned_again_and_a_dormant_one_left_alone():
 
 def test_chance_fit_is_the_rate_other_classes_are_predicted_as_the_label():
     from guard.remedy import allowed_fit, chance_fit
+    from guard.thresholds import Thresholds
     labels = np.repeat(np.arange(4), 100)
     pred = labels.copy()
     pred[100:110] = 0                        # 10 of the 300 non-class-0 samples predicted as class 0
     pred[0:50] = 1                           # class-0 samples predicted elsewhere do not count
     assert chance_fit(pred, labels, np.zeros(7, int)) == pytest.approx(10 / 300)
     assert chance_fit(pred, labels, np.array([0, 0, 3])) == pytest.approx((2 * 10 / 300 + 0) / 3)
-    assert allowed_fit(0.04, 400) == pytest.approx(0.04 + 2 * np.sqrt(0.04 * 0.96 / 400))
-    assert allowed_fit(0.04, 50) > allowed_fit(0.04, 400) > 0.04                     # fewer checks, wider
-    assert allowed_fit(0.0, 5) == allowed_fit(0.001, 10**6) == 0.01                  # never below the floor
+    t = Thresholds()
+    assert allowed_fit(0.04, 400, t) == pytest.approx(0.04 + 2 * np.sqrt(0.04 * 0.96 / 400))
+    assert allowed_fit(0.04, 50, t) > allowed_fit(0.04, 400, t) > 0.04               # fewer checks, wider
+    assert allowed_fit(0.0, 5, t) == allowed_fit(0.001, 10**6, t) == 0.01            # never below the floor
 
 
 def test_unlearning_stops_at_the_chance_rate_and_records_it():

@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from guard.probe import lda_direction, self_train
+from guard.thresholds import Thresholds
 from guard.reference import unit
 
 
@@ -52,7 +53,7 @@ def _scan_like(shift: float):
 def test_self_training_draws_the_edge_the_seed_blurs():
     screen, trusted, truth, seed = _scan_like(3.0)
     assert (seed[truth] > 3.0).mean() < 0.85          # the seed alone misses poison
-    probe = self_train([screen], [trusted], seed, hi=3.0, lo=1.0, shrinkage=0.8, window=1)
+    probe = self_train([screen], [trusted], seed, Thresholds(window=1))
     assert probe is not None
     flagged = probe.z([screen]) > 2.0
     assert flagged[truth].mean() >= 0.99
@@ -64,10 +65,10 @@ def test_self_training_draws_the_edge_the_seed_blurs():
 
 def test_self_training_declines_when_the_seed_is_too_weak_to_steer_it():
     screen, trusted, truth, seed = _scan_like(2.0)
-    assert self_train([screen], [trusted], seed, 3.0, 1.0, 0.8, 1) is None
+    assert self_train([screen], [trusted], seed, Thresholds(window=1)) is None
 
 
 def test_self_training_declines_without_enough_calls():
     b, p = _blended_like(50, 3, 2, 3.0, d=10)
     seed = np.r_[np.zeros(50), np.full(3, 4.0)]
-    assert self_train([torch.cat([b, p])], [b[:20]], seed, 3.0, 1.0, 0.5, 1) is None
+    assert self_train([torch.cat([b, p])], [b[:20]], seed, Thresholds(window=1, probe_shrinkage=0.5)) is None

@@ -11,7 +11,8 @@ def test_streaming_reference_equals_one_shot_fit():
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(50, 6, generator=g), torch.randn(50, 3, generator=g)]
     labels = torch.arange(50) % 4
-    whole = Reference.fit(feats, labels, 4)
+    whole = Reference([6, 3], 4)
+    whole.update(feats, labels)
     stream = Reference([6, 3], 4)
     for s in range(0, 50, 7):
         stream.update([f[s:s + 7] for f in feats], labels[s:s + 7])
@@ -24,14 +25,14 @@ def test_scores_are_cosines_and_loo_excludes_the_sample():
     g = torch.Generator().manual_seed(1)
     f = torch.randn(30, 5, generator=g)
     y = torch.zeros(30, dtype=torch.long)
-    ref = Reference.fit([f], y, 1)
+    ref = Reference([5], 1)
+    ref.update([f], y)
     mean = unit(f.double()).mean(0)
     expected = torch.nn.functional.cosine_similarity(f.double(), mean[None], dim=1)
     assert torch.allclose(ref.score([f], y)[:, 0].double(), expected, atol=1e-5)
     others = (unit(f.double()).sum(0) - unit(f.double())[0]) / 29
     loo0 = torch.nn.functional.cosine_similarity(f[:1].double(), others[None], dim=1)
     assert torch.allclose(ref.loo_score([f], y)[0, 0].double(), loo0[0], atol=1e-5)
-    assert ref.cross_score([f]).shape == (30, 1, 1)
 
 
 def test_paper_window_is_after_largest_rise_in_second_half():
@@ -51,14 +52,14 @@ def test_guard_layers_pick_largest_excess_first():
 
 
 def test_small_trusted_sets_widen_the_benign_spread():
-    from guard.scan import small_sample
+    from guard.calibrate import small_sample
     f = [small_sample(n, 3.0) for n in (5, 10, 20, 100, 1000)]
     assert all(a > b for a, b in zip(f, f[1:]))            # fewer samples, wider spread
     assert 1.35 < f[1] < 1.5 and 1.0 < f[3] < 1.05 and f[4] < 1.005
 
 
 def test_calibration_z_is_float32_and_chunked_exactly():
-    from guard.scan import Calibration
+    from guard.calibrate import Calibration
     g = np.random.default_rng(0)
     mean, std = g.normal(size=(3, 4)), g.uniform(0.5, 2.0, size=(3, 4))
     cal = Calibration(None, None, None, np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros((0, 4)), mean, std,

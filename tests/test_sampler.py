@@ -14,8 +14,7 @@ def _gds(**cfg):
 
 def test_each_epoch_yields_every_kept_index_once_in_a_seeded_order():
     gds = _gds(warmup_epochs=100)
-    gds._records = {i: None for i in (3, 7, 50)}      # quarantine by hand for the protocol test
-    gds._kept = None
+    gds.quarantine([3, 7, 50])                        # quarantine by hand for the protocol test
     e0 = list(gds.sampler)
     e1 = list(gds.sampler)
     assert sorted(e0) == sorted(e1) == sorted(set(range(120)) - {3, 7, 50})
@@ -27,8 +26,7 @@ def test_each_epoch_yields_every_kept_index_once_in_a_seeded_order():
 
 def test_padded_epochs_keep_the_full_length_with_kept_indices_only():
     gds = _gds(warmup_epochs=100, pad_epochs=True)
-    gds._records = {i: None for i in range(0, 120, 4)}   # 30 quarantined
-    gds._kept = None
+    gds.quarantine(range(0, 120, 4))                     # 30 quarantined
     e0 = list(gds.sampler)
     assert len(e0) == len(gds.sampler) + 0 == 120      # the full length, every epoch
     kept = set(range(120)) - set(range(0, 120, 4))
@@ -58,7 +56,7 @@ def test_schedule_warmup_then_every_k_epochs_and_set_epoch():
     gds.sampler.set_epoch(11)
     len(gds.sampler)                                  # asking for the length never scans ...
     assert len(gds.report.scans) == 3
-    gds.sampler.scan_due()                            # ... this does, as does the epoch's iteration
+    gds.scan_if_due()                                 # ... this does, as does the epoch's iteration
     list(gds.sampler)
     assert [s.epoch for s in gds.report.scans] == [2, 5, 8, 11]
 

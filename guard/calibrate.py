@@ -1,0 +1,124 @@
+"""Scan stage 1: the benign reference and its spread, per class and layer.
+
+The reference samples are the trusted set, or trust-free a training subset cleaned by the loss
+cue. Their class sums make the reference (C x D per layer, never n x D); their leave-one-out
+cosines give each class's benign spread, widened for small classes (:func:`small_sample`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import stats
+from torch.utils.data import Dataset
+
+from guard.errors import GuardError
+from guard.extract import Batch
+from guard.reference import Reference
+from guard.thresholds import Thresholds
+
+Stream = Callable[..., Iterator[Batch]]   # Passes.stream: (dataset, layer names, indices, desc, stop_early=False)
+
+
+def small_sample(n: int, z: float) -> float:
+    """Widening of a benign spread estimated from ``n`` samples, so that a new benign sample passes
+    ``z`` standard deviations as rarely as the normal tail says: Student's t quantile over the
+    normal one, times the prediction-interval term sqrt(1 + 1/n). About 1.03 for n = 100 and 1.5
+    for n = 10, where a handful of trusted samples would otherwise make a class's natural
+    variety look like a separate cluster."""
+    if n < 3:
+        return 1.0
+    q = stats.norm.cdf(z)
+    return float(stats.t.ppf(q, n - 1) / z * np.sqrt(1.0 + 1.0 / n))
+
+
+@dataclass
+class Calibration:
+    """Benign reference and the benign spread of scores per class and layer."""
+
+    reference: Reference
+    dataset: Dataset            # where the benign reference samples come from
+    indices: np.ndarray | None  # which of its samples (None: all)
+    labels: np.ndarray
+    loo: np.ndarray             # (n, L) leave-one-out cosines
+    in_sample: np.ndarray       # (n, L) in-sample cosines (the paper's calibration)
+    mean: np.ndarray            # (C, L)
+    std: np.ndarray             # (C, L)
+    source: str
+
+    def z(self, raw: np.ndarray, labels: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+        """float32 z-scores, filled in chunks of rows: at N = 1,000,000 a float64 result and its
+        temporaries would each be N x L x 8 bytes."""
+        mean, std = self.mean.astype(np.float32), self.std.astype(np.float32)
+        out = np.empty(raw.shape, dtype=np.float32)
+        for s in range(0, len(raw), chunk):
+            lab = labels[s:s + chunk]
+            np.subtract(raw[s:s + chunk], mean[lab], out=out[s:s + chunk])
+            out[s:s + chunk] /= std[lab]
+        return out
+
+    def positions(self, rows: np.ndarray) -> np.ndarray:
+        """Positions in ``dataset`` of the reference samples at ``rows``."""
+        return rows if self.indices is None else self.indices[rows]
+
+
+def calibrate(stream: Stream, layers: list[str], source: tuple[Dataset, np.ndarray | None, str], num_classes: int,
+              t: Thresholds) -> Calibration:
+    """Two streaming passes over the reference samples ``source`` = (dataset, indices or None, name):
+    class sums, then their leave-one-out and in-sample scores."""
+    dataset, indices, name = source
+    ref: Reference | None = None
+    labels: list[np.ndarray] = []
+    for b in stream(dataset, layers, indices, f"scan/{name}"):
+        ref = ref or Reference([f.shape[1] for f in b.feats], num_classes)
+        ref.update(b.feats, b.labels)
+        labels.append(b.labels.numpy())
+    if ref is None:
+        raise GuardError(f"the {name} reference is empty; pass a trusted set with samples of every class")
+    lab = np.concatenate(labels)
+    counts = np.bincount(lab, minlength=num_classes)
+    few = [int(c) for c in np.flatnonzero((counts > 0) & (counts < 2))]
+    if few:
+        raise GuardError(f"the {name} reference has fewer than 2 samples of classes {few} "
+                         f"(counts {[int(counts[c]) for c in few]}); a class needs at least 2 to have a spread: "
+                         + ("pass a trusted set with samples of these classes" if name == "trust-free"
+                            else "add verified samples of these classes"))
+    loo, ins = [], []
+    for b in stream(dataset, layers, indices, f"scan/{name}-calibrate"):
+        loo.append(ref.loo_score(b.feats, b.labels).numpy())
+        ins.append(ref.score(b.feats, b.labels).numpy())
+    loo_a, ins_a = np.concatenate(loo), np.concatenate(ins)
+    mean = np.full((num_classes, len(layers)), np.nan)
+    std = np.full((num_classes, len(layers)), np.nan)
+    for c in np.flatnonzero(counts):
+        mean[c] = loo_a[lab == c].mean(0)
+        std[c] = np.maximum(loo_a[lab == c].std(0), t.std_floor) * small_sample(int(counts[c]), t.out_z)
+    return Calibration(ref, dataset, indices, lab, loo_a, ins_a, mean, std, name)
+
+
+def trust_free_indices(stream: Stream, train: Dataset, kept: np.ndarray, head: str, num_classes: int,
+                       per_class_seed: tuple[int, int]) -> np.ndarray:
+    """Trust-free reference: a random training subset of twice ``per_class`` samples a class, keeping
+    per class the half the model fits worst (so about ``per_class`` remain). Poisoned samples are
+    fitted fastest (their trigger is an easy shortcut), so the high-loss half of a class is mostly
+    benign even when poison is a majority of it. ``head``: any layer (the pass needs only the logits)."""
+    per_class, seed = per_class_seed
+    rng = np.random.default_rng(seed)
+    n = min(len(kept), per_class * num_classes * 2)
+    pool = np.sort(rng.choice(kept, n, replace=False))
+    losses, labels = [], []
+    for b in stream(train, [head], pool, "scan/trust-free-pool"):
+        if b.logits is None or b.logits.dim() != 2 or b.logits.shape[1] != num_classes:
+            raise GuardError("trust-free mode needs the model to output (batch, num_classes) logits; "
+                             "pass a trusted set instead")
+        losses.append(torch.nn.functional.cross_entropy(b.logits, b.labels, reduction="none").numpy())
+        labels.append(b.labels.numpy())
+    loss, lab = np.concatenate(losses), np.concatenate(labels)
+    keep = np.zeros(len(lab), dtype=bool)
+    for c in np.unique(lab):
+        idx = np.flatnonzero(lab == c)
+        keep[idx[loss[idx] >= np.median(loss[idx])]] = True
+    return pool[keep]

@@ -1,0 +1,116 @@
+"""The per-class decision, as pure functions of a class's statistics and the thresholds.
+
+A class is judged in two steps. First from pass 2's out-of-spread counts alone (``screen_share``
+and ``separation`` still None): a class whose samples leave the benign spread significantly more
+often than its benign samples do is a *candidate*; a smaller excess is only watched. A candidate's
+screen then measures how much of it sits far out along the suspect-vs-benign discriminant, and
+the class holds a *separate cluster* when
+
+* trusted reference: the far-out share reaches ``cluster_share``; or
+* the far-out share reaches ``large_share`` with a median z above ``separation_z - large_slack``; or
+* the far-out share reaches ``min_screen_share`` with a median z above ``separation_z``.
+
+A trust-free reference is the hard half of each class, so the easy half sits somewhat apart from
+it in every clean class: there a share alone never counts, only a far-out or a large cluster.
+
+    >>> from guard.decide import ClassStats, Verdict, decide
+    >>> from guard.thresholds import Thresholds
+    >>> decide(ClassStats(n_scanned=900, excess=0.08, p_value=1e-30, trusted=True), Thresholds())[0]
+    <Verdict.CANDIDATE: 'candidate'>
+    >>> decide(ClassStats(900, 0.08, 1e-30, True, screen_share=0.2, separation=4.0), Thresholds())[0]
+    <Verdict.SEPARATE: 'separate cluster'>
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from guard.thresholds import Thresholds
+
+
+class Verdict(str, Enum):
+    """What a scan concluded about a class (the value is what reports show)."""
+
+    CLEAN = "clean"
+    WATCH = "no separation yet"             # some excess, not enough to act on
+    CANDIDATE = "candidate"                 # significant excess: screen it (never a final verdict)
+    SEPARATE = "separate cluster"           # quarantine its far-out part
+    LIKE_QUARANTINED = "like quarantined"   # follow-up: look-alikes of what earlier scans quarantined
+    PAPER = "flagged by paper rule"         # critical_rule="paper"
+
+    def __str__(self) -> str:                # f-strings and str() give the value on every Python
+        return self.value
+
+    def __hash__(self) -> int:               # equal to its value, so it hashes as its value too
+        return str.__hash__(self)
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    """One class's evidence: pass 2's out-of-spread excess and its binomial p-value; after a screen,
+    the far-out share of the screen and the far-out samples' median discriminant z."""
+
+    n_scanned: int
+    excess: float
+    p_value: float
+    trusted: bool
+    screen_share: float | None = None
+    separation: float | None = None
+
+
+def decide(s: ClassStats, t: Thresholds) -> tuple[Verdict, str]:
+    """``(verdict, reason)`` for one class; CANDIDATE asks for a screen (``screen_share`` unset)."""
+    candidate = s.excess >= t.min_excess and s.p_value < t.candidate_p and s.n_scanned >= t.min_class
+    if not candidate:
+        if s.excess > 0 and s.p_value < t.watch_p:
+            return Verdict.WATCH, f"excess {s.excess:.3f} with p={s.p_value:.2g}, below the candidate bar"
+        return Verdict.CLEAN, f"excess {s.excess:.3f} with p={s.p_value:.2g}"
+    if s.screen_share is None or s.separation is None:
+        return Verdict.CANDIDATE, f"excess {s.excess:.3f} with p={s.p_value:.2g}: screen it"
+    share, sep = s.screen_share, s.separation
+    if s.trusted and share >= t.cluster_share:
+        return Verdict.SEPARATE, f"{share:.0%} of the screen far out (cluster_share {t.cluster_share})"
+    if share >= t.large_share and sep > t.separation_z - t.large_slack:
+        return Verdict.SEPARATE, f"{share:.0%} of the screen far out at a median z of {sep:.1f} (large_share)"
+    if share >= t.min_screen_share and sep > t.separation_z:
+        return Verdict.SEPARATE, f"{share:.0%} of the screen at a median z of {sep:.1f} (separation_z)"
+    return Verdict.WATCH, f"{share:.0%} of the screen far out at a median z of {sep:.1f}: not separate"
+
+
+def binomial_p(excess: float, benign_rate: float, n: int, n_reference: int, t: Thresholds) -> float:
+    """p-value of seeing the class's out-of-spread count if its samples left the spread as often as
+    its benign ones (rate floored at ``min_benign_count`` reference samples' worth)."""
+    from scipy import stats
+
+    rate = max(float(benign_rate), t.min_benign_count / max(n_reference, 1))
+    k = int(round((excess + benign_rate) * n))
+    return float(stats.binom.sf(k - 1, n, rate))
+
+
+@dataclass(frozen=True)
+class Take:
+    """Which flagged samples a class gives up, and what the caller must be told."""
+
+    indices: np.ndarray
+    capped: bool
+    warnings: tuple[str, ...]
+
+
+def take(cls: int, idx: np.ndarray, susp: np.ndarray, n_scanned: int, already: int, t: Thresholds) -> Take:
+    """Apply the per-class cap to the flagged ``idx`` (keeping the most suspicious; ``already``
+    quarantined samples of the class count towards it) and the loud warning past ``class_drop_warn``."""
+    total = n_scanned + already
+    cap = max(int(np.floor(t.class_drop_cap * total)) - already, 0)
+    notes, capped = [], len(idx) > cap
+    if capped:
+        notes.append(f"class {cls}: {len(idx)} of {n_scanned} samples flagged, above class_drop_cap="
+                     f"{t.class_drop_cap}; quarantining only the {cap} most suspicious")
+        idx = idx[np.argsort(-susp, kind="stable")[:cap]]
+    if len(idx) and len(idx) + already > t.class_drop_warn * total:
+        notes.append(f"class {cls}: quarantining {len(idx)} more of {n_scanned} samples "
+                     f"({(len(idx) + already) / total:.0%} of the class in all), more than "
+                     f"class_drop_warn={t.class_drop_warn}: check this class (a poisoned target class looks like this)")
+    return Take(np.sort(idx), capped, tuple(notes))

@@ -1,0 +1,100 @@
+"""The per-class decision on synthetic statistics: every branch and its boundaries, no model."""
+
+import numpy as np
+import pytest
+
+from guard.decide import ClassStats, Verdict, binomial_p, decide, take
+from guard.thresholds import Thresholds
+
+T = Thresholds()
+CAND = dict(n_scanned=900, excess=0.08, p_value=1e-30)     # a clear candidate before its screen
+
+
+def verdict(trusted=True, **kw):
+    return decide(ClassStats(**{**CAND, "trusted": trusted, **kw}), T)[0]
+
+
+def test_first_step_candidate_watch_clean_and_their_boundaries():
+    assert verdict() == Verdict.CANDIDATE
+    # excess: min_excess is inclusive; just below it the class is only watched (p is still tiny)
+    assert verdict(excess=T.min_excess) == Verdict.CANDIDATE
+    assert verdict(excess=np.nextafter(T.min_excess, 0)) == Verdict.WATCH
+    # p-value: candidate_p is exclusive; between it and watch_p the class is watched, above it clean
+    assert verdict(p_value=np.nextafter(T.candidate_p, 0)) == Verdict.CANDIDATE
+    assert verdict(p_value=T.candidate_p) == Verdict.WATCH
+    assert verdict(p_value=np.nextafter(T.watch_p, 0)) == Verdict.WATCH
+    assert verdict(p_value=T.watch_p) == Verdict.CLEAN
+    # no excess at all is clean whatever the p-value
+    assert verdict(excess=0.0) == Verdict.CLEAN
+    # a class too small to act on is at most watched
+    assert verdict(n_scanned=T.min_class) == Verdict.CANDIDATE
+    assert verdict(n_scanned=T.min_class - 1) == Verdict.WATCH
+
+
+def test_a_trusted_screen_separates_on_its_share_alone():
+    assert verdict(screen_share=T.cluster_share, separation=0.5) == Verdict.SEPARATE
+    assert verdict(screen_share=np.nextafter(T.cluster_share, 0), separation=0.5) == Verdict.WATCH
+    # trust-free, the same share is not enough (the hard-half reference sits apart from every class)
+    assert verdict(trusted=False, screen_share=T.cluster_share, separation=0.5) == Verdict.WATCH
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_a_far_out_cluster_separates_in_both_modes(trusted):
+    small = T.min_screen_share
+    assert verdict(trusted, screen_share=small, separation=np.nextafter(T.separation_z, 99)) == Verdict.SEPARATE
+    assert verdict(trusted, screen_share=small, separation=T.separation_z) == Verdict.WATCH        # exclusive
+    assert verdict(trusted, screen_share=np.nextafter(small, 0), separation=50.0) == Verdict.WATCH
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_a_large_cluster_separates_a_little_closer_in(trusted):
+    bar = T.separation_z - T.large_slack
+    share = max(T.large_share, T.cluster_share if not trusted else 0.0)
+    assert verdict(trusted, screen_share=share, separation=np.nextafter(bar, 99)) == Verdict.SEPARATE
+    if not trusted:                         # (trusted, this share already separates on its own)
+        assert verdict(False, screen_share=share, separation=bar) == Verdict.WATCH
+        assert verdict(False, screen_share=np.nextafter(T.large_share, 0),
+                       separation=np.nextafter(bar, 99)) == Verdict.WATCH
+
+
+def test_each_knob_moves_its_own_decision():
+    s = ClassStats(900, 0.08, 1e-30, trusted=True, screen_share=0.1, separation=4.0)
+    assert decide(s, T)[0] == Verdict.WATCH
+    assert decide(s, Thresholds(cluster_share=0.1))[0] == Verdict.SEPARATE
+    assert decide(s, Thresholds(separation_z=3.9))[0] == Verdict.SEPARATE
+    assert decide(s, Thresholds(separation_z=3.9, min_screen_share=0.2))[0] == Verdict.WATCH
+    verdict_, reason = decide(s, Thresholds(cluster_share=0.1))
+    assert "cluster_share" in reason and verdict_.value == "separate cluster" and str(verdict_) == "separate cluster"
+
+
+def test_verdicts_are_their_report_strings():
+    assert Verdict.SEPARATE == "separate cluster" and {"separate cluster": 1}[Verdict.SEPARATE] == 1
+    assert f"{Verdict.WATCH}" == "no separation yet"
+
+
+def test_binomial_p_floors_the_benign_rate_at_half_a_reference_sample():
+    # no benign sample out of spread: the rate is 0.5 / 100, so 3 of 900 out is not significant
+    assert binomial_p(3 / 900, 0.0, 900, 100, T) > 0.5
+    assert binomial_p(40 / 900, 0.0, 900, 100, T) < T.candidate_p
+    assert binomial_p(40 / 900, 0.0, 900, 100, Thresholds(min_benign_count=8)) > T.candidate_p
+
+
+def test_take_caps_a_class_and_warns_past_the_warning_share():
+    idx, susp = np.arange(100, 200), np.linspace(0, 1, 100)
+    out = take(3, idx, susp, n_scanned=200, already=0, t=Thresholds(class_drop_cap=0.25, class_drop_warn=0.2))
+    assert out.capped and len(out.indices) == 50 and set(out.indices) == set(range(150, 200))   # the most suspicious
+    assert len(out.warnings) == 2 and "class_drop_cap" in out.warnings[0] and "class_drop_warn" in out.warnings[1]
+    # samples quarantined by earlier scans count towards the cap
+    out = take(3, idx, susp, n_scanned=150, already=40, t=Thresholds(class_drop_cap=0.25, class_drop_warn=0.25))
+    assert len(out.indices) == int(0.25 * 190) - 40
+    quiet = take(3, idx[:10], susp[:10], n_scanned=200, already=0, t=T)
+    assert not quiet.capped and quiet.warnings == () and list(quiet.indices) == list(range(100, 110))
+
+
+def test_flat_names_of_earlier_versions_still_set_what_they_set():
+    from guard import GuardConfig
+
+    t = GuardConfig(threshold_z=2.5, min_cluster=0.02, cluster_share=0.2).thresholds
+    assert (t.out_z, t.screen_z, t.follow_z, t.filter_z) == (2.5,) * 4          # threshold_z drove all four
+    assert (t.min_excess, t.min_screen_share, t.cluster_share) == (0.02, 0.02, 0.2)
+    assert GuardConfig(cluster_share=0.2, thresholds={"cluster_share": 0.3}).thresholds.cluster_share == 0.3
