@@ -48,9 +48,8 @@ TRUSTED = (10, 20)
 
 
 def cells() -> list[tuple[str, str | None, float, int]]:
-    out = [(v, None, 0.0, s) for v in VARIANTS for s in CLEAN_SEEDS]
-    out += [(v, a, r, s) for v in VARIANTS for a, r, s in ATTACKED]
-    return out
+    out = [(v, a, r, s) for v in VARIANTS for a, r, s in ATTACKED]
+    return out + [(v, None, 0.0, s) for s in CLEAN_SEEDS for v in VARIANTS]
 
 
 def spec(variant: str, attack: str | None, rate: float, seed: int, trusted: int = 10) -> RunSpec:

@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,16 +199,19 @@ class ArrayImageDataset(Dataset):
         return (x - self.mean) / self.std, int(self.labels[i])
 
 
-def stratified_indices(labels: np.ndarray, per_class: int, seed: int, exclude: np.ndarray | None = None) -> np.ndarray:
-    """``per_class`` random indices of each class (sorted), optionally avoiding ``exclude``."""
+def stratified_indices(labels: np.ndarray, per_class: int | Sequence[int], seed: int,
+                       exclude: np.ndarray | None = None) -> np.ndarray:
+    """``per_class`` random indices of each class (sorted; a sequence gives each class its own
+    count, in class order), optionally avoiding ``exclude``."""
     rng = np.random.default_rng(seed)
     mask = np.ones(len(labels), dtype=bool)
     if exclude is not None:
         mask[exclude] = False
     out = []
-    for c in np.unique(labels):
+    for i, c in enumerate(np.unique(labels)):
+        k = per_class if isinstance(per_class, (int, np.integer)) else int(per_class[i])
         pool = np.flatnonzero((labels == c) & mask)
-        if len(pool) < per_class:
-            raise ValueError(f"class {c} has {len(pool)} samples, fewer than the {per_class} requested")
-        out.append(rng.choice(pool, per_class, replace=False))
+        if len(pool) < k:
+            raise ValueError(f"class {c} has {len(pool)} samples, fewer than the {k} requested")
+        out.append(rng.choice(pool, k, replace=False))
     return np.sort(np.concatenate(out))

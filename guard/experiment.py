@@ -42,6 +42,7 @@ class RunSpec:
     rate: float = 0.1
     target: int = 0
     n_train: int | None = None           # per-class subset size x classes (None: all)
+    imbalance: float = 1.0               # with n_train: long-tailed, class c gets n_train/C * imbalance^(-c/(C-1))
     trusted_per_class: int = 100
     trust_free: bool = False
     epochs: int = 6
@@ -94,7 +95,9 @@ def prepare(spec: RunSpec) -> Prepared:
     make_model = lambda: build().to(spec.device)  # noqa: E731
     full, test = splits["train"], splits["test"]
     if spec.n_train is not None:
-        train_idx = stratified_indices(full.labels, spec.n_train // C, seed=spec.seed)
+        head = spec.n_train // C
+        per = [int(round(head * spec.imbalance ** (-c / (C - 1)))) for c in range(C)] if spec.imbalance > 1 else head
+        train_idx = stratified_indices(full.labels, per, seed=spec.seed)
     else:
         counts = np.bincount(full.labels, minlength=C)
         take = counts - spec.trusted_per_class
