@@ -4,19 +4,21 @@ with 10-20 trusted samples a class. Measures how often the guard acts on a clean
 Part 1, ``--train``: unguarded models trained as users train (random crop + flip in the Dataset's
 transform, SGD with momentum, cosine schedule) on CIFAR-10 subsets: *small* (250 a class) and
 *long-tailed* (head class 500, imbalance ratio 10 or 50, as CIFAR-10-LT), without attack over many
-seeds, and poisoned (BadNets / Blended 10 %, target 0). The model is kept at every epoch a scan is
-scheduled by ``GuardConfig()`` defaults (3, 5, 7, 9, 11 of 12), in ``--cache`` (not committed).
+seeds, and poisoned (BadNets / Blended 10 %, target 0). The model is kept at every other epoch a scan
+is scheduled by ``GuardConfig()`` defaults (3, 7, ..., 23 of 24), in ``--cache`` (not committed).
 
 Part 2, ``--scan``: ``guard.detect`` on every kept model with trusted sets of 10 and 20 a class (and
 trust-free), recording every class decision. On a clean model every class acted on is a false
-alarm: with 10 classes, 5 scans and 10 seeds that is 500 decisions a setting, enough to see the
+alarm: with 10 classes, 6 scans and 10 seeds that is 600 decisions a setting, enough to see the
 per-class false-alarm rate itself (with its Clopper-Pearson interval). Because a scan that acts on
 nothing leaves training unchanged, scanning the unguarded trajectory measures exactly what the
 guarded run would do up to its first action.
 
     python benchmarks/bench_harm.py --train --part 0/2 &   # two processes (pinned, one thread each)
     python benchmarks/bench_harm.py --train --part 1/2
-    python benchmarks/bench_harm.py --scan --out benchmarks/results/harm_cifar10.json
+    python benchmarks/bench_harm.py --scan --part 0/2 --out a.json &     # likewise
+    python benchmarks/bench_harm.py --scan --part 1/2 --out b.json
+    python benchmarks/bench_harm.py --merge a.json b.json --out benchmarks/results/harm_cifar10.json
     python benchmarks/bench_harm.py --render benchmarks/results/harm_cifar10.json
 """
 
@@ -43,7 +45,7 @@ VARIANTS = {"small": dict(n_train=2500), "lt10": dict(n_train=5000, imbalance=10
             "lt50": dict(n_train=5000, imbalance=50.0)}
 CLEAN_SEEDS = list(range(10))
 ATTACKED = [("badnets", 0.1, 0), ("blended", 0.1, 0)]
-EPOCHS, SCAN_EPOCHS, LR = 12, (3, 5, 7, 9, 11), 0.05
+EPOCHS, SCAN_EPOCHS, LR = 24, (3, 7, 11, 15, 19, 23), 0.05     # every other scan GuardConfig() schedules
 TRUSTED = (10, 20)
 
 
@@ -165,10 +167,18 @@ def main() -> None:
                     help="guard configs to scan with, e.g. 'defaults' or 'strict:{\"thresholds\": {...}}'")
     ap.add_argument("--out", default=str(HERE / "results" / "harm_cifar10.json"))
     ap.add_argument("--render", metavar="JSON")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge the rows of --scan parts into --out")
     a = ap.parse_args()
     torch.set_num_threads(1)
     if a.render:
         print(render(json.loads(Path(a.render).read_text())["summary"]))
+        return
+    if a.merge:
+        parts = [json.loads(Path(p).read_text()) for p in a.merge]
+        rows = [r for p in parts for r in p["rows"]]
+        summary = summarise(rows)
+        Path(a.out).write_text(json.dumps({"meta": parts[0]["meta"], "summary": summary, "rows": rows}, indent=1))
+        print(render(summary))
         return
     k, n = (int(x) for x in a.part.split("/"))
     todo = [c for c in cells() if c[0] in a.variants and (c[1] is not None or c[3] < a.seeds)][k::n]

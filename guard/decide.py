@@ -2,7 +2,10 @@
 
 A class is judged in two steps. First from pass 2's out-of-spread counts alone (``screen_share``
 and ``separation`` still None): a class whose samples leave the benign spread significantly more
-often than its benign samples do is a *candidate*; a smaller excess is only watched. A candidate's
+often than its benign samples do is a *candidate*; a smaller excess is only watched. Significant
+means a binomial p-value below ``max_false_alarm / n_classes``: with one test per class, the
+chance that a scan makes any clean class a candidate stays under ``max_false_alarm`` however many
+classes there are (Bonferroni), as far as the binomial null (the benign rate) holds. A candidate's
 screen then measures how much of it sits far out along the suspect-vs-benign discriminant, and
 the class holds a *separate cluster* when
 
@@ -15,9 +18,9 @@ it in every clean class: there a share alone never counts, only a far-out or a l
 
     >>> from guard.decide import ClassStats, Verdict, decide
     >>> from guard.thresholds import Thresholds
-    >>> decide(ClassStats(n_scanned=900, excess=0.08, p_value=1e-30, trusted=True), Thresholds())[0]
+    >>> decide(ClassStats(n_scanned=900, excess=0.08, p_value=1e-30, trusted=True, n_classes=10), Thresholds())[0]
     <Verdict.CANDIDATE: 'candidate'>
-    >>> decide(ClassStats(900, 0.08, 1e-30, True, screen_share=0.2, separation=4.0), Thresholds())[0]
+    >>> decide(ClassStats(900, 0.08, 1e-30, True, 10, screen_share=0.2, separation=4.0), Thresholds())[0]
     <Verdict.SEPARATE: 'separate cluster'>
 """
 
@@ -50,26 +53,29 @@ class Verdict(str, Enum):
 
 @dataclass(frozen=True)
 class ClassStats:
-    """One class's evidence: pass 2's out-of-spread excess and its binomial p-value; after a screen,
-    the far-out share of the screen and the far-out samples' median discriminant z."""
+    """One class's evidence: pass 2's out-of-spread excess and its binomial p-value, and how many
+    classes the scan tests; after a screen, the far-out share of the screen and the far-out samples'
+    median discriminant z."""
 
     n_scanned: int
     excess: float
     p_value: float
     trusted: bool
+    n_classes: int
     screen_share: float | None = None
     separation: float | None = None
 
 
 def decide(s: ClassStats, t: Thresholds) -> tuple[Verdict, str]:
     """``(verdict, reason)`` for one class; CANDIDATE asks for a screen (``screen_share`` unset)."""
-    candidate = s.excess >= t.min_excess and s.p_value < t.candidate_p and s.n_scanned >= t.min_class
+    bar = t.max_false_alarm / max(s.n_classes, 1)
+    candidate = s.excess >= t.min_excess and s.p_value < bar and s.n_scanned >= t.min_class
     if not candidate:
         if s.excess > 0 and s.p_value < t.watch_p:
-            return Verdict.WATCH, f"excess {s.excess:.3f} with p={s.p_value:.2g}, below the candidate bar"
+            return Verdict.WATCH, f"excess {s.excess:.3f} with p={s.p_value:.2g} (candidate: p < {bar:.2g})"
         return Verdict.CLEAN, f"excess {s.excess:.3f} with p={s.p_value:.2g}"
     if s.screen_share is None or s.separation is None:
-        return Verdict.CANDIDATE, f"excess {s.excess:.3f} with p={s.p_value:.2g}: screen it"
+        return Verdict.CANDIDATE, f"excess {s.excess:.3f} with p={s.p_value:.2g} < {bar:.2g}: screen it"
     share, sep = s.screen_share, s.separation
     if s.trusted and share >= t.cluster_share:
         return Verdict.SEPARATE, f"{share:.0%} of the screen far out (cluster_share {t.cluster_share})"
@@ -77,7 +83,7 @@ def decide(s: ClassStats, t: Thresholds) -> tuple[Verdict, str]:
         return Verdict.SEPARATE, f"{share:.0%} of the screen far out at a median z of {sep:.1f} (large_share)"
     if share >= t.min_screen_share and sep > t.separation_z:
         return Verdict.SEPARATE, f"{share:.0%} of the screen at a median z of {sep:.1f} (separation_z)"
-    return Verdict.WATCH, f"{share:.0%} of the screen far out at a median z of {sep:.1f}: not separate"
+    return Verdict.WATCH, f"screened: {share:.0%} of the screen far out at a median z of {sep:.1f}, not separate"
 
 
 def binomial_p(excess: float, benign_rate: float, n: int, n_reference: int, t: Thresholds) -> float:

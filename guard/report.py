@@ -56,6 +56,7 @@ class ClassReport(BaseModel):
     capped: bool = False
     n_quarantined_before: int = 0
     layer_excess: list[float] = []
+    reason: str = Field("", description="why the decision came out so (the numbers it compared)")
 
 
 class ScanReport(BaseModel):

@@ -78,6 +78,7 @@ class ScanState:
     ref_susp: np.ndarray = None         # the reference samples' suspicion on the same scale
     classes: dict[int, ClassReport] = field(default_factory=dict)
     windows: dict[int, list[int]] = field(default_factory=dict)   # candidates -> layer window
+    n_tested: int = 0                   # classes with at least min_class samples (the multiple-test count)
     flagged: list[np.ndarray] = field(default_factory=list)
     paper_flagged: list[np.ndarray] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -203,6 +204,7 @@ class Scanner:
                              "check the labels (or label_key) the guard reads")
         counts = np.bincount(st.labels, minlength=self.C)
         few = {int(c): int(counts[c]) for c in present if counts[c] < self.th.min_class}
+        st.n_tested = len(present) - len(few)
         if few:
             st.warn(f"classes {few} have fewer than {self.th.min_class} samples in this scan: too few to tell a "
                     "cluster from chance, so they are scored but never acted on; add data or merge such classes")
@@ -242,14 +244,16 @@ class Scanner:
         st.suspicion[rows] = -z_c[:, window].mean(1)
         st.ref_susp[ref] = -zb[:, window].mean(1)
         st.threshold[rows] = th.out_z
-        verdict, _ = decide(ClassStats(len(rows), float(ex[li]), p_value, cal.source == "trusted"), th)
+        stats = ClassStats(len(rows), float(ex[li]), p_value, cal.source == "trusted", st.n_tested)
+        verdict, reason = decide(stats, th)
         v = st.classes[c] = ClassReport(
             cls=c, n_scanned=len(rows), verdict=Verdict.CLEAN, critical_layers=[self.layers[i] for i in window],
             excess=float(ex[li]), benign_rate=float(base[li]), p_value=p_value, threshold=th.out_z,
             n_paper_flagged=int(p_flag.sum()), n_quarantined_before=n_before,
-            layer_excess=[round(float(e), 4) for e in ex])
+            layer_excess=[round(float(e), 4) for e in ex], reason=reason)
         if self.cfg.critical_rule == "paper":
             v.verdict, v.threshold = (Verdict.PAPER if p_flag.any() else Verdict.CLEAN), float(paper_bar)
+            v.reason = f"{int(p_flag.sum())} below the paper rule's bar"
             self._take(st, c, rows[p_flag], -st.raw[rows[p_flag]][:, win].sum(1))
         elif verdict == Verdict.CANDIDATE:
             st.windows[c] = window
@@ -341,8 +345,8 @@ class Scanner:
             v = st.classes[c]
             v.separation = float(np.median(z[hit])) if hit.any() else 0.0
             v.screen_share = float(hit.mean())
-            verdict, _ = decide(ClassStats(v.n_scanned, v.excess, v.p_value, st.cal.source == "trusted",
-                                           v.screen_share, v.separation), self.th)
+            verdict, v.reason = decide(ClassStats(v.n_scanned, v.excess, v.p_value, st.cal.source == "trusted",
+                                                  st.n_tested, v.screen_share, v.separation), self.th)
             if verdict == Verdict.SEPARATE:
                 separated.append(c)
             else:
@@ -480,6 +484,8 @@ class Scanner:
         st.suspicion[rows], st.threshold[rows] = z, bar
         st.classes[c].verdict, st.classes[c].threshold = verdict, bar
         hit = z > bar
+        if verdict == Verdict.LIKE_QUARANTINED:
+            st.classes[c].reason = f"{int(hit.sum())} samples like the quarantined ones (z above follow_z={bar})"
         self._take(st, c, rows[hit], z[hit])
 
     def _take(self, st: ScanState, c: int, rows: np.ndarray, susp: np.ndarray) -> None:

@@ -31,7 +31,8 @@ class Thresholds(BaseModel):
     min_class: int = Field(5, ge=1, description="a class with fewer scanned samples is never acted on")
     min_excess: float = Field(
         0.01, gt=0, lt=1, description="candidate: at least this share of the class out of spread beyond the benign rate")
-    candidate_p: float = Field(1e-4, gt=0, lt=1, description="candidate: binomial p of its out-of-spread count below this")
+    max_false_alarm: float = Field(
+        1e-3, gt=0, lt=1, description="candidate: binomial p below this over the classes tested (Bonferroni)")
     watch_p: float = Field(1e-2, gt=0, lt=1, description="'no separation yet': any excess with binomial p below this")
     min_benign_count: float = Field(
         0.5, gt=0, description="the benign out-of-spread rate is never below this many reference samples' worth")

@@ -7,7 +7,8 @@ from guard.decide import ClassStats, Verdict, binomial_p, decide, take
 from guard.thresholds import Thresholds
 
 T = Thresholds()
-CAND = dict(n_scanned=900, excess=0.08, p_value=1e-30)     # a clear candidate before its screen
+CAND = dict(n_scanned=900, excess=0.08, p_value=1e-30, n_classes=10)     # a clear candidate before its screen
+BAR = T.max_false_alarm / 10
 
 
 def verdict(trusted=True, **kw):
@@ -19,9 +20,9 @@ def test_first_step_candidate_watch_clean_and_their_boundaries():
     # excess: min_excess is inclusive; just below it the class is only watched (p is still tiny)
     assert verdict(excess=T.min_excess) == Verdict.CANDIDATE
     assert verdict(excess=np.nextafter(T.min_excess, 0)) == Verdict.WATCH
-    # p-value: candidate_p is exclusive; between it and watch_p the class is watched, above it clean
-    assert verdict(p_value=np.nextafter(T.candidate_p, 0)) == Verdict.CANDIDATE
-    assert verdict(p_value=T.candidate_p) == Verdict.WATCH
+    # p-value: max_false_alarm / n_classes is exclusive; up to watch_p the class is watched, above it clean
+    assert verdict(p_value=np.nextafter(BAR, 0)) == Verdict.CANDIDATE
+    assert verdict(p_value=BAR) == Verdict.WATCH
     assert verdict(p_value=np.nextafter(T.watch_p, 0)) == Verdict.WATCH
     assert verdict(p_value=T.watch_p) == Verdict.CLEAN
     # no excess at all is clean whatever the p-value
@@ -29,6 +30,15 @@ def test_first_step_candidate_watch_clean_and_their_boundaries():
     # a class too small to act on is at most watched
     assert verdict(n_scanned=T.min_class) == Verdict.CANDIDATE
     assert verdict(n_scanned=T.min_class - 1) == Verdict.WATCH
+
+
+def test_the_candidate_bar_divides_the_false_alarm_rate_among_the_classes_tested():
+    # Bonferroni: with 40 classes a class needs p below max_false_alarm / 40, with 2 below / 2
+    assert verdict(p_value=T.max_false_alarm / 40 * 1.01, n_classes=40) == Verdict.WATCH
+    assert verdict(p_value=T.max_false_alarm / 40 * 0.99, n_classes=40) == Verdict.CANDIDATE
+    assert verdict(p_value=T.max_false_alarm / 3, n_classes=2) == Verdict.CANDIDATE
+    assert decide(ClassStats(**{**CAND, "trusted": True, "p_value": 5e-4}), Thresholds(max_false_alarm=0.01))[0] \
+        == Verdict.CANDIDATE
 
 
 def test_a_trusted_screen_separates_on_its_share_alone():
@@ -58,7 +68,7 @@ def test_a_large_cluster_separates_a_little_closer_in(trusted):
 
 
 def test_each_knob_moves_its_own_decision():
-    s = ClassStats(900, 0.08, 1e-30, trusted=True, screen_share=0.1, separation=4.0)
+    s = ClassStats(900, 0.08, 1e-30, trusted=True, n_classes=10, screen_share=0.1, separation=4.0)
     assert decide(s, T)[0] == Verdict.WATCH
     assert decide(s, Thresholds(cluster_share=0.1))[0] == Verdict.SEPARATE
     assert decide(s, Thresholds(separation_z=3.9))[0] == Verdict.SEPARATE
@@ -75,8 +85,8 @@ def test_verdicts_are_their_report_strings():
 def test_binomial_p_floors_the_benign_rate_at_half_a_reference_sample():
     # no benign sample out of spread: the rate is 0.5 / 100, so 3 of 900 out is not significant
     assert binomial_p(3 / 900, 0.0, 900, 100, T) > 0.5
-    assert binomial_p(40 / 900, 0.0, 900, 100, T) < T.candidate_p
-    assert binomial_p(40 / 900, 0.0, 900, 100, Thresholds(min_benign_count=8)) > T.candidate_p
+    assert binomial_p(40 / 900, 0.0, 900, 100, T) < BAR
+    assert binomial_p(40 / 900, 0.0, 900, 100, Thresholds(min_benign_count=8)) > BAR
 
 
 def test_take_caps_a_class_and_warns_past_the_warning_share():

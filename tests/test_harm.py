@@ -1,0 +1,26 @@
+"""Do no harm: a clean model on real CIFAR-10 with a small trusted set loses no class's samples."""
+
+import numpy as np
+import pytest
+import torch
+
+import guard
+from tests.golden import FOLDER, _model
+
+
+@pytest.mark.cifar
+@pytest.mark.parametrize("trusted", [10, None])
+def test_a_clean_cifar10_model_with_10_trusted_a_class_or_none_drops_no_class(trusted, cifar_archive):
+    # the golden clean checkpoint: a small CNN trained 4 epochs on 3,000 real CIFAR-10 images; scanned
+    # with 10 trusted samples a class (the least GuardConfig accepts) and trust-free
+    from guard.experiment import RunSpec, prepare
+
+    data = prepare(RunSpec(data="cifar10", attack=None, n_train=3000, trusted_per_class=trusted or 10,
+                           archive=cifar_archive))
+    model = _model()
+    model.load_state_dict(torch.load(FOLDER / "clean.pt", weights_only=True))
+    report = guard.detect(model, data.train, data.trusted if trusted else None, guard.GuardConfig(progress=False))
+    dropped = np.bincount([r.label for r in report.quarantine], minlength=10) / np.bincount(data.labels)
+    assert dropped.max() <= 0.02, dropped
+    classes = report.scans[-1].classes
+    assert all(c.reason for c in classes) and {c.n_scanned for c in classes} == {300}
