@@ -9,8 +9,9 @@ is scheduled by ``GuardConfig()`` defaults (3, 7, ..., 23 of 24), in ``--cache``
 
 Part 2, ``--scan``: ``guard.detect`` on every kept model with trusted sets of 10 and 20 a class (and
 trust-free), recording every class decision. On a clean model every class acted on is a false
-alarm: with 10 classes, 6 scans and 10 seeds that is 600 decisions a setting, enough to see the
-per-class false-alarm rate itself (with its Clopper-Pearson interval). Because a scan that acts on
+alarm: with 10 classes, 3 scans and 10 seeds that is 300 decisions a setting, enough to see the
+per-class false-alarm rate itself (with its Clopper-Pearson interval); ``SCANNED`` says which of
+the kept models are read. Because a scan that acts on
 nothing leaves training unchanged, scanning the unguarded trajectory measures exactly what the
 guarded run would do up to its first action.
 
@@ -46,6 +47,7 @@ VARIANTS = {"small": dict(n_train=2500), "lt10": dict(n_train=5000, imbalance=10
 CLEAN_SEEDS = list(range(10))
 ATTACKED = [("badnets", 0.1, 0), ("blended", 0.1, 0)]
 EPOCHS, SCAN_EPOCHS, LR = 24, (3, 7, 11, 15, 19, 23), 0.05     # every other scan GuardConfig() schedules
+SCANNED = (3, 7, 15)        # the kept models --scan reads (CPU time)
 TRUSTED = (10, 20)
 
 
@@ -96,14 +98,15 @@ def scan_rows(cell: tuple, cache: Path, configs: dict[str, dict]) -> list[dict]:
     rows = []
     for trusted in (*TRUSTED, None):
         data = prepare(spec(*cell, trusted=trusted or 10))
-        for epoch in SCAN_EPOCHS:
+        for epoch in SCANNED:
             model = data.make_model()
             model.load_state_dict(torch.load(folder / f"epoch{epoch}.pt", weights_only=True))
             for label, extra in configs.items():
                 cfg = GuardConfig(**{"progress": False, **extra})
                 report = detect(model, data.train, None if trusted is None else data.trusted, cfg, data.scan)
                 q = np.array([r.index for r in report.quarantine], dtype=np.int64)
-                classes = [{"cls": c.cls, "verdict": str(c.verdict), "n": c.n_scanned,
+                classes = [{"cls": c.cls, "verdict": str(c.verdict), "n": c.n_scanned, "reason": c.reason,
+                            "candidate": c.verdict == "separate cluster" or c.reason.startswith("screened"),
                             "dropped": int(np.isin(q, np.flatnonzero(data.labels == c.cls)).sum()),
                             "poison_dropped": int(np.isin(q, data.poisoned[data.labels[data.poisoned] == c.cls]).sum()),
                             "poisoned": int((data.labels[data.poisoned] == c.cls).sum())}
@@ -127,11 +130,14 @@ def summarise(rows: list[dict]) -> list[dict]:
         sel = [r for r in rows if (r["variant"], r["trusted"], r["config"]) == (v, t, c)]
         clean = [(r, k) for r in sel for k in r["classes"] if k["poisoned"] == 0]
         acted = sum(k["dropped"] > 0 for _, k in clean)
+        cand = sum(k["candidate"] for _, k in clean)
         ci = binomtest(acted, max(len(clean), 1)).proportion_ci(0.95, method="exact")
+        cci = binomtest(cand, max(len(clean), 1)).proportion_ci(0.95, method="exact")
         none_runs = [r for r in sel if r["attack"] == "none"]
         att = [r for r in sel if r["attack"] != "none"]
         out.append({"variant": v, "trusted": t, "config": c, "clean_decisions": len(clean), "acted": acted,
-                    "rate": acted / max(len(clean), 1), "ci": [ci.low, ci.high],
+                    "rate": acted / max(len(clean), 1), "ci": [ci.low, ci.high], "candidates": cand,
+                    "candidate_rate": cand / max(len(clean), 1), "candidate_ci": [cci.low, cci.high],
                     "worst_clean_class": max((k["dropped"] / k["n"] for _, k in clean), default=0.0),
                     "worst_clean_run": max((r["flagged"] / sum(k["n"] for k in r["classes"]) for r in none_runs),
                                            default=0.0),
@@ -143,14 +149,17 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def render(summary: list[dict]) -> str:
-    lines = ["| data | trusted / class | config | clean class decisions | acted on | rate (95 % CI) | worst clean "
-             "class | worst clean run | attacked: TPR by scan (FPR worst) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| data | trusted / class | config | clean class decisions | candidates (95 % CI) | acted on (95 % CI) | "
+             "worst clean class | worst clean run | attacked: TPR by scan (FPR worst) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         att = "; ".join(f"{k.split('-')[1]} (ASR {v['asr_unguarded']:.0%}): "
                         + "/".join(f"{x:.0%}" for x in v["tpr_by_epoch"]) + f" ({max(v['fpr_by_epoch']):.1%})"
                         for k, v in s["attacked"].items())
         lines.append(f"| {s['variant']} | {s['trusted'] or 'trust-free'} | {s['config']} | {s['clean_decisions']} | "
-                     f"{s['acted']} | {s['rate']:.1%} ({s['ci'][0]:.1%}-{s['ci'][1]:.1%}) | "
+                     f"{s['candidates']}: {s['candidate_rate']:.1%} ({s['candidate_ci'][0]:.1%}-"
+                     f"{s['candidate_ci'][1]:.1%}) | "
+                     f"{s['acted']}: {s['rate']:.1%} ({s['ci'][0]:.1%}-{s['ci'][1]:.1%}) | "
                      f"{s['worst_clean_class']:.1%} | {s['worst_clean_run']:.2%} | {att} |")
     return "\n".join(lines)
 

@@ -48,6 +48,7 @@ class Calibration:
     mean: np.ndarray            # (C, L)
     std: np.ndarray             # (C, L)
     source: str
+    fit: np.ndarray | None = None   # (C,) share of each class's reference samples the model predicts as it
 
     def z(self, raw: np.ndarray, labels: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
         """float32 z-scores, filled in chunks of rows: at N = 1,000,000 a float64 result and its
@@ -72,10 +73,12 @@ def calibrate(stream: Stream, layers: list[str], source: tuple[Dataset, np.ndarr
     dataset, indices, name = source
     ref: Reference | None = None
     labels: list[np.ndarray] = []
+    hits: list[np.ndarray] | None = []
     for b in stream(dataset, layers, indices, f"scan/{name}"):
         ref = ref or Reference([f.shape[1] for f in b.feats], num_classes)
         ref.update(b.feats, b.labels)
         labels.append(b.labels.numpy())
+        hits = None if hits is None or not _is_logits(b.logits, num_classes) else [*hits, predicted(b)]
     if ref is None:
         raise GuardError(f"the {name} reference is empty; pass a trusted set with samples of every class")
     lab = np.concatenate(labels)
@@ -96,7 +99,24 @@ def calibrate(stream: Stream, layers: list[str], source: tuple[Dataset, np.ndarr
     for c in np.flatnonzero(counts):
         mean[c] = loo_a[lab == c].mean(0)
         std[c] = np.maximum(loo_a[lab == c].std(0), t.std_floor) * small_sample(int(counts[c]), t.out_z)
-    return Calibration(ref, dataset, indices, lab, loo_a, ins_a, mean, std, name)
+    fit = None if hits is None else class_fit(np.concatenate(hits), lab, num_classes)
+    return Calibration(ref, dataset, indices, lab, loo_a, ins_a, mean, std, name, fit)
+
+
+def _is_logits(logits: torch.Tensor | None, num_classes: int) -> bool:
+    return logits is not None and logits.dim() == 2 and logits.shape[1] == num_classes
+
+
+def predicted(b: Batch) -> np.ndarray:
+    """Per sample of a batch: whether the model predicts its label (needs the batch's logits)."""
+    return (b.logits.argmax(1) == b.labels).numpy()
+
+
+def class_fit(hit: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C,) share of each class's samples predicted as their label (nan for a class without samples)."""
+    n = np.bincount(labels, minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.bincount(labels, weights=hit.astype(float), minlength=num_classes) / n
 
 
 def trust_free_indices(stream: Stream, train: Dataset, kept: np.ndarray, head: str, num_classes: int,

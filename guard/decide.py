@@ -64,11 +64,16 @@ class ClassStats:
     n_classes: int
     screen_share: float | None = None
     separation: float | None = None
+    train_fit: float = float("nan")        # share of its training samples the model predicts as it (nan: unknown)
 
 
 def decide(s: ClassStats, t: Thresholds) -> tuple[Verdict, str]:
     """``(verdict, reason)`` for one class; CANDIDATE asks for a screen (``screen_share`` unset)."""
     bar = t.max_false_alarm / max(s.n_classes, 1)
+    chance = t.min_class_fit / max(s.n_classes, 1)
+    if s.train_fit < chance:               # (nan: no logits to tell, the rule does not apply)
+        return Verdict.CLEAN, (f"the model predicts the label of {s.train_fit:.0%} of the class's training samples "
+                               f"(chance {chance:.0%}): it has not learned the class, so no trigger in it is learned")
     candidate = s.excess >= t.min_excess and s.p_value < bar and s.n_scanned >= t.min_class
     if not candidate:
         if s.excess > 0 and s.p_value < t.watch_p:

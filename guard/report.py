@@ -57,6 +57,9 @@ class ClassReport(BaseModel):
     n_quarantined_before: int = 0
     layer_excess: list[float] = []
     reason: str = Field("", description="why the decision came out so (the numbers it compared)")
+    reference_fit: float = Field(float("nan"), description="share of its reference samples the model predicts as it")
+    train_fit: float = Field(float("nan"), description="share of its scanned training samples predicted as it")
+
 
 
 class ScanReport(BaseModel):

@@ -35,7 +35,7 @@ import torch
 from loguru import logger
 from torch.utils.data import Dataset
 
-from guard.calibrate import Calibration, calibrate, trust_free_indices
+from guard.calibrate import Calibration, _is_logits, calibrate, class_fit, predicted, trust_free_indices
 from guard.cluster import Centroids, RefFeats
 from guard.config import GuardConfig
 from guard.decide import ClassStats, Verdict, binomial_p, decide, take
@@ -72,6 +72,7 @@ class ScanState:
     labels: np.ndarray                  # (N,) labels read during the scan
     raw: np.ndarray                     # (N, L) cosine to the class reference
     suspects: Reference                 # per class: sums of out-of-spread samples' unit features
+    train_fit: np.ndarray               # (C,) share of each class's training samples predicted as it (nan: unknown)
     out_of_spread: np.ndarray = None    # (N, L) bool (set by locate)
     suspicion: np.ndarray = None        # (N,) higher = more suspicious
     threshold: np.ndarray = None        # (N,) the threshold each sample's suspicion was held to
@@ -171,6 +172,7 @@ class Scanner:
         mine = kept[shard(len(kept))]
         raw = np.empty((len(mine), len(self.layers)), dtype=np.float32)
         labels = np.empty(len(mine), dtype=np.int32)          # C < 2**31; 4 bytes a sample at N = 10**6
+        hit, known = np.zeros(len(mine), dtype=bool), True     # known: the model's logits are class scores
         suspects = Reference([s.shape[1] for s in cal.reference.sums], self.C)
         done = 0
         for b in passes.stream(train, self.layers, mine, "scan/train"):
@@ -182,6 +184,9 @@ class Scanner:
                                  f"the {cal.source} reference; add trusted samples of class {c}")
             s = cal.reference.score(b.feats, b.labels).numpy()
             raw[done:done + n], labels[done:done + n] = s, lab
+            known = known and _is_logits(b.logits, self.C)
+            if known:
+                hit[done:done + n] = predicted(b)
             z = cal.z(s, lab)
             for li, f in enumerate(b.feats):
                 m = torch.from_numpy(z[:, li] < -self.th.out_z)
@@ -191,9 +196,10 @@ class Scanner:
         if done != len(mine):
             raise GuardError(f"dataset yielded {done} samples for {len(mine)} indices; its length changed "
                              "during the scan: keep len(dataset) constant while training")
-        raw, labels = gather_rows(raw, len(kept)), gather_rows(labels, len(kept))
+        raw, labels, hit = gather_rows(raw, len(kept)), gather_rows(labels, len(kept)), gather_rows(hit, len(kept))
         sum_tensors(suspects.sums)
-        return ScanState(kept, cal, passes, labels, raw, suspects)
+        fit = class_fit(hit, labels, self.C) if known else np.full(self.C, np.nan)
+        return ScanState(kept, cal, passes, labels, raw, suspects, fit)
 
     def check_classes(self, st: ScanState) -> None:
         """Errors for data the decision cannot judge; a warning for classes too small to act on."""
@@ -244,13 +250,16 @@ class Scanner:
         st.suspicion[rows] = -z_c[:, window].mean(1)
         st.ref_susp[ref] = -zb[:, window].mean(1)
         st.threshold[rows] = th.out_z
-        stats = ClassStats(len(rows), float(ex[li]), p_value, cal.source == "trusted", st.n_tested)
+        ref_fit = float("nan") if cal.fit is None else float(cal.fit[c])
+        stats = ClassStats(len(rows), float(ex[li]), p_value, cal.source == "trusted", st.n_tested,
+                           train_fit=float(st.train_fit[c]))
         verdict, reason = decide(stats, th)
         v = st.classes[c] = ClassReport(
             cls=c, n_scanned=len(rows), verdict=Verdict.CLEAN, critical_layers=[self.layers[i] for i in window],
             excess=float(ex[li]), benign_rate=float(base[li]), p_value=p_value, threshold=th.out_z,
             n_paper_flagged=int(p_flag.sum()), n_quarantined_before=n_before,
-            layer_excess=[round(float(e), 4) for e in ex], reason=reason)
+            layer_excess=[round(float(e), 4) for e in ex], reason=reason, reference_fit=ref_fit,
+            train_fit=float(st.train_fit[c]))
         if self.cfg.critical_rule == "paper":
             v.verdict, v.threshold = (Verdict.PAPER if p_flag.any() else Verdict.CLEAN), float(paper_bar)
             v.reason = f"{int(p_flag.sum())} below the paper rule's bar"
@@ -346,7 +355,7 @@ class Scanner:
             v.separation = float(np.median(z[hit])) if hit.any() else 0.0
             v.screen_share = float(hit.mean())
             verdict, v.reason = decide(ClassStats(v.n_scanned, v.excess, v.p_value, st.cal.source == "trusted",
-                                                  st.n_tested, v.screen_share, v.separation), self.th)
+                                                  st.n_tested, v.screen_share, v.separation, v.train_fit), self.th)
             if verdict == Verdict.SEPARATE:
                 separated.append(c)
             else:

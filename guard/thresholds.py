@@ -34,6 +34,9 @@ class Thresholds(BaseModel):
     max_false_alarm: float = Field(
         1e-3, gt=0, lt=1, description="candidate: binomial p below this over the classes tested (Bonferroni)")
     watch_p: float = Field(1e-2, gt=0, lt=1, description="'no separation yet': any excess with binomial p below this")
+    min_class_fit: float = Field(
+        1.0, ge=0, description="judge a class once the model predicts its label for its training samples more often "
+                               "than this times chance (1 / classes)")
     min_benign_count: float = Field(
         0.5, gt=0, description="the benign out-of-spread rate is never below this many reference samples' worth")
 
@@ -46,6 +49,7 @@ class Thresholds(BaseModel):
     min_screen_share: float = Field(0.01, gt=0, lt=1, description="... and at least this share of the screen far out")
     large_share: float = Field(0.3, gt=0, le=1, description="separate: a far-out share this large ...")
     large_slack: float = Field(1.0, ge=0, description="... needs a median z only above separation_z minus this")
+
 
     # the cluster probe (guard.probe)
     probe_shrinkage: float = Field(0.8, gt=0, le=1, description="the probe's LDA shrinkage (1: mean difference)")

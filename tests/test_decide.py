@@ -108,3 +108,16 @@ def test_flat_names_of_earlier_versions_still_set_what_they_set():
     assert (t.out_z, t.screen_z, t.follow_z, t.filter_z) == (2.5,) * 4          # threshold_z drove all four
     assert (t.min_excess, t.min_screen_share, t.cluster_share) == (0.02, 0.02, 0.2)
     assert GuardConfig(cluster_share=0.2, thresholds={"cluster_share": 0.3}).thresholds.cluster_share == 0.3
+
+
+def test_a_class_the_model_has_not_learned_is_not_judged():
+    # a tail class early in training: its few samples far from its few trusted ones, but the model predicts
+    # its label for none of them, so nothing in it is a learned trigger (measured: CIFAR-10-LT, epoch 3)
+    unlearned = dict(CAND, screen_share=0.34, separation=3.3)
+    assert verdict(**unlearned) == Verdict.SEPARATE                                  # fit unknown: no change
+    assert verdict(**unlearned, train_fit=0.0) == Verdict.CLEAN
+    assert verdict(**unlearned, train_fit=np.nextafter(T.min_class_fit / 10, 0)) == Verdict.CLEAN
+    assert verdict(**unlearned, train_fit=T.min_class_fit / 10) == Verdict.SEPARATE   # chance itself passes
+    assert decide(ClassStats(**{**CAND, **unlearned, "trusted": True, "train_fit": 0.0}),
+                  Thresholds(min_class_fit=0))[0] == Verdict.SEPARATE                # 0: the rule is off
+    assert "not learned" in decide(ClassStats(**{**CAND, "trusted": False, "train_fit": 0.02}), T)[1]
