@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.bench_guard import render_benchmarks  # noqa: E402
 from guard import GuardConfig, detect  # noqa: E402
 from guard.experiment import RunSpec, _epoch, detection, measure, prepare  # noqa: E402
 
@@ -164,6 +165,24 @@ def render(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(summary: list[dict], rows: list[dict]) -> str:
+    """The BENCHMARKS.md section: what ran, then the table."""
+    runs = sorted({(r["cell"], r["acc_unguarded_final"], r["asr_unguarded_final"]) for r in rows})
+    attacked = ", ".join(f"{c} {a:.0%}" for c, _, a in runs if "-none-" not in c)
+    seeds = len({r["seed"] for r in rows if r["attack"] == "none"})
+    return "\n".join([
+        f"`python benchmarks/bench_harm.py` (two pinned single-thread processes, then `--scan`): CIFAR-10 subsets "
+        f"trained unguarded as users train (random crop + flip in the Dataset, SGD lr {LR} momentum 0.9, cosine, "
+        f"{EPOCHS} epochs, width-16 ResNet-18): *small* 250 a class, *lt10* / *lt50* long-tailed (head 500, imbalance "
+        f"10 / 50; the tail class has 50 / 10 samples). `guard.detect` on the models of epochs {', '.join(map(str, SCANNED))} "
+        f"(scans the default schedule runs), trusted sets of 10 and 20 a class and trust-free. No attack: {seeds} seeds a "
+        "variant; every clean class of every scan is one decision. A *candidate* passed the first step (significant "
+        "excess, screened); *acted on* = lost samples. `before` = this rule set without `min_class_fit`. "
+        f"Attacked (10 %, target 0, seed 0), undefended attack success at the end: {attacked}; BadNets with crop + "
+        "flip is not learned in any variant (its attack success is the target's plain-error floor), so those cells "
+        "cannot show detection.", "", render(summary)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", action="store_true")
@@ -186,8 +205,10 @@ def main() -> None:
         parts = [json.loads(Path(p).read_text()) for p in a.merge]
         rows = [r for p in parts for r in p["rows"]]
         summary = summarise(rows)
-        Path(a.out).write_text(json.dumps({"meta": parts[0]["meta"], "summary": summary, "rows": rows}, indent=1))
+        Path(a.out).write_text(json.dumps({"meta": parts[0]["meta"], "summary": summary, "rows": rows,
+                                           "markdown": markdown(summary, rows)}, indent=1))
         print(render(summary))
+        render_benchmarks()
         return
     k, n = (int(x) for x in a.part.split("/"))
     todo = [c for c in cells() if c[0] in a.variants and (c[1] is not None or c[3] < a.seeds)][k::n]
@@ -202,7 +223,8 @@ def main() -> None:
         summary = summarise(rows)
         meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                 "epochs": EPOCHS, "scan_epochs": SCAN_EPOCHS, "lr": LR, "variants": VARIANTS}
-        Path(a.out).write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
+        Path(a.out).write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows,
+                                           "markdown": markdown(summary, rows)}, indent=1))
         print(render(summary))
 
 
