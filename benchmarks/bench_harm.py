@@ -11,9 +11,8 @@ Part 2, ``--scan``: ``guard.detect`` on every kept model with trusted sets of 10
 trust-free), recording every class decision. On a clean model every class acted on is a false
 alarm: with 10 classes, 3 scans and 10 seeds that is 300 decisions a setting, enough to see the
 per-class false-alarm rate itself (with its Clopper-Pearson interval); ``SCANNED`` says which of
-the kept models are read. Because a scan that acts on
-nothing leaves training unchanged, scanning the unguarded trajectory measures exactly what the
-guarded run would do up to its first action.
+the kept models are read. Because a scan that acts on nothing leaves training unchanged, scanning
+the unguarded trajectory measures exactly what the guarded run would do up to its first action.
 
     python benchmarks/bench_harm.py --train --part 0/2 &   # two processes (pinned, one thread each)
     python benchmarks/bench_harm.py --train --part 1/2

@@ -1,5 +1,7 @@
 """Reproducible poisoning attacks for red-teaming and evaluation: all-to-one (BadNets, Blended,
-WaNet), all-to-all, clean-label (SIG), and a tabular feature trigger.
+WaNet), all-to-all, clean-label (SIG), a tabular feature trigger, and a *trigger zoo*: random
+patches, blends, warps and frequency-domain triggers drawn from a seed (:func:`trigger_zoo`), so a
+defence can be measured on triggers nobody tuned it on.
 
 Each attack poisons a uint8 image array (N, H, W, C) and returns the ground-truth poisoned
 indices, so detection quality can be measured exactly::
@@ -101,19 +103,87 @@ class BadNets(Attack):
 
 
 @dataclass
+class Patch(Attack):
+    """A ``size`` x ``size`` patch pasted at ``at`` = (row, column) as fractions of the free range
+    (0: top / left edge, 1: bottom / right edge, 0.5: centre). ``style``: ``"binary"`` (a random
+    black-and-white pattern) or ``"colour"`` (random colours), fixed by ``pattern_seed``."""
+
+    size: int = 4
+    at: tuple[float, float] = (1.0, 1.0)
+    style: str = "binary"
+    pattern_seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.name = "patch"
+        if self.style not in ("binary", "colour"):
+            raise ValueError(f"patch style must be 'binary' or 'colour', got {self.style!r}")
+
+    def trigger(self, images: np.ndarray) -> np.ndarray:
+        n, h, w, ch = images.shape
+        s = self.size
+        if not 1 <= s <= min(h, w):
+            raise ValueError(f"patch size {s} does not fit images of {h} x {w}")
+        rng = np.random.default_rng(self.pattern_seed)
+        if self.style == "binary":
+            pattern = np.repeat(rng.integers(0, 2, (s, s, 1)) * 255, ch, axis=2)
+        else:
+            pattern = rng.integers(0, 256, (s, s, ch))
+        top, left = int(round(self.at[0] * (h - s))), int(round(self.at[1] * (w - s)))
+        out = images.copy()
+        out[:, top:top + s, left:left + s, :] = pattern.astype(np.uint8)[None]
+        return out
+
+
+@dataclass
 class Blended(Attack):
-    """Chen et al. 2017: blend a fixed (seeded) random pattern into the whole image."""
+    """Chen et al. 2017: blend a fixed (seeded) random pattern into the whole image: uniform noise
+    (``kind="noise"``) or a smooth random image (``"smooth"``: noise on a 4 x 4 grid, upsampled)."""
 
     alpha: float = 0.2
     pattern_seed: int = 12345
+    kind: str = "noise"
 
     def __post_init__(self) -> None:
         self.name = "blended"
+        if self.kind not in ("noise", "smooth"):
+            raise ValueError(f"blend kind must be 'noise' or 'smooth', got {self.kind!r}")
 
     def trigger(self, images: np.ndarray) -> np.ndarray:
         rng = np.random.default_rng(self.pattern_seed)
-        pattern = rng.integers(0, 256, size=images.shape[1:], dtype=np.uint8).astype(np.float32)
+        if self.kind == "noise":
+            pattern = rng.integers(0, 256, size=images.shape[1:], dtype=np.uint8).astype(np.float32)
+        else:
+            h, w, ch = images.shape[1:]
+            coarse = torch.from_numpy(rng.uniform(0, 255, (1, ch, 4, 4)).astype(np.float32))
+            pattern = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)[0]
+            pattern = pattern.clamp(0, 255).permute(1, 2, 0).numpy()
         out = (1 - self.alpha) * images.astype(np.float32) + self.alpha * pattern[None]
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+@dataclass
+class Frequency(Attack):
+    """A frequency-domain trigger: ``waves`` fixed 2-D gratings (random high spatial frequencies,
+    orientations and phases, fixed by ``pattern_seed``) added with amplitude ``delta`` (of 255), a
+    pattern spread over the whole image that a spatial patch detector does not see."""
+
+    delta: float = 12.0
+    waves: int = 2
+    pattern_seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.name = "frequency"
+
+    def trigger(self, images: np.ndarray) -> np.ndarray:
+        h, w = images.shape[1:3]
+        rng = np.random.default_rng(self.pattern_seed)
+        ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+        signal = np.zeros((h, w))
+        for _ in range(self.waves):
+            fy, fx = rng.integers(h // 4, h // 2 + 1), rng.integers(w // 4, w // 2 + 1)
+            signal += np.cos(2 * np.pi * (fy * ys / h + fx * xs / w) + rng.uniform(0, 2 * np.pi))
+        signal *= self.delta / max(np.abs(signal).max(), 1e-9)
+        out = images.astype(np.float32) + signal[None, :, :, None].astype(np.float32)
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -222,10 +292,57 @@ class FeatureTrigger(Attack):
 
 ATTACKS: dict[str, type[Attack]] = {"badnets": BadNets, "blended": Blended, "wanet": WaNet, "all2all": AllToAll,
                                     "sig": CleanLabelSIG}
+ZOO_FAMILIES = ("patch", "blend", "warp", "frequency")
+
+
+def random_trigger(rng: np.random.Generator, num_classes: int = 10, seed: int = 0) -> Attack:
+    """One all-to-one trigger drawn from ``rng``: a family from :data:`ZOO_FAMILIES`, its shape, a
+    poison rate of 3-10 % and a random target. Patches: 2-8 px anywhere (edges, corners, centre),
+    binary or coloured; blends: noise or a smooth image at alpha 0.05-0.25; warps: WaNet fields of
+    3-6 control points at strength 0.5-1.0; frequency: 1-3 high-frequency gratings of amplitude 8-24.
+    ``seed`` chooses the poisoned samples."""
+    family = ZOO_FAMILIES[int(rng.integers(len(ZOO_FAMILIES)))]
+    common = dict(target=int(rng.integers(num_classes)), rate=round(float(rng.uniform(0.03, 0.10)), 3), seed=seed)
+    pattern_seed = int(rng.integers(2**31))
+    if family == "patch":
+        at = tuple(float(rng.choice([0.0, 0.5, 1.0])) if rng.random() < 0.5 else round(float(rng.random()), 2)
+                   for _ in range(2))
+        return Patch(**common, size=int(rng.integers(2, 9)), at=at, style=str(rng.choice(["binary", "colour"])),
+                     pattern_seed=pattern_seed)
+    if family == "blend":
+        return Blended(**common, alpha=round(float(rng.uniform(0.05, 0.25)), 3), pattern_seed=pattern_seed,
+                       kind=str(rng.choice(["noise", "smooth"])))
+    if family == "warp":
+        return WaNet(**common, k=int(rng.integers(3, 7)), strength=round(float(rng.uniform(0.5, 1.0)), 2),
+                     pattern_seed=pattern_seed)
+    return Frequency(**common, delta=round(float(rng.uniform(8, 24)), 1), waves=int(rng.integers(1, 4)),
+                     pattern_seed=pattern_seed)
+
+
+def trigger_zoo(seed: int, n: int = 20, num_classes: int = 10) -> list[Attack]:
+    """``n`` random triggers (:func:`random_trigger`), the same for the same ``seed``; keep the seed
+    list in the benchmark and report triggers the thresholds were never tuned on.
+
+    >>> [a.name for a in trigger_zoo(seed=0, n=4)] == [a.name for a in trigger_zoo(seed=0, n=4)]
+    True
+    """
+    rng = np.random.default_rng([seed, 7919])
+    return [random_trigger(rng, num_classes, seed=seed * 1000 + i) for i in range(n)]
 
 
 def make_attack(name: str, **kwargs) -> Attack:
-    """Build an attack by name (``badnets``, ``blended``, ``wanet``, ``all2all``, ``sig``)."""
+    """Build an attack by name (``badnets``, ``blended``, ``wanet``, ``all2all``, ``sig``), or the
+    ``I``-th trigger of ``trigger_zoo(S)`` as ``"zoo:S:I"`` (``kwargs`` then replace its own target,
+    rate and sample seed)."""
+    if name.startswith("zoo:"):
+        try:
+            seed, index = (int(p) for p in name.split(":")[1:])
+        except ValueError:
+            raise ValueError(f"zoo trigger {name!r}: write 'zoo:SEED:INDEX', e.g. 'zoo:0:7'") from None
+        atk = trigger_zoo(seed, index + 1)[index]
+        for k, v in kwargs.items():
+            setattr(atk, k, v)
+        return atk
     if name not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
+        raise ValueError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)} or 'zoo:SEED:INDEX'")
     return ATTACKS[name](**kwargs)

@@ -5,20 +5,20 @@
 Every model pass goes through :meth:`Passes.stream`, which counts the samples each pass forwards
 (``ScanResult.passes``). The passes, in order:
 
-======================  ========================  ================================================
-pass                    samples                   what for
-======================  ========================  ================================================
-scan/trust-free-pool    2 x trust_free_per_class  trust-free only: the loss cue picks the reference
-scan/{source}           reference                 the class sums (benign reference)
-scan/{source}-calibrate reference                 leave-one-out spread per class and layer
-scan/train              every kept sample         cosines at every layer; out-of-spread centroids
-scan/reference-layers   reference of candidates   confirm / follow-up calibration
-scan/screen             <= screen_per_class       candidates: is there a separate cluster?
-scan/confirm            classes that separate     the probe's (or discriminant's) z of every sample
-scan/quarantined        quarantined + screen      follow-up: a probe of what was quarantined
-scan/quarantined-centroid quarantined             follow-up fall-back: their centroid
-scan/follow-up(-centroid) classes followed up     look-alikes of what was quarantined
-======================  ========================  ================================================
+=========================  ========================  =================================================
+pass                       samples                   what for
+=========================  ========================  =================================================
+scan/trust-free-pool       2 x trust_free_per_class  trust-free only: the loss cue picks the reference
+scan/{source}              reference                 the class sums (benign reference)
+scan/{source}-calibrate    reference                 leave-one-out spread per class and layer
+scan/train                 every kept sample         cosines at every layer; out-of-spread centroids
+scan/reference-layers      reference of candidates   confirm / follow-up calibration
+scan/screen                <= screen_per_class       candidates: is there a separate cluster?
+scan/confirm               classes that separate     the probe's (or discriminant's) z of every sample
+scan/quarantined           quarantined + screen      follow-up: a probe of what was quarantined
+scan/quarantined-centroid  quarantined               follow-up fall-back: their centroid
+scan/follow-up(-centroid)  classes followed up       look-alikes of what was quarantined
+=========================  ========================  =================================================
 
 The scan changes nothing outside its state; :class:`~guard.GuardedDataset` applies its result.
 """

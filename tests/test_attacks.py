@@ -63,3 +63,48 @@ def test_clean_label_sig_keeps_labels_and_poisons_only_the_target_class(data):
     assert np.abs(diff).max() <= 20 and (diff != 0).any()
     with pytest.raises(ValueError, match="only 20 are in target class 3"):
         make_attack("sig", target=3, rate=0.2).poison(x, y)
+
+
+def test_the_trigger_zoo_is_reproducible_varied_and_within_its_ranges(data):
+    from guard.attacks import ZOO_FAMILIES, Blended, Frequency, Patch, WaNet, trigger_zoo
+
+    x, y = data
+    zoo = trigger_zoo(seed=3, n=40)
+    assert [repr(a) for a in zoo] == [repr(a) for a in trigger_zoo(seed=3, n=40)]
+    assert [repr(a) for a in zoo] != [repr(a) for a in trigger_zoo(seed=4, n=40)]
+    assert {a.name for a in zoo} == {"patch", "blended", "wanet", "frequency"} and len(ZOO_FAMILIES) == 4
+    for a in zoo:
+        assert 0.03 <= a.rate <= 0.10 and 0 <= a.target < 10
+        if isinstance(a, Patch):
+            assert 2 <= a.size <= 8 and all(0 <= f <= 1 for f in a.at)
+        elif isinstance(a, Blended):
+            assert 0.05 <= a.alpha <= 0.25 and a.kind in ("noise", "smooth")
+        elif isinstance(a, WaNet):
+            assert 3 <= a.k <= 6 and 0.5 <= a.strength <= 1.0
+        else:
+            assert isinstance(a, Frequency) and 8 <= a.delta <= 24 and 1 <= a.waves <= 3
+        res = a.poison(x, y)
+        assert len(res.poisoned) == round(a.rate * len(y)) and (res.labels[res.poisoned] == a.target).all()
+        changed = (res.images[res.poisoned] != x[res.poisoned]).any(axis=(1, 2, 3))
+        assert changed.mean() >= 0.9, a           # a trigger that leaves images as they were is no trigger
+
+
+def test_zoo_trigger_shapes(data):
+    from guard.attacks import Frequency, Patch
+
+    x, _ = data
+    centre = Patch(size=4, at=(0.5, 0.5), style="binary", pattern_seed=1).trigger(x[:2])
+    assert np.array_equal(centre[:, :14], x[:2, :14]) and np.array_equal(centre[:, 18:], x[:2, 18:])
+    assert set(np.unique(centre[:, 14:18, 14:18])) <= {0, 255}
+    corner = Patch(size=2, at=(0.0, 1.0), style="colour").trigger(x[:2])
+    assert np.array_equal(corner[:, 2:], x[:2, 2:]) and np.array_equal(corner[:, :, :30], x[:2, :, :30])
+    wave = Frequency(delta=10, waves=2).trigger(np.full((1, 32, 32, 3), 128, np.uint8)).astype(int) - 128
+    assert np.abs(wave).max() == 10 and abs(wave.mean()) < 2           # a zero-mean pattern at amplitude delta
+    with pytest.raises(ValueError, match="style"):
+        Patch(style="stripes")
+    from guard.attacks import make_attack, trigger_zoo
+
+    assert repr(make_attack("zoo:0:7")) == repr(trigger_zoo(0, 8)[7])
+    assert make_attack("zoo:0:7", target=2, rate=0.05).target == 2
+    with pytest.raises(ValueError, match="zoo:SEED:INDEX"):
+        make_attack("zoo:x")
