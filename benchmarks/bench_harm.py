@@ -65,13 +65,13 @@ def name(variant: str, attack: str | None, rate: float, seed: int) -> str:
     return f"{variant}-{attack or 'none'}-{rate:g}-s{seed}"
 
 
-def train(cell: tuple, cache: Path) -> dict:
-    """One unguarded run; keeps the model at the scheduled scan epochs and measures the last one."""
+def train(cell: tuple, cache: Path, make=spec, keep: tuple[int, ...] = SCAN_EPOCHS) -> dict:
+    """One unguarded run of ``make(*cell)``; keeps the model at the epochs ``keep`` and measures the last one."""
     folder = cache / name(*cell)
     if (folder / "done.json").is_file():
         return json.loads((folder / "done.json").read_text())
     folder.mkdir(parents=True, exist_ok=True)
-    sp = spec(*cell)
+    sp = make(*cell)
     torch.manual_seed(sp.seed)
     data = prepare(sp)
     model = data.make_model()
@@ -81,7 +81,7 @@ def train(cell: tuple, cache: Path) -> dict:
                         generator=torch.Generator().manual_seed(sp.seed))
     t = time.perf_counter()
     for epoch in range(sp.epochs):
-        if epoch in SCAN_EPOCHS:
+        if epoch in keep:
             torch.save(model.state_dict(), folder / f"epoch{epoch}.pt")
         _epoch(model, opt, loader, f"{folder.name} epoch {epoch + 1}")
         sched.step()
@@ -91,14 +91,16 @@ def train(cell: tuple, cache: Path) -> dict:
     return out
 
 
-def scan_rows(cell: tuple, cache: Path, configs: dict[str, dict]) -> list[dict]:
-    """Every class decision of every kept model of one cell, for every trusted size and config."""
+def scan_rows(cell: tuple, cache: Path, configs: dict[str, dict], make=spec, trusted_sizes=TRUSTED,
+              epochs: tuple[int, ...] = SCANNED) -> list[dict]:
+    """Every class decision of every kept model of one cell, for every trusted size (and trust-free)
+    and config."""
     folder = cache / name(*cell)
     done = json.loads((folder / "done.json").read_text())
     rows = []
-    for trusted in (*TRUSTED, None):
-        data = prepare(spec(*cell, trusted=trusted or 10))
-        for epoch in SCANNED:
+    for trusted in (*trusted_sizes, None):
+        data = prepare(make(*cell, trusted=trusted or 10))
+        for epoch in epochs:
             model = data.make_model()
             model.load_state_dict(torch.load(folder / f"epoch{epoch}.pt", weights_only=True))
             for label, extra in configs.items():

@@ -1,0 +1,134 @@
+"""The guard on triggers nobody tuned it on: the trigger zoo (``guard.attacks.trigger_zoo``), CIFAR-10
+trained as users train (random crop + flip in the Dataset's transform).
+
+Each zoo trigger (its own family, shape, target and rate of 3-10 %) poisons the same CIFAR-10 subset;
+an unguarded run (width-16 ResNet-18, SGD 0.05 cosine) keeps its model at scan epochs, and
+``guard.detect`` reads each kept model with a trusted set and trust-free, so every row shows when the
+guard would first catch the trigger and how much of it, against the attack success the undefended
+run reaches. A scan that acts on nothing leaves training unchanged, so until its first catch this is
+what a guarded run does; what the guarded run does *after* catching (follow-ups, unlearning, the final
+attack success) needs whole guarded runs, which this CPU-sized benchmark does not make.
+
+Size (CPU): ``N_TRAIN`` images, ``EPOCHS`` epochs, models kept at ``KEEP``; zoo seed ``ZOO_SEED``,
+``--n`` triggers (20), and ``--clean`` no-attack seeds. The thresholds were not tuned on these seeds;
+a tuning on them must be reported on another ``--zoo-seed``.
+
+    taskset -c 0 python benchmarks/bench_zoo.py --train --part 0/2 &
+    taskset -c 1 python benchmarks/bench_zoo.py --train --part 1/2
+    taskset -c 0 python benchmarks/bench_zoo.py --scan --part 0/2 --out a.json &
+    taskset -c 1 python benchmarks/bench_zoo.py --scan --part 1/2 --out b.json
+    python benchmarks/bench_zoo.py --merge a.json b.json        # -> results/zoo_cifar10.json, BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.bench_guard import render_benchmarks  # noqa: E402
+from benchmarks.bench_harm import name, scan_rows, train  # noqa: E402
+from guard.attacks import make_attack  # noqa: E402
+from guard.experiment import RunSpec  # noqa: E402
+
+ZOO_SEED, N_TRAIN, EPOCHS, LR, TRUSTED = 0, 4000, 20, 0.05, 50
+KEEP = (3, 7, 11, 15, 19)          # every other scan of GuardConfig()'s default schedule
+
+
+def spec(variant: str, attack: str | None, rate: float, seed: int, trusted: int = TRUSTED) -> RunSpec:
+    target = make_attack(attack).target if attack else 0
+    return RunSpec(data="cifar10", attack=attack, rate=rate, target=target, seed=seed, trusted_per_class=trusted,
+                   augment=True, epochs=EPOCHS, lr=LR, n_train=N_TRAIN)
+
+
+def cells(zoo_seed: int, n: int, clean: int) -> list[tuple]:
+    zoo = [("zoo", f"zoo:{zoo_seed}:{i}", make_attack(f"zoo:{zoo_seed}:{i}").rate, 0) for i in range(n)]
+    return zoo + [("zoo", None, 0.0, s) for s in range(clean)]
+
+
+def row_of(cell: tuple, rows: list[dict]) -> dict:
+    """One trigger: its description, undefended attack success, and per reference the TPR / FPR by scan."""
+    mine = [r for r in rows if r["cell"] == name(*cell)]
+    atk = make_attack(cell[1]) if cell[1] else None
+    out = {"trigger": cell[1] or f"none (seed {cell[3]})", "attack": repr(atk) if atk else "none",
+           "family": atk.name if atk else "none", "target": atk.target if atk else None, "rate": cell[2],
+           "asr_unguarded": mine[0]["asr_unguarded_final"], "acc_unguarded": mine[0]["acc_unguarded_final"]}
+    for label, t in (("trusted", TRUSTED), ("trust_free", 0)):
+        sel = sorted((r for r in mine if r["trusted"] == t), key=lambda r: r["epoch"])
+        out[label] = {"epochs": [r["epoch"] for r in sel], "tpr": [r["tpr"] for r in sel],
+                      "fpr": [r["fpr"] for r in sel], "dropped": [r["flagged"] for r in sel],
+                      "first_catch": next((r["epoch"] for r in sel if r["tpr"] >= 0.5), None)}
+    return out
+
+
+def markdown(table: list[dict]) -> str:
+    pct = lambda v: "-" if v != v else f"{v:.0%}"  # noqa: E731 - nan prints as '-'
+    lines = [f"`python benchmarks/bench_zoo.py`: zoo seed {ZOO_SEED}, CIFAR-10 subset of {N_TRAIN:,} with random crop "
+             f"+ flip in the Dataset, width-16 ResNet-18, SGD {LR} cosine, {EPOCHS} epochs, unguarded; `guard.detect` "
+             f"on the models of epochs {', '.join(map(str, KEEP))} (the scans GuardConfig() runs, every other one) with "
+             f"{TRUSTED} trusted a class and trust-free. TPR by scan; first = first epoch at TPR >= 50 %. "
+             "Learned = undefended attack success (all non-target images) >= 30 %.", "",
+             "| trigger | family | target / rate | undefended ASR | TPR by scan, trusted | first | worst FPR | "
+             "TPR by scan, trust-free | first | worst FPR |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        t, f = r["trusted"], r["trust_free"]
+        lines.append(f"| {r['trigger']} | {r['family']} | {r['target']} / {r['rate']:.1%} | "
+                     f"{pct(r['asr_unguarded'])} | {'/'.join(pct(x) for x in t['tpr'])} | {t['first_catch'] or '-'} | "
+                     f"{max(t['fpr']):.1%} | {'/'.join(pct(x) for x in f['tpr'])} | {f['first_catch'] or '-'} | "
+                     f"{max(f['fpr']):.1%} |")
+    learned = [r for r in table if r["family"] != "none" and r["asr_unguarded"] >= 0.3]
+    caught = [r for r in learned if max(r["trusted"]["tpr"]) >= 0.95]
+    caught_tf = [r for r in learned if max(r["trust_free"]["tpr"]) >= 0.95]
+    lines += ["", f"Learned triggers: {len(learned)} of {sum(r['family'] != 'none' for r in table)}; caught at "
+              f"TPR >= 95 % at some scan: {len(caught)} of {len(learned)} with a trusted set, {len(caught_tf)} of "
+              f"{len(learned)} trust-free."]
+    if not any(r["family"] == "none" for r in table):
+        lines.append("No-attack seeds were not run in this pass (`--clean 0`); clean false alarms on crop + flip "
+                     "training are measured by `harm_cifar10`.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", action="store_true")
+    ap.add_argument("--scan", action="store_true")
+    ap.add_argument("--part", default="0/1", help="K/N: this process takes every N-th cell from K")
+    ap.add_argument("--zoo-seed", type=int, default=ZOO_SEED)
+    ap.add_argument("--n", type=int, default=20, help="zoo triggers")
+    ap.add_argument("--clean", type=int, default=2, help="no-attack seeds")
+    ap.add_argument("--cache", default=str(HERE.parent / "runs" / "zoo"))
+    ap.add_argument("--out", default=str(HERE / "results" / "zoo_cifar10.json"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    todo = cells(a.zoo_seed, a.n, a.clean)
+    if a.merge:
+        rows = [r for p in a.merge for r in json.loads(Path(p).read_text())["rows"]]
+        done = {r["cell"] for r in rows}
+        table = [row_of(c, rows) for c in todo if name(*c) in done]
+        Path(a.out).write_text(json.dumps({"table": table, "rows": rows, "markdown": markdown(table)}, indent=1))
+        print(markdown(table))
+        render_benchmarks()
+        return
+    k, n = (int(x) for x in a.part.split("/"))
+    mine, cache = todo[k::n], Path(a.cache)
+    if a.train:
+        for c in mine:
+            print(json.dumps(train(c, cache, make=spec, keep=KEEP)), flush=True)
+    if a.scan:                      # cells whose training has not finished are left out (and said so)
+        ready = [c for c in mine if (cache / name(*c) / "done.json").is_file()]
+        if len(ready) < len(mine):
+            print(f"not trained yet, left out: {[name(*c) for c in mine if c not in ready]}", flush=True)
+        rows = [r for c in ready for r in scan_rows(c, cache, {"defaults": {}}, make=spec, trusted_sizes=(TRUSTED,),
+                                                    epochs=KEEP)]
+        Path(a.out).write_text(json.dumps({"rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
