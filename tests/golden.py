@@ -43,20 +43,24 @@ def _model():
     return SmallCNN(in_channels=3, width=16)
 
 
+def fit(dataset, epochs: int) -> torch.nn.Module:
+    """The small CNN, trained from seed 0 with SGD (lr 0.05, momentum 0.9, batch 64) for ``epochs``."""
+    torch.manual_seed(0)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        for x, y in DataLoader(dataset, batch_size=64, shuffle=True, generator=g):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model
+
+
 def train(archive: str) -> None:
     FOLDER.mkdir(exist_ok=True)
     for case in CASES:
-        data = _data(case, archive)
-        torch.manual_seed(0)
-        model = _model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(4):
-            for x, y in DataLoader(data.train, batch_size=64, shuffle=True, generator=g):
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(x), y).backward()
-                opt.step()
-        torch.save(model.state_dict(), FOLDER / f"{case}.pt")
+        torch.save(fit(_data(case, archive).train, epochs=4).state_dict(), FOLDER / f"{case}.pt")
 
 
 def outputs(case: str, mode: str, archive: str) -> dict[str, Any]:

@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 import guard
 from guard.experiment import RunSpec, detection, prepare
-from guard.models import SmallCNN
 from tests.conftest import Blobs, mlp, train
+from tests.golden import fit
 
 
 def test_detect_reports_per_sample_and_never_changes_the_model():
@@ -39,15 +38,7 @@ def test_detect_on_a_model_trained_on_poisoned_cifar10(cifar_archive):
     # 100 %, clean accuracy 36 %); measured: TPR 100 %, FPR 1.1 % (29 of 2,700 clean samples, class 0)
     data = prepare(RunSpec(data="cifar10", attack="badnets", rate=0.1, n_train=3000, trusted_per_class=30,
                            archive=cifar_archive))
-    torch.manual_seed(0)
-    model = SmallCNN(in_channels=3, width=16)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        for x, y in DataLoader(data.train, batch_size=64, shuffle=True, generator=g):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
+    model = fit(data.train, epochs=3)
     report = guard.detect(model, data.train, trusted=data.trusted)
     df = report.to_pandas()
     d = detection(df.index[df.is_quarantined].to_numpy(), data.poisoned, len(data.labels))
