@@ -73,12 +73,15 @@ def calibrate(stream: Stream, layers: list[str], source: tuple[Dataset, np.ndarr
     dataset, indices, name = source
     ref: Reference | None = None
     labels: list[np.ndarray] = []
-    hits: list[np.ndarray] | None = []
+    hits: list[np.ndarray] = []
+    known = True                           # every batch had class logits (else the fit is unknown)
     for b in stream(dataset, layers, indices, f"scan/{name}"):
         ref = ref or Reference([f.shape[1] for f in b.feats], num_classes)
         ref.update(b.feats, b.labels)
         labels.append(b.labels.numpy())
-        hits = None if hits is None or not _is_logits(b.logits, num_classes) else [*hits, predicted(b)]
+        known = known and is_logits(b.logits, num_classes)
+        if known:
+            hits.append(predicted(b))
     if ref is None:
         raise GuardError(f"the {name} reference is empty; pass a trusted set with samples of every class")
     lab = np.concatenate(labels)
@@ -99,11 +102,12 @@ def calibrate(stream: Stream, layers: list[str], source: tuple[Dataset, np.ndarr
     for c in np.flatnonzero(counts):
         mean[c] = loo_a[lab == c].mean(0)
         std[c] = np.maximum(loo_a[lab == c].std(0), t.std_floor) * small_sample(int(counts[c]), t.out_z)
-    fit = None if hits is None else class_fit(np.concatenate(hits), lab, num_classes)
+    fit = class_fit(np.concatenate(hits), lab, num_classes) if known else None
     return Calibration(ref, dataset, indices, lab, loo_a, ins_a, mean, std, name, fit)
 
 
-def _is_logits(logits: torch.Tensor | None, num_classes: int) -> bool:
+def is_logits(logits: torch.Tensor | None, num_classes: int) -> bool:
+    """Whether a batch's model output is (batch, num_classes) class scores."""
     return logits is not None and logits.dim() == 2 and logits.shape[1] == num_classes
 
 
@@ -131,7 +135,7 @@ def trust_free_indices(stream: Stream, train: Dataset, kept: np.ndarray, head: s
     pool = np.sort(rng.choice(kept, n, replace=False))
     losses, labels = [], []
     for b in stream(train, [head], pool, "scan/trust-free-pool"):
-        if b.logits is None or b.logits.dim() != 2 or b.logits.shape[1] != num_classes:
+        if not is_logits(b.logits, num_classes):
             raise GuardError("trust-free mode needs the model to output (batch, num_classes) logits; "
                              "pass a trusted set instead")
         losses.append(torch.nn.functional.cross_entropy(b.logits, b.labels, reduction="none").numpy())

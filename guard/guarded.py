@@ -143,8 +143,7 @@ class GuardedDataset(Dataset):
         for i in idx:
             del self._records[i]
         self._pinned.update(idx)
-        self._kept = None
-        self.report.quarantine = [self._records[i] for i in sorted(self._records)]
+        self._quarantine_changed()
         self.report.restores.append(RestoreRecord(time=now(), epoch=self.sampler.epoch, indices=idx))
         logger.info("restored {} samples; {} remain quarantined", len(idx), len(self._records))
 
@@ -160,6 +159,10 @@ class GuardedDataset(Dataset):
             self._records[i] = QuarantineRecord(index=i, label=int(c), scan=0, epoch=self.sampler.epoch, layer="",
                                                 score=0.0, threshold=0.0, reason=reason)
         self._pinned.difference_update(idx)
+        self._quarantine_changed()
+
+    def _quarantine_changed(self) -> None:
+        """After ``_records`` changed: the kept indices are recomputed, the report lists the records."""
         self._kept = None
         self.report.quarantine = [self._records[i] for i in sorted(self._records)]
 
@@ -213,8 +216,7 @@ class GuardedDataset(Dataset):
                 score=float(res.suspicion[j]), threshold=float(res.threshold[j]),
                 reason=f"{verdict.verdict} in class {cls} ({rule} rule)")
         self._records = records
-        self._kept = None
-        self.report.quarantine = [records[i] for i in sorted(records)]
+        self._quarantine_changed()
         scan = ScanReport(
             scan=scan_no, epoch=epoch, time=now(), seconds=seconds, seconds_by_step=res.seconds,
             calibration=res.calibration_source, rule=rule, n_scanned=len(res.scanned),

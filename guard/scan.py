@@ -35,7 +35,7 @@ import torch
 from loguru import logger
 from torch.utils.data import Dataset
 
-from guard.calibrate import Calibration, _is_logits, calibrate, class_fit, predicted, trust_free_indices
+from guard.calibrate import Calibration, calibrate, class_fit, is_logits, predicted, trust_free_indices
 from guard.cluster import Centroids, RefFeats
 from guard.config import GuardConfig
 from guard.decide import ClassStats, Verdict, binomial_p, decide, take
@@ -184,7 +184,7 @@ class Scanner:
                                  f"the {cal.source} reference; add trusted samples of class {c}")
             s = cal.reference.score(b.feats, b.labels).numpy()
             raw[done:done + n], labels[done:done + n] = s, lab
-            known = known and _is_logits(b.logits, self.C)
+            known = known and is_logits(b.logits, self.C)
             if known:
                 hit[done:done + n] = predicted(b)
             z = cal.z(s, lab)
