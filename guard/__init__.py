@@ -20,6 +20,8 @@ Module map (one line each: what it owns)::
     scan         Scanner: one scan as named stages over one ScanState; every model pass counted in Passes
     calibrate    stage 1: the benign reference and its spread per class and layer (trusted or trust-free)
     reference    streaming class sums of unit features; cosine and leave-one-out scores
+    score        stage 2 per batch on the model's device: cosines, out-of-spread sums, predictions
+    keep         KeptFeatures: the scoring pass's features kept (within keep_mb) for the later stages
     locate       the critical-layer rules (the paper's window, the guard's largest excess)
     decide       the per-class decision: decide(stats, thresholds) -> (Verdict, reason); the per-class cap
     cluster      the suspect-vs-benign centroid discriminant of the confirm and follow-up stages

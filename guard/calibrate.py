@@ -1,8 +1,10 @@
 """Scan stage 1: the benign reference and its spread, per class and layer.
 
 The reference samples are the trusted set, or trust-free a training subset cleaned by the loss
-cue. Their class sums make the reference (C x D per layer, never n x D); their leave-one-out
-cosines give each class's benign spread, widened for small classes (:func:`small_sample`).
+cue. Their class sums make the reference (C x D per layer); their leave-one-out cosines give each
+class's benign spread, widened for small classes (:func:`small_sample`). One model pass reads the
+reference when its features fit in ``keep_bytes`` (they are then kept for the later stages); a
+second pass scores it otherwise, so memory never grows with the reference beyond that budget.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class Calibration:
     std: np.ndarray             # (C, L)
     source: str
     fit: np.ndarray | None = None   # (C,) share of each class's reference samples the model predicts as it
+    feats: list[torch.Tensor] | None = None   # (n, D_l) per layer: the reference's features, when kept
+    predicted: np.ndarray | None = None       # (n,) the class the model predicts for each (None: no class scores)
 
     def z(self, raw: np.ndarray, labels: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
         """float32 z-scores, filled in chunks of rows: at N = 1,000,000 a float64 result and its
@@ -67,13 +71,16 @@ class Calibration:
 
 
 def calibrate(stream: Stream, layers: list[str], source: tuple[Dataset, np.ndarray | None, str], num_classes: int,
-              t: Thresholds) -> Calibration:
-    """Two streaming passes over the reference samples ``source`` = (dataset, indices or None, name):
-    class sums, then their leave-one-out and in-sample scores."""
+              t: Thresholds, keep_bytes: float = 0) -> Calibration:
+    """A streaming pass over the reference samples ``source`` = (dataset, indices or None, name) for
+    the class sums, then their leave-one-out and in-sample scores: from the features kept during
+    that pass if they fit in ``keep_bytes``, else from a second pass."""
     dataset, indices, name = source
     ref: Reference | None = None
     labels: list[np.ndarray] = []
     hits: list[np.ndarray] = []
+    kept: list[list[torch.Tensor]] | None = []
+    size = 0
     known = True                           # every batch had class logits (else the fit is unknown)
     for b in stream(dataset, layers, indices, f"scan/{name}"):
         ref = ref or Reference([f.shape[1] for f in b.feats], num_classes)
@@ -81,7 +88,9 @@ def calibrate(stream: Stream, layers: list[str], source: tuple[Dataset, np.ndarr
         labels.append(b.labels.numpy())
         known = known and is_logits(b.logits, num_classes)
         if known:
-            hits.append(predicted(b))
+            hits.append(b.logits.argmax(1).numpy())
+        size += sum(f.numel() * f.element_size() for f in b.feats)
+        kept = None if kept is None or size > keep_bytes else [*kept, b.feats]
     if ref is None:
         raise GuardError(f"the {name} reference is empty; pass a trusted set with samples of every class")
     lab = np.concatenate(labels)
@@ -93,27 +102,26 @@ def calibrate(stream: Stream, layers: list[str], source: tuple[Dataset, np.ndarr
                          + ("pass a trusted set with samples of these classes" if name == "trust-free"
                             else "add verified samples of these classes"))
     loo, ins = [], []
-    for b in stream(dataset, layers, indices, f"scan/{name}-calibrate"):
-        loo.append(ref.loo_score(b.feats, b.labels).numpy())
-        ins.append(ref.score(b.feats, b.labels).numpy())
+    again = (zip(kept, (torch.from_numpy(x) for x in labels)) if kept is not None else
+             ((b.feats, b.labels) for b in stream(dataset, layers, indices, f"scan/{name}-calibrate")))
+    for feats, lab_b in again:
+        loo.append(ref.loo_score(feats, lab_b).numpy())
+        ins.append(ref.score(feats, lab_b).numpy())
     loo_a, ins_a = np.concatenate(loo), np.concatenate(ins)
     mean = np.full((num_classes, len(layers)), np.nan)
     std = np.full((num_classes, len(layers)), np.nan)
     for c in np.flatnonzero(counts):
         mean[c] = loo_a[lab == c].mean(0)
         std[c] = np.maximum(loo_a[lab == c].std(0), t.std_floor) * small_sample(int(counts[c]), t.out_z)
-    fit = class_fit(np.concatenate(hits), lab, num_classes) if known else None
-    return Calibration(ref, dataset, indices, lab, loo_a, ins_a, mean, std, name, fit)
+    pred = np.concatenate(hits) if known else None
+    fit = class_fit(pred == lab, lab, num_classes) if known else None
+    feats = None if kept is None else [torch.cat([k[li] for k in kept]) for li in range(len(layers))]
+    return Calibration(ref, dataset, indices, lab, loo_a, ins_a, mean, std, name, fit, feats, pred)
 
 
 def is_logits(logits: torch.Tensor | None, num_classes: int) -> bool:
     """Whether a batch's model output is (batch, num_classes) class scores."""
     return logits is not None and logits.dim() == 2 and logits.shape[1] == num_classes
-
-
-def predicted(b: Batch) -> np.ndarray:
-    """Per sample of a batch: whether the model predicts its label (needs the batch's logits)."""
-    return (b.logits.argmax(1) == b.labels).numpy()
 
 
 def class_fit(hit: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:

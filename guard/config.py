@@ -63,6 +63,8 @@ class GuardConfig(BaseModel):
     # execution
     batch_size: int = Field(256, ge=1, description="scan batch size")
     num_workers: int = Field(0, ge=0, description="DataLoader workers used by scans")
+    keep_mb: float = Field(
+        256, ge=0, description="host memory a scan may keep features in instead of running the model again")
     device: str | None = Field(None, description="scan device; None uses the model's device")
     amp: bool = Field(True, description="autocast the guard's passes (bf16; fp16 scans where bf16 is missing)")
     channels_last: bool = Field(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,8 +22,9 @@ from guard.progress import Progress
 class Batch:
     positions: np.ndarray          # dataset indices of this batch
     labels: torch.Tensor           # (B,) int64, CPU
-    feats: list[torch.Tensor]      # per layer (B, D_l) float32, CPU
-    logits: torch.Tensor | None    # (B, C) float32, CPU; None when the forward was cut short
+    feats: list[torch.Tensor]      # per layer (B, D_l) float32, CPU (on the model's device with host=False)
+    logits: torch.Tensor | None    # (B, C) float32, likewise; None when the forward was cut short
+    bf16: tuple[bool, ...] = ()    # per layer: the features are bfloat16 values (computed under bf16 autocast)
 
 
 class Extractor:
@@ -39,20 +41,37 @@ class Extractor:
         self._forward_model = unwrap_model(model, keep_data_parallel=True)
 
     def stream(self, dataset: Dataset, layers: Sequence[str], indices: np.ndarray | None = None,
-               desc: str = "scan", stop_early: bool = False) -> Iterator[Batch]:
+               desc: str = "scan", stop_early: bool = False,
+               seconds: MutableMapping[str, float] | None = None, host: bool = True) -> Iterator[Batch]:
         """Yield batches in dataset order (``indices`` order when given). Call inside ``scan_mode``.
 
-        ``stop_early`` ends each forward once all ``layers`` have run (no logits then)."""
+        ``stop_early`` ends each forward once all ``layers`` have run (no logits then). ``host=False``
+        leaves features and logits on the model's device (labels stay on the host): nothing in the
+        pass then waits for the device, until NaN/inf features are checked for once at its end. ``seconds``
+        accumulates where the time goes: ``load`` (waiting for the DataLoader), ``forward`` (the
+        model, hooks excluded), ``hooks`` (pooling the layer outputs), ``transfer`` (features and
+        logits to the host). Nothing synchronises for it: on an accelerator the device's work shows
+        where the host first waits for it (mostly ``transfer``), so there read forward + transfer."""
+        seconds = {} if seconds is None else seconds
+
+        def add(key: str, t0: float, less: float = 0.0) -> float:
+            t1 = time.perf_counter()
+            seconds[key] = seconds.get(key, 0.0) + t1 - t0 - less
+            return t1
+
         positions = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
         if len(positions) == 0:
             return
         view = dataset if indices is None else Subset(dataset, positions.tolist())
-        loader = DataLoader(view, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        loader = DataLoader(view, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                            pin_memory=self.device.type == "cuda")
         done = 0
         stop_early = stop_early and not isinstance(self.model, torch.nn.DataParallel)
         with FeatureTap(self.model, layers, self.grid, stop_early) as tap, \
                 Progress(len(positions), desc, self.progress) as progress:
-            for batch in loader:
+            batches, t = iter(loader), time.perf_counter()
+            for batch in batches:
+                t = add("load", t)
                 inputs, labels = self.adapter.split(batch)
                 pos = positions[done:done + len(labels)]
                 bad = (labels < 0) | (labels >= self.num_classes)
@@ -62,13 +81,22 @@ class Extractor:
                                      f"[0, {self.num_classes}); set GuardConfig(num_classes=...) to the number "
                                      "of classes or fix the labels")
                 inputs = self.adapter.move(inputs, self.device, self.channels_last)
-                logits: torch.Tensor | None = None
+                out: torch.Tensor | None = None
+                hooks0 = tap.seconds
                 try:
                     with autocast(self.device, self.amp):
-                        logits = self.adapter.forward(self._forward_model, inputs).detach().float().cpu()
+                        out = self.adapter.forward(self._forward_model, inputs).detach()
                 except StopForward:
                     pass
-                feats = [f.cpu() for f in tap.take(len(labels))]
-                yield Batch(pos, labels, feats, logits)
+                t = add("forward", t, less=tap.seconds - hooks0)
+                logits = None if out is None else out.float()
+                feats = tap.take(len(labels))
+                if host:
+                    logits, feats = None if logits is None else logits.cpu(), [f.cpu() for f in feats]
+                t = add("transfer", t)
+                yield Batch(pos, labels, feats, logits, tuple(tap.bf16[n] for n in layers))
                 done += len(labels)
                 progress.update(len(labels))
+                t = time.perf_counter()
+            seconds["hooks"] = seconds.get("hooks", 0.0) + tap.seconds
+            tap.check_finite()

@@ -51,7 +51,9 @@ class InputFilter:
         extractor = Extractor(model, Feed(self.adapter, self.device, cfg.channels_last, cfg.amp), self.num_classes,
                               cfg.model_copy(update={"progress": False}))
         with scan_mode(model):
-            cal = calibrate(extractor.stream, self.layers, (trusted, None, "trusted"), self.num_classes, th)
+            cal = calibrate(extractor.stream, self.layers, (trusted, None, "trusted"), self.num_classes, th,
+                            cfg.keep_mb * 2**20)
+        cal.feats = None                       # the filter keeps the reference's sums and spreads only
         self.calibration = cal
         self.windows = {}
         self._mu, self._sd = np.zeros(self.num_classes), np.ones(self.num_classes)

@@ -23,7 +23,7 @@ from guard.distributed import agree, broadcast_model, broadcast_object, world
 from guard.errors import GuardError
 from guard.extract import Extractor
 from guard.hooks import preserve_rng, unwrap_model
-from guard.remedy import (Unlearning, allowed_fit, chance_fit, fit_share, predictions, restart, split_check,
+from guard.remedy import (Unlearning, allowed_fit, chance_fit, predictions, restart, split_check,
                           unlearn)
 from guard.report import (SAMPLE_COLUMNS, GuardReport, QuarantineRecord, RestoreRecord, ScanReport, atomic_write, now,
                           quarantined_row)
@@ -222,7 +222,7 @@ class GuardedDataset(Dataset):
             calibration=res.calibration_source, rule=rule, n_scanned=len(res.scanned),
             new_quarantined=len(new), total_quarantined=len(records), paper_flagged=len(res.paper_flagged),
             memory_bytes=res.memory_bytes,
-            classes=res.classes, warnings=res.warnings, passes=res.passes,
+            classes=res.classes, warnings=res.warnings, passes=res.passes, seconds_by_part=res.seconds_by_part,
             reference_scores=[] if res.reference_suspicion is None
             else np.round(res.reference_suspicion, 3).tolist())
         if self._records and (new or self.config.remedy == "unlearn"):
@@ -259,7 +259,8 @@ class GuardedDataset(Dataset):
             recs = list(self._records.values())
             train, check = split_check(np.array([r.index for r in recs]), np.array([r.score for r in recs]), cfg.seed,
                                        cfg.thresholds)
-            fit = fit_share(model, self.dataset, check, self.feed)
+            pred, lab = self._predictions(model, self.dataset, check)
+            fit = float((pred == lab).mean()) if len(lab) else 0.0
             allowed = allowed_fit(self._chance(model, np.array([self._records[int(i)].label for i in check])),
                                   len(check), cfg.thresholds)
             scan.remedy_fit_before, scan.remedy_fit_allowed = fit, allowed
@@ -293,8 +294,21 @@ class GuardedDataset(Dataset):
         else:
             source, pool = self._source, self.kept_indices()
         idx = np.sort(rng.choice(pool, min(len(pool), self.config.thresholds.chance_samples), replace=False))
-        pred, lab = predictions(model, source, idx, self.feed)
+        pred, lab = self._predictions(model, source, idx)
         return chance_fit(pred, lab, targets)
+
+    def _predictions(self, model: nn.Module, source: Dataset, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The model's predicted class and the label of ``source``'s samples ``idx``: read from the scan
+        that just ran where it forwarded them from the same dataset (the model has not changed since),
+        else a pass."""
+        res = self.last_result
+        if res is not None and source is self.trusted and res.reference_predicted is not None:
+            return res.reference_predicted[idx].astype(np.int64), res.reference_labels[idx].astype(np.int64)
+        if res is not None and res.predicted is not None and source is self._source and len(res.scanned):
+            rows = np.minimum(np.searchsorted(res.scanned, idx), len(res.scanned) - 1)
+            if (res.scanned[rows] == idx).all():
+                return res.predicted[rows].astype(np.int64), res.labels[rows].astype(np.int64)
+        return predictions(model, source, idx, self.feed)
 
     # ---- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -161,6 +162,9 @@ class FeatureTap:
         self.grid = grid
         self.stop_early = stop_early
         self.features: dict[str, torch.Tensor] = {}
+        self.bf16: dict[str, bool] = {}        # per view: its float32 features hold bfloat16 values exactly
+        self.seconds = 0.0                     # spent inside the hooks (pooling)
+        self._sums: dict[str, torch.Tensor] = {}   # per view: sum of its features so far (finite check)
         self._handles: list = []
 
     def __enter__(self) -> "FeatureTap":
@@ -178,21 +182,30 @@ class FeatureTap:
 
     def _hook(self, name: str, views: list[str]):
         def hook(_m, _inp, out):
-            t = first_tensor(out)
-            if t is None:
-                raise GuardError(f"layer {name!r} returned {type(out).__name__} with no tensor in it; "
-                                 "pick another layer in GuardConfig.layers")
-            for view in views:
-                if view == name:
-                    self.features[view] = pool(t, self.grid)
-                elif t.dim() == 3:
-                    self.features[view] = peak(t)
-                else:
-                    raise GuardError(f"layer {view!r}: a {PEAK} view needs a token sequence (batch, tokens, "
-                                     f"dim) but {name!r} outputs shape {tuple(t.shape)}; drop the suffix")
+            t0 = time.perf_counter()
+            try:
+                self._read(name, views, out)
+            finally:
+                self.seconds += time.perf_counter() - t0
             if self.stop_early and len(self.features) == len(self.layers):
                 raise StopForward
         return hook
+
+    def _read(self, name: str, views: list[str], out: object) -> None:
+        t = first_tensor(out)
+        if t is None:
+            raise GuardError(f"layer {name!r} returned {type(out).__name__} with no tensor in it; "
+                             "pick another layer in GuardConfig.layers")
+        for view in views:
+            if view == name:
+                self.features[view] = pool(t, self.grid)
+                self.bf16[view] = t.dtype == torch.bfloat16 and t.dim() != 3   # pool() keeps 2-D / 4-D in bf16
+            elif t.dim() == 3:
+                self.features[view] = peak(t)
+                self.bf16[view] = False
+            else:
+                raise GuardError(f"layer {view!r}: a {PEAK} view needs a token sequence (batch, tokens, "
+                                 f"dim) but {name!r} outputs shape {tuple(t.shape)}; drop the suffix")
 
     def close(self) -> None:
         for h in self._handles:
@@ -203,7 +216,9 @@ class FeatureTap:
         self.close()
 
     def take(self, batch_size: int) -> list[torch.Tensor]:
-        """Features of the last forward, in layer order; checks they are complete and finite."""
+        """Features of the last forward, in layer order; checks they are complete. Whether they are
+        finite is checked once per pass (:meth:`check_finite`): a per-batch check would make the host
+        wait for the device at every batch."""
         out = []
         for name in self.layers:
             f = self.features.get(name)
@@ -213,9 +228,15 @@ class FeatureTap:
             if f.shape[0] != batch_size:
                 raise GuardError(f"layer {name!r} output has leading size {f.shape[0]} but the batch has "
                                  f"{batch_size} samples; choose a layer whose output is (batch, ...)")
-            if not torch.isfinite(f).all():
-                raise GuardError(f"layer {name!r} produced NaN/inf features; check the inputs for NaN/inf "
-                                 "and whether training diverged (lower the learning rate)")
+            total = f.sum(dtype=torch.float64)             # NaN / inf anywhere makes the sum so
+            self._sums[name] = total if name not in self._sums else self._sums[name] + total
             out.append(f)
         self.features.clear()
         return out
+
+    def check_finite(self) -> None:
+        """Raise if any feature taken so far was NaN or infinite (one host-device sync)."""
+        if self._sums and not bool(torch.isfinite(torch.stack(list(self._sums.values()))).all()):
+            name = next(n for n, v in self._sums.items() if not torch.isfinite(v))
+            raise GuardError(f"layer {name!r} produced NaN/inf features; check the inputs for NaN/inf "
+                             "and whether training diverged (lower the learning rate)")

@@ -76,6 +76,8 @@ class ScanReport(BaseModel):
     paper_flagged: int
     memory_bytes: int = Field(0, description="guard's own arrays during the scan (scores, references, trusted features)")
     passes: dict[str, int] = Field(default={}, description="samples each model pass of the scan forwarded")
+    seconds_by_part: dict[str, float] = Field(
+        default={}, description="the scan's time: data loading, model forward, hooks, transfer, analysis")
     classes: list[ClassReport]
     warnings: list[str] = []
     remedy: str | None = None

@@ -35,31 +35,40 @@ import torch
 from loguru import logger
 from torch.utils.data import Dataset
 
-from guard.calibrate import Calibration, calibrate, class_fit, is_logits, predicted, trust_free_indices
+from guard.calibrate import Calibration, calibrate, class_fit, is_logits, trust_free_indices
 from guard.cluster import Centroids, RefFeats
 from guard.config import GuardConfig
 from guard.decide import ClassStats, Verdict, binomial_p, decide, take
-from guard.distributed import gather_rows, shard, sum_tensors
+from guard.distributed import gather_rows, shard, sum_tensors, world
 from guard.errors import GuardError
 from guard.extract import Batch, Extractor
 from guard.hooks import scan_mode
+from guard.keep import KeptFeatures
 from guard.locate import excess_share, guard_layers, paper_window
 from guard.probe import Probe, self_train
 from guard.reference import Reference, unit
 from guard.report import ClassReport
+from guard.score import DeviceScores
 
 
 class Passes:
-    """The scan's only route to the model: streams features and counts what each pass forwards."""
+    """The scan's only route to the model: streams features, counts what each pass forwards and
+    adds up where its time goes (:meth:`~guard.extract.Extractor.stream`'s parts)."""
 
     def __init__(self, extractor: Extractor) -> None:
-        self.extractor, self.samples = extractor, {}
+        self.extractor, self.samples, self.seconds = extractor, {}, {}
 
     def stream(self, dataset: Dataset, names: Sequence[str], indices: np.ndarray | None, desc: str,
-               stop_early: bool = False) -> Iterator[Batch]:
-        for b in self.extractor.stream(dataset, names, indices, desc, stop_early=stop_early):
+               stop_early: bool = False, host: bool = True) -> Iterator[Batch]:
+        for b in self.extractor.stream(dataset, names, indices, desc, stop_early, self.seconds, host):
             self.samples[desc] = self.samples.get(desc, 0) + len(b.labels)
             yield b
+
+    def split(self, total: float) -> dict[str, float]:
+        """The scan's ``total`` seconds split into the model passes' parts and ``analysis`` (the rest:
+        scoring, deciding, fitting probes on the host)."""
+        parts = {k: round(self.seconds.get(k, 0.0), 4) for k in ("load", "forward", "hooks", "transfer")}
+        return {**parts, "analysis": round(max(total - sum(parts.values()), 0.0), 4)}
 
 
 @dataclass
@@ -84,6 +93,8 @@ class ScanState:
     paper_flagged: list[np.ndarray] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    predicted: np.ndarray | None = None   # (N,) the class the model predicts (None: no class scores)
+    store: KeptFeatures | None = None   # the scoring pass's features, when they fit (guard.keep)
 
     def rows_of(self, classes) -> np.ndarray:
         return np.flatnonzero(np.isin(self.labels, list(classes)))
@@ -108,6 +119,10 @@ class ScanResult:
     memory_bytes: int = 0
     reference_suspicion: np.ndarray | None = None   # the benign reference samples' suspicion, same scale
     passes: dict[str, int] = field(default_factory=dict)   # samples forwarded per model pass
+    seconds_by_part: dict[str, float] = field(default_factory=dict)   # Passes.split
+    predicted: np.ndarray | None = None              # (len(scanned),) the model's predicted class at the scan
+    reference_predicted: np.ndarray | None = None    # the same for the trusted reference samples (None: trust-free)
+    reference_labels: np.ndarray | None = None
 
 
 @contextmanager
@@ -115,6 +130,13 @@ def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
     t = time.monotonic()
     yield
     seconds[name] = time.monotonic() - t
+
+
+def _units(batches: Iterator[Batch], n_layers: int) -> list[torch.Tensor]:
+    """Unit features (float64) of every batch, concatenated per layer."""
+    chunks = [[unit(f.double()) for f in b.feats] for b in batches]
+    return [torch.cat([ch[k] for ch in chunks]) if chunks else torch.zeros(0, dtype=torch.float64)
+            for k in range(n_layers)]
 
 
 def _flat(parts: list[np.ndarray]) -> np.ndarray:
@@ -135,7 +157,7 @@ class Scanner:
         """Scan the ``kept`` indices of ``train``. ``prior`` maps a class to its already quarantined
         indices: such a class is searched again for samples like them (:meth:`follow_up`)."""
         prior = prior or {}
-        passes, seconds = Passes(self.extractor), {}
+        passes, seconds, t0 = Passes(self.extractor), {}, time.monotonic()
         with scan_mode(self.model):
             with _timed(seconds, "calibrate"):
                 cal = self.calibrate(passes, trusted, train, kept)
@@ -152,7 +174,7 @@ class Scanner:
             if follow:
                 with _timed(seconds, "follow_up"):
                     self.follow_up(train, st, follow)
-        return self.result(st)
+        return self.result(st, passes.split(time.monotonic() - t0))
 
     # ---- stage 1: calibrate ---------------------------------------------------------------
     def calibrate(self, passes: Passes, trusted: Dataset | None, train: Dataset, kept: np.ndarray) -> Calibration:
@@ -163,43 +185,43 @@ class Scanner:
             pool = trust_free_indices(passes.stream, train, kept, self.layers[-1], self.C,
                                       (self.cfg.trust_free_per_class, self.cfg.seed))
             source = (train, pool, "trust-free")
-        return calibrate(passes.stream, self.layers, source, self.C, self.th)
+        return calibrate(passes.stream, self.layers, source, self.C, self.th, self.cfg.keep_mb * 2**20)
 
     # ---- stage 2: score ---------------------------------------------------------------------
     def score(self, passes: Passes, train: Dataset, kept: np.ndarray, cal: Calibration) -> ScanState:
         """Every kept sample's cosine to its class reference at every layer, and per class the sums
-        of the out-of-spread samples' features (the suspect centroids). Sharded across ranks."""
+        of the out-of-spread samples' features (the suspect centroids), computed on the model's
+        device (:class:`~guard.score.DeviceScores`). Sharded across ranks."""
         mine = kept[shard(len(kept))]
-        raw = np.empty((len(mine), len(self.layers)), dtype=np.float32)
         labels = np.empty(len(mine), dtype=np.int32)          # C < 2**31; 4 bytes a sample at N = 10**6
-        hit, known = np.zeros(len(mine), dtype=bool), True     # known: the model's logits are class scores
-        suspects = Reference([s.shape[1] for s in cal.reference.sums], self.C)
+        scores, known = DeviceScores(cal, len(mine), self.th.out_z, self.extractor.device), True
+        # ranks score shards, the later stages read whole classes: keep features on a single process only
+        store = KeptFeatures(len(mine), self.cfg.keep_mb * 2**20) if world()[1] == 1 else None
         done = 0
-        for b in passes.stream(train, self.layers, mine, "scan/train"):
+        for b in passes.stream(train, self.layers, mine, "scan/train", host=False):
             n, lab = len(b.labels), b.labels.numpy()
             missing = np.flatnonzero(np.isnan(cal.mean[lab, 0]))
             if len(missing):
                 c = int(lab[missing[0]])
                 raise GuardError(f"class {c} (dataset index {int(b.positions[missing[0]])}) has no samples in "
                                  f"the {cal.source} reference; add trusted samples of class {c}")
-            s = cal.reference.score(b.feats, b.labels).numpy()
-            raw[done:done + n], labels[done:done + n] = s, lab
-            known = known and is_logits(b.logits, self.C)
-            if known:
-                hit[done:done + n] = predicted(b)
-            z = cal.z(s, lab)
-            for li, f in enumerate(b.feats):
-                m = torch.from_numpy(z[:, li] < -self.th.out_z)
-                if m.any():
-                    suspects.sums[li].index_add_(0, b.labels[m], unit(f[m].double()))
+            if store is not None:
+                store.add(b.feats, b.bf16)
+            known = known and is_logits(b.logits, self.C)     # known: the model's logits are class scores
+            scores.add(done, b, known)
+            labels[done:done + n] = lab
             done += n
         if done != len(mine):
             raise GuardError(f"dataset yielded {done} samples for {len(mine)} indices; its length changed "
                              "during the scan: keep len(dataset) constant while training")
-        raw, labels, hit = gather_rows(raw, len(kept)), gather_rows(labels, len(kept)), gather_rows(hit, len(kept))
+        raw, pred, sums = scores.result()
+        suspects = Reference([x.shape[1] for x in sums], self.C)
+        suspects.sums = sums
+        raw, labels, pred = gather_rows(raw, len(kept)), gather_rows(labels, len(kept)), gather_rows(pred, len(kept))
         sum_tensors(suspects.sums)
-        fit = class_fit(hit, labels, self.C) if known else np.full(self.C, np.nan)
-        return ScanState(kept, cal, passes, labels, raw, suspects, fit)
+        fit = class_fit(pred == labels, labels, self.C) if known else np.full(self.C, np.nan)
+        return ScanState(kept, cal, passes, labels, raw, suspects, fit, predicted=pred if known else None,
+                         store=store if store is not None and store.complete else None)
 
     def check_classes(self, st: ScanState) -> None:
         """Errors for data the decision cannot judge; a warning for classes too small to act on."""
@@ -303,7 +325,7 @@ class Scanner:
                     st.ref_susp[ref.rows[ref.labels == c]] = t_z[ref.labels == c]
         rows = st.rows_of(separated)
         z_all, done = np.zeros(len(rows)), 0
-        for b in st.passes.stream(train, names, st.kept[rows], "scan/confirm", stop_early=True):
+        for b in self._read(st, train, rows, layer_ids, "scan/confirm"):
             bl = b.labels.numpy()
             z_all[done:done + len(bl)] = z(cent.discriminant(b.feats, bl), bl)
             if probes:
@@ -328,8 +350,7 @@ class Scanner:
         new = Centroids([torch.zeros_like(x) for x in cent.sus], [x.clone() for x in cent.ben], cent.use_of)
         probe_at = [layer_ids.index(i) for i in self._probe_layers()]
         z1, lab1, feats, done = [], [], [], 0
-        names = [self.layers[i] for i in layer_ids]
-        for b in st.passes.stream(train, names, st.kept[screen_rows], "scan/screen", stop_early=True):
+        for b in self._read(st, train, screen_rows, layer_ids, "scan/screen"):
             bl = b.labels.numpy()
             own = st.out_of_spread[screen_rows[done:done + len(bl)]][:, layer_ids]
             done += len(bl)
@@ -372,7 +393,7 @@ class Scanner:
         by themselves. Where no probe can be fitted, :meth:`_follow_centroid` takes over."""
         probe_ids = self._probe_layers()
         names = [self.layers[i] for i in probe_ids]
-        screens = self._follow_screens(train, st, follow, names)
+        screens = self._follow_screens(train, st, follow, probe_ids)
         ref = self._reference_feats(st, follow, names)
         probes = self._fit_probes(st, screens, ref, list(range(len(names))), names)
         if len(probes) < len(follow):
@@ -381,7 +402,7 @@ class Scanner:
             return
         rows = st.rows_of(probes)
         z_all, done = np.zeros(len(rows)), 0
-        for b in st.passes.stream(train, names, st.kept[rows], "scan/follow-up", stop_early=True):
+        for b in self._read(st, train, rows, probe_ids, "scan/follow-up"):
             bl = b.labels.numpy()
             self._apply_probes(probes, [unit(f.double()) for f in b.feats], bl, z_all[done:])
             done += len(bl)
@@ -390,25 +411,26 @@ class Scanner:
             self._flag(st, c, rows[sel], z_all[sel], Verdict.LIKE_QUARANTINED)
 
     def _follow_screens(self, train: Dataset, st: ScanState, follow: dict[int, np.ndarray],
-                        names: list[str]) -> dict[int, tuple[list[torch.Tensor], np.ndarray]]:
+                        layer_ids: list[int]) -> dict[int, tuple[list[torch.Tensor], np.ndarray]]:
         """Per class: unit features of (a sample of) its quarantined samples then of a screen of its kept
-        ones, and the probe's seed: certain suspects (above ``screen_z``) and benign (0)."""
+        ones, and the probe's seed: certain suspects (above ``screen_z``) and benign (0). The
+        quarantined samples are not in the scan: a model pass reads them."""
         n = self.th.screen_per_class
         rng = np.random.default_rng([self.cfg.seed, 2])
         q_take = {c: np.sort(rng.choice(q, min(len(q), n), replace=False)) for c, q in follow.items()}
         s_take = {c: np.sort(rng.choice(np.flatnonzero(st.labels == c), min(int((st.labels == c).sum()), n),
                                         replace=False)) for c in follow}
-        order = np.concatenate([np.concatenate([q_take[c], st.kept[s_take[c]]]) for c in follow])
-        chunks = [[unit(f.double()) for f in b.feats]
-                  for b in st.passes.stream(train, names, order, "scan/quarantined", stop_early=True)]
-        units = [torch.cat([ch[k] for ch in chunks]) for k in range(len(names))]
-        screens, start = {}, 0
+        names = [self.layers[i] for i in layer_ids]
+        q_units = _units(st.passes.stream(train, names, np.concatenate(list(q_take.values())), "scan/quarantined",
+                                          stop_early=True), len(names))
+        s_units = _units(self._read(st, train, np.concatenate(list(s_take.values())), layer_ids, "scan/follow-screen"),
+                         len(names))
+        screens, q0, s0 = {}, 0, 0
         for c in follow:
             nq, ns = len(q_take[c]), len(s_take[c])
-            part = slice(start, start + nq + ns)
-            start += nq + ns
-            seed = np.concatenate([np.full(nq, self.th.screen_z + 1.0), np.zeros(ns)])
-            screens[c] = ([u[part] for u in units], seed)
+            units = [torch.cat([q[q0:q0 + nq], k[s0:s0 + ns]]) for q, k in zip(q_units, s_units)]
+            q0, s0 = q0 + nq, s0 + ns
+            screens[c] = (units, np.concatenate([np.full(nq, self.th.screen_z + 1.0), np.zeros(ns)]))
         return screens
 
     def _follow_centroid(self, train: Dataset, st: ScanState, follow: dict[int, np.ndarray]) -> None:
@@ -435,7 +457,7 @@ class Scanner:
         t_d = cent.discriminant(ref.feats, ref.labels, loo=True)
         rows = st.rows_of(follow)
         d, done = np.zeros(len(rows)), 0
-        for b in st.passes.stream(train, names, st.kept[rows], "scan/follow-up-centroid", stop_early=True):
+        for b in self._read(st, train, rows, layer_ids, "scan/follow-up-centroid"):
             d[done:done + len(b.labels)] = cent.discriminant(b.feats, b.labels.numpy())
             done += len(b.labels)
         for c in follow:
@@ -446,6 +468,20 @@ class Scanner:
             self._flag(st, c, rows[sel], (d[sel] - tc.mean()) / sd, Verdict.LIKE_QUARANTINED)
 
     # ---- shared steps --------------------------------------------------------------------------
+    def _read(self, st: ScanState, train: Dataset, rows: np.ndarray, layer_ids: list[int], desc: str) -> Iterator[Batch]:
+        """Batches of the kept samples at ``rows`` (sorted) with their features at ``layer_ids``: read
+        from the scoring pass's kept features where it could keep them (counted as ``desc (kept)``),
+        else a model pass cut short after those layers."""
+        if st.store is None:
+            yield from st.passes.stream(train, [self.layers[i] for i in layer_ids], st.kept[rows], desc,
+                                        stop_early=True)
+            return
+        key = f"{desc} (kept)"
+        st.passes.samples[key] = st.passes.samples.get(key, 0) + len(rows)
+        for at in range(0, len(rows), self.cfg.batch_size):
+            r = rows[at:at + self.cfg.batch_size]
+            yield Batch(st.kept[r], torch.from_numpy(st.labels[r].astype(np.int64)), st.store.rows(r, layer_ids), None)
+
     def _probe_layers(self) -> list[int]:
         """Layers the linear probe may use: all but the first (input-like) and the last (logits,
         too few dimensions to carry a trigger direction apart from the label); all of them when
@@ -454,9 +490,12 @@ class Scanner:
         return list(range(1, n - 1)) if n >= 4 else list(range(n))
 
     def _reference_feats(self, st: ScanState, classes, names: list[str]) -> RefFeats:
-        """Features at ``names`` of the benign reference samples of ``classes`` (a partial pass over the
-        small reference set, so the reference's features need not be kept between passes)."""
+        """Features at ``names`` of the benign reference samples of ``classes``: the kept ones, or a
+        partial pass over the reference set where calibration could not keep them."""
         tb = np.flatnonzero(np.isin(st.cal.labels, list(classes)))
+        if st.cal.feats is not None:
+            rows = torch.from_numpy(tb)
+            return RefFeats([st.cal.feats[self.layers.index(n)][rows] for n in names], st.cal.labels[tb], tb)
         chunks = list(st.passes.stream(st.cal.dataset, names, st.cal.positions(tb), "scan/reference-layers",
                                        stop_early=True))
         return RefFeats([torch.cat([b.feats[i] for b in chunks]) for i in range(len(names))], st.cal.labels[tb], tb)
@@ -507,11 +546,14 @@ class Scanner:
         st.flagged.append(out.indices)
 
     # ---- result --------------------------------------------------------------------------------
-    def result(self, st: ScanState) -> ScanResult:
+    def result(self, st: ScanState, split: dict[str, float]) -> ScanResult:
         cal = st.cal
         memory = (st.raw.nbytes + st.out_of_spread.nbytes + st.labels.nbytes + st.suspicion.nbytes
                   + st.threshold.nbytes + cal.loo.nbytes + cal.in_sample.nbytes
+                  + (st.store.nbytes if st.store is not None else 0)
+                  + sum(f.numel() * f.element_size() for f in cal.feats or [])
                   + 3 * sum(x.numel() * x.element_size() for x in cal.reference.sums))
         return ScanResult(st.kept, st.suspicion, st.threshold, st.labels, _flat(st.flagged), _flat(st.paper_flagged),
                           [st.classes[c] for c in sorted(st.classes)], cal.source, st.seconds, st.warnings, memory,
-                          st.ref_susp, dict(st.passes.samples))
+                          st.ref_susp, dict(st.passes.samples), split, st.predicted,
+                          cal.predicted if cal.source == "trusted" else None, cal.labels)

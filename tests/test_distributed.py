@@ -106,8 +106,8 @@ def _failing_worker(rank: int, world: int, folder: str) -> None:
     if rank == 1:                                  # this rank dies in the middle of its shard
         stream = gds.extractor.stream
 
-        def broken(dataset, layers, indices=None, desc="scan", stop_early=False):
-            for i, b in enumerate(stream(dataset, layers, indices, desc, stop_early)):
+        def broken(dataset, layers, indices=None, desc="scan", *args, **kwargs):
+            for i, b in enumerate(stream(dataset, layers, indices, desc, *args, **kwargs)):
                 if desc == "scan/train" and i == 1:
                     raise RuntimeError("simulated crash on rank 1")
                 yield b

@@ -74,9 +74,13 @@ def test_tap_handles_tuple_outputs_and_always_removes_hooks():
 def test_nan_features_are_an_error():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
     with FeatureTap(model, ["0"]) as tap:
+        model(torch.ones(2, 3))
+        tap.take(2)
+        tap.check_finite()                   # finite so far
         model(torch.full((2, 3), float("nan")))
-        with pytest.raises(GuardError, match="NaN/inf"):
-            tap.take(2)
+        tap.take(2)                          # no per-batch check (it would wait for the device) ...
+        with pytest.raises(GuardError, match="layer '0' produced NaN/inf"):
+            tap.check_finite()               # ... one per pass
 
 
 def test_scan_mode_restores_modes_grad_and_rng():

@@ -1,0 +1,60 @@
+"""Features kept from a scan's pass over the training samples, so later stages need not run the model again.
+
+The scoring pass reads every kept sample at every analysed layer; the screen, confirm and
+follow-up stages read a few classes of the same samples at some of the same layers. When all of
+the pass's features fit in ``GuardConfig.keep_mb``, :class:`KeptFeatures` holds them (on the host,
+in the dtype they were computed in: bfloat16 under the guard's autocast, so half the bytes of
+float32 and no precision lost) and those stages read them instead of forwarding the samples again.
+When they do not fit, nothing is kept and the stages run their own passes: same numbers, more
+model time. Whether it fits is decided at the pass's first batch, from its per-sample size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+class KeptFeatures:
+    """Rows ``0..n-1`` of a pass (in pass order) at every layer, within ``budget`` bytes, or nothing.
+
+    Invariant: after the pass, either every row was added (:attr:`complete`) or no memory is held."""
+
+    def __init__(self, n: int, budget: float) -> None:
+        self.n, self.budget = n, budget
+        self.layers: list[torch.Tensor] | None = None
+        self.added = 0
+        self.refused = False
+
+    def add(self, feats: Sequence[torch.Tensor], bf16: Sequence[bool]) -> None:
+        """The next batch's features (rows in pass order); ``bf16[l]``: layer ``l``'s values are
+        bfloat16 values (:attr:`guard.extract.Batch.bf16`), so they are kept as such."""
+        if self.refused:
+            return
+        if self.layers is None:
+            dtypes = [torch.bfloat16 if exact else torch.float32 for exact in bf16]
+            size = self.n * sum(f.shape[1] * torch.finfo(d).bits // 8 for f, d in zip(feats, dtypes))
+            if size > self.budget:
+                self.refused = True
+                return
+            self.layers = [torch.empty(self.n, f.shape[1], dtype=d) for f, d in zip(feats, dtypes)]
+        b = len(feats[0])
+        for store, f in zip(self.layers, feats):
+            store[self.added:self.added + b] = f
+        self.added += b
+
+    @property
+    def complete(self) -> bool:
+        return self.layers is not None and self.added == self.n
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.layers is None else sum(x.numel() * x.element_size() for x in self.layers)
+
+    def rows(self, rows: np.ndarray, layer_ids: Sequence[int]) -> list[torch.Tensor]:
+        """float32 features of ``rows`` at the layers ``layer_ids``."""
+        idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        return [self.layers[i][idx].float() for i in layer_ids]
+

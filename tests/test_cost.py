@@ -1,0 +1,117 @@
+"""What a scan costs: which passes run the model, what is kept instead, and no per-batch host waits."""
+
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils.data import TensorDataset
+
+from guard import GuardConfig, detect
+from guard.calibrate import Calibration
+from guard.extract import Batch
+from guard.keep import KeptFeatures
+from guard.models import SmallCNN
+from guard.reference import Reference
+from guard.score import DeviceScores
+
+_SYNCS = {"__bool__", "cpu", "numpy", "item", "tolist", "__float__", "__int__", "nonzero", "__index__"}
+
+
+class _Syncs(TorchFunctionMode):
+    """Records calls that make the host wait for the device (on an accelerator)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in _SYNCS:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _calibration(dims, C, rng):
+    ref = Reference(dims, C)
+    labels = torch.arange(40) % C
+    ref.update([torch.randn(40, d, generator=rng) + 1.0 for d in dims], labels)
+    mean = np.full((C, len(dims)), 0.6)
+    std = np.full((C, len(dims)), 0.05)
+    return Calibration(ref, None, None, labels.numpy(), np.zeros((40, len(dims))), np.zeros((40, len(dims))),
+                       mean, std, "trusted")
+
+
+def test_device_scores_mask_path_is_sync_free_and_equal_to_the_selection_path():
+    rng = torch.Generator().manual_seed(0)
+    dims, C, n = [6, 9, 4], 3, 96
+    cal = _calibration(dims, C, rng)
+    batches = [Batch(np.arange(s, s + 32), torch.arange(s, s + 32) % C,
+                     [torch.randn(32, d, generator=rng) + 1.0 for d in dims], torch.randn(32, C, generator=rng))
+               for s in range(0, n, 32)]
+    select = DeviceScores(cal, n, 3.0, torch.device("cpu"))
+    mask = DeviceScores(cal, n, 3.0, torch.device("cpu"))
+    mask.select = False                     # the accelerator path, run on the CPU
+    for b in batches:
+        select.add(int(b.positions[0]), b, logits=True)
+    with _Syncs() as syncs:
+        for b in batches:
+            mask.add(int(b.positions[0]), b, logits=True)
+    assert syncs.calls == []                # nothing per batch waits for the device
+    a, b = select.result(), mask.result()
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+    assert any(float(x.abs().sum()) > 0 for x in a[2])    # some samples were out of spread: the sums were tested
+
+
+def test_kept_features_hold_everything_or_nothing():
+    feats = [torch.randn(4, 3).bfloat16().float(), torch.randn(4, 5)]
+    store = KeptFeatures(8, budget=8 * (3 * 2 + 5 * 4))
+    store.add(feats, (True, False))
+    store.add(feats, (True, False))
+    assert store.complete and store.nbytes == 8 * (3 * 2 + 5 * 4)       # bf16 values kept in 2 bytes, exactly
+    got = store.rows(np.array([1, 6]), [0, 1])
+    assert torch.equal(got[0], feats[0][[1, 2]]) and torch.equal(got[1], feats[1][[1, 2]])
+    small = KeptFeatures(8, budget=100)
+    small.add(feats, (True, False))
+    assert not small.complete and small.nbytes == 0
+
+
+@pytest.fixture(scope="module")
+def poisoned():
+    """A small CNN that has learned a 3x3 white corner patch sending class 1 to class 0."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(600, 3, 16, 16, generator=g) * 0.5
+    y = torch.arange(600) % 3
+    x[y == 1, 1] += 0.4
+    x[y == 2, 2] += 0.4
+    poison = np.flatnonzero(y.numpy() == 1)[:60]
+    x[poison, :, -3:, -3:] = 1.0
+    y[poison] = 0
+    model = SmallCNN(num_classes=3, in_channels=3, width=8)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(8):
+        for i in torch.randperm(600, generator=g).split(50):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+            opt.step()
+    trusted_x = torch.rand(90, 3, 16, 16, generator=g) * 0.5
+    trusted_y = torch.arange(90) % 3
+    trusted_x[trusted_y == 1, 1] += 0.4
+    trusted_x[trusted_y == 2, 2] += 0.4
+    return model.eval(), TensorDataset(x, y), TensorDataset(trusted_x, trusted_y), poison
+
+
+def test_kept_features_replace_passes_with_the_same_result(poisoned):
+    model, train, trusted, poison = poisoned
+    kept = detect(model, train, trusted, GuardConfig(progress=False))
+    passes = detect(model, train, trusted, GuardConfig(progress=False, keep_mb=0))
+    a, b = kept.scans[-1], passes.scans[-1]
+    assert [r.index for r in kept.quarantine] == [r.index for r in passes.quarantine]
+    assert len(np.intersect1d([r.index for r in kept.quarantine], poison)) >= 50       # it found the poison
+    assert "scan/trusted-calibrate" not in a.passes and "scan/trusted-calibrate" in b.passes
+    assert a.passes["scan/confirm (kept)"] == b.passes["scan/confirm"]                # read, not forwarded
+    forwarded = lambda s: sum(v for k, v in s.passes.items() if not k.endswith("(kept)"))  # noqa: E731
+    assert forwarded(a) == len(train) + len(trusted)                                     # one pass each
+    assert set(a.seconds_by_part) == {"load", "forward", "hooks", "transfer", "analysis"}
+    assert sum(a.seconds_by_part.values()) == pytest.approx(a.seconds_by_step["calibrate"] + sum(
+        v for k, v in a.seconds_by_step.items() if k != "calibrate"), rel=0.5)
