@@ -178,7 +178,9 @@ def markdown(summary: list[dict], rows: list[dict]) -> str:
         f"10 / 50; the tail class has 50 / 10 samples). `guard.detect` on the models of epochs {', '.join(map(str, SCANNED))} "
         f"(scans the default schedule runs), trusted sets of 10 and 20 a class and trust-free. No attack: {seeds} seeds a "
         "variant; every clean class of every scan is one decision. A *candidate* passed the first step (significant "
-        "excess, screened); *acted on* = lost samples. `before` = this rule set without `min_class_fit`. "
+        "excess, screened); *acted on* = lost samples. Configs: `defaults` = the rules as shipped; earlier rule sets, "
+        "kept for comparison: `no gate` = without the reference gate (`beyond_reference_p`) and the trust-free "
+        "reference-fit rule, `no gate, no fit` = also without `min_class_fit`. "
         f"Attacked (10 %, target 0, seed 0), undefended attack success at the end: {attacked}; BadNets with crop + "
         "flip is not learned in any variant (its attack success is the target's plain-error floor), so those cells "
         "cannot show detection.", "", render(summary)])

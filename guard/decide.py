@@ -14,7 +14,17 @@ the class holds a *separate cluster* when
 * the far-out share reaches ``min_screen_share`` with a median z above ``separation_z``.
 
 A trust-free reference is the hard half of each class, so the easy half sits somewhat apart from
-it in every clean class: there a share alone never counts, only a far-out or a large cluster.
+it in every clean class: there a share alone never counts, only a far-out or a large cluster. And
+a class whose trust-free reference the model predicts as the label no more often than chance is
+not judged at all: that half is then what the model has not learned of the class, and everything
+it has learned (the easy half) would look like a separate cluster.
+
+With a trusted reference a separate cluster is acted on only if the screen also puts more of its
+samples beyond *every* reference sample of the class than a clean class could: the
+:func:`beyond_reference_p` of that count must be below ``max_false_alarm / n_classes`` too. That
+bound needs no model of the features (only that a clean class's training and trusted samples are
+alike), so it holds for any number of classes and any trusted-set size: with few trusted samples
+it asks for a larger cluster, with many it costs nothing.
 
     >>> from guard.decide import ClassStats, Verdict, decide
     >>> from guard.thresholds import Thresholds
@@ -65,6 +75,8 @@ class ClassStats:
     screen_share: float | None = None
     separation: float | None = None
     train_fit: float = float("nan")        # share of its training samples the model predicts as it (nan: unknown)
+    beyond_p: float | None = None          # after a screen: beyond_reference_p of its screen
+    reference_fit: float = float("nan")    # share of its reference samples the model predicts as it (nan: unknown)
 
 
 def decide(s: ClassStats, t: Thresholds) -> tuple[Verdict, str]:
@@ -74,6 +86,10 @@ def decide(s: ClassStats, t: Thresholds) -> tuple[Verdict, str]:
     if s.train_fit < chance:               # (nan: no logits to tell, the rule does not apply)
         return Verdict.CLEAN, (f"the model predicts the label of {s.train_fit:.0%} of the class's training samples "
                                f"(chance {chance:.0%}): it has not learned the class, so no trigger in it is learned")
+    if not s.trusted and s.reference_fit < chance:
+        return Verdict.CLEAN, (f"the model predicts the label of {s.reference_fit:.0%} of the class's trust-free reference "
+                               f"(chance {chance:.0%}): that high-loss half is what the model has not learned of the "
+                               "class, not its benign look, so the class is not judged against it")
     candidate = s.excess >= t.min_excess and s.p_value < bar and s.n_scanned >= t.min_class
     if not candidate:
         if s.excess > 0 and s.p_value < t.watch_p:
@@ -83,12 +99,34 @@ def decide(s: ClassStats, t: Thresholds) -> tuple[Verdict, str]:
         return Verdict.CANDIDATE, f"excess {s.excess:.3f} with p={s.p_value:.2g} < {bar:.2g}: screen it"
     share, sep = s.screen_share, s.separation
     if s.trusted and share >= t.cluster_share:
-        return Verdict.SEPARATE, f"{share:.0%} of the screen far out (cluster_share {t.cluster_share})"
-    if share >= t.large_share and sep > t.separation_z - t.large_slack:
-        return Verdict.SEPARATE, f"{share:.0%} of the screen far out at a median z of {sep:.1f} (large_share)"
-    if share >= t.min_screen_share and sep > t.separation_z:
-        return Verdict.SEPARATE, f"{share:.0%} of the screen at a median z of {sep:.1f} (separation_z)"
-    return Verdict.WATCH, f"screened: {share:.0%} of the screen far out at a median z of {sep:.1f}, not separate"
+        verdict, why = Verdict.SEPARATE, f"{share:.0%} of the screen far out (cluster_share {t.cluster_share})"
+    elif share >= t.large_share and sep > t.separation_z - t.large_slack:
+        verdict, why = Verdict.SEPARATE, f"{share:.0%} of the screen far out at a median z of {sep:.1f} (large_share)"
+    elif share >= t.min_screen_share and sep > t.separation_z:
+        verdict, why = Verdict.SEPARATE, f"{share:.0%} of the screen at a median z of {sep:.1f} (separation_z)"
+    else:
+        return Verdict.WATCH, f"screened: {share:.0%} of the screen far out at a median z of {sep:.1f}, not separate"
+    if s.trusted and s.beyond_p is not None and s.beyond_p >= bar:
+        return Verdict.WATCH, (f"{why}, but no more of it lies beyond every reference sample than the reference's size "
+                               f"allows a clean class (p={s.beyond_p:.2g}, acting needs p < {bar:.2g})")
+    return verdict, why
+
+
+def beyond_reference_p(beyond: int, n_screen: int, n_reference: int) -> float:
+    """p-value of ``beyond`` of ``n_screen`` screened samples lying above the largest of the class's
+    ``n_reference`` reference samples, if the class were clean.
+
+    Distribution-free: were the class's training samples exchangeable with its reference samples,
+    the share of them above the reference's maximum would be Beta(1, n_reference) (the maximum of
+    n draws leaves a Beta(1, n) mass above it), so the screen's count is Beta-binomial(n_screen, 1,
+    n_reference). With 10 reference samples a clean class puts more than 17 % of its samples above
+    them one time in six; with 100, one time in 10^8. This is what a small trusted set can and
+    cannot tell, whatever the features' distribution."""
+    from scipy import stats
+
+    if n_reference < 1 or n_screen < 1:
+        return 1.0
+    return float(stats.betabinom.sf(beyond - 1, n_screen, 1, n_reference))
 
 
 def binomial_p(excess: float, benign_rate: float, n: int, n_reference: int, t: Thresholds) -> float:

@@ -50,6 +50,8 @@ class ClassReport(BaseModel):
     p_value: float
     separation: float = Field(0.0, description="median discriminant z of the screened far-out samples")
     screen_share: float = Field(0.0, description="share of the screened samples far out")
+    beyond_reference: float = Field(0.0, description="share of the screened samples beyond every reference sample")
+    beyond_p: float = Field(1.0, description="p-value of that share for a clean class (see decide.beyond_reference_p)")
     threshold: float
     n_flagged: int = 0
     n_paper_flagged: int = Field(0, description="what the paper's rule would flag (baseline)")

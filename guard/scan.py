@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from guard.calibrate import Calibration, calibrate, class_fit, is_logits, trust_free_indices
 from guard.cluster import Centroids, RefFeats
 from guard.config import GuardConfig
-from guard.decide import ClassStats, Verdict, binomial_p, decide, take
+from guard.decide import ClassStats, Verdict, beyond_reference_p, binomial_p, decide, take
 from guard.distributed import gather_rows, shard, sum_tensors, world
 from guard.errors import GuardError
 from guard.extract import Batch, Extractor
@@ -274,7 +274,7 @@ class Scanner:
         st.threshold[rows] = th.out_z
         ref_fit = float("nan") if cal.fit is None else float(cal.fit[c])
         stats = ClassStats(len(rows), float(ex[li]), p_value, cal.source == "trusted", st.n_tested,
-                           train_fit=float(st.train_fit[c]))
+                           train_fit=float(st.train_fit[c]), reference_fit=ref_fit)
         verdict, reason = decide(stats, th)
         v = st.classes[c] = ClassReport(
             cls=c, n_scanned=len(rows), verdict=Verdict.CLEAN, critical_layers=[self.layers[i] for i in window],
@@ -311,8 +311,10 @@ class Scanner:
                          {c: np.array([li in w for li in layer_ids]) for c, w in st.windows.items()})
         ref = self._reference_feats(st, st.windows, names)
         screen_rows = self._screen_rows(st)
+        ref_z = cent.calibration(ref, self.th.screen_z, self.th.std_floor)(
+            cent.discriminant(ref.feats, ref.labels, loo=True), ref.labels)
         z1, lab1, screen_units, cent = self._screen(train, st, screen_rows, layer_ids, cent, ref)
-        separated = self._decide_screened(st, z1, lab1)
+        separated = self._decide_screened(st, z1, lab1, ref_z, ref.labels)
         if not separated:
             return
         probes = self._fit_probes(st, {c: ([u[torch.from_numpy(lab1 == c)] for u in screen_units], z1[lab1 == c])
@@ -366,8 +368,11 @@ class Scanner:
         screen_units = [torch.cat([f[k] for f in feats]) for k in range(len(probe_at))]
         return np.concatenate(z1), np.concatenate(lab1), screen_units, new
 
-    def _decide_screened(self, st: ScanState, z1: np.ndarray, lab1: np.ndarray) -> list[int]:
-        """The second step of :func:`decide` for every candidate; returns those that separate."""
+    def _decide_screened(self, st: ScanState, z1: np.ndarray, lab1: np.ndarray, ref_z: np.ndarray,
+                         ref_labels: np.ndarray) -> list[int]:
+        """The second step of :func:`decide` for every candidate; returns those that separate.
+        ``ref_z``: the benign reference samples' discriminant z (leave-one-out), for the
+        reference gate (:func:`~guard.decide.beyond_reference_p`)."""
         separated = []
         for c in st.windows:
             z = z1[lab1 == c]
@@ -375,8 +380,13 @@ class Scanner:
             v = st.classes[c]
             v.separation = float(np.median(z[hit])) if hit.any() else 0.0
             v.screen_share = float(hit.mean())
+            mine = ref_z[ref_labels == c]
+            beyond = int((z > mine.max()).sum()) if len(mine) else 0
+            v.beyond_reference = beyond / max(len(z), 1)
+            v.beyond_p = beyond_reference_p(beyond, len(z), len(mine))
             verdict, v.reason = decide(ClassStats(v.n_scanned, v.excess, v.p_value, st.cal.source == "trusted",
-                                                  st.n_tested, v.screen_share, v.separation, v.train_fit), self.th)
+                                                  st.n_tested, v.screen_share, v.separation, v.train_fit,
+                                                  v.beyond_p, v.reference_fit), self.th)
             if verdict == Verdict.SEPARATE:
                 separated.append(c)
             else:

@@ -32,11 +32,12 @@ class Thresholds(BaseModel):
     min_excess: float = Field(
         0.01, gt=0, lt=1, description="candidate: at least this share of the class out of spread beyond the benign rate")
     max_false_alarm: float = Field(
-        1e-3, gt=0, lt=1, description="candidate: binomial p below this over the classes tested (Bonferroni)")
+        1e-3, gt=0, lt=1, description="candidate, and (trusted) a cluster beyond the reference: p below this over "
+                                      "the classes tested (Bonferroni)")
     watch_p: float = Field(1e-2, gt=0, lt=1, description="'no separation yet': any excess with binomial p below this")
     min_class_fit: float = Field(
-        1.0, ge=0, description="judge a class once the model predicts its label for its training samples more often "
-                               "than this times chance (1 / classes)")
+        1.0, ge=0, description="judge a class once the model predicts its label for its training (and trust-free "
+                               "reference) samples more often than this times chance (1 / classes)")
     min_benign_count: float = Field(
         0.5, gt=0, description="the benign out-of-spread rate is never below this many reference samples' worth")
 

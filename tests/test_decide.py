@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from guard.decide import ClassStats, Verdict, binomial_p, decide, take
+from guard.decide import ClassStats, Verdict, beyond_reference_p, binomial_p, decide, take
 from guard.thresholds import Thresholds
 
 T = Thresholds()
@@ -121,3 +121,36 @@ def test_a_class_the_model_has_not_learned_is_not_judged():
     assert decide(ClassStats(**{**CAND, **unlearned, "trusted": True, "train_fit": 0.0}),
                   Thresholds(min_class_fit=0))[0] == Verdict.SEPARATE                # 0: the rule is off
     assert "not learned" in decide(ClassStats(**{**CAND, "trusted": False, "train_fit": 0.02}), T)[1]
+
+
+def test_beyond_reference_p_holds_its_rate_whatever_the_distribution():
+    # a clean class: screen and reference drawn from the same (heavy-tailed) distribution; the share
+    # of tests at p < 0.05 must be about 0.05 or less for 10 and for 100 reference samples
+    rng = np.random.default_rng(0)
+    for n_ref in (10, 100):
+        p = []
+        for _ in range(2000):
+            ref, screen = rng.standard_t(2, n_ref), rng.standard_t(2, 256)
+            p.append(beyond_reference_p(int((screen > ref.max()).sum()), 256, n_ref))
+        assert np.mean(np.array(p) < 0.05) <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / 2000)
+    # a shifted cluster of 30 % is clear with 100 reference samples, not with 10
+    assert beyond_reference_p(154, 512, 100) < 1e-8
+    assert beyond_reference_p(154, 512, 10) > 1e-2
+
+
+def test_a_trusted_cluster_needs_more_beyond_every_reference_sample_than_a_clean_class_puts_there():
+    sep = dict(screen_share=0.2, separation=4.0)
+    assert verdict(**sep, beyond_p=BAR * 0.99) == Verdict.SEPARATE
+    assert verdict(**sep, beyond_p=BAR) == Verdict.WATCH
+    assert "reference's size" in decide(ClassStats(**{**CAND, "trusted": True, **sep, "beyond_p": 0.2}), T)[1]
+    # trust-free references are not exchangeable with the training samples: the gate is not applied
+    far = dict(screen_share=0.4, separation=9.0, beyond_p=0.5)
+    assert verdict(trusted=False, **far) == Verdict.SEPARATE
+
+
+def test_a_trust_free_reference_the_model_has_not_learned_judges_nothing():
+    far = dict(screen_share=0.45, separation=9.0)
+    assert verdict(trusted=False, **far, reference_fit=0.4) == Verdict.SEPARATE
+    assert verdict(trusted=False, reference_fit=0.0) == Verdict.CLEAN           # not even a candidate
+    assert "not learned of the class" in decide(ClassStats(**{**CAND, "trusted": False, "reference_fit": 0.05}), T)[1]
+    assert verdict(trusted=True, reference_fit=0.0) == Verdict.CANDIDATE         # a trusted reference is not selected by loss
