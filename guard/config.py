@@ -62,7 +62,8 @@ class GuardConfig(BaseModel):
 
     # execution
     batch_size: int = Field(256, ge=1, description="scan batch size")
-    num_workers: int = Field(0, ge=0, description="DataLoader workers used by scans")
+    num_workers: int | None = Field(
+        None, ge=0, description="DataLoader workers of the guard's passes; None: the train loader's (Lightning, HF), else 0")
     keep_mb: float = Field(
         256, ge=0, description="host memory a scan may keep features in instead of running the model again")
     device: str | None = Field(None, description="scan device; None uses the model's device")

@@ -33,7 +33,7 @@ class Extractor:
     def __init__(self, model: nn.Module, feed: Feed, num_classes: int, cfg: GuardConfig) -> None:
         """``cfg``: its batch_size, num_workers, pool_grid and progress apply."""
         self.model, self.adapter, self.num_classes = model, feed.adapter, num_classes
-        self.batch_size, self.num_workers = cfg.batch_size, cfg.num_workers
+        self.batch_size, self.num_workers = cfg.batch_size, cfg.num_workers or 0
         self.device, self.amp, self.channels_last = feed.device, feed.amp, feed.channels_last
         self.grid, self.progress = cfg.pool_grid, cfg.progress
         # a scan needs no gradient or buffer sync: DDP's own forward would issue collectives whose

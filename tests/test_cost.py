@@ -115,3 +115,19 @@ def test_kept_features_replace_passes_with_the_same_result(poisoned):
     assert set(a.seconds_by_part) == {"load", "forward", "hooks", "transfer", "analysis"}
     assert sum(a.seconds_by_part.values()) == pytest.approx(a.seconds_by_step["calibrate"] + sum(
         v for k, v in a.seconds_by_step.items() if k != "calibrate"), rel=0.5)
+
+
+def test_the_guards_passes_load_with_the_train_loaders_workers_unless_told(poisoned):
+    from torch.utils.data import DataLoader
+
+    from guard import GuardedDataset
+    from guard.integrations._common import check_loader
+
+    model, train, trusted, _ = poisoned
+    gds = GuardedDataset(train, model, GuardConfig(progress=False), trusted=trusted)
+    assert gds.extractor.num_workers == 0
+    check_loader(gds, DataLoader(gds, batch_size=50, sampler=gds.sampler, num_workers=2), "train DataLoader")
+    assert gds.extractor.num_workers == 2                  # the Lightning / HF callbacks call this each epoch
+    fixed = GuardedDataset(train, model, GuardConfig(progress=False, num_workers=0), trusted=trusted)
+    check_loader(fixed, DataLoader(fixed, batch_size=50, sampler=fixed.sampler, num_workers=2), "train DataLoader")
+    assert fixed.extractor.num_workers == 0                 # set by the user: kept
