@@ -3,19 +3,23 @@
     calibrate -> score -> locate -> confirm -> follow up -> result
 
 Every model pass goes through :meth:`Passes.stream`, which counts the samples each pass forwards
-(``ScanResult.passes``). The passes, in order:
+(``ScanResult.passes``) and adds up where its time goes (``ScanResult.seconds_by_part``). The
+reference's and the scoring pass's features are kept within ``GuardConfig.keep_mb``
+(:mod:`guard.calibrate`, :mod:`guard.keep`); stages that read kept features count them as
+``<pass> (kept)`` and run no model. The passes, in order:
 
 =========================  ========================  =================================================
 pass                       samples                   what for
 =========================  ========================  =================================================
 scan/trust-free-pool       2 x trust_free_per_class  trust-free only: the loss cue picks the reference
-scan/{source}              reference                 the class sums (benign reference)
-scan/{source}-calibrate    reference                 leave-one-out spread per class and layer
-scan/train                 every kept sample         cosines at every layer; out-of-spread centroids
-scan/reference-layers      reference of candidates   confirm / follow-up calibration
+scan/{source}              reference                 class sums and spread (benign reference); kept
+scan/{source}-calibrate    reference                 only where its features were not kept
+scan/train                 every kept sample         cosines at every layer on the model's device; kept
+scan/reference-layers      reference of candidates   only where the reference was not kept
 scan/screen                <= screen_per_class       candidates: is there a separate cluster?
 scan/confirm               classes that separate     the probe's (or discriminant's) z of every sample
-scan/quarantined           quarantined + screen      follow-up: a probe of what was quarantined
+scan/quarantined           <= screen_per_class       follow-up: the quarantined side of its probe
+scan/follow-screen         <= screen_per_class       follow-up: the kept side of its probe
 scan/quarantined-centroid  quarantined               follow-up fall-back: their centroid
 scan/follow-up(-centroid)  classes followed up       look-alikes of what was quarantined
 =========================  ========================  =================================================
