@@ -21,3 +21,6 @@ def test_tabular_example_catches_a_feature_trigger():
     assert r["tpr"] >= 0.95
     assert r["fpr"] <= 0.08            # measured 6.7 %: a 2-class table with 20 trusted rows per class
     assert r["attack_success"] <= 0.05 and r["clean_acc"] >= 0.9
+    # at the default false-alarm rate 20 trusted rows a class cannot vouch for that cluster: nothing is dropped
+    r = _load("tabular").main(max_false_alarm=1e-3)
+    assert r["tpr"] == 0.0 and r["fpr"] == 0.0
