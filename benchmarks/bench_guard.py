@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from guard.attacks import ATTACKS
-from guard.experiment import RunSpec, run
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))        # this checkout's guard, not whatever the venv has installed
+
+from guard.attacks import ATTACKS  # noqa: E402
+from guard.experiment import RunSpec, run  # noqa: E402
 
 
 def row(name: str, r: dict) -> dict:
