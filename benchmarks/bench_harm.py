@@ -209,7 +209,7 @@ def main() -> None:
         rows = [r for p in parts for r in p["rows"]]
         summary = summarise(rows)
         Path(a.out).write_text(json.dumps({"meta": parts[0]["meta"], "summary": summary, "rows": rows,
-                                           "markdown": markdown(summary, rows)}, indent=1))
+                                           "markdown": markdown(summary, rows)}, separators=(",", ":")))
         print(render(summary))
         render_benchmarks()
         return
@@ -227,7 +227,7 @@ def main() -> None:
         meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                 "epochs": EPOCHS, "scan_epochs": SCAN_EPOCHS, "lr": LR, "variants": VARIANTS}
         Path(a.out).write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows,
-                                           "markdown": markdown(summary, rows)}, indent=1))
+                                           "markdown": markdown(summary, rows)}, separators=(",", ":")))
         print(render(summary))
 
 
