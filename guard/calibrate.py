@@ -90,7 +90,10 @@ def calibrate(stream: Stream, layers: list[str], source: tuple[Dataset, np.ndarr
         if known:
             hits.append(b.logits.argmax(1).numpy())
         size += sum(f.numel() * f.element_size() for f in b.feats)
-        kept = None if kept is None or size > keep_bytes else [*kept, b.feats]
+        if kept is not None and size > keep_bytes:
+            kept = None                        # past the budget: the spread comes from a second pass
+        elif kept is not None:
+            kept.append(b.feats)
     if ref is None:
         raise GuardError(f"the {name} reference is empty; pass a trusted set with samples of every class")
     lab = np.concatenate(labels)

@@ -74,8 +74,13 @@ class Centroids:
     def calibration(self, ref: RefFeats, tail_z: float, floor: float) -> Zscore:
         """The discriminant's benign spread per class, from the reference samples (leave-one-out),
         widened by :func:`~guard.calibrate.small_sample` for a tail at ``tail_z``."""
+        return self.reference_z(ref, tail_z, floor)[0]
+
+    def reference_z(self, ref: RefFeats, tail_z: float, floor: float) -> tuple[Zscore, np.ndarray]:
+        """:meth:`calibration` and the reference samples' own (leave-one-out) z on it."""
         d = self.discriminant(ref.feats, ref.labels, loo=True)
         classes = list(self.use_of)
-        return Zscore({c: float(d[ref.labels == c].mean()) for c in classes},
-                      {c: max(float(d[ref.labels == c].std()), floor) * small_sample(int((ref.labels == c).sum()),
-                                                                                     tail_z) for c in classes})
+        z = Zscore({c: float(d[ref.labels == c].mean()) for c in classes},
+                   {c: max(float(d[ref.labels == c].std()), floor) * small_sample(int((ref.labels == c).sum()),
+                                                                                  tail_z) for c in classes})
+        return z, z(d, ref.labels)

@@ -74,7 +74,8 @@ class InputFilter:
                 raise GuardError(f"model output has shape {tuple(logits.shape)}; expected (batch, {self.num_classes})")
             pred = logits.argmax(1).cpu()
             feats = tap.take(len(pred))
-        raw = self.calibration.reference.score(feats, pred).numpy()
+            tap.check_finite()
+        raw = self.calibration.reference.score(feats, pred).cpu().numpy()
         z = self.calibration.z(raw, pred.numpy())
         score = np.array([(-(z[i, self.windows[int(c)]].mean()) + self._mu[int(c)]) / self._sd[int(c)]
                           for i, c in enumerate(pred)])

@@ -27,26 +27,29 @@ class Reference:
         self.num_classes = num_classes
         self.sums = [torch.zeros(num_classes, d, dtype=torch.float64) for d in dims]
         self.counts = torch.zeros(num_classes, dtype=torch.float64)
-        self._dirs: list[torch.Tensor] | None = None
+        self._dirs: dict[torch.device, list[torch.Tensor]] = {}
 
     def update(self, feats: Sequence[torch.Tensor], labels: torch.Tensor) -> None:
         """Add a batch of features (streaming)."""
         labels = labels.cpu()
-        self._dirs = None
+        self._dirs = {}
         self.counts += torch.bincount(labels, minlength=self.num_classes).double()
         for s, f in zip(self.sums, feats):
             s.index_add_(0, labels, unit(f.cpu().double()))
 
-    def directions(self) -> list[torch.Tensor]:
-        """Unit class-mean directions per layer, (C, D_l) float32 (cached until the next update)."""
-        if self._dirs is None:
-            self._dirs = [unit(s).float() for s in self.sums]
-        return self._dirs
+    def directions(self, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """Unit class-mean directions per layer, (C, D_l) float32 on ``device`` (cached until the next update)."""
+        device = torch.device(device)
+        if device not in self._dirs:
+            self._dirs[device] = [unit(s).float().to(device) for s in self.sums]
+        return self._dirs[device]
 
     def score(self, feats: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """(B, L) cosine similarity of each sample to its own class's mean direction."""
-        labels = labels.cpu()
-        cols = [(unit(f.cpu().float()) * m[labels]).sum(1) for m, f in zip(self.directions(), feats)]
+        """(B, L) cosine similarity of each sample to its own class's mean direction, computed (and
+        returned) on the features' device."""
+        device = feats[0].device
+        labels = labels.to(device, non_blocking=True)
+        cols = [(unit(f.float()) * m[labels]).sum(1) for m, f in zip(self.directions(device), feats)]
         return torch.stack(cols, 1)
 
     def loo_score(self, feats: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:

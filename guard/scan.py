@@ -40,7 +40,7 @@ from loguru import logger
 from torch.utils.data import Dataset
 
 from guard.calibrate import Calibration, calibrate, class_fit, is_logits, trust_free_indices
-from guard.cluster import Centroids, RefFeats
+from guard.cluster import Centroids, RefFeats, Zscore
 from guard.config import GuardConfig
 from guard.decide import ClassStats, Verdict, beyond_reference_p, binomial_p, decide, take
 from guard.distributed import gather_rows, shard, sum_tensors, world
@@ -315,9 +315,8 @@ class Scanner:
                          {c: np.array([li in w for li in layer_ids]) for c, w in st.windows.items()})
         ref = self._reference_feats(st, st.windows, names)
         screen_rows = self._screen_rows(st)
-        ref_z = cent.calibration(ref, self.th.screen_z, self.th.std_floor)(
-            cent.discriminant(ref.feats, ref.labels, loo=True), ref.labels)
-        z1, lab1, screen_units, cent = self._screen(train, st, screen_rows, layer_ids, cent, ref)
+        z_of, ref_z = cent.reference_z(ref, self.th.screen_z, self.th.std_floor)
+        z1, lab1, screen_units, cent = self._screen(train, st, screen_rows, layer_ids, cent, z_of)
         separated = self._decide_screened(st, z1, lab1, ref_z, ref.labels)
         if not separated:
             return
@@ -348,11 +347,11 @@ class Scanner:
                                        for r in (np.flatnonzero(st.labels == c) for c in st.windows)]))
 
     def _screen(self, train: Dataset, st: ScanState, screen_rows: np.ndarray, layer_ids: list[int],
-                cent: Centroids, ref: RefFeats) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor], Centroids]:
-        """The screen's discriminant z (leave-one-out of the suspect centroid), its labels, its unit
-        features at the probe layers, and centroids re-estimated from its confident calls."""
+                cent: Centroids, z: Zscore) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor], Centroids]:
+        """The screen's discriminant z (leave-one-out of the suspect centroid; ``z``: the discriminant's
+        benign calibration), its labels, its unit features at the probe layers, and centroids
+        re-estimated from its confident calls."""
         th = self.th
-        z = cent.calibration(ref, th.screen_z, th.std_floor)
         new = Centroids([torch.zeros_like(x) for x in cent.sus], [x.clone() for x in cent.ben], cent.use_of)
         probe_at = [layer_ids.index(i) for i in self._probe_layers()]
         z1, lab1, feats, done = [], [], [], 0

@@ -24,11 +24,10 @@ class DeviceScores:
     than ``out_z`` benign standard deviations below their class's benign mean (the suspects)."""
 
     def __init__(self, cal: Calibration, n: int, out_z: float, device: torch.device) -> None:
-        self.device, self.out_z = device, out_z
-        self.dirs = [d.to(device) for d in cal.reference.directions()]
+        self.device, self.out_z, self.reference = device, out_z, cal.reference
         self.mean = torch.as_tensor(cal.mean, dtype=torch.float32).to(device)
         self.std = torch.as_tensor(cal.std, dtype=torch.float32).to(device)
-        self.raw = torch.empty(n, len(self.dirs), dtype=torch.float32, device=device)
+        self.raw = torch.empty(n, len(cal.reference.sums), dtype=torch.float32, device=device)
         self.pred = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.sums = [torch.zeros(s.shape, dtype=torch.float64, device=device) for s in cal.reference.sums]
         self.select = device.type == "cpu"
@@ -37,7 +36,7 @@ class DeviceScores:
         """Score batch ``b`` (features on ``device``) into rows ``start:start + len(b.labels)``;
         ``logits``: its logits are class scores (their argmax is a prediction)."""
         lab = b.labels.to(self.device, non_blocking=True)
-        s = torch.stack([(unit(f.float()) * d[lab]).sum(1) for d, f in zip(self.dirs, b.feats)], 1)
+        s = self.reference.score(b.feats, lab)
         rows = slice(start, start + len(lab))
         self.raw[rows] = s
         if logits:

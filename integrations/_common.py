@@ -36,9 +36,9 @@ def check_loader(guarded: GuardedDataset, loader: Any, where: str) -> None:
     ``GuardConfig.num_workers`` was set, the guard's own passes then load with as many workers as
     ``loader`` does (a scan reads the same data as training)."""
     chain = sampler_chain(loader)
-    workers = max((getattr(x, "num_workers", 0) or 0 for x in (loader, *chain) if hasattr(x, "num_workers")), default=0)
-    if guarded.config.num_workers is None and workers != guarded.extractor.num_workers:
-        guarded.extractor.num_workers = workers
+    if guarded.config.num_workers is None:
+        guarded.extractor.num_workers = max((x.num_workers or 0 for x in (loader, *chain) if hasattr(x, "num_workers")),
+                                            default=0)
     if guarded.sampler not in chain:
         raise GuardError(f"the {where} does not sample with the guard's sampler, so quarantined samples would "
                          "still be trained on; build it as DataLoader(gds, batch_size=..., sampler=gds.sampler)")

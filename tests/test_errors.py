@@ -190,3 +190,13 @@ def test_classes_too_small_to_judge_are_left_alone_with_a_warning():
     scan = gds.scan()
     assert any("fewer than 5 samples" in w and "{2: 3}" in w for w in scan.warnings)
     assert not np.isin(np.arange(90, 93), gds.quarantined).any()
+
+
+def test_nan_inputs_to_the_input_filter():
+    from guard import InputFilter
+
+    flt = InputFilter(mlp(), TensorDataset(torch.randn(30, 16), torch.arange(30) % 3))
+    x = torch.randn(4, 16)
+    x[1] = float("nan")
+    with pytest.raises(GuardError, match="NaN/inf"):
+        flt(x)
