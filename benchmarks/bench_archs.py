@@ -97,7 +97,8 @@ def write(out: Path, result: dict) -> None:
         f"the Dataset's transform, {m['epochs']} epochs, SGD lr {m['lr']} cosine, seed {m['seed']}, GuardConfig() "
         f"defaults (layers discovered; scan_dataset without augmentation; 100 trusted per class), torch {m['torch']}, "
         f"{m['machine']}. ASR: attack success over non-target test images; ASR(correct): over those classified "
-        f"correctly without the trigger.\n\n{table(result['rows'])}")
+        f"correctly without the trigger.\n\n{table(result['rows'])}"
+        + (f"\n\nRe-run at a later commit ({m['rerun_note']}): {'; '.join(m['rerun'])}." if m.get("rerun") else ""))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=float))
     print(result["markdown"])
@@ -107,6 +108,7 @@ def write(out: Path, result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", nargs="*", default=list(ARCHS), help="names from ARCHS")
+    ap.add_argument("--attacks", nargs="*", default=[a or "none" for a, _ in ATTACKS], help="cells of ATTACKS to run")
     ap.add_argument("--n-train", type=int, default=10000)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=0.01)
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     k, n = map(int, a.part.split("/"))
     cells = [(arch, atk, rate) for i, arch in enumerate(a.archs) for atk, rate in ATTACKS
-             if atk or i < CLEAN_RUNS][k::n]
+             if (atk or "none") in a.attacks and (atk or i < CLEAN_RUNS)][k::n]
     rows, runs, t0 = [], {}, time.time()
     for arch, atk, rate in cells:
         spec = RunSpec(data="cifar10", attack=atk, rate=rate, n_train=a.n_train, epochs=a.epochs, lr=a.lr,

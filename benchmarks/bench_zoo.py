@@ -67,9 +67,9 @@ def row_of(cell: tuple, rows: list[dict]) -> dict:
     return out
 
 
-def markdown(table: list[dict]) -> str:
+def markdown(table: list[dict], zoo_seed: int = ZOO_SEED) -> str:
     pct = lambda v: "-" if v != v else f"{v:.0%}"  # noqa: E731 - nan prints as '-'
-    lines = [f"`python benchmarks/bench_zoo.py`: zoo seed {ZOO_SEED}, CIFAR-10 subset of {N_TRAIN:,} with random crop "
+    lines = [f"`python benchmarks/bench_zoo.py`: zoo seed {zoo_seed}, CIFAR-10 subset of {N_TRAIN:,} with random crop "
              f"+ flip in the Dataset, width-16 ResNet-18, SGD {LR} cosine, {EPOCHS} epochs, unguarded; `guard.detect` "
              f"on the models of epochs {', '.join(map(str, KEEP))} (the scans GuardConfig() runs, every other one) with "
              f"{TRUSTED} trusted a class and trust-free. TPR by scan; first = first epoch at TPR >= 50 %. "
@@ -112,8 +112,9 @@ def main() -> None:
         rows = [r for p in a.merge for r in json.loads(Path(p).read_text())["rows"]]
         done = {r["cell"] for r in rows}
         table = [row_of(c, rows) for c in todo if name(*c) in done]
-        Path(a.out).write_text(json.dumps({"table": table, "rows": rows, "markdown": markdown(table)}, indent=1))
-        print(markdown(table))
+        md = markdown(table, a.zoo_seed)
+        Path(a.out).write_text(json.dumps({"table": table, "rows": rows, "markdown": md}, indent=1))
+        print(md)
         render_benchmarks()
         return
     k, n = (int(x) for x in a.part.split("/"))

@@ -19,6 +19,12 @@ a class whose trust-free reference the model predicts as the label no more often
 not judged at all: that half is then what the model has not learned of the class, and everything
 it has learned (the easy half) would look like a separate cluster.
 
+With a trusted reference a class also holds a separate cluster when its main direction of
+variation puts more of its samples beyond every trusted sample than a clean class could
+(``direction_p`` from :mod:`guard.direction`, below the same ``max_false_alarm / n_classes``): a
+learned trigger that leaves the cosine to the class direction alone (so no out-of-spread excess)
+but moves a sizeable part of the class along one direction is seen there.
+
 With a trusted reference a separate cluster is acted on only if the screen also puts more of its
 samples beyond *every* reference sample of the class than a clean class could: the
 :func:`beyond_reference_p` of that count must be below ``max_false_alarm / n_classes`` too. That
@@ -77,6 +83,8 @@ class ClassStats:
     train_fit: float = float("nan")        # share of its training samples the model predicts as it (nan: unknown)
     beyond_p: float | None = None          # after a screen: beyond_reference_p of its screen
     reference_fit: float = float("nan")    # share of its reference samples the model predicts as it (nan: unknown)
+    direction_p: float | None = None       # trusted: guard.direction's p-value (corrected for sides and layers)
+    direction_share: float = 0.0           # ... and the share of the class beyond every trusted sample there
 
 
 def decide(s: ClassStats, t: Thresholds) -> tuple[Verdict, str]:
@@ -90,6 +98,9 @@ def decide(s: ClassStats, t: Thresholds) -> tuple[Verdict, str]:
         return Verdict.CLEAN, (f"the model predicts the label of {s.reference_fit:.0%} of the class's trust-free reference "
                                f"(chance {chance:.0%}): that high-loss half is what the model has not learned of the "
                                "class, not its benign look, so the class is not judged against it")
+    if s.trusted and s.direction_p is not None and s.direction_p < bar and s.n_scanned >= t.min_class:
+        return Verdict.SEPARATE, (f"{s.direction_share:.0%} of the class lies beyond every trusted sample along its main "
+                                  f"direction of variation (p={s.direction_p:.2g} < {bar:.2g})")
     candidate = s.excess >= t.min_excess and s.p_value < bar and s.n_scanned >= t.min_class
     if not candidate:
         if s.excess > 0 and s.p_value < t.watch_p:

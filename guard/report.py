@@ -52,6 +52,7 @@ class ClassReport(BaseModel):
     screen_share: float = Field(0.0, description="share of the screened samples far out")
     beyond_reference: float = Field(0.0, description="share of the screened samples beyond every reference sample")
     beyond_p: float = Field(1.0, description="p-value of that share for a clean class (see decide.beyond_reference_p)")
+    direction_p: float = Field(1.0, description="p-value of the class's main direction for a clean class (guard.direction)")
     threshold: float
     n_flagged: int = 0
     n_paper_flagged: int = Field(0, description="what the paper's rule would flag (baseline)")

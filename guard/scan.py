@@ -1,6 +1,6 @@
 """One scan: named stages over one per-scan state; the decision itself is :func:`guard.decide.decide`.
 
-    calibrate -> score -> locate -> confirm -> follow up -> result
+    calibrate -> score -> locate -> confirm -> direction -> follow up -> result
 
 Every model pass goes through :meth:`Passes.stream`, which counts the samples each pass forwards
 (``ScanResult.passes``) and adds up where its time goes (``ScanResult.seconds_by_part``). The
@@ -18,6 +18,8 @@ scan/train                 every kept sample         cosines at every layer on t
 scan/reference-layers      reference of candidates   only where the reference was not kept
 scan/screen                <= screen_per_class       candidates: is there a separate cluster?
 scan/confirm               classes that separate     the probe's (or discriminant's) z of every sample
+scan/direction             <= screen_per_class       trusted: the rest of the classes' main direction
+scan/direction-confirm     classes that separate     ... the probe's z of every sample of those
 scan/quarantined           <= screen_per_class       follow-up: the quarantined side of its probe
 scan/follow-screen         <= screen_per_class       follow-up: the kept side of its probe
 scan/quarantined-centroid  quarantined               follow-up fall-back: their centroid
@@ -43,6 +45,7 @@ from guard.calibrate import Calibration, calibrate, class_fit, is_logits, trust_
 from guard.cluster import Centroids, RefFeats, Zscore
 from guard.config import GuardConfig
 from guard.decide import ClassStats, Verdict, beyond_reference_p, binomial_p, decide, take
+from guard.direction import direction_test
 from guard.distributed import gather_rows, shard, sum_tensors, world
 from guard.errors import GuardError
 from guard.extract import Batch, Extractor
@@ -136,9 +139,9 @@ def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
     seconds[name] = time.monotonic() - t
 
 
-def _units(batches: Iterator[Batch], n_layers: int) -> list[torch.Tensor]:
-    """Unit features (float64) of every batch, concatenated per layer."""
-    chunks = [[unit(f.double()) for f in b.feats] for b in batches]
+def _units(batches: Iterator[Batch], n_layers: int, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    """Unit features (float64 unless ``dtype``) of every batch, concatenated per layer."""
+    chunks = [[unit(f.to(dtype)) for f in b.feats] for b in batches]
     return [torch.cat([ch[k] for ch in chunks]) if chunks else torch.zeros(0, dtype=torch.float64)
             for k in range(n_layers)]
 
@@ -173,6 +176,9 @@ class Scanner:
             if st.windows:
                 with _timed(seconds, "confirm"):
                     self.confirm(train, st)
+            if st.cal.source == "trusted" and self.cfg.critical_rule != "paper":
+                with _timed(seconds, "direction"):
+                    self.direction(train, st)
             separate = {c for c, v in st.classes.items() if v.verdict == Verdict.SEPARATE}
             follow = {c: q for c, q in prior.items() if len(q) >= 2 and c in st.classes and c not in separate}
             if follow:
@@ -395,6 +401,59 @@ class Scanner:
             else:
                 v.verdict = verdict
         return separated
+
+    # ---- stage 4b: direction --------------------------------------------------------------------
+    def direction(self, train: Dataset, st: ScanState) -> None:
+        """Trusted reference only: every class not yet separate (nor unlearned by the model),
+        including one that earlier scans took samples from (leftovers), is tested for a main direction of variation that puts more of a screen of it
+        beyond every trusted sample than a clean class could (:mod:`guard.direction`), at the probe
+        layers. A class that passes (:func:`decide`) is separate: the samples beyond seed its probe
+        (:mod:`guard.probe`), and a pass over the class scores every sample with it. Where no probe can
+        be fitted the class is left at its verdict, with the test in its reason."""
+        th, chance = self.th, self.th.min_class_fit / max(self.C, 1)
+        todo = [c for c, v in st.classes.items()
+                if v.verdict != Verdict.SEPARATE and v.n_scanned >= th.min_class
+                and not v.train_fit < chance]
+        if not todo:
+            return
+        probe_ids = self._probe_layers()
+        names = [self.layers[i] for i in probe_ids]
+        rng = np.random.default_rng([self.cfg.seed, 3])
+        rows = np.sort(np.concatenate([rng.choice(r, min(len(r), th.screen_per_class), replace=False)
+                                       for r in (np.flatnonzero(st.labels == c) for c in todo)]))
+        units = _units(self._read(st, train, rows, probe_ids, "scan/direction"), len(probe_ids), torch.float32)
+        ref = self._reference_feats(st, todo, names)
+        at, seeds = list(range(len(names))), {}
+        for c in todo:
+            sel = torch.from_numpy(st.labels[rows] == c)
+            mine = [u[sel] for u in units]
+            test = direction_test(mine, ref.units(c, at), self.cfg.seed)
+            if test is None:
+                continue
+            v = st.classes[c]
+            v.direction_p = test.p
+            verdict, reason = decide(ClassStats(v.n_scanned, v.excess, v.p_value, True, st.n_tested, train_fit=v.train_fit,
+                                                direction_p=test.p, direction_share=test.share), th)
+            if verdict == Verdict.SEPARATE:
+                v.reason = f"{reason}, at {names[test.layer]}"
+                seed = np.where(test.beyond, th.screen_z + 1.0, np.where(test.z < th.benign_z, 0.0, th.benign_z))
+                seeds[c] = ([u.double() for u in mine], seed)
+        probes = self._fit_probes(st, seeds, ref, at, names)
+        for c in seeds:
+            if c not in probes:
+                st.classes[c].reason += ("; no probe could be fitted on the samples beyond, so nothing is taken "
+                                         "(the next scan tests the class again)")
+        if not probes:
+            return
+        rows = st.rows_of(probes)
+        z_all, done = np.zeros(len(rows)), 0
+        for b in self._read(st, train, rows, probe_ids, "scan/direction-confirm"):
+            bl = b.labels.numpy()
+            self._apply_probes(probes, [unit(f.double()) for f in b.feats], bl, z_all[done:])
+            done += len(bl)
+        for c in probes:
+            sel = st.labels[rows] == c
+            self._flag(st, c, rows[sel], z_all[sel], Verdict.SEPARATE)
 
     # ---- stage 5: follow up --------------------------------------------------------------------
     def follow_up(self, train: Dataset, st: ScanState, follow: dict[int, np.ndarray]) -> None:

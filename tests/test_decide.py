@@ -154,3 +154,16 @@ def test_a_trust_free_reference_the_model_has_not_learned_judges_nothing():
     assert verdict(trusted=False, reference_fit=0.0) == Verdict.CLEAN           # not even a candidate
     assert "not learned of the class" in decide(ClassStats(**{**CAND, "trusted": False, "reference_fit": 0.05}), T)[1]
     assert verdict(trusted=True, reference_fit=0.0) == Verdict.CANDIDATE         # a trusted reference is not selected by loss
+
+
+def test_a_trusted_main_direction_separates_below_the_same_bar_and_only_with_a_trusted_reference():
+    quiet = dict(excess=0.0, p_value=1.0)                     # nothing out of spread: the first step says clean
+    assert verdict(**quiet) == Verdict.CLEAN
+    assert verdict(**quiet, direction_p=np.nextafter(BAR, 0), direction_share=0.3) == Verdict.SEPARATE
+    assert verdict(**quiet, direction_p=BAR, direction_share=0.3) == Verdict.CLEAN
+    assert verdict(False, **quiet, direction_p=1e-30, direction_share=0.3) == Verdict.CLEAN
+    # a class too small to act on, or one the model has not learned, is not separated by it either
+    assert verdict(**quiet, n_scanned=T.min_class - 1, direction_p=1e-30) != Verdict.SEPARATE
+    assert verdict(**quiet, train_fit=0.01, direction_p=1e-30) == Verdict.CLEAN
+    why = decide(ClassStats(**{**CAND, **quiet, "trusted": True, "direction_p": 1e-12, "direction_share": 0.27}), T)[1]
+    assert "27% of the class lies beyond every trusted sample" in why and "p=1e-12" in why

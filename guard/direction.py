@@ -1,0 +1,90 @@
+"""Scan stage 4b: a class's main direction of variation, held against its trusted samples.
+
+A poisoned class is a mixture of its benign samples and a cluster that shares the trigger. Once
+the cluster is a sizeable part of the class, it is the class's main direction of variation (its
+top principal component) at the layers that carry the trigger, whether or not it lowers the
+cosine to the class direction that the out-of-spread count reads (a blend the model has learned
+can leave that cosine alone and still be linearly apart from the benign samples).
+
+The test, per class and layer: fit the top principal component on one half of the class's
+(screened) samples, project the other half and the class's trusted samples on it, and count the
+held-out samples beyond every trusted sample on each side; then swap the halves.
+
+Calibrated without a model of the features. Were the class clean (its training samples
+exchangeable with its trusted ones), the held-out share beyond the trusted extreme along a
+direction fitted without either is Beta(1, n_ref), so the count is Beta-binomial
+(:func:`guard.decide.beyond_reference_p`); summed over two halves fitted apart it is no more
+dispersed than that. Each half's direction is signed by its own (fit-half) skew, so both sides
+are tested (x 2), at every layer given (x layers): :attr:`DirectionTest.p` carries both
+corrections. Needs a trusted reference: a trust-free one is the hard half of each class, not
+exchangeable with the rest.
+
+Cost: two n x n Gram eigendecompositions per class and layer (n: the screen's half), no D x D
+matrix; deterministic (no random projection), so every rank of a distributed run agrees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from guard.decide import beyond_reference_p
+
+
+@dataclass(frozen=True)
+class DirectionTest:
+    """The most significant layer's result for one class."""
+
+    p: float              # corrected for both sides and every layer tested
+    layer: int            # position in the layer list given
+    share: float          # share of the samples beyond every trusted sample on the significant side
+    beyond: np.ndarray    # (n,) bool: held-out projection beyond every trusted one, on that side
+    z: np.ndarray         # (n,) held-out projection in trusted standard deviations, that side positive
+
+
+def top_direction(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, unit top principal direction)`` of the rows of ``x``, from the n x n Gram matrix."""
+    mu = x.mean(0)
+    xc = x - mu
+    _, vecs = torch.linalg.eigh(xc @ xc.T)
+    v = xc.T @ vecs[:, -1]
+    return mu, v / v.norm().clamp_min(1e-12)
+
+
+def _halves(units: torch.Tensor, ref: torch.Tensor, folds: np.ndarray) -> tuple[np.ndarray, list]:
+    """Held-out projections of every sample (by the other half's signed direction) and, per half,
+    the trusted samples' projections on that half's direction."""
+    proj, ref_proj = np.zeros(len(units)), []
+    for f in (0, 1):
+        fit, out = torch.from_numpy(folds != f), folds == f
+        mu, v = top_direction(units[fit])
+        p_fit = (units[fit] - mu) @ v
+        sign = 1.0 if float(((p_fit - p_fit.mean()) ** 3).sum()) >= 0 else -1.0
+        proj[out] = sign * ((units[torch.from_numpy(out)] - mu) @ v).numpy()
+        ref_proj.append((out, sign * ((ref - mu) @ v).numpy()))
+    return proj, ref_proj
+
+
+def direction_test(units: list[torch.Tensor], ref: list[torch.Tensor], rng_seed: int = 0) -> DirectionTest | None:
+    """Test one class: ``units`` are its screened samples' unit features per layer, ``ref`` its
+    trusted samples' at the same layers. None when either has too few samples to split and fit
+    (fewer than 4 screened, fewer than 2 trusted)."""
+    n, n_ref = len(units[0]), len(ref[0])
+    if n < 4 or n_ref < 2:
+        return None
+    folds = np.random.default_rng(rng_seed).permutation(n) % 2
+    best = None
+    for li, (x, r) in enumerate(zip(units, ref)):
+        proj, ref_proj = _halves(x.float(), r.float(), folds)     # float32: 8x faster than float64 here
+        for side in (1.0, -1.0):
+            beyond, z = np.zeros(n, bool), np.zeros(n)
+            for out, rp in ref_proj:
+                p_out, rp = side * proj[out], side * rp
+                beyond[out] = p_out > rp.max()
+                z[out] = (p_out - rp.mean()) / max(float(rp.std()), 1e-12)
+            p = min(1.0, 2 * len(units) * beyond_reference_p(int(beyond.sum()), n, n_ref))
+            if best is None or p < best.p:
+                best = DirectionTest(p, li, float(beyond.mean()), beyond, z)
+    return best

@@ -1,0 +1,66 @@
+"""The main-direction test (guard.direction) on synthetic features: it finds a cluster that moves part
+of a class along one direction, and on a clean class its p-value holds its rate."""
+
+import numpy as np
+import torch
+
+from guard.direction import direction_test, top_direction
+from guard.reference import unit
+
+
+def _class(n, d, rng, shift=0.0, share=0.0):
+    """Unit features of ``n`` samples around a common mean; a ``share`` of them moved by ``shift``
+    along one direction orthogonal to the mean (a trigger that leaves the cosine to the class
+    direction nearly alone)."""
+    mean = np.zeros(d)
+    mean[0] = 4.0
+    x = mean + rng.standard_normal((n, d))
+    moved = np.zeros(n, bool)
+    moved[: int(share * n)] = True
+    x[moved, 1] += shift
+    return [unit(torch.from_numpy(x))], moved
+
+
+def test_top_direction_is_the_first_principal_component():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 5)) * np.array([5.0, 1, 1, 1, 1])
+    mu, v = top_direction(torch.from_numpy(x))
+    assert abs(float(v[0])) > 0.99 and abs(float(v.norm()) - 1) < 1e-9
+    assert torch.allclose(mu, torch.from_numpy(x.mean(0)))
+
+
+def test_a_third_of_a_class_moved_along_one_direction_is_found_and_is_what_lies_beyond():
+    rng = np.random.default_rng(1)
+    units, moved = _class(600, 32, rng, shift=5.0, share=1 / 3)
+    ref, _ = _class(100, 32, rng)
+    test = direction_test(units, ref)
+    assert test.p < 1e-6 and test.layer == 0
+    assert test.share > 0.2
+    assert moved[test.beyond].mean() > 0.95          # what lies beyond is the moved part
+    assert test.z[moved].mean() > test.z[~moved].mean() + 2
+
+
+def test_on_clean_classes_the_p_value_holds_its_rate_with_few_trusted_samples():
+    rng = np.random.default_rng(2)
+    ps = []
+    for _ in range(200):
+        units, _ = _class(120, 16, rng)
+        ref, _ = _class(10, 16, rng)
+        units.append(_class(120, 8, rng)[0][0])       # two layers: the correction covers both
+        ref.append(_class(10, 8, rng)[0][0])
+        ps.append(direction_test(units, ref).p)
+    ps = np.array(ps)
+    assert (ps < 0.05).mean() <= 0.05 + 0.03          # at most the nominal rate (plus binomial slack)
+    assert (ps < 1e-3).sum() == 0
+
+
+def test_deterministic_and_leaves_the_global_rng_alone():
+    rng = np.random.default_rng(3)
+    units, _ = _class(100, 16, rng, shift=2.0, share=0.3)
+    ref, _ = _class(20, 16, rng)
+    state = torch.get_rng_state()
+    a, b = direction_test(units, ref, rng_seed=5), direction_test(units, ref, rng_seed=5)
+    assert torch.equal(state, torch.get_rng_state())
+    assert a.p == b.p and np.array_equal(a.beyond, b.beyond)
+    assert direction_test([u[:3] for u in units], ref) is None     # too few to split
+    assert direction_test(units, [r[:1] for r in ref]) is None
