@@ -320,7 +320,7 @@ class Scanner:
         cent = Centroids([st.suspects.sums[i] for i in layer_ids], [st.cal.reference.sums[i] for i in layer_ids],
                          {c: np.array([li in w for li in layer_ids]) for c, w in st.windows.items()})
         ref = self._reference_feats(st, st.windows, names)
-        screen_rows = self._screen_rows(st)
+        screen_rows = self._screen_rows(st, st.windows, 1)
         z_of, ref_z = cent.reference_z(ref, self.th.screen_z, self.th.std_floor)
         z1, lab1, screen_units, cent = self._screen(train, st, screen_rows, layer_ids, cent, z_of)
         separated = self._decide_screened(st, z1, lab1, ref_z, ref.labels)
@@ -346,11 +346,13 @@ class Scanner:
             sel = st.labels[rows] == c
             self._flag(st, c, rows[sel], z_all[sel], Verdict.SEPARATE)
 
-    def _screen_rows(self, st: ScanState) -> np.ndarray:
-        rng = np.random.default_rng([self.cfg.seed, 1])
+    def _screen_rows(self, st: ScanState, classes, stream: int) -> np.ndarray:
+        """Sorted rows of a random screen of at most ``screen_per_class`` samples of each of ``classes``
+        (drawn from the generator ``(seed, stream)``, one stream per stage)."""
+        rng = np.random.default_rng([self.cfg.seed, stream])
         n = self.th.screen_per_class
         return np.sort(np.concatenate([rng.choice(r, min(len(r), n), replace=False)
-                                       for r in (np.flatnonzero(st.labels == c) for c in st.windows)]))
+                                       for r in (np.flatnonzero(st.labels == c) for c in classes)]))
 
     def _screen(self, train: Dataset, st: ScanState, screen_rows: np.ndarray, layer_ids: list[int],
                 cent: Centroids, z: Zscore) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor], Centroids]:
@@ -405,8 +407,9 @@ class Scanner:
     # ---- stage 4b: direction --------------------------------------------------------------------
     def direction(self, train: Dataset, st: ScanState) -> None:
         """Trusted reference only: every class not yet separate (nor unlearned by the model),
-        including one that earlier scans took samples from (leftovers), is tested for a main direction of variation that puts more of a screen of it
-        beyond every trusted sample than a clean class could (:mod:`guard.direction`), at the probe
+        including one that earlier scans took samples from (leftovers), is tested for a main
+        direction of variation that puts more of a screen of it beyond every trusted sample than a
+        clean class could (:mod:`guard.direction`), at the probe
         layers. A class that passes (:func:`decide`) is separate: the samples beyond seed its probe
         (:mod:`guard.probe`), and a pass over the class scores every sample with it. Where no probe can
         be fitted the class is left at its verdict, with the test in its reason."""
@@ -418,9 +421,7 @@ class Scanner:
             return
         probe_ids = self._probe_layers()
         names = [self.layers[i] for i in probe_ids]
-        rng = np.random.default_rng([self.cfg.seed, 3])
-        rows = np.sort(np.concatenate([rng.choice(r, min(len(r), th.screen_per_class), replace=False)
-                                       for r in (np.flatnonzero(st.labels == c) for c in todo)]))
+        rows = self._screen_rows(st, todo, 3)
         units = _units(self._read(st, train, rows, probe_ids, "scan/direction"), len(probe_ids), torch.float32)
         ref = self._reference_feats(st, todo, names)
         at, seeds = list(range(len(names))), {}
@@ -443,17 +444,7 @@ class Scanner:
             if c not in probes:
                 st.classes[c].reason += ("; no probe could be fitted on the samples beyond, so nothing is taken "
                                          "(the next scan tests the class again)")
-        if not probes:
-            return
-        rows = st.rows_of(probes)
-        z_all, done = np.zeros(len(rows)), 0
-        for b in self._read(st, train, rows, probe_ids, "scan/direction-confirm"):
-            bl = b.labels.numpy()
-            self._apply_probes(probes, [unit(f.double()) for f in b.feats], bl, z_all[done:])
-            done += len(bl)
-        for c in probes:
-            sel = st.labels[rows] == c
-            self._flag(st, c, rows[sel], z_all[sel], Verdict.SEPARATE)
+        self._flag_probed(train, st, probes, probe_ids, "scan/direction-confirm", Verdict.SEPARATE)
 
     # ---- stage 5: follow up --------------------------------------------------------------------
     def follow_up(self, train: Dataset, st: ScanState, follow: dict[int, np.ndarray]) -> None:
@@ -470,17 +461,7 @@ class Scanner:
         probes = self._fit_probes(st, screens, ref, list(range(len(names))), names)
         if len(probes) < len(follow):
             self._follow_centroid(train, st, {c: follow[c] for c in follow if c not in probes})
-        if not probes:
-            return
-        rows = st.rows_of(probes)
-        z_all, done = np.zeros(len(rows)), 0
-        for b in self._read(st, train, rows, probe_ids, "scan/follow-up"):
-            bl = b.labels.numpy()
-            self._apply_probes(probes, [unit(f.double()) for f in b.feats], bl, z_all[done:])
-            done += len(bl)
-        for c in probes:
-            sel = st.labels[rows] == c
-            self._flag(st, c, rows[sel], z_all[sel], Verdict.LIKE_QUARANTINED)
+        self._flag_probed(train, st, probes, probe_ids, "scan/follow-up", Verdict.LIKE_QUARANTINED)
 
     def _follow_screens(self, train: Dataset, st: ScanState, follow: dict[int, np.ndarray],
                         layer_ids: list[int]) -> dict[int, tuple[list[torch.Tensor], np.ndarray]]:
@@ -596,6 +577,22 @@ class Scanner:
             m = np.flatnonzero(labels == c)
             if len(m):
                 out[m] = probe.z([u[torch.from_numpy(m)] for u in units])
+
+    def _flag_probed(self, train: Dataset, st: ScanState, probes: dict[int, Probe], probe_ids: list[int], desc: str,
+                     verdict: Verdict) -> None:
+        """Score every sample of the ``probes``' classes with its class's probe (one read at the probe
+        layers) and flag them as ``verdict``."""
+        if not probes:
+            return
+        rows = st.rows_of(probes)
+        z_all, done = np.zeros(len(rows)), 0
+        for b in self._read(st, train, rows, probe_ids, desc):
+            bl = b.labels.numpy()
+            self._apply_probes(probes, [unit(f.double()) for f in b.feats], bl, z_all[done:])
+            done += len(bl)
+        for c in probes:
+            sel = st.labels[rows] == c
+            self._flag(st, c, rows[sel], z_all[sel], verdict)
 
     def _flag(self, st: ScanState, c: int, rows: np.ndarray, z: np.ndarray, verdict: Verdict) -> None:
         """A confirmed class: its samples' suspicion is ``z``, held to ``flag_z`` (a separate cluster) or
