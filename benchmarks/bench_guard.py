@@ -203,7 +203,7 @@ def render_benchmarks(results: Path = HERE / "results", target: Path = HERE.pare
                       "| ranks | scan s | guard MB per rank | quarantined |", "|---|---|---|---|",
                       f"| 1 | {one['median']:.2f} | {one['guard_mb']:.2f} | {one['quarantined']} |",
                       f"| 2 | {max(r['median'] for r in two):.2f} | "
-                      " / ".join(f"{r['guard_mb']:.2f}" for r in two) + f" | {two[0]['quarantined']} |", "",
+                      + " / ".join(f"{r['guard_mb']:.2f}" for r in two) + f" | {two[0]['quarantined']} |", "",
                       f"speed-up {saved['speedup']:.2f}x; identical quarantine on both ranks and the single "
                       f"process: {saved['same_quarantine']}.", ""]
             continue

@@ -18,6 +18,15 @@ a tuning on them must be reported on another ``--zoo-seed``.
     taskset -c 0 python benchmarks/bench_zoo.py --scan --part 0/2 --out a.json &
     taskset -c 1 python benchmarks/bench_zoo.py --scan --part 1/2 --out b.json
     python benchmarks/bench_zoo.py --merge a.json b.json        # -> results/zoo_cifar10.json, BENCHMARKS.md
+
+Whole guarded runs of the learned triggers (what the guard does after its first catch: follow-ups,
+unlearning and its sweep, the final attack success), each beside its unguarded twin in lockstep:
+
+    Z="--zoo-seed 1 --guarded benchmarks/results/zoo_cifar10_seed1.json"
+    taskset -c 0 python benchmarks/bench_zoo.py $Z --part 0/2 --out a.json &
+    taskset -c 1 python benchmarks/bench_zoo.py $Z --part 1/2 --out b.json
+    python benchmarks/bench_zoo.py --zoo-seed 1 --merge-guarded a.json b.json \\
+        --out benchmarks/results/zoo_cifar10_seed1_guarded.json
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ sys.path.insert(0, str(HERE.parent))
 from benchmarks.bench_guard import render_benchmarks  # noqa: E402
 from benchmarks.bench_harm import name, scan_rows, train  # noqa: E402
 from guard.attacks import make_attack  # noqa: E402
-from guard.experiment import RunSpec  # noqa: E402
+from guard.experiment import RunSpec, run  # noqa: E402
 
 ZOO_SEED, N_TRAIN, EPOCHS, LR, TRUSTED = 0, 4000, 20, 0.05, 50
 KEEP = (3, 7, 11, 15, 19)          # every other scan of GuardConfig()'s default schedule
@@ -94,6 +103,43 @@ def markdown(table: list[dict], zoo_seed: int = ZOO_SEED) -> str:
     return "\n".join(lines)
 
 
+def guarded_row(trigger: str, r: dict) -> dict:
+    """One whole guarded run of a zoo trigger beside its unguarded twin."""
+    g, u = r["guarded"], r["unguarded"]
+    atk = make_attack(trigger)
+    return {"trigger": trigger, "family": atk.name, "target": atk.target, "rate": atk.rate,
+            "tpr": g["tpr"], "fpr": g["fpr"], "asr_unguarded": u["attack_success"], "asr_guarded": g["attack_success"],
+            "asr_correct_unguarded": u["attack_success_correct"], "asr_correct_guarded": g["attack_success_correct"],
+            "acc_unguarded": u["clean_acc"], "acc_guarded": g["clean_acc"],
+            "first_catch": next((s["epoch"] for s in r["scans"] if s["new_quarantined"]), None),
+            "swept": sum(w["taken"] for s in r["scans"] for w in s.get("sweep", [])),
+            "quarantined_by_scan": [s["new_quarantined"] for s in r["scans"]], "epochs": [s["epoch"] for s in r["scans"]]}
+
+
+def guarded_markdown(rows: list[dict], zoo_seed: int) -> str:
+    pct = lambda v: f"{v:.1%}"  # noqa: E731
+    lines = [f"`python benchmarks/bench_zoo.py --guarded`: zoo seed {zoo_seed}, the triggers its unguarded runs learned "
+             f"(attack success >= 30 % in `zoo_cifar10_seed{zoo_seed}`), each trained again as a whole guarded run "
+             f"(`GuardConfig()` defaults, {TRUSTED} trusted a class, scans at epochs 3, 5, ...) beside its unguarded twin "
+             f"in lockstep (same warm-up); {N_TRAIN:,} CIFAR-10 images, crop + flip, width-16 ResNet-18, SGD {LR} cosine, "
+             f"{EPOCHS} epochs. ASR: attack success over non-target test images; (correct): over those classified "
+             "correctly without the trigger. swept: quarantined by the unlearning sweep.", "",
+             "| trigger | family | target / rate | TPR | FPR | ASR no guard | ASR guard | ASR(correct) no guard | "
+             "ASR(correct) guard | acc no guard | acc guard | first catch | quarantined by scan | swept |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['trigger']} | {r['family']} | {r['target']} / {r['rate']:.1%} | {pct(r['tpr'])} | "
+                     f"{pct(r['fpr'])} | {pct(r['asr_unguarded'])} | {pct(r['asr_guarded'])} | "
+                     f"{pct(r['asr_correct_unguarded'])} | {pct(r['asr_correct_guarded'])} | {pct(r['acc_unguarded'])} | "
+                     f"{pct(r['acc_guarded'])} | {r['first_catch'] or '-'} | "
+                     f"{'/'.join(str(q) for q in r['quarantined_by_scan'])} | {r['swept']} |")
+    met = [r for r in rows if r["tpr"] >= 0.95 and r["fpr"] <= 0.01 and r["asr_correct_guarded"] <= 0.05
+           and r["acc_guarded"] >= r["acc_unguarded"] - 0.02]
+    lines += ["", f"Meeting all four targets (TPR >= 95 %, FPR <= 1 %, ASR(correct) <= 5 %, accuracy within 2 points): "
+              f"{len(met)} of {len(rows)}."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", action="store_true")
@@ -105,8 +151,37 @@ def main() -> None:
     ap.add_argument("--cache", default=str(HERE.parent / "runs" / "zoo"))
     ap.add_argument("--out", default=str(HERE / "results" / "zoo_cifar10.json"))
     ap.add_argument("--merge", nargs="+", metavar="JSON")
+    ap.add_argument("--guarded", metavar="JSON",
+                    help="whole guarded runs of the triggers this zoo result file found learned")
+    ap.add_argument("--merge-guarded", nargs="+", metavar="JSON")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.merge_guarded:
+        parts = [json.loads(Path(p).read_text()) for p in a.merge_guarded]
+        order = {f"zoo:{a.zoo_seed}:{i}": i for i in range(a.n)}
+        rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: order.get(r["trigger"], 99))
+        md = guarded_markdown(rows, a.zoo_seed)
+        Path(a.out).write_text(json.dumps({"rows": rows, "runs": {k: v for p in parts for k, v in p["runs"].items()},
+                                           "markdown": md}, indent=1, default=float))
+        print(md)
+        render_benchmarks()
+        return
+    if a.guarded:
+        table = json.loads(Path(a.guarded).read_text())["table"]
+        learned = [r["trigger"] for r in table if r["family"] != "none" and r["asr_unguarded"] >= 0.3]
+        k, n = (int(x) for x in a.part.split("/"))
+        rows, runs = [], {}
+        for trigger in learned[k::n]:
+            atk = make_attack(trigger)
+            r = run(spec("zoo", trigger, atk.rate, 0))
+            r.pop("report")
+            for sc in r["scans"]:
+                sc.pop("reference_scores", None)          # per-sample plot data: not needed here
+            runs[trigger] = r
+            rows.append(guarded_row(trigger, r))
+            print(json.dumps(rows[-1]), flush=True)
+            Path(a.out).write_text(json.dumps({"rows": rows, "runs": runs}, default=float))
+        return
     todo = cells(a.zoo_seed, a.n, a.clean)
     if a.merge:
         rows = [r for p in a.merge for r in json.loads(Path(p).read_text())["rows"]]

@@ -25,15 +25,16 @@ from guard.extract import Extractor
 from guard.hooks import preserve_rng, unwrap_model
 from guard.remedy import (Unlearning, allowed_fit, chance_fit, predictions, restart, split_check,
                           unlearn)
-from guard.report import (SAMPLE_COLUMNS, GuardReport, QuarantineRecord, RestoreRecord, ScanReport, atomic_write, now,
-                          quarantined_row)
+from guard.report import (SAMPLE_COLUMNS, GuardReport, QuarantineRecord, RestoreRecord, ScanReport, SweepReport,
+                          atomic_write, now, quarantined_row)
 from guard.sampler import GuardSampler
 from guard.scan import Scanner, ScanResult
 from guard.schedule import ScanSchedule
 from guard.setup import check_device, check_trusted, dataset_labels, layers_and_classes, length
+from guard.sweep import Sweep, SweepResult
 
 _REMEDY_FIELDS = ("remedy", "remedy_seconds", "remedy_fit_before", "remedy_fit_after", "remedy_fit_allowed",
-                  "remedy_steps")
+                  "remedy_steps", "sweep")
 
 
 class GuardedDataset(Dataset):
@@ -226,31 +227,56 @@ class GuardedDataset(Dataset):
             reference_scores=[] if res.reference_suspicion is None
             else np.round(res.reference_suspicion, 3).tolist())
         if self._records and (new or self.config.remedy == "unlearn"):
+            swept: list[SweepResult] = []
             if world()[0] == 0:                    # distributed: rank 0 changes the model, the others copy it
                 with preserve_rng():
-                    self._remedy(scan, scan_no, bool(new))
+                    swept = self._remedy(scan, scan_no, bool(new))
             if world()[1] > 1:
-                done = broadcast_object({k: getattr(scan, k) for k in _REMEDY_FIELDS}, "broadcast of rank 0's remedy")
+                done = broadcast_object({**{k: getattr(scan, k) for k in _REMEDY_FIELDS}, "swept": swept},
+                                        "broadcast of rank 0's remedy")
+                swept = done.pop("swept")
                 for k, v in done.items():
                     setattr(scan, k, v)
                 broadcast_model(unwrap_model(self.model))
+            self._take_swept(swept, scan, epoch)
         self.report.scans.append(scan)
         logger.info("guard: scan {} done in {:.1f}s: +{} quarantined ({} total); {}", scan_no, scan.seconds,
                     len(new), len(records), ", ".join(f"class {v.cls}: {v.verdict} ({v.n_flagged})"
                                                        for v in res.classes if v.n_flagged) or "nothing separates")
         return scan
 
-    def _remedy(self, scan: ScanReport, scan_no: int, new: bool) -> None:
+    def _take_swept(self, swept: list[SweepResult], scan: ScanReport, epoch: int) -> None:
+        """Quarantine what the unlearning sweep exposed (:mod:`guard.sweep`)."""
+        records = dict(self._records)
+        for r in swept:
+            for i, z in zip(r.taken.tolist(), r.score.tolist()):
+                if i not in records and i not in self._pinned:
+                    records[i] = QuarantineRecord(
+                        index=i, label=r.cls, scan=scan.scan, epoch=epoch, layer="logits", score=z, threshold=r.threshold,
+                        reason=f"exposed by unlearning in class {r.cls}: its label's margin fell further than every "
+                               f"trusted sample's (p = {r.p:.1e} for {r.beyond} of {r.n})")
+        added = len(records) - len(self._records)
+        if added:
+            self._records = records
+            self._quarantine_changed()
+            scan.new_quarantined += added
+            scan.total_quarantined = len(records)
+            logger.info("guard: unlearning exposed {} more samples ({})", added,
+                        ", ".join(f"class {r.cls}: {len(r.taken)}" for r in swept if len(r.taken)))
+
+    def _remedy(self, scan: ScanReport, scan_no: int, new: bool) -> list[SweepResult]:
         """``restart`` after new quarantines. ``unlearn`` whenever the model fits the held-out check
         set of quarantined samples (predicts the label they carry) more than chance allows (see
         :mod:`guard.remedy`): right after they are found if the backdoor was already learned, and at
         any later scan if a suppressed backdoor creeps back. Nothing is unlearned while the model
-        does not know what they teach."""
+        does not know what they teach. With a trusted set, each unlearning is swept (see
+        :mod:`guard.sweep`); returns what the sweep found, for :meth:`_take_swept`."""
         cfg = self.config
         if cfg.remedy == "none":
-            return
+            return []
         model = unwrap_model(self.model)           # DDP's own forward would wait for the other ranks
         t = time.monotonic()
+        found: list[SweepResult] = []
         if cfg.remedy == "restart":
             assert self._initial_state is not None
             scan.remedy = cfg.remedy
@@ -267,13 +293,30 @@ class GuardedDataset(Dataset):
             if fit <= allowed:
                 logger.info("guard: the model predicts {:.1%} of the held-out quarantined samples as their label "
                             "(chance: up to {:.1%}): nothing to unlearn", fit, allowed)
-                return
+                return []
             logger.info("guard: the model predicts {:.1%} of the held-out quarantined samples as their label "
                         "(chance: up to {:.1%}){}: unlearning", fit, allowed, "" if new else " again")
             scan.remedy = cfg.remedy
+            sweep = self._sweep(model, sorted({r.label for r in recs}))
             job = Unlearning(self.dataset, self.kept_indices(), train, check, fit, allowed, cfg.seed + scan_no)
             scan.remedy_fit_after, scan.remedy_steps = unlearn(model, job, self.feed, cfg, self._unlearner)
+            if sweep is not None:
+                found = sweep.after(cfg.thresholds.max_false_alarm / self.num_classes)
+                scan.sweep = [SweepReport(cls=r.cls, n=r.n, n_ref=r.n_ref, beyond=r.beyond, p=r.p, taken=len(r.taken))
+                              for r in found]
         scan.remedy_seconds = time.monotonic() - t
+        return found
+
+    def _sweep(self, model: nn.Module, classes: list[int]) -> Sweep | None:
+        """The margins before unlearning of ``classes``' kept and trusted samples (trusted set only)."""
+        if self.trusted is None:
+            return None
+        kept = self.kept_indices()
+        res = self.last_result
+        trusted_labels = (res.reference_labels if res is not None and res.reference_labels is not None
+                          else dataset_labels(self.trusted, self.adapter, "trusted", np.arange(len(self.trusted))))
+        return Sweep(model, self.feed, self._source, kept, self._labels[kept], self.trusted,
+                     np.asarray(trusted_labels), classes)
 
     def _unlearner(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """The optimizer of the unlearning steps: like the user's, at its current learning rate."""

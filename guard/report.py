@@ -65,6 +65,17 @@ class ClassReport(BaseModel):
 
 
 
+class SweepReport(BaseModel):
+    """One class's unlearning sweep (:mod:`guard.sweep`)."""
+
+    cls: int
+    n: int = Field(description="kept samples of the class measured before and after unlearning")
+    n_ref: int = Field(description="its trusted samples")
+    beyond: int = Field(description="kept samples whose margin fell further than every trusted sample's")
+    p: float = Field(description="p-value of that count for a clean class (see decide.beyond_reference_p)")
+    taken: int = Field(description="quarantined: the samples beyond when p is under the bar, else 0")
+
+
 class ScanReport(BaseModel):
     scan: int
     epoch: int
@@ -92,6 +103,8 @@ class ScanReport(BaseModel):
         None, description="the fit that counts as unlearned: how often benign images of other classes are "
                           "predicted as those labels, plus two standard errors")
     remedy_steps: int = 0
+    sweep: list[SweepReport] = Field(
+        default=[], description="after unlearning: the quarantined classes' kept samples tested by their margin's fall")
     reference_scores: list[float] = Field(
         default=[], description="suspicion of the benign reference samples on the same scale (for plots)")
 
@@ -127,6 +140,8 @@ _MEANING = {
     "separate cluster": "part of the class sits apart from that class's benign samples in the model's features at "
                         "the named layers, as samples carrying a trigger do; that part was quarantined",
     "like quarantined": "samples that resemble ones already quarantined from the class, at the named layers",
+    "exposed by unlearning": "kept samples of a quarantined class whose label the model fitted far less once what "
+                             "the quarantined samples taught was unlearned (more than any trusted sample of the class)",
     "flagged by paper rule": "below the paper's similarity threshold at its critical layer (critical_rule='paper')",
 }
 
@@ -180,11 +195,13 @@ class GuardReport(BaseModel):
             lines.append(f"  scan {s.scan} @ epoch {s.epoch}: {s.seconds:.1f}s, {s.calibration} reference, "
                          f"+{s.new_quarantined} quarantined" + "".join(
                              f"; class {c.cls}: {c.verdict} at {'/'.join(c.critical_layers)} ({c.n_flagged})"
-                             for c in acted) + ("" if acted else "; nothing separates"))
+                             for c in acted) + ("" if acted else "; nothing separates") + "".join(
+                             f"; class {w.cls}: exposed by unlearning ({w.taken})" for w in s.sweep if w.taken))
             lines.extend(f"    warning: {w}" for w in s.warnings)
         if self.restores:
             lines.append(f"  restored: {sum(len(r.indices) for r in self.restores)} samples")
         said = {c.verdict for s in self.scans for c in s.classes if c.n_flagged}
+        said |= {"exposed by unlearning" for s in self.scans for w in s.sweep if w.taken}
         lines.extend(f"  ({v}: {_MEANING[v]})" for v in sorted(said) if v in _MEANING)
         return "\n".join(lines)
 
