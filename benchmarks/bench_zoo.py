@@ -129,14 +129,17 @@ def guarded_markdown(rows: list[dict], zoo_seed: int) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['trigger']} | {r['family']} | {r['target']} / {r['rate']:.1%} | {pct(r['tpr'])} | "
-                     f"{pct(r['fpr'])} | {pct(r['asr_unguarded'])} | {pct(r['asr_guarded'])} | "
+                     f"{r['fpr']:.2%} | {pct(r['asr_unguarded'])} | {pct(r['asr_guarded'])} | "
                      f"{pct(r['asr_correct_unguarded'])} | {pct(r['asr_correct_guarded'])} | {pct(r['acc_unguarded'])} | "
                      f"{pct(r['acc_guarded'])} | {r['first_catch'] or '-'} | "
                      f"{'/'.join(str(q) for q in r['quarantined_by_scan'])} | {r['swept']} |")
-    met = [r for r in rows if r["tpr"] >= 0.95 and r["fpr"] <= 0.01 and r["asr_correct_guarded"] <= 0.05
-           and r["acc_guarded"] >= r["acc_unguarded"] - 0.02]
-    lines += ["", f"Meeting all four targets (TPR >= 95 %, FPR <= 1 %, ASR(correct) <= 5 %, accuracy within 2 points): "
-              f"{len(met)} of {len(rows)}."]
+    learned = [r for r in rows if max(r["asr_unguarded"], r["asr_guarded"]) >= 0.3]
+    three = [r for r in learned if r["tpr"] >= 0.95 and r["asr_correct_guarded"] <= 0.05
+             and r["acc_guarded"] >= r["acc_unguarded"] - 0.02]
+    met = [r for r in three if r["fpr"] <= 0.01]
+    lines += ["", f"Learned in these runs (attack success >= 30 % guarded or not; sample order differs from the "
+              f"unguarded zoo run): {len(learned)} of {len(rows)}. Meeting TPR >= 95 %, ASR(correct) <= 5 % and accuracy "
+              f"within 2 points: {len(three)} of {len(learned)}; and FPR <= 1 % as well: {len(met)} of {len(learned)}."]
     return "\n".join(lines)
 
 
