@@ -312,11 +312,9 @@ class GuardedDataset(Dataset):
         if self.trusted is None:
             return None
         kept = self.kept_indices()
-        res = self.last_result
-        trusted_labels = (res.reference_labels if res is not None and res.reference_labels is not None
-                          else dataset_labels(self.trusted, self.adapter, "trusted", np.arange(len(self.trusted))))
+        assert self.last_result is not None       # a remedy follows the scan that read every trusted label, in order
         return Sweep(model, self.feed, self._source, kept, self._labels[kept], self.trusted,
-                     np.asarray(trusted_labels), classes)
+                     self.last_result.reference_labels, classes)
 
     def _unlearner(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """The optimizer of the unlearning steps: like the user's, at its current learning rate."""

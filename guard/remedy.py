@@ -22,7 +22,7 @@ CPU and recent GPUs), like scans.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,15 +72,22 @@ def split_check(indices: np.ndarray, scores: np.ndarray, seed: int, t: Threshold
     return np.setdiff1d(indices, chosen), np.sort(chosen)
 
 
+def eval_logits(model: nn.Module, dataset: Dataset, indices: np.ndarray, feed: Feed,
+                batch_size: int = 128) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(logits, carried labels)`` of ``indices``, batch by batch, with the model in eval mode
+    (:func:`~guard.hooks.scan_mode`) and under the guard's autocast."""
+    with scan_mode(model):
+        for start in range(0, len(indices), batch_size):
+            inputs, lab = feed.adapter.split(_batch(dataset, indices[start:start + batch_size]))
+            yield feed.logits(model, inputs), lab
+
+
 def predictions(model: nn.Module, dataset: Dataset, indices: np.ndarray, feed: Feed) -> tuple[np.ndarray, np.ndarray]:
     """The eval-mode predicted class and the carried label of each of ``indices``."""
     preds, labels = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
-    with scan_mode(model):
-        for start in range(0, len(indices), 128):
-            inputs, lab = feed.adapter.split(_batch(dataset, indices[start:start + 128]))
-            logits = feed.logits(model, inputs)
-            preds.append(logits.argmax(1).cpu().numpy())
-            labels.append(lab.numpy())
+    for logits, lab in eval_logits(model, dataset, indices, feed):
+        preds.append(logits.argmax(1).cpu().numpy())
+        labels.append(lab.numpy())
     return np.concatenate(preds), np.concatenate(labels)
 
 

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from torch import nn
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from guard.batches import Feed
 from guard.decide import beyond_reference_p
-from guard.hooks import scan_mode
+from guard.remedy import eval_logits
 
 
 def label_margins(model: nn.Module, dataset: Dataset, indices: np.ndarray, feed: Feed,
@@ -39,15 +39,11 @@ def label_margins(model: nn.Module, dataset: Dataset, indices: np.ndarray, feed:
     """Eval-mode margin of each sample's carried label: its logit minus the largest other logit
     (positive: predicted as its label); float64 (n,)."""
     out = [np.empty(0)]
-    with scan_mode(model):
-        for start in range(0, len(indices), batch_size):
-            batch = default_collate([dataset[int(i)] for i in indices[start:start + batch_size]])
-            inputs, labels = feed.adapter.split(batch)
-            logits = feed.logits(model, inputs).float()
-            labels = labels.to(logits.device)
-            own = logits.gather(1, labels[:, None])[:, 0]
-            other = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
-            out.append((own - other).double().cpu().numpy())
+    for logits, labels in eval_logits(model, dataset, indices, feed, batch_size):
+        logits, labels = logits.float(), labels.to(logits.device)
+        own = logits.gather(1, labels[:, None])[:, 0]
+        other = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
+        out.append((own - other).double().cpu().numpy())
     return np.concatenate(out)
 
 
