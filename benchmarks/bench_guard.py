@@ -52,7 +52,34 @@ def row(name: str, r: dict) -> dict:
         "scan_s": first_scan, "epoch_s": r["epoch_seconds_median"],
         "guard_mem_mb": r["guard_scan_memory_mb"],
         "max_class_drop": max_class_drop(r["scans"]),
+        "covers_quarantined": g.get("cover_flagged", float("nan")),
     }
+
+
+def layer_auroc(gds, data) -> dict:
+    """Per layer, the AUROC of the poison against the benign samples of the target class (cosine to
+    the trusted class mean, the paper's score; cover samples left out), at the scan just run: what
+    the layer-wise features show. All-to-all attacks have no single target class: empty."""
+    from sklearn.metrics import roc_auc_score
+
+    from guard.hooks import scan_mode
+    from guard.reference import Reference
+
+    targets = np.unique(data.labels[data.poisoned])
+    if data.attack is None or len(targets) != 1 or data.trusted is None:
+        return {}
+    target = int(targets[0])
+    rows = np.setdiff1d(np.flatnonzero(data.labels == target), data.cover)
+    truth = np.isin(rows, data.poisoned)
+    with scan_mode(gds.scanner.model):
+        ref = None
+        for b in gds.extractor.stream(data.trusted, gds.layers, None, "auroc/trusted"):
+            ref = ref or Reference([f.shape[1] for f in b.feats], gds.num_classes)
+            ref.update(b.feats, b.labels)
+        cos = np.concatenate([ref.score(b.feats, b.labels).numpy()
+                              for b in gds.extractor.stream(data.scan, gds.layers, rows, "auroc/target")])
+    return {"epoch": gds.report.scans[-1].epoch, "target": target,
+            "auroc": {name: float(roc_auc_score(truth, -cos[:, i])) for i, name in enumerate(gds.layers)}}
 
 
 def max_class_drop(scans: list[dict]) -> float:
@@ -102,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trusted", type=int, default=100, help="trusted samples per class")
+    ap.add_argument("--augment", action="store_true", help="random crop + flip in the training Dataset")
+    ap.add_argument("--attack-args", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="further attack fields, e.g. cover_rate=0.05 (JSON values)")
+    ap.add_argument("--layer-auroc", action="store_true",
+                    help="record per-layer AUROC of poison vs benign in the target class at each scan")
     ap.add_argument("--device", default="cpu", help="where the model trains, e.g. cuda")
     ap.add_argument("--guard", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="GuardConfig fields for every run, e.g. num_workers=8 (JSON values)")
@@ -138,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, atk, rate, tf in runs:
         spec = RunSpec(data="cifar10", attack=atk, rate=rate, n_train=a.n_train or None, epochs=a.epochs,
                        width=a.width, lr=a.lr, seed=a.seed, trust_free=tf, device=a.device,
+                       trusted_per_class=a.trusted, augment=a.augment,
+                       attack_kwargs={k: json.loads(v) for k, v in (g.split("=", 1) for g in a.attack_args)}
+                       if atk else {},
                        guard={k: json.loads(v) for k, v in (g.split("=", 1) for g in a.guard)})
-        r = run(spec, compare=not tf)
+        r = run(spec, compare=not tf, on_scan=layer_auroc if a.layer_auroc and not tf else None)
         r.pop("report")
         results[name] = r
         rows.append(row(name, r))
@@ -147,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"machine": platform.platform(), "processor": platform.processor(), "python": sys.version.split()[0],
             "torch": torch.__version__, "threads": torch.get_num_threads(), "seed": a.seed,
             "n_train": next(iter(results.values()))["n_train"] if results else a.n_train, "epochs": a.epochs,
-            "width": a.width, "lr": a.lr, "device": a.device, "guard": a.guard,
+            "width": a.width, "lr": a.lr, "device": a.device, "guard": a.guard, "trusted": a.trusted,
+            "augment": a.augment, "attack_args": a.attack_args,
             "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
             "wall_seconds": time.time() - t0}
     write(Path(a.out), {"meta": meta, "rows": rows, "runs": results})
@@ -239,13 +276,62 @@ def render_benchmarks(results: Path = HERE / "results", target: Path = HERE.pare
         parts += [f"## {path.stem}", "",
                   f"CIFAR-10 {m['n_train']:,}-image subset, width-{m['width']} ResNet-18, {m['epochs']} epochs, "
                   f"lr {m['lr']}, seed {m['seed']}, torch {m['torch']}, "
+                  + ("random crop + flip, " if m.get("augment") else "")
+                  + (f"{m['trusted']} trusted per class, " if "trusted" in m else "")
                   + (f"trained on one {m['gpu']}" + (f" (GuardConfig {', '.join(m['guard'])})" if m.get("guard") else "")
                      + ", " if m.get("gpu") else "")
                   + f"{m['threads']} thread(s) per process, "
                   f"{len(metas)} process(es); {m['machine']}.", "", table(rows), "",
                   "max class drop (share of one class quarantined): " + ", ".join(
                       f"{r['run']} {fmt(r['max_class_drop'])} %" for r in rows), ""]
+        covers = [f"{r['run']} {fmt(r['covers_quarantined'])} %" for r in rows if not np.isnan(r["covers_quarantined"])]
+        if covers:
+            parts += ["cover samples quarantined (triggered, true label kept; counted as benign in FPR): "
+                      + ", ".join(covers), ""]
+        aurocs = auroc_lines(saved["runs"])
+        if aurocs:
+            png = results / "plots" / f"{path.stem}_layer_auroc.png"
+            plot_auroc(saved["runs"], png)
+            parts += ["Per-layer AUROC of the poison against the benign samples of the target class (cosine to "
+                      "the trusted class mean), at each scan: the best layer, and the head:", "", *aurocs, "",
+                      f"![{png.stem}](benchmarks/results/plots/{png.name})", ""]
     target.write_text("\n".join(parts))
+
+
+def auroc_lines(runs: dict) -> list[str]:
+    out = []
+    for name, r in runs.items():
+        scans = [s for s in r.get("on_scan", []) if s.get("auroc")]
+        if scans:
+            out.append(f"- {name}: " + "; ".join(
+                f"epoch {s['epoch']} {max(s['auroc'], key=s['auroc'].get)} {s['auroc'][max(s['auroc'], key=s['auroc'].get)]:.2f}"
+                f" (head {list(s['auroc'].values())[-1]:.2f})" for s in scans))
+    return out
+
+
+def plot_auroc(runs: dict, path: Path) -> None:
+    """One panel per run: per-layer AUROC, one line per scan."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = {n: [s for s in r.get("on_scan", []) if s.get("auroc")] for n, r in runs.items()}
+    cells = {n: s for n, s in cells.items() if s}
+    fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.6), squeeze=False)
+    for ax, (name, scans) in zip(axes[0], cells.items()):
+        layers = list(scans[0]["auroc"])
+        for s in scans:
+            ax.plot(range(len(layers)), [s["auroc"][k] for k in layers], "o-", ms=3, label=f"epoch {s['epoch']}")
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
+        ax.set_ylim(0.0, 1.02)
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("AUROC, poison vs benign (target class)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,9 @@ from guard.remedy import predictions
 @dataclass
 class RunSpec:
     data: str = "digits"                 # digits | cifar10
-    attack: str | None = "badnets"       # badnets | blended | wanet | None
+    attack: str | None = "badnets"       # a key of guard.attacks.ATTACKS, "zoo:SEED:INDEX", or None
     rate: float = 0.1
+    attack_kwargs: dict[str, Any] = field(default_factory=dict)   # further attack fields, e.g. cover_rate
     target: int = 0
     n_train: int | None = None           # per-class subset size x classes (None: all)
     imbalance: float = 1.0               # with n_train: long-tailed, class c gets n_train/C * imbalance^(-c/(C-1))
@@ -71,6 +72,7 @@ class Prepared:
     labels: np.ndarray
     num_classes: int
     make_model: Any
+    cover: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))   # triggered, label kept
 
 
 def prepare(spec: RunSpec) -> Prepared:
@@ -106,16 +108,16 @@ def prepare(spec: RunSpec) -> Prepared:
                                             for c in range(C)]))
     trusted_idx = stratified_indices(full.labels, spec.trusted_per_class, seed=spec.seed + 1, exclude=train_idx)
     train, trusted = full.subset(train_idx), full.subset(trusted_idx)
-    poisoned = np.empty(0, np.int64)
+    poisoned = cover = np.empty(0, np.int64)
     triggered = atk = None
     if spec.attack:
-        atk = make_attack(spec.attack, target=spec.target, rate=spec.rate, seed=spec.seed)
+        atk = make_attack(spec.attack, target=spec.target, rate=spec.rate, seed=spec.seed, **spec.attack_kwargs)
         res = atk.poison(train.images, train.labels)
-        train, poisoned = ArraySplit(res.images, res.labels), res.poisoned
+        train, poisoned, cover = ArraySplit(res.images, res.labels), res.poisoned, res.cover
         triggered = ArrayImageDataset(ArraySplit(*atk.triggered_test(test.images, test.labels)), mean, std)
     mk = lambda s, a=False: ArrayImageDataset(s, mean, std, augment=a)  # noqa: E731
     return Prepared(mk(train, spec.augment), mk(train), mk(trusted), mk(test), triggered, atk, poisoned,
-                    train.labels, C, make_model)
+                    train.labels, C, make_model, cover)
 
 
 def build_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
@@ -193,7 +195,12 @@ def trigger_floor(model: nn.Module, data: Prepared, spec: RunSpec) -> dict[str, 
     out = {}
     for name in ATTACKS:
         atk = make_attack(name, target=spec.target, rate=0.0, seed=spec.seed)
-        pred, _ = predict(model, ArrayImageDataset(ArraySplit(*atk.triggered_test(images, labels)), mean, std))
+        try:
+            triggered = ArraySplit(*atk.triggered_test(images, labels))
+        except ValueError as e:           # a trigger that does not fit these images (e.g. too small)
+            logger.warning("no trigger floor for {}: {}", name, e)
+            continue
+        pred, _ = predict(model, ArrayImageDataset(triggered, mean, std))
         a, c, clean = _success(atk, plain, labels, pred)
         out[name] = {"all": a, "correct": c, "clean": clean}
     return out
@@ -212,8 +219,9 @@ def _epoch(model: nn.Module, opt: torch.optim.Optimizer, loader: DataLoader, des
     return time.perf_counter() - t
 
 
-def detection(flagged: np.ndarray, poisoned: np.ndarray, n: int) -> dict[str, float]:
-    """TPR over poisoned samples, FPR over all benign samples, precision and F1."""
+def detection(flagged: np.ndarray, poisoned: np.ndarray, n: int, cover: np.ndarray | None = None) -> dict[str, float]:
+    """TPR over poisoned samples, FPR over all benign samples (cover samples count as benign),
+    precision and F1; with ``cover``, also the share of the cover samples flagged."""
     f = np.zeros(n, bool)
     f[flagged] = True
     p = np.zeros(n, bool)
@@ -222,8 +230,11 @@ def detection(flagged: np.ndarray, poisoned: np.ndarray, n: int) -> dict[str, fl
     tpr = tp / p.sum() if p.any() else float("nan")
     prec = tp / f.sum() if f.any() else float("nan")
     f1 = 2 * prec * tpr / (prec + tpr) if p.any() and f.any() and prec + tpr > 0 else 0.0
-    return {"tpr": tpr, "fpr": fp / max((~p).sum(), 1), "precision": prec, "f1": f1,
-            "flagged": int(f.sum()), "poisoned": int(p.sum())}
+    out = {"tpr": tpr, "fpr": fp / max((~p).sum(), 1), "precision": prec, "f1": f1,
+           "flagged": int(f.sum()), "poisoned": int(p.sum())}
+    if cover is not None and len(cover):
+        out["cover_flagged"] = float(f[cover].mean())
+    return out
 
 
 class _Twin:
@@ -250,11 +261,12 @@ class _Twin:
 
 
 def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None,
-        data: Prepared | None = None) -> dict[str, Any]:
+        data: Prepared | None = None, on_scan: Any = None) -> dict[str, Any]:
     """Train with the guard (and, with ``compare``, the unguarded twin, in lockstep) and measure.
     With ``out_dir``, the guard's files (report.json, quarantine.csv, samples.csv) and checkpoint.pt
     (model and guard state) are written there. ``data``: ``prepare(spec)`` when the caller has it
-    already."""
+    already. ``on_scan(gds, data)``: called after each scan, outside the timings; what it returns
+    is kept in ``out["on_scan"]``."""
     torch.manual_seed(spec.seed)
     data = prepare(spec) if data is None else data
     cfg = GuardConfig(**{"seed": spec.seed, **spec.guard})
@@ -283,13 +295,16 @@ def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None,
         scanned = len(gds.report.scans) > n_scans
         if scanned:
             paper.append(detection(gds.last_result.paper_flagged, data.poisoned, len(data.labels)))
+            if on_scan is not None:
+                out.setdefault("on_scan", []).append(on_scan(gds, data))
         logger.info("epoch {}/{}: {:.1f}s{}, {:,} samples quarantined", epoch + 1, spec.epochs, epoch_times[-1],
                     f" after a {scan_time:.1f}s scan" if scanned else "", len(gds.quarantined))
         if twin is not None:
             twin.epoch(f"unguarded epoch {epoch + 1}/{spec.epochs}")
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    out["guarded"] = {**measure(model, data), **detection(gds.quarantined, data.poisoned, len(data.labels))}
+    out["guarded"] = {**measure(model, data),
+                      **detection(gds.quarantined, data.poisoned, len(data.labels), data.cover)}
     if spec.attack is None:
         out["trigger_floor"] = trigger_floor(model, data, spec)
     scans = gds.report.scans

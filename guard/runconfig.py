@@ -38,9 +38,11 @@ class DataSection(_Strict):
 
 
 class AttackSection(_Strict):
-    name: Literal["badnets", "blended", "wanet", "all2all", "sig"]
+    name: Literal["badnets", "blended", "wanet", "wanet_noise", "all2all", "sig", "adaptive_blend",
+                  "adaptive_patch", "label_consistent"]
     rate: float = Field(0.1, gt=0, lt=1, description="share of the training set poisoned")
     target: int = Field(0, ge=0)
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="further fields of the attack, e.g. cover_rate")
 
 
 class ModelSection(_Strict):
@@ -109,7 +111,7 @@ class RunConfig(_Strict):
     def spec(self) -> RunSpec:
         d, a, m, t = self.data, self.attack, self.model, self.train
         return RunSpec(data=d.name, attack=a.name if a else None, rate=a.rate if a else 0.0,
-                       target=a.target if a else 0, n_train=d.n_train,
+                       target=a.target if a else 0, attack_kwargs=dict(a.kwargs) if a else {}, n_train=d.n_train,
                        trusted_per_class=d.trusted_per_class or (20 if d.name == "digits" else 100),
                        trust_free=d.trust_free, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, width=m.width,
                        augment=d.augment, seed=t.seed, archive=d.root, download=d.download, model=m.name,

@@ -108,3 +108,106 @@ def test_zoo_trigger_shapes(data):
     assert make_attack("zoo:0:7", target=2, rate=0.05).target == 2
     with pytest.raises(ValueError, match="zoo:SEED:INDEX"):
         make_attack("zoo:x")
+
+
+def test_adaptive_blend_trains_on_partial_triggers_with_covers_and_tests_on_the_whole_one(data):
+    from guard.attacks import AdaptiveBlend, blend_pattern
+    x, y = data
+    atk = AdaptiveBlend(target=3, rate=0.05, cover_rate=0.05, seed=5)
+    a, b = atk.poison(x, y), AdaptiveBlend(target=3, rate=0.05, cover_rate=0.05, seed=5).poison(x, y)
+    assert len(a.poisoned) == 10 and len(a.cover) == 10 and not np.intersect1d(a.poisoned, a.cover).size
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.cover, b.cover)
+    assert (a.labels[a.poisoned] == 3).all() and np.array_equal(a.labels[a.cover], y[a.cover])  # covers keep labels
+    clean = np.setdiff1d(np.arange(200), np.concatenate([a.poisoned, a.cover]))
+    assert np.array_equal(a.images[clean], x[clean])
+    pattern = blend_pattern(x.shape[1:], atk.pattern_seed)
+    for i in np.concatenate([a.poisoned, a.cover]):
+        moved = (a.images[i] != x[i]).any(-1)            # pixels the trigger touched
+        cells = moved.reshape(4, 8, 4, 8).any(axis=(1, 3))   # 16 cells of 8 x 8
+        assert cells.sum() == 8                          # half the pieces, as published
+        blended = np.rint(x[i] + 0.15 * (pattern - x[i]))
+        assert np.abs(a.images[i][moved].astype(int) - blended[moved]).max() <= 1
+    full = atk.trigger(x[:5])
+    assert (full != x[:5]).any(-1).mean() > 0.9          # the test trigger covers the whole image
+    assert np.abs(full.astype(int) - np.rint(x[:5] + 0.2 * (pattern - x[:5]))).max() <= 1
+
+
+def test_adaptive_patch_carries_one_faint_patch_per_sample_and_tests_with_two_at_full_opacity(data):
+    from guard.attacks import AdaptivePatch
+    x, y = data
+    atk = AdaptivePatch(target=0, rate=0.1, cover_rate=0.1, seed=1)
+    a = atk.poison(x, y)
+    assert len(a.poisoned) == 20 and len(a.cover) == 20 and np.array_equal(a.labels[a.cover], y[a.cover])
+    corners = [(slice(1, 7), slice(1, 7)), (slice(1, 7), slice(25, 31)), (slice(25, 31), slice(1, 7)),
+               (slice(25, 31), slice(25, 31))]
+    seen = []
+    for i in np.concatenate([a.poisoned, a.cover]):
+        moved = (a.images[i] != x[i]).any(-1)
+        hit = [moved[r, c].any() for r, c in corners]
+        assert sum(hit) == 1                             # one patch per training sample
+        outside = moved.copy()
+        for r, c in corners:
+            outside[r, c] = False
+        assert not outside.any()
+        seen.append(hit.index(True))
+    assert set(seen) == {0, 1, 2, 3}                     # all four patches are used
+    test = atk.trigger(x[:4])
+    moved = (test != x[:4]).any(-1)
+    assert moved[:, 1:7, 1:7].any() and moved[:, 25:31, 1:7].any()       # patches 0 and 2
+    assert not moved[:, 1:7, 25:31].any() and not moved[:, 25:31, 25:31].any()
+    assert np.array_equal(AdaptivePatch()._paste(x[:1], 0, 1.0)[0, 1:7, 1:7],
+                          atk.trigger(np.zeros_like(x[:1]))[0, 1:7, 1:7])  # test patch = pattern at opacity 1
+    with pytest.raises(ValueError, match="test_patches"):
+        AdaptivePatch(test_patches=(5,))
+
+
+def test_wanet_noise_mode_adds_twice_as_many_noisy_warps_with_true_labels(data):
+    from guard.attacks import WaNet
+    x, y = data
+    plain = make_attack("wanet", target=2, rate=0.05, seed=3).poison(x, y)
+    noisy = make_attack("wanet_noise", target=2, rate=0.05, seed=3).poison(x, y)
+    assert len(plain.cover) == 0 and np.array_equal(plain.poisoned, noisy.poisoned)
+    assert np.array_equal(plain.images[plain.poisoned], noisy.images[noisy.poisoned])   # same trigger
+    assert len(noisy.cover) == 2 * len(noisy.poisoned) and np.array_equal(noisy.labels[noisy.cover], y[noisy.cover])
+    fixed = WaNet().trigger(x[noisy.cover])
+    crossed = noisy.images[noisy.cover]
+    assert (crossed != x[noisy.cover]).any() and (crossed != fixed).mean() > 0.3    # warped, but not the trigger
+
+
+def test_label_consistent_perturbs_target_images_within_eps_and_stamps_the_corners():
+    from torch import nn
+
+    from guard.attacks import LabelConsistent
+    g = np.random.default_rng(0)
+    x, y = g.integers(0, 256, (120, 16, 16, 3), dtype=np.uint8), np.arange(120) % 4
+    surrogate = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16 * 3, 4))
+    atk = LabelConsistent(target=1, rate=0.1, seed=0, surrogate=surrogate, steps=5)
+    a = atk.poison(x, y)
+    assert len(a.poisoned) == 12 and (y[a.poisoned] == 1).all() and np.array_equal(a.labels, y)
+    corner = np.zeros((16, 16), bool)
+    for t in (1, 12):
+        for s in (1, 12):
+            corner[t:t + 3, s:s + 3] = True
+    d = a.images[a.poisoned].astype(int) - x[a.poisoned]
+    assert np.abs(d[:, ~corner]).max() <= round(255 * 16 / 255) + 1 and (d[:, ~corner] != 0).mean() > 0.5
+    assert (a.images[a.poisoned][:, corner] % 255 == 0).all()          # the checkerboards, full amplitude
+    import torch
+    with torch.no_grad():                                # PGD pushed the images away from their class
+        def loss(imgs):
+            t = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
+            return nn.functional.cross_entropy(surrogate(t), torch.full((len(t),), 1)).item()
+        assert loss(a.images[a.poisoned]) > loss(atk.trigger(x[a.poisoned]))
+    b = LabelConsistent(target=1, rate=0.1, seed=0, surrogate_epochs=1).poison(x, y)   # trains its own surrogate
+    assert np.array_equal(b.poisoned, a.poisoned) and not np.array_equal(b.images, x)
+    with pytest.raises(ValueError, match="surrogate"):
+        LabelConsistent(target=1).train_trigger(x[:2], np.random.default_rng(0))
+
+
+def test_every_attack_can_be_named_in_a_run_config():
+    from typing import get_args
+
+    from guard.attacks import ATTACKS
+    from guard.runconfig import AttackSection
+    assert set(get_args(AttackSection.model_fields["name"].annotation)) == set(ATTACKS)
+    cfg = AttackSection(name="adaptive_blend", rate=0.05, kwargs={"cover_rate": 0.05})
+    assert make_attack(cfg.name, rate=cfg.rate, **cfg.kwargs).cover_rate == 0.05
