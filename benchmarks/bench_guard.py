@@ -267,15 +267,17 @@ def render_benchmarks(results: Path = HERE / "results", target: Path = HERE.pare
                       path.with_suffix(".md").read_text().strip(), ""]
             if not plotted:                        # the plots folder is shared by both suites: shown once
                 parts += [f"![{png.stem}](benchmarks/results/plots/{png.name})" for png in
-                          sorted((results / "plots").glob("*.png"))] + [""]
+                          sorted((results / "plots").glob("*.png"))
+                          if not png.stem.endswith("_layer_auroc")] + [""]
                 plotted = True
             continue
         rows = with_floors({"runs": saved["runs"], "rows": [row(n, r) for n, r in saved["runs"].items()]})["rows"]
         metas = saved["meta"].get("parts", [saved["meta"]])
         m = metas[0]
         parts += [f"## {path.stem}", "",
-                  f"CIFAR-10 {m['n_train']:,}-image subset, width-{m['width']} ResNet-18, {m['epochs']} epochs, "
-                  f"lr {m['lr']}, seed {m['seed']}, torch {m['torch']}, "
+                  f"CIFAR-10 {m['n_train']:,}-image subset, width-{m['width']} ResNet-18, "
+                  f"{' or '.join(sorted({str(p['epochs']) for p in metas}, key=int))} epochs, "
+                  f"lr {m['lr']}, seed {' or '.join(sorted({str(p['seed']) for p in metas}))}, torch {m['torch']}, "
                   + ("random crop + flip, " if m.get("augment") else "")
                   + (f"{m['trusted']} trusted per class, " if "trusted" in m else "")
                   + (f"trained on one {m['gpu']}" + (f" (GuardConfig {', '.join(m['guard'])})" if m.get("guard") else "")
@@ -317,8 +319,12 @@ def plot_auroc(runs: dict, path: Path) -> None:
 
     cells = {n: [s for s in r.get("on_scan", []) if s.get("auroc")] for n, r in runs.items()}
     cells = {n: s for n, s in cells.items() if s}
-    fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.6), squeeze=False)
-    for ax, (name, scans) in zip(axes[0], cells.items()):
+    cols = min(4, len(cells))
+    rows = -(-len(cells) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(cells):]:
+        ax.set_visible(False)
+    for ax, (name, scans) in zip(axes.flat, cells.items()):
         layers = list(scans[0]["auroc"])
         for s in scans:
             ax.plot(range(len(layers)), [s["auroc"][k] for k in layers], "o-", ms=3, label=f"epoch {s['epoch']}")
@@ -326,8 +332,9 @@ def plot_auroc(runs: dict, path: Path) -> None:
         ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
         ax.set_ylim(0.0, 1.02)
         ax.set_title(name, fontsize=9)
-        ax.legend(fontsize=6)
-    axes[0][0].set_ylabel("AUROC, poison vs benign (target class)")
+        ax.legend(fontsize=5, ncol=2)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("AUROC, poison vs benign (target class)", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
