@@ -257,7 +257,12 @@ def render_benchmarks(results: Path = HERE / "results", target: Path = HERE.pare
             m = metas[0]
             wall = max(p["wall_seconds"] for p in metas) / 60
             parts += [f"## {path.stem}", "",
-                      f"`python benchmarks/bench_peers.py --suite {m.get('suite', 'full')}`: {len(metas)} process(es) "
+                      "`python benchmarks/bench_peers.py "
+                      + (f"--suite {m.get('suite', 'full')}" if path.stem in ("peers_quick", "peers_full")
+                         else "--cells " + " ".join(f"{c['attack'] or 'none'}:{c['rate']:g}"
+                                                    + ("" if c["model"] == "auto" else f":{c['model']}")
+                                                    for c in saved["cells"].values()) + " --cost")
+                      + f"`: {len(metas)} process(es) "
                       f"of {m['threads']} thread(s), {wall:.0f} minutes wall (the longest process). "
                       "Every detector on the same checkpoint (the first of the guard's default scans, epochs 2, 4, 6 "
                       f"of {m['epochs']}, where the attack is learned) of a poisoned {m['n_train']:,}-image CIFAR-10 "
