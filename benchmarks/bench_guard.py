@@ -60,26 +60,38 @@ def layer_auroc(gds, data) -> dict:
     """Per layer, the AUROC of the poison against the benign samples of the target class (cosine to
     the trusted class mean, the paper's score; cover samples left out), at the scan just run: what
     the layer-wise features show. All-to-all attacks have no single target class: empty."""
-    from sklearn.metrics import roc_auc_score
-
-    from guard.hooks import scan_mode
-    from guard.reference import Reference
-
     targets = np.unique(data.labels[data.poisoned])
     if data.attack is None or len(targets) != 1 or data.trusted is None:
         return {}
     target = int(targets[0])
     rows = np.setdiff1d(np.flatnonzero(data.labels == target), data.cover)
-    truth = np.isin(rows, data.poisoned)
+    auroc = per_layer_auroc(gds, data, rows)
+    return {"epoch": gds.report.scans[-1].epoch, "target": target,
+            "auroc": {name: float(a) for name, a in zip(gds.layers, auroc)}}
+
+
+def per_layer_auroc(gds, data, rows: np.ndarray) -> list[float]:
+    """For the training samples ``rows`` (one class), per layer of the guard, the AUROC of the
+    poisoned against the others by their cosine to the trusted class mean (lower = more suspicious)."""
+    from sklearn.metrics import roc_auc_score
+
+    from guard.hooks import scan_mode
+    from guard.reference import Reference
+
     with scan_mode(gds.scanner.model):
         ref = None
         for b in gds.extractor.stream(data.trusted, gds.layers, None, "auroc/trusted"):
             ref = ref or Reference([f.shape[1] for f in b.feats], gds.num_classes)
             ref.update(b.feats, b.labels)
         cos = np.concatenate([ref.score(b.feats, b.labels).numpy()
-                              for b in gds.extractor.stream(data.scan, gds.layers, rows, "auroc/target")])
-    return {"epoch": gds.report.scans[-1].epoch, "target": target,
-            "auroc": {name: float(roc_auc_score(truth, -cos[:, i])) for i, name in enumerate(gds.layers)}}
+                              for b in gds.extractor.stream(data.scan, gds.layers, rows, "auroc/class")])
+    truth = np.isin(rows, data.poisoned)
+    return [roc_auc_score(truth, -cos[:, i]) for i in range(len(gds.layers))]
+
+
+def fields(items: list[str]) -> dict:
+    """``["name=JSON", ...]`` as a dict."""
+    return {k: json.loads(v) for k, v in (item.split("=", 1) for item in items)}
 
 
 def max_class_drop(scans: list[dict]) -> float:
@@ -172,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = RunSpec(data="cifar10", attack=atk, rate=rate, n_train=a.n_train or None, epochs=a.epochs,
                        width=a.width, lr=a.lr, seed=a.seed, trust_free=tf, device=a.device,
                        trusted_per_class=a.trusted, augment=a.augment,
-                       attack_kwargs={k: json.loads(v) for k, v in (g.split("=", 1) for g in a.attack_args)}
-                       if atk else {},
-                       guard={k: json.loads(v) for k, v in (g.split("=", 1) for g in a.guard)})
+                       attack_kwargs=fields(a.attack_args) if atk else {}, guard=fields(a.guard))
         r = run(spec, compare=not tf, on_scan=layer_auroc if a.layer_auroc and not tf else None)
         r.pop("report")
         results[name] = r
@@ -310,9 +320,10 @@ def auroc_lines(runs: dict) -> list[str]:
     for name, r in runs.items():
         scans = [s for s in r.get("on_scan", []) if s.get("auroc")]
         if scans:
+            best = [max(s["auroc"], key=s["auroc"].get) for s in scans]
             out.append(f"- {name}: " + "; ".join(
-                f"epoch {s['epoch']} {max(s['auroc'], key=s['auroc'].get)} {s['auroc'][max(s['auroc'], key=s['auroc'].get)]:.2f}"
-                f" (head {list(s['auroc'].values())[-1]:.2f})" for s in scans))
+                f"epoch {s['epoch']} {b} {s['auroc'][b]:.2f} (head {list(s['auroc'].values())[-1]:.2f})"
+                for s, b in zip(scans, best)))
     return out
 
 

@@ -56,7 +56,7 @@ from guard.experiment import EpochPermutation, Prepared, RunSpec, _epoch, detect
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))                  # bench_guard beside this file, also when imported from elsewhere
-from bench_guard import fmt, render_benchmarks  # noqa: E402
+from bench_guard import fmt, per_layer_auroc, render_benchmarks  # noqa: E402
 # the quick suite: every attack at the rates these 8-epoch CPU runs learn (WaNet at its strongest rate), and the
 # control; the full suite adds the rates and the architecture they do not learn
 QUICK_CELLS = ["badnets:0.05", "badnets:0.1", "blended:0.05", "blended:0.1", "wanet:0.1", "none:0"]
@@ -177,19 +177,9 @@ def plot_cell(gds: GuardedDataset, data: Prepared, target: int, path: Path) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from guard.hooks import scan_mode
-    from guard.reference import Reference
-
     rows = np.flatnonzero(data.labels == target)
-    with scan_mode(gds.scanner.model):
-        ref = None
-        for b in gds.extractor.stream(data.trusted, gds.layers, None, "plot/trusted"):
-            ref = ref or Reference([f.shape[1] for f in b.feats], gds.num_classes)
-            ref.update(b.feats, b.labels)
-        cos = np.concatenate([ref.score(b.feats, b.labels).numpy()
-                              for b in gds.extractor.stream(data.scan, gds.layers, rows, "plot/target")])
     truth = np.isin(rows, data.poisoned)
-    auroc = [roc_auc_score(truth, -cos[:, li]) for li in range(len(gds.layers))]
+    auroc = per_layer_auroc(gds, data, rows)
     verdict = next(v for v in gds.report.scans[-1].classes if v.cls == target)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
     x = np.arange(len(gds.layers))

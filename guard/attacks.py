@@ -252,12 +252,18 @@ class WaNet(Attack):
         return int(round(self.cross_ratio * n_poisoned)) + super().cover_count(n, n_poisoned)
 
     def cover_trigger(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self._warp(images, rng)
+
+    def _warp(self, images: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The field applied to every image; with ``rng``, plus fresh per-pixel noise for each."""
         n, h, w, _ = images.shape
         out = np.empty_like(images)
         for lo in range(0, n, 256):
             x = torch.from_numpy(images[lo:lo + 256]).permute(0, 3, 1, 2).float()
-            noise = torch.from_numpy(rng.uniform(-1, 1, (len(x), h, w, 2)).astype(np.float32))
-            grid = (self._grid(h, w) + noise / h).clamp(-1, 1)
+            grid = self._grid(h, w).expand(len(x), -1, -1, -1)
+            if rng is not None:
+                noise = torch.from_numpy(rng.uniform(-1, 1, (len(x), h, w, 2)).astype(np.float32))
+                grid = (grid + noise / h).clamp(-1, 1)
             warped = F.grid_sample(x, grid, align_corners=True)
             out[lo:lo + 256] = warped.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
         return out
@@ -272,11 +278,7 @@ class WaNet(Attack):
         return (identity + self.strength * noise / h).clamp(-1, 1)
 
     def trigger(self, images: np.ndarray) -> np.ndarray:
-        n, h, w, _ = images.shape
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-        grid = self._grid(h, w).expand(n, -1, -1, -1)
-        out = F.grid_sample(x, grid, align_corners=True)
-        return out.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        return self._warp(images)
 
 
 @dataclass
