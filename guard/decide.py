@@ -150,6 +150,38 @@ def binomial_p(excess: float, benign_rate: float, n: int, n_reference: int, t: T
     return float(stats.binom.sf(k - 1, n, rate))
 
 
+def flag_cut(z: np.ndarray, floor: float) -> float:
+    """Where a confirmed class's suspicion scores ``z`` are cut with ``Thresholds.flag_split``:
+    between the two groups they split into with the least within-group variance (Otsu's threshold,
+    1-D two-means), never below ``floor``. Parameter-free; the flagged samples are those above it.
+
+    The scores are calibrated on trusted samples the model never trained on, and a class's benign
+    *training* samples spread wider on them (a benign sd of 1.0-1.8 and a long upper tail: 6-13 % of
+    a caught zoo target class above z = 2), so the fixed cut takes that tail with the poison. Where
+    the cluster stands apart the two-group cut sits in the gap and leaves the tail; where there is no
+    gap it falls below ``floor`` and ``floor`` holds, so it never flags more than ``z > floor``. But
+    where the cluster's own lower tail reaches into the benign tail it leaves that part of the poison
+    too, which is why it is not the default (measured in BENCHMARKS.md: the zoo's caught patches lose
+    half their false alarms, a Blended row of the main table a twentieth of its poison).
+
+    >>> flag_cut(np.array([-1.0, 0.0, 0.5, 2.5, 9.0, 10.0, 11.0]), 2.0)
+    5.75
+    >>> flag_cut(np.array([-1.0, 0.0, 1.0]), 2.0)
+    2.0
+    """
+    s = np.sort(np.asarray(z, dtype=np.float64))
+    n = len(s)
+    if n < 2 or s[-1] <= floor:
+        return float(floor)
+    k = np.arange(1, n)                                   # the lower group is s[:k]
+    low = np.cumsum(s)[:-1]
+    m0, m1 = low / k, (s.sum() - low) / (n - k)
+    between = k * (n - k) * (m1 - m0) ** 2                # n^2 x the between-group variance
+    between[s[1:] == s[:-1]] = -1.0                       # no cut between equal scores
+    j = int(np.argmax(between))
+    return float(max(floor, (s[j] + s[j + 1]) / 2))
+
+
 @dataclass(frozen=True)
 class Take:
     """Which flagged samples a class gives up, and what the caller must be told."""

@@ -9,7 +9,8 @@ few times on its own calls (out-of-fold, so no sample vouches for itself), and c
 the benign reference samples, which never enter the fit.
 
 Memory: the screen (at most ``screen_per_class`` samples) and one weight vector per layer;
-the LDA is solved in the sample space (Woodbury), so no D x D matrix is formed.
+the LDA is solved in the feature space when a layer has no more dimensions than the screen has
+samples, else in the sample space (Woodbury), so no D x D matrix larger than n x n is formed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def lda_direction(pos: torch.Tensor, neg: torch.Tensor, shrinkage: float) -> tor
     """Shrinkage LDA direction ``(S + a I)^-1 (mean(pos) - mean(neg))`` for the pooled
     within-group covariance ``S`` shrunk towards its average variance; (D,) float64.
 
-    Solved through the n x n Gram matrix: cost O(n^2 D), memory O(n D), whatever D is."""
+    Solved in the smaller of the feature space (D x D, when D <= n) and the sample space (the n x n
+    Gram matrix): cost O(n D min(n, D)), memory O((n + D) min(n, D)), whatever D is."""
     delta = pos.mean(0) - neg.mean(0)
     centred = torch.cat([pos - pos.mean(0), neg - neg.mean(0)])       # (n, D)
     n, d = centred.shape
@@ -35,6 +37,8 @@ def lda_direction(pos: torch.Tensor, neg: torch.Tensor, shrinkage: float) -> tor
     b = (1.0 - shrinkage) / n                                          # weight of the sample covariance
     if b == 0.0:
         return delta / a
+    if d <= n:
+        return torch.linalg.solve(a * torch.eye(d, dtype=centred.dtype) + b * (centred.T @ centred), delta)
     # (a I + b C^T C)^-1 v = (v - C^T (a/b I + C C^T)^-1 C v) / a
     gram = centred @ centred.T + (a / b) * torch.eye(n, dtype=centred.dtype)
     inner = torch.linalg.solve(gram, centred @ delta)

@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 from guard.calibrate import Calibration, calibrate, class_fit, is_logits, trust_free_indices
 from guard.cluster import Centroids, RefFeats, Zscore
 from guard.config import GuardConfig
-from guard.decide import ClassStats, Verdict, beyond_reference_p, binomial_p, decide, take
+from guard.decide import ClassStats, Verdict, beyond_reference_p, binomial_p, decide, flag_cut, take
 from guard.direction import direction_test
 from guard.distributed import gather_rows, shard, sum_tensors, world
 from guard.errors import GuardError
@@ -596,13 +596,17 @@ class Scanner:
 
     def _flag(self, st: ScanState, c: int, rows: np.ndarray, z: np.ndarray, verdict: Verdict) -> None:
         """A confirmed class: its samples' suspicion is ``z``, held to ``flag_z`` (a separate cluster) or
-        to the stricter ``follow_z`` (look-alikes of quarantined samples are few, benign ones many)."""
-        bar = self.th.flag_z if verdict == Verdict.SEPARATE else self.th.follow_z
+        to the stricter ``follow_z`` (look-alikes of quarantined samples are few, benign ones many);
+        with ``flag_split``, to where ``z`` splits in two (:func:`~guard.decide.flag_cut`) if higher."""
+        floor = self.th.flag_z if verdict == Verdict.SEPARATE else self.th.follow_z
+        bar = flag_cut(z, floor) if self.th.flag_split else floor
         st.suspicion[rows], st.threshold[rows] = z, bar
         st.classes[c].verdict, st.classes[c].threshold = verdict, bar
         hit = z > bar
         if verdict == Verdict.LIKE_QUARANTINED:
-            st.classes[c].reason = f"{int(hit.sum())} samples like the quarantined ones (z above follow_z={bar})"
+            st.classes[c].reason = (f"{int(hit.sum())} samples like the quarantined ones (z above follow_z={bar})"
+                                    if bar == floor else f"{int(hit.sum())} samples like the quarantined ones (z above "
+                                    f"{bar:.2f}, where the class's scores split in two; follow_z={floor})")
         self._take(st, c, rows[hit], z[hit])
 
     def _take(self, st: ScanState, c: int, rows: np.ndarray, susp: np.ndarray) -> None:

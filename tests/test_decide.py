@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from guard.decide import ClassStats, Verdict, beyond_reference_p, binomial_p, decide, take
+from guard.decide import ClassStats, Verdict, beyond_reference_p, binomial_p, decide, flag_cut, take
 from guard.thresholds import Thresholds
 
 T = Thresholds()
@@ -167,3 +167,24 @@ def test_a_trusted_main_direction_separates_below_the_same_bar_and_only_with_a_t
     assert verdict(**quiet, train_fit=0.01, direction_p=1e-30) == Verdict.CLEAN
     why = decide(ClassStats(**{**CAND, **quiet, "trusted": True, "direction_p": 1e-12, "direction_share": 0.27}), T)[1]
     assert "27% of the class lies beyond every trusted sample" in why and "p=1e-12" in why
+
+
+def test_flag_cut_sits_in_the_gap_and_never_flags_more_than_the_floor():
+    rng = np.random.default_rng(0)
+    # a benign bulk with a long upper tail (as trained samples sit against an unseen trusted reference)
+    benign = np.concatenate([rng.normal(0, 1, 400), rng.exponential(1.5, 40) + 2.0])
+    poison = rng.normal(10, 1, 200)
+    z = np.concatenate([benign, poison])
+    cut = flag_cut(z, T.flag_z)
+    assert benign.max() < 12 and cut > T.flag_z
+    assert (poison > cut).all()                                      # the cluster is taken whole ...
+    assert (benign > cut).sum() < (benign > T.flag_z).sum() / 2      # ... with under half of the tail the floor takes
+    # no separate cluster: the floor holds, so nothing more than `z > floor` is flagged
+    for sample in (rng.normal(0, 1, 500), rng.exponential(1, 500), np.array([5.0]), np.array([]), np.full(9, 4.0)):
+        c = flag_cut(sample, T.flag_z)
+        assert c >= T.flag_z
+        assert (sample > c).sum() <= (sample > T.flag_z).sum()
+    assert flag_cut(rng.normal(0, 1, 500), T.flag_z) == T.flag_z
+    # ties are never split: equal scores fall on one side
+    tied = np.array([0.0] * 50 + [7.0] * 10 + [7.0] * 10)
+    assert flag_cut(tied, T.flag_z) == 3.5

@@ -1,6 +1,7 @@
 """Step 4b: the self-trained LDA probe that sharpens a confirmed cluster."""
 
 import numpy as np
+import pytest
 import torch
 
 from guard.probe import lda_direction, self_train
@@ -8,10 +9,11 @@ from guard.thresholds import Thresholds
 from guard.reference import unit
 
 
-def test_lda_direction_matches_the_explicit_shrunk_covariance_solve():
+@pytest.mark.parametrize("n_pos,n_neg", [(12, 15), (60, 70)])     # solved in the sample / the feature space
+def test_lda_direction_matches_the_explicit_shrunk_covariance_solve(n_pos, n_neg):
     g = torch.Generator().manual_seed(0)
-    pos = torch.randn(12, 30, generator=g, dtype=torch.float64) + 0.5
-    neg = torch.randn(15, 30, generator=g, dtype=torch.float64)
+    pos = torch.randn(n_pos, 30, generator=g, dtype=torch.float64) + 0.5
+    neg = torch.randn(n_neg, 30, generator=g, dtype=torch.float64)
     lam = 0.3
     c = torch.cat([pos - pos.mean(0), neg - neg.mean(0)])
     cov = c.T @ c / len(c)
