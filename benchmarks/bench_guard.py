@@ -271,6 +271,8 @@ def render_benchmarks(results: Path = HERE / "results", target: Path = HERE.pare
                       + (f"--suite {m.get('suite', 'full')}" if path.stem in ("peers_quick", "peers_full")
                          else "--cells " + " ".join(f"{c['attack'] or 'none'}:{c['rate']:g}"
                                                     + ("" if c["model"] == "auto" else f":{c['model']}")
+                                                    + "".join(f":{k}={json.dumps(v, separators=(',', ':'))}"
+                                                              for k, v in c.get("attack_kwargs", {}).items())
                                                     for c in saved["cells"].values()) + " --cost")
                       + f"`: {len(metas)} process(es) "
                       f"of {m['threads']} thread(s), {wall:.0f} minutes wall (the longest process). "

@@ -35,6 +35,7 @@ import gc
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -56,7 +57,7 @@ from guard.experiment import EpochPermutation, Prepared, RunSpec, _epoch, detect
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))                  # bench_guard beside this file, also when imported from elsewhere
-from bench_guard import fmt, per_layer_auroc, render_benchmarks  # noqa: E402
+from bench_guard import fields, fmt, per_layer_auroc, render_benchmarks  # noqa: E402
 # the quick suite: every attack at the rates these 8-epoch CPU runs learn (WaNet at its strongest rate), and the
 # control; the full suite adds the rates and the architecture they do not learn
 QUICK_CELLS = ["badnets:0.05", "badnets:0.1", "blended:0.05", "blended:0.1", "wanet:0.1", "none:0"]
@@ -208,19 +209,19 @@ def plot_cell(gds: GuardedDataset, data: Prepared, target: int, path: Path) -> N
 
 
 def score(flagged: np.ndarray, scores: np.ndarray | None, seconds: float, peak: float, data: Prepared) -> dict:
-    d = detection(flagged, data.poisoned, len(data.labels))
+    d = detection(flagged, data.poisoned, len(data.labels), data.cover)
     truth = np.zeros(len(data.labels), bool)
     truth[data.poisoned] = True
     auroc = float(roc_auc_score(truth, scores)) if scores is not None and truth.any() else float("nan")
     return {**d, "auroc": auroc, "seconds": seconds, "peak_mb": peak}
 
 
-def cell(attack: str | None, rate: float, model_name: str, a: argparse.Namespace) -> dict:
+def cell(attack: str | None, rate: float, model_name: str, a: argparse.Namespace, kwargs: dict | None = None) -> dict:
     # scans when epochs 2, 4, 6 start (SCHEDULE); the checkpoint is the first of them where the attack
     # is learned (the last one otherwise): there every detector has its best chance
     scans = list(range(SCHEDULE["warmup_epochs"], a.epochs, SCHEDULE["scan_every"]))
     spec = RunSpec(data="cifar10", attack=attack, rate=rate, n_train=a.n_train, epochs=a.epochs, width=a.width,
-                   lr=a.lr, seed=a.seed, model=model_name)
+                   lr=a.lr, seed=a.seed, model=model_name, attack_kwargs=kwargs or {})
     torch.manual_seed(spec.seed)
     data = prepare(spec)
     model = data.make_model()
@@ -262,9 +263,10 @@ def cell(attack: str | None, rate: float, model_name: str, a: argparse.Namespace
     best = max(tuned, key=lambda k: tuned[k]["f1"])
     out["ART activation (tuned)"] = {**tuned[best], "setting": best}
     if a.plots and attack is not None:
-        name = f"{attack}_{round(100 * rate)}{'' if model_name == 'auto' else '_' + model_name}.png"
+        extra = "".join(f"_{k}{re.sub(r'[^0-9A-Za-z.]+', '-', str(v)).strip('-')}" for k, v in (kwargs or {}).items())
+        name = f"{attack}_{round(100 * rate)}{'' if model_name == 'auto' else '_' + model_name}{extra}.png"
         plot_cell(kept[0], data, spec.target, Path(a.plots) / name)
-    return {"attack": attack, "rate": rate, "model": model_name, "n_train": len(data.labels),
+    return {"attack": attack, "rate": rate, "model": model_name, "attack_kwargs": kwargs or {}, "n_train": len(data.labels),
             "checkpoint_epoch": at, "checkpoint": checkpoint, "learned": checkpoint["attack_success"] >= 0.8,
             "epoch_seconds_median": float(np.median(epoch_s)), "detectors": out}
 
@@ -313,20 +315,25 @@ def verdict(cells: dict[str, dict]) -> list[str]:
     return lines
 
 
-def parse_cell(item: str) -> tuple[str, str | None, float, str]:
-    """``attack:rate[:model]`` -> (table key, attack or None, rate, model)."""
+def parse_cell(item: str) -> tuple[str, str | None, float, str, dict]:
+    """``attack:rate[:model][:FIELD=VALUE ...]`` -> (table key, attack or None, rate, model, attack fields).
+
+    >>> parse_cell("adaptive_blend:0.1:cover_rate=0.1:alpha=0.25")
+    ('adaptive_blend 10% cover_rate=0.1 alpha=0.25', 'adaptive_blend', 0.1, 'auto', {'cover_rate': 0.1, 'alpha': 0.25})
+    """
     attack, rate, *rest = item.split(":")
-    model_name = rest[0] if rest else "auto"
+    extra = [x for x in rest if "=" in x]
+    model_name = next((x for x in rest if "=" not in x), "auto")
     key = "no attack" if attack == "none" else f"{attack} {float(rate):.0%}"
-    return key + ("" if model_name == "auto" else f" {model_name}"), None if attack == "none" else attack, \
-        float(rate), model_name
+    key += ("" if model_name == "auto" else f" {model_name}") + "".join(f" {x}" for x in extra)
+    return key, None if attack == "none" else attack, float(rate), model_name, fields(extra)
 
 
-def cost(attack: str | None, rate: float, a: argparse.Namespace) -> dict:
+def cost(attack: str | None, rate: float, a: argparse.Namespace, kwargs: dict | None = None) -> dict:
     """One whole training run with the guard (defaults but ``SCHEDULE``) and its unguarded twin (same
     warm-up): what the guard costs and what the final models look like."""
     spec = RunSpec(data="cifar10", attack=attack, rate=rate, n_train=a.n_train, epochs=a.epochs, width=a.width,
-                   lr=a.lr, seed=a.seed, guard=dict(SCHEDULE))
+                   lr=a.lr, seed=a.seed, guard=dict(SCHEDULE), attack_kwargs=kwargs or {})
     r = run(spec, compare=True)
     g, u = r["guarded"], r["unguarded"]
     scans = [s["seconds"] for s in r["scans"]]
@@ -405,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=["quick", "full"], default="quick",
                     help="quick: the cells in QUICK_CELLS (about 30 minutes on 2 cores); full: FULL_CELLS")
-    ap.add_argument("--cells", nargs="*", help="attack:rate[:model] (attack none: no attack); default: the suite's")
+    ap.add_argument("--cells", nargs="*", help="attack:rate[:model][:FIELD=VALUE ...] (attack none: no attack; FIELD=VALUE: "
+                         "further attack fields, JSON values); default: the suite's")
     ap.add_argument("--cost", nargs="*", default=COST_CELLS,
                     help="attack:rate cells also trained whole, with the guard and without, for the cost")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -434,12 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     cells, costs = {}, {}
     for item in a.cells:
-        key, attack, rate, model_name = parse_cell(item)
-        cells[key] = cell(attack, rate, model_name, a)
+        key, attack, rate, model_name, kwargs = parse_cell(item)
+        cells[key] = cell(attack, rate, model_name, a, kwargs)
         print(table({key: cells[key]}).splitlines()[-1], flush=True)
     for item in a.cost:
-        key, attack, rate, _ = parse_cell(item)
-        costs[key] = cost(attack, rate, a)
+        key, attack, rate, _, kwargs = parse_cell(item)
+        costs[key] = cost(attack, rate, a, kwargs)
         print(cost_runs_table({key: costs[key]}).splitlines()[-1], flush=True)
     meta = {"machine": platform.platform(), "processor": platform.processor(), "python": sys.version.split()[0],
             "torch": torch.__version__, "threads": torch.get_num_threads(), "seed": a.seed, "n_train": a.n_train,

@@ -27,6 +27,9 @@ unlearning and its sweep, the final attack success), each beside its unguarded t
     taskset -c 1 python benchmarks/bench_zoo.py $Z --part 1/2 --out b.json
     python benchmarks/bench_zoo.py --zoo-seed 1 --merge-guarded a.json b.json \\
         --out benchmarks/results/zoo_cifar10_seed1_guarded.json
+
+The same with the opt-in two-group cut (``zoo_cifar10_seed1_guarded_split``): add
+``--guard 'thresholds={"flag_split": true}'`` to all three commands.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.bench_guard import render_benchmarks  # noqa: E402
+from benchmarks.bench_guard import fields, render_benchmarks  # noqa: E402
 from benchmarks.bench_harm import name, scan_rows, train  # noqa: E402
 from guard.attacks import make_attack  # noqa: E402
 from guard.experiment import RunSpec, run  # noqa: E402
@@ -50,10 +53,11 @@ ZOO_SEED, N_TRAIN, EPOCHS, LR, TRUSTED = 0, 4000, 20, 0.05, 50
 KEEP = (3, 7, 11, 15, 19)          # every other scan of GuardConfig()'s default schedule
 
 
-def spec(variant: str, attack: str | None, rate: float, seed: int, trusted: int = TRUSTED) -> RunSpec:
+def spec(variant: str, attack: str | None, rate: float, seed: int, trusted: int = TRUSTED,
+         guard: dict | None = None) -> RunSpec:
     target = make_attack(attack).target if attack else 0
     return RunSpec(data="cifar10", attack=attack, rate=rate, target=target, seed=seed, trusted_per_class=trusted,
-                   augment=True, epochs=EPOCHS, lr=LR, n_train=N_TRAIN)
+                   augment=True, epochs=EPOCHS, lr=LR, n_train=N_TRAIN, guard=guard or {})
 
 
 def cells(zoo_seed: int, n: int, clean: int) -> list[tuple]:
@@ -116,11 +120,12 @@ def guarded_row(trigger: str, r: dict) -> dict:
             "quarantined_by_scan": [s["new_quarantined"] for s in r["scans"]], "epochs": [s["epoch"] for s in r["scans"]]}
 
 
-def guarded_markdown(rows: list[dict], zoo_seed: int) -> str:
+def guarded_markdown(rows: list[dict], zoo_seed: int, guard: list[str] | None = None) -> str:
     pct = lambda v: f"{v:.1%}"  # noqa: E731
     lines = [f"`python benchmarks/bench_zoo.py --guarded`: zoo seed {zoo_seed}, the triggers its unguarded runs learned "
              f"(attack success >= 30 % in `zoo_cifar10_seed{zoo_seed}`), each trained again as a whole guarded run "
-             f"(`GuardConfig()` defaults, {TRUSTED} trusted a class, scans at epochs 3, 5, ...) beside its unguarded twin "
+             f"(`GuardConfig({', '.join(guard or [])})`{'' if guard else ' defaults'}, {TRUSTED} trusted a class, scans "
+             "at epochs 3, 5, ...) beside its unguarded twin "
              f"in lockstep (same warm-up); {N_TRAIN:,} CIFAR-10 images, crop + flip, width-16 ResNet-18, SGD {LR} cosine, "
              f"{EPOCHS} epochs. ASR: attack success over non-target test images; (correct): over those classified "
              "correctly without the trigger. swept: quarantined by the unlearning sweep.", "",
@@ -157,13 +162,15 @@ def main() -> None:
     ap.add_argument("--guarded", metavar="JSON",
                     help="whole guarded runs of the triggers this zoo result file found learned")
     ap.add_argument("--merge-guarded", nargs="+", metavar="JSON")
+    ap.add_argument("--guard", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="GuardConfig fields of the guarded runs, e.g. 'thresholds={\"flag_split\": true}'")
     a = ap.parse_args()
     torch.set_num_threads(1)
     if a.merge_guarded:
         parts = [json.loads(Path(p).read_text()) for p in a.merge_guarded]
         order = {f"zoo:{a.zoo_seed}:{i}": i for i in range(a.n)}
         rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: order.get(r["trigger"], 99))
-        md = guarded_markdown(rows, a.zoo_seed)
+        md = guarded_markdown(rows, a.zoo_seed, a.guard)
         Path(a.out).write_text(json.dumps({"rows": rows, "runs": {k: v for p in parts for k, v in p["runs"].items()},
                                            "markdown": md}, indent=1, default=float))
         print(md)
@@ -176,7 +183,7 @@ def main() -> None:
         rows, runs = [], {}
         for trigger in learned[k::n]:
             atk = make_attack(trigger)
-            r = run(spec("zoo", trigger, atk.rate, 0))
+            r = run(spec("zoo", trigger, atk.rate, 0, guard=fields(a.guard)))
             r.pop("report")
             for sc in r["scans"]:
                 sc.pop("reference_scores", None)          # per-sample plot data: not needed here

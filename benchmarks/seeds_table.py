@@ -40,13 +40,13 @@ def rows_of(path: str) -> tuple[int, dict[str, dict]]:
     return seeds.pop(), out
 
 
-def markdown(per_seed: list[tuple[int, dict[str, dict]]]) -> str:
+def markdown(per_seed: list[tuple[int, dict[str, dict]]], note: str = "") -> str:
     names = [n for n in per_seed[0][1]]
     pct = lambda v: "-" if v != v else f"{100 * v:.1f}"  # noqa: E731 - nan prints as '-'
     lines = ["`python benchmarks/seeds_table.py` over `bench_guard.py` runs of seeds "
              + ", ".join(str(s) for s, _ in per_seed) + " (the main table's recipe: CIFAR-10 10k, no augmentation, "
              "8 epochs, 100 trusted a class). Each cell: mean (worst) over the seeds that ran the row. "
-             "Accuracy delta = guarded - unguarded twin, in points.", "",
+             "Accuracy delta = guarded - unguarded twin, in points." + (f" {note}" if note else ""), "",
              "| run | seeds | TPR % | FPR % | ASR no guard % | ASR guard % | ASR(correct) guard % | accuracy delta | "
              "scan / epoch | overhead % |", "|---|---|---|---|---|---|---|---|---|---|"]
     for n in names:
@@ -69,9 +69,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+")
     ap.add_argument("--out", default=str(HERE / "results" / "guard_cifar10_seeds.json"))
+    ap.add_argument("--note", default="", help="a sentence added to the table's description (e.g. the guard setting)")
     a = ap.parse_args()
     per_seed = [rows_of(p) for p in a.results]
-    md = markdown(per_seed)
+    md = markdown(per_seed, a.note)
     Path(a.out).write_text(json.dumps({"seeds": {str(s): rows for s, rows in per_seed}, "markdown": md}, indent=1))
     print(md)
     render_benchmarks()
