@@ -75,6 +75,9 @@ def main() -> None:
          "poisoned": ds.poisoned.tolist(), "steps": trainer.global_step,
          "weights": float(sum(p.double().sum() for p in module.parameters())),
          "scan_states": states}))
+    if torch.distributed.is_initialized():    # shut gloo down before the interpreter does (its threads
+        torch.distributed.barrier()           # otherwise can abort the process at exit: "terminate called
+        torch.distributed.destroy_process_group()  # without an active exception")
 
 
 if __name__ == "__main__":
