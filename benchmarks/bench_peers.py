@@ -219,9 +219,10 @@ def score(flagged: np.ndarray, scores: np.ndarray | None, seconds: float, peak: 
 def cell(attack: str | None, rate: float, model_name: str, a: argparse.Namespace, kwargs: dict | None = None) -> dict:
     # scans when epochs 2, 4, 6 start (SCHEDULE); the checkpoint is the first of them where the attack
     # is learned (the last one otherwise): there every detector has its best chance
+    kwargs = kwargs or {}
     scans = list(range(SCHEDULE["warmup_epochs"], a.epochs, SCHEDULE["scan_every"]))
     spec = RunSpec(data="cifar10", attack=attack, rate=rate, n_train=a.n_train, epochs=a.epochs, width=a.width,
-                   lr=a.lr, seed=a.seed, model=model_name, attack_kwargs=kwargs or {})
+                   lr=a.lr, seed=a.seed, model=model_name, attack_kwargs=kwargs)
     torch.manual_seed(spec.seed)
     data = prepare(spec)
     model = data.make_model()
@@ -263,10 +264,10 @@ def cell(attack: str | None, rate: float, model_name: str, a: argparse.Namespace
     best = max(tuned, key=lambda k: tuned[k]["f1"])
     out["ART activation (tuned)"] = {**tuned[best], "setting": best}
     if a.plots and attack is not None:
-        extra = "".join(f"_{k}{re.sub(r'[^0-9A-Za-z.]+', '-', str(v)).strip('-')}" for k, v in (kwargs or {}).items())
+        extra = "".join(f"_{k}{re.sub(r'[^0-9A-Za-z.]+', '-', str(v)).strip('-')}" for k, v in kwargs.items())
         name = f"{attack}_{round(100 * rate)}{'' if model_name == 'auto' else '_' + model_name}{extra}.png"
         plot_cell(kept[0], data, spec.target, Path(a.plots) / name)
-    return {"attack": attack, "rate": rate, "model": model_name, "attack_kwargs": kwargs or {}, "n_train": len(data.labels),
+    return {"attack": attack, "rate": rate, "model": model_name, "attack_kwargs": kwargs, "n_train": len(data.labels),
             "checkpoint_epoch": at, "checkpoint": checkpoint, "learned": checkpoint["attack_success"] >= 0.8,
             "epoch_seconds_median": float(np.median(epoch_s)), "detectors": out}
 

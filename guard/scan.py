@@ -604,9 +604,9 @@ class Scanner:
         st.classes[c].verdict, st.classes[c].threshold = verdict, bar
         hit = z > bar
         if verdict == Verdict.LIKE_QUARANTINED:
-            st.classes[c].reason = (f"{int(hit.sum())} samples like the quarantined ones (z above follow_z={bar})"
-                                    if bar == floor else f"{int(hit.sum())} samples like the quarantined ones (z above "
-                                    f"{bar:.2f}, where the class's scores split in two; follow_z={floor})")
+            where = (f"follow_z={bar}" if bar == floor
+                     else f"{bar:.2f}, where the class's scores split in two; follow_z={floor}")
+            st.classes[c].reason = f"{int(hit.sum())} samples like the quarantined ones (z above {where})"
         self._take(st, c, rows[hit], z[hit])
 
     def _take(self, st: ScanState, c: int, rows: np.ndarray, susp: np.ndarray) -> None:
