@@ -194,10 +194,21 @@ class GuardedDataset(Dataset):
                "layers": self.layers, "classes": self.num_classes, "scans": len(self.report.scans)})
         broadcast_model(unwrap_model(self.model))
         res = self.scanner.run(self._source, self.trusted, kept,
-                               {c: np.asarray(v, dtype=np.int64) for c, v in prior.items()})
+                               {c: np.asarray(v, dtype=np.int64) for c, v in prior.items()}, self._check_by_class())
         res = broadcast_object(res, "broadcast of rank 0's scan result")
         self.schedule.done(epoch)
         return self._apply(res, epoch, time.monotonic() - t0)
+
+    def _check_by_class(self) -> dict[int, np.ndarray]:
+        """Per class, the held-out check samples of its quarantine (:func:`~guard.remedy.split_check`,
+        the same split unlearning uses)."""
+        recs = list(self._records.values())
+        if not recs:
+            return {}
+        _, check = split_check(np.array([r.index for r in recs]), np.array([r.score for r in recs]), self.config.seed,
+                               self.config.thresholds)
+        labels = np.array([self._records[int(i)].label for i in check])
+        return {int(c): check[labels == c] for c in np.unique(labels)}
 
     def _apply(self, res: ScanResult, epoch: int, seconds: float) -> ScanReport:
         scan_no = len(self.report.scans) + 1

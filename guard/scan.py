@@ -50,6 +50,8 @@ from guard.distributed import gather_rows, shard, sum_tensors, world
 from guard.errors import GuardError
 from guard.extract import Batch, Extractor
 from guard.hooks import scan_mode
+from guard.inputs import NAME as INPUT
+from guard.inputs import read_view
 from guard.keep import KeptFeatures
 from guard.locate import excess_share, guard_layers, paper_window
 from guard.probe import Probe, self_train
@@ -160,9 +162,11 @@ class Scanner:
         self.C = extractor.num_classes
 
     def run(self, train: Dataset, trusted: Dataset | None, kept: np.ndarray,
-            prior: dict[int, np.ndarray] | None = None) -> ScanResult:
+            prior: dict[int, np.ndarray] | None = None, check: dict[int, np.ndarray] | None = None) -> ScanResult:
         """Scan the ``kept`` indices of ``train``. ``prior`` maps a class to its already quarantined
-        indices: such a class is searched again for samples like them (:meth:`follow_up`)."""
+        indices: such a class is searched again for samples like them (:meth:`follow_up`), unless
+        ``check`` (per class, held-out quarantined indices) shows the model no longer learns what
+        they teach (:meth:`still_taught`)."""
         prior = prior or {}
         passes, seconds, t0 = Passes(self.extractor), {}, time.monotonic()
         with scan_mode(self.model):
@@ -181,6 +185,8 @@ class Scanner:
                     self.direction(train, st)
             separate = {c for c, v in st.classes.items() if v.verdict == Verdict.SEPARATE}
             follow = {c: q for c, q in prior.items() if len(q) >= 2 and c in st.classes and c not in separate}
+            if follow and check and self.th.follow_gate:
+                follow = self.still_taught(train, st, follow, check)
             if follow:
                 with _timed(seconds, "follow_up"):
                     self.follow_up(train, st, follow)
@@ -409,10 +415,12 @@ class Scanner:
         """Trusted reference only: every class not yet separate (nor unlearned by the model),
         including one that earlier scans took samples from (leftovers), is tested for a main
         direction of variation that puts more of a screen of it beyond every trusted sample than a
-        clean class could (:mod:`guard.direction`), at the probe
-        layers. A class that passes (:func:`decide`) is separate: the samples beyond seed its probe
-        (:mod:`guard.probe`), and a pass over the class scores every sample with it. Where no probe can
-        be fitted the class is left at its verdict, with the test in its reason."""
+        clean class could (:mod:`guard.direction`), at the probe layers and, for image inputs, in
+        the high-passed input (:mod:`guard.inputs`; ``GuardConfig.scan_inputs``). A class that passes
+        (:func:`decide`) is separate: the samples beyond seed its probe (:mod:`guard.probe`), fitted
+        at the probe layers or, where the input was the most significant, in the input view, and a
+        pass over the class scores every sample with it. Where no probe can be fitted the class is
+        left at its verdict, with the test in its reason."""
         th, chance = self.th, self.th.min_class_fit / max(self.C, 1)
         todo = [c for c, v in st.classes.items()
                 if v.verdict != Verdict.SEPARATE and v.n_scanned >= th.min_class
@@ -424,11 +432,14 @@ class Scanner:
         rows = self._screen_rows(st, todo, 3)
         units = _units(self._read(st, train, rows, probe_ids, "scan/direction"), len(probe_ids), torch.float32)
         ref = self._reference_feats(st, todo, names)
-        at, seeds = list(range(len(names))), {}
+        view = self._input_views(train, st, rows, ref) if self.cfg.scan_inputs else None
+        at, seeds, in_seeds = list(range(len(names))), {}, {}
         for c in todo:
             sel = torch.from_numpy(st.labels[rows] == c)
-            mine = [u[sel] for u in units]
-            test = direction_test(mine, ref.units(c, at), self.cfg.seed)
+            mine, theirs = [u[sel] for u in units], ref.units(c, at)
+            if view is not None:
+                mine, theirs = mine + [view[0][sel]], theirs + [view[1][torch.from_numpy(ref.labels == c)]]
+            test = direction_test(mine, theirs, self.cfg.seed)
             if test is None:
                 continue
             v = st.classes[c]
@@ -436,17 +447,100 @@ class Scanner:
             verdict, reason = decide(ClassStats(v.n_scanned, v.excess, v.p_value, True, st.n_tested, train_fit=v.train_fit,
                                                 direction_p=test.p, direction_share=test.share), th)
             if verdict == Verdict.SEPARATE:
-                v.reason = f"{reason}, at {names[test.layer]}"
+                v.reason = f"{reason}, at {(names + [INPUT])[test.layer]}"
                 seed = np.where(test.beyond, th.screen_z + 1.0, np.where(test.z < th.benign_z, 0.0, th.benign_z))
-                seeds[c] = ([u.double() for u in mine], seed)
+                if test.layer == len(names):
+                    in_seeds[c] = ([mine[-1].double()], seed, [theirs[-1]])
+                else:
+                    seeds[c] = ([u.double() for u in mine[:len(names)]], seed)
         probes = self._fit_probes(st, seeds, ref, at, names)
-        for c in seeds:
-            if c not in probes:
+        in_probes = self._fit_input_probes(st, in_seeds, ref)
+        for c in (*seeds, *in_seeds):
+            if c not in probes and c not in in_probes:
                 st.classes[c].reason += ("; no probe could be fitted on the samples beyond, so nothing is taken "
                                          "(the next scan tests the class again)")
         self._flag_probed(train, st, probes, probe_ids, "scan/direction-confirm", Verdict.SEPARATE)
+        self._flag_input_probed(train, st, in_probes)
+
+    def _input_views(self, train: Dataset, st: ScanState, rows: np.ndarray,
+                     ref: RefFeats) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Unit high-passed inputs of the screen ``rows`` and of the reference samples ``ref.rows``
+        (read without the model, counted as ``scan/input``); None where the inputs are not images."""
+        ex = self.extractor
+        mine = read_view(train, st.kept[rows], ex.adapter, ex.batch_size, ex.num_workers)
+        if mine is None:
+            return None
+        theirs = read_view(st.cal.dataset, st.cal.positions(ref.rows), ex.adapter, ex.batch_size, ex.num_workers)
+        if theirs is None:
+            return None
+        st.passes.samples["scan/input"] = st.passes.samples.get("scan/input", 0) + len(mine) + len(theirs)
+        return unit(mine), unit(theirs)
+
+    def _fit_input_probes(self, st: ScanState, seeds: dict[int, tuple], ref: RefFeats) -> dict[int, Probe]:
+        """Per class, a probe self-trained on its screen's input view, calibrated on its reference
+        samples' (:meth:`_fit_probes` in the input view)."""
+        probes: dict[int, Probe] = {}
+        for c, (screen, seed, benign) in seeds.items():
+            benign = [benign[0].double()]
+            probe = self_train(screen, benign, seed, self.th, rng_seed=self.cfg.seed)
+            if probe is not None:
+                probes[c] = probe
+                st.classes[c].critical_layers = [INPUT]
+                st.ref_susp[ref.rows[ref.labels == c]] = probe.z(benign)
+        return probes
+
+    def _flag_input_probed(self, train: Dataset, st: ScanState, probes: dict[int, Probe]) -> None:
+        """Score every kept sample of the ``probes``' classes in the input view and flag them as separate."""
+        if not probes:
+            return
+        ex = self.extractor
+        rows = st.rows_of(probes)
+        view = read_view(train, st.kept[rows], ex.adapter, ex.batch_size, ex.num_workers)
+        st.passes.samples["scan/input"] = st.passes.samples.get("scan/input", 0) + len(rows)
+        z_all = np.zeros(len(rows))
+        self._apply_probes(probes, [unit(view).double()], st.labels[rows], z_all)
+        for c in probes:
+            sel = st.labels[rows] == c
+            self._flag(st, c, rows[sel], z_all[sel], Verdict.SEPARATE)
 
     # ---- stage 5: follow up --------------------------------------------------------------------
+    def still_taught(self, train: Dataset, st: ScanState, follow: dict[int, np.ndarray],
+                     check: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """The classes of ``follow`` worth a follow-up: poison left behind keeps teaching the model what
+        the quarantined samples carry, so the model predicts held-out quarantined samples (``check``,
+        never unlearned on) as their label more often than it predicts that label for the reference
+        samples of other classes, plus ``fit_se`` binomial errors (:func:`~guard.remedy.allowed_fit`,
+        the unlearning stop's rule). Where it does not, nothing left behind is teaching the trigger and
+        a follow-up could only take look-alikes from the benign tail. Classes without check samples,
+        or a model without class scores, are followed up as before."""
+        from guard.remedy import allowed_fit
+
+        ref_pred, ref_lab = st.cal.predicted, st.cal.labels
+        todo = {c: np.sort(check[c]) for c in follow if len(check.get(c, ())) and ref_pred is not None}
+        if not todo:
+            return follow
+        idx = np.concatenate(list(todo.values()))
+        order = np.argsort(idx, kind="stable")
+        pred = np.empty(len(idx), np.int64)
+        done = 0
+        for b in st.passes.stream(train, [self.layers[-1]], idx[order], "scan/check"):
+            if b.logits is None or not is_logits(b.logits, self.C):
+                return follow
+            pred[order[done:done + len(b.labels)]] = b.logits.argmax(1).numpy()
+            done += len(b.labels)
+        out, at = dict(follow), 0
+        for c, rows in todo.items():
+            fit = float((pred[at:at + len(rows)] == c).mean())
+            at += len(rows)
+            other = ref_lab != c
+            chance = float((ref_pred[other] == c).mean()) if other.any() else 0.0
+            allowed = allowed_fit(chance, len(rows), self.th)
+            if fit <= allowed:
+                del out[c]
+                st.classes[c].reason += (f"; not followed up: the model predicts {fit:.1%} of its {len(rows)} held-out "
+                                         f"quarantined samples as their label, no more than chance ({allowed:.1%})")
+        return out
+
     def follow_up(self, train: Dataset, st: ScanState, follow: dict[int, np.ndarray]) -> None:
         """Classes that already hold quarantined samples: poison left behind shares the trigger of the
         quarantined samples, so they are its labelled examples. A probe is fitted with (a sample of)

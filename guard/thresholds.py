@@ -63,6 +63,8 @@ class Thresholds(BaseModel):
     # taking samples
     flag_z: float = Field(2.0, gt=0, description="in a separate class, quarantine samples whose z is above this")
     follow_z: float = Field(3.0, gt=0, description="in a class with quarantined samples, take look-alikes above this")
+    follow_gate: bool = Field(
+        True, description="follow up a class only while the model fits its held-out quarantined samples above chance")
     flag_split: bool = Field(
         False, description="cut instead where the class's z splits in two (decide.flag_cut), never below the two above")
     paper_k: float = Field(2.5, gt=0, description="paper rule: flag below the benign mean minus this many std")

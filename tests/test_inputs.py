@@ -1,0 +1,56 @@
+"""The high-passed input view (guard.inputs): what it keeps, where it applies, and on real CIFAR-10
+images that it finds poison a model has never learned, without acting on clean data."""
+
+import numpy as np
+import pytest
+import torch
+
+from guard.batches import BatchAdapter
+from guard.inputs import MAX_SIDE, NAME, high_pass, is_image, read_view
+
+
+def test_high_pass_removes_smooth_content_and_keeps_fine_structure():
+    ramp = torch.linspace(0, 1, 32)[None, None, :, None].expand(2, 3, 32, 32)   # smooth: a linear ramp
+    out = high_pass(ramp).view(2, 3, 32, 32)
+    assert out[..., 1:-1, 1:-1].abs().max() < 1e-6                              # gone inside (edges replicate)
+    checker = ((torch.arange(32)[:, None] + torch.arange(32)[None]) % 2).float().expand(1, 3, 32, 32)
+    assert high_pass(checker).abs().mean() > 0.4                                  # fine structure stays
+
+
+def test_large_images_are_pooled_to_the_cap_and_non_images_have_no_view():
+    assert high_pass(torch.rand(2, 3, 224, 200)).shape == (2, 3 * MAX_SIDE * MAX_SIDE)
+    assert is_image(torch.rand(2, 3, 8, 8))
+    assert not is_image(torch.randint(0, 9, (2, 3, 8, 8)))          # integer tensors (tokens, raw bytes)
+    assert not is_image(torch.rand(2, 16))                           # tables
+    rows = [(torch.rand(16), 0) for _ in range(4)]
+    assert read_view(rows, np.arange(4), BatchAdapter(), batch_size=2) is None
+
+
+@pytest.mark.cifar
+@pytest.mark.parametrize("attack", ["blended", "zoo:0:12"])
+def test_poison_a_model_never_learned_is_found_in_the_input_view(attack, cifar_archive):
+    """The golden clean checkpoint (a small CNN trained on clean CIFAR-10 only) cannot have learned a
+    trigger; with 150 of 3,000 training images poisoned into class 1 (blended noise, a zoo patch),
+    only the input view sees them. Recorded: all 150 taken with 2 benign images each, in the input
+    view; with ``scan_inputs=False`` nothing; on the same data without poison nothing either way."""
+    from guard import GuardConfig, GuardedDataset
+    from guard.experiment import RunSpec, prepare
+    from tests.golden import FOLDER, _model
+
+    model = _model()
+    model.load_state_dict(torch.load(FOLDER / "clean.pt", weights_only=True))
+    for name in (attack, None):
+        data = prepare(RunSpec(data="cifar10", attack=name, rate=0.05, target=1, n_train=3000, trusted_per_class=30,
+                               archive=cifar_archive))
+        for on in (True, False):
+            gds = GuardedDataset(data.train, model, GuardConfig(remedy="none", progress=False, scan_inputs=on),
+                                 trusted=data.trusted)
+            gds.scan(0)
+            q = gds.quarantined
+            if name is None or not on:
+                assert len(q) == 0, (name, on)
+                continue
+            assert np.isin(data.poisoned, q).all()
+            assert (~np.isin(q, data.poisoned)).sum() <= 10          # under 0.4 % of the 2,850 benign
+            v = next(c for c in gds.report.scans[-1].classes if c.cls == 1)
+            assert v.critical_layers == [NAME] and NAME in v.reason
