@@ -54,3 +54,31 @@ def test_poison_a_model_never_learned_is_found_in_the_input_view(attack, cifar_a
             assert (~np.isin(q, data.poisoned)).sum() <= 10          # under 0.4 % of the 2,850 benign
             v = next(c for c in gds.report.scans[-1].classes if c.cls == 1)
             assert v.critical_layers == [NAME] and NAME in v.reason
+
+
+@pytest.mark.cifar
+def test_a_catch_the_model_never_learned_is_not_followed_up(cifar_archive):
+    """Follow-ups search a class again only while the model still fits its held-out quarantined
+    samples above chance (``Thresholds.follow_gate``): poison the clean checkpoint never learned,
+    caught in the input view, teaches it nothing, so a second scan takes no look-alikes (which
+    could only come from the benign tail); without the gate the follow-up runs."""
+    from guard import GuardConfig, GuardedDataset
+    from guard.experiment import RunSpec, prepare
+    from tests.golden import FOLDER, _model
+
+    model = _model()
+    model.load_state_dict(torch.load(FOLDER / "clean.pt", weights_only=True))
+    data = prepare(RunSpec(data="cifar10", attack="blended", rate=0.05, target=1, n_train=3000, trusted_per_class=30,
+                           archive=cifar_archive))
+    verdicts = {}
+    for gate in (True, False):
+        cfg = GuardConfig(remedy="none", progress=False, thresholds={"follow_gate": gate})
+        gds = GuardedDataset(data.train, model, cfg, trusted=data.trusted)
+        gds.scan(0)
+        first = len(gds.quarantined)
+        gds.scan(1)
+        v = next(c for c in gds.report.scans[-1].classes if c.cls == 1)
+        verdicts[gate] = (v.verdict, v.reason, len(gds.quarantined) - first)
+    assert first >= 150
+    assert verdicts[True][2] == 0 and "not followed up" in verdicts[True][1]
+    assert verdicts[False][0] == "like quarantined"
