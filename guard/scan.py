@@ -20,11 +20,15 @@ scan/screen                <= screen_per_class       candidates: is there a sepa
 scan/confirm               classes that separate     the probe's (or discriminant's) z of every sample
 scan/direction             <= screen_per_class       trusted: the rest of the classes' main direction
 scan/direction-confirm     classes that separate     ... the probe's z of every sample of those
+scan/check                 held-out quarantined      follow-up gate: still fitted above chance?
 scan/quarantined           <= screen_per_class       follow-up: the quarantined side of its probe
 scan/follow-screen         <= screen_per_class       follow-up: the kept side of its probe
 scan/quarantined-centroid  quarantined               follow-up fall-back: their centroid
 scan/follow-up(-centroid)  classes followed up       look-alikes of what was quarantined
 =========================  ========================  =================================================
+
+The input view of the direction stage (:mod:`guard.inputs`) reads images without the model; it is
+not a pass, and its time is part of ``analysis``.
 
 The scan changes nothing outside its state; :class:`~guard.GuardedDataset` applies its result.
 """
@@ -465,7 +469,8 @@ class Scanner:
     def _input_views(self, train: Dataset, st: ScanState, rows: np.ndarray,
                      ref: RefFeats) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Unit high-passed inputs of the screen ``rows`` and of the reference samples ``ref.rows``
-        (read without the model, counted as ``scan/input``); None where the inputs are not images."""
+        (read without the model, so not a pass: its time is part of ``analysis``); None where the
+        inputs are not images."""
         ex = self.extractor
         mine = read_view(train, st.kept[rows], ex.adapter, ex.batch_size, ex.num_workers)
         if mine is None:
@@ -473,7 +478,6 @@ class Scanner:
         theirs = read_view(st.cal.dataset, st.cal.positions(ref.rows), ex.adapter, ex.batch_size, ex.num_workers)
         if theirs is None:
             return None
-        st.passes.samples["scan/input"] = st.passes.samples.get("scan/input", 0) + len(mine) + len(theirs)
         return unit(mine), unit(theirs)
 
     def _fit_input_probes(self, st: ScanState, seeds: dict[int, tuple], ref: RefFeats) -> dict[int, Probe]:
@@ -496,7 +500,6 @@ class Scanner:
         ex = self.extractor
         rows = st.rows_of(probes)
         view = read_view(train, st.kept[rows], ex.adapter, ex.batch_size, ex.num_workers)
-        st.passes.samples["scan/input"] = st.passes.samples.get("scan/input", 0) + len(rows)
         z_all = np.zeros(len(rows))
         self._apply_probes(probes, [unit(view).double()], st.labels[rows], z_all)
         for c in probes:
