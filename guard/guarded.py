@@ -202,13 +202,17 @@ class GuardedDataset(Dataset):
     def _check_by_class(self) -> dict[int, np.ndarray]:
         """Per class, the held-out check samples of its quarantine (:func:`~guard.remedy.split_check`,
         the same split unlearning uses)."""
-        recs = list(self._records.values())
-        if not recs:
+        if not self._records:
             return {}
-        _, check = split_check(np.array([r.index for r in recs]), np.array([r.score for r in recs]), self.config.seed,
-                               self.config.thresholds)
+        _, check = self._split_records()
         labels = np.array([self._records[int(i)].label for i in check])
         return {int(c): check[labels == c] for c in np.unique(labels)}
+
+    def _split_records(self) -> tuple[np.ndarray, np.ndarray]:
+        """(unlearn, check) of the quarantine (:func:`~guard.remedy.split_check`)."""
+        recs = list(self._records.values())
+        return split_check(np.array([r.index for r in recs]), np.array([r.score for r in recs]), self.config.seed,
+                           self.config.thresholds)
 
     def _apply(self, res: ScanResult, epoch: int, seconds: float) -> ScanReport:
         scan_no = len(self.report.scans) + 1
@@ -294,8 +298,7 @@ class GuardedDataset(Dataset):
             restart(self.model, self._initial_state)
         else:
             recs = list(self._records.values())
-            train, check = split_check(np.array([r.index for r in recs]), np.array([r.score for r in recs]), cfg.seed,
-                                       cfg.thresholds)
+            train, check = self._split_records()
             pred, lab = self._predictions(model, self.dataset, check)
             fit = float((pred == lab).mean()) if len(lab) else 0.0
             allowed = allowed_fit(self._chance(model, np.array([self._records[int(i)].label for i in check])),

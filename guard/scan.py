@@ -516,7 +516,7 @@ class Scanner:
         the unlearning stop's rule). Where it does not, nothing left behind is teaching the trigger and
         a follow-up could only take look-alikes from the benign tail. Classes without check samples,
         or a model without class scores, are followed up as before."""
-        from guard.remedy import allowed_fit
+        from guard.remedy import allowed_fit, chance_fit
 
         ref_pred, ref_lab = st.cal.predicted, st.cal.labels
         todo = {c: np.sort(check[c]) for c in follow if len(check.get(c, ())) and ref_pred is not None}
@@ -535,9 +535,7 @@ class Scanner:
         for c, rows in todo.items():
             fit = float((pred[at:at + len(rows)] == c).mean())
             at += len(rows)
-            other = ref_lab != c
-            chance = float((ref_pred[other] == c).mean()) if other.any() else 0.0
-            allowed = allowed_fit(chance, len(rows), self.th)
+            allowed = allowed_fit(chance_fit(ref_pred, ref_lab, np.array([c])), len(rows), self.th)
             if fit <= allowed:
                 del out[c]
                 st.classes[c].reason += (f"; not followed up: the model predicts {fit:.1%} of its {len(rows)} held-out "
