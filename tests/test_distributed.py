@@ -146,7 +146,9 @@ def _batchnorm_worker(rank: int, world: int, folder: str, order: str, archive: s
         else:
             gds = GuardedDataset(data.train, model, cfg, trusted=data.trusted, scan_dataset=data.scan)
             ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        # at lr 0.05 the eval-mode model of some environments predicted class 0 for most images at the scans,
+        # so the trigger was fitted no better than chance and nothing was unlearned: the test lost its remedy
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.02, momentum=0.9)
         loader = torch.utils.data.DataLoader(gds, batch_size=32, sampler=gds.sampler)
         scans = []
         for epoch in range(5):
