@@ -28,6 +28,7 @@ unlearning and its sweep, the final attack success), each beside its unguarded t
     python benchmarks/bench_zoo.py --zoo-seed 1 --merge-guarded a.json b.json \\
         --out benchmarks/results/zoo_cifar10_seed1_guarded.json
 
+Chosen triggers of a zoo seed without a table (held-out triggers): ``--guarded - --triggers zoo:2:0 zoo:2:4``.
 The same with the opt-in two-group cut (``zoo_cifar10_seed1_guarded_split``): add
 ``--guard 'thresholds={"flag_split": true}'`` to all three commands.
 """
@@ -162,6 +163,8 @@ def main() -> None:
     ap.add_argument("--guarded", metavar="JSON",
                     help="whole guarded runs of the triggers this zoo result file found learned")
     ap.add_argument("--merge-guarded", nargs="+", metavar="JSON")
+    ap.add_argument("--triggers", nargs="*", help="with --guarded: these triggers instead of the table's learned ones "
+                    "(for a zoo seed without a table; the twin gives the undefended attack success)")
     ap.add_argument("--guard", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="GuardConfig fields of the guarded runs, e.g. 'thresholds={\"flag_split\": true}'")
     a = ap.parse_args()
@@ -177,8 +180,8 @@ def main() -> None:
         render_benchmarks()
         return
     if a.guarded:
-        table = json.loads(Path(a.guarded).read_text())["table"]
-        learned = [r["trigger"] for r in table if r["family"] != "none" and r["asr_unguarded"] >= 0.3]
+        table = [] if a.triggers else json.loads(Path(a.guarded).read_text())["table"]
+        learned = a.triggers or [r["trigger"] for r in table if r["family"] != "none" and r["asr_unguarded"] >= 0.3]
         k, n = (int(x) for x in a.part.split("/"))
         rows, runs = [], {}
         for trigger in learned[k::n]:

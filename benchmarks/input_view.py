@@ -1,15 +1,19 @@
-"""The input view alone (``guard.inputs``): which zoo triggers its direction test finds, without a model.
+"""The input views alone (``guard.inputs``): which zoo triggers their direction test finds, without a model.
 
 For every trigger of a zoo seed (the zoo's data: CIFAR-10 4,000 images, 50 trusted a class, read
 without augmentation as a scan reads them), the direction test (``guard.direction``) runs on each
-class's high-passed images against the class's trusted images, exactly as a scan runs it in the
-input view, and its p-value is corrected as a scan corrects it beside ``LAYERS`` model layers
-(x (LAYERS + 1); the two sides are in ``direction_test``'s p already). A class is acted on below
-``max_false_alarm / classes``. Prints per trigger the target class's p, share beyond every trusted
-image, the share of the poison among those beyond (TPR of the test's own seed) and the poison's AUROC
-on the held-out projection, and the smallest p of the nine clean classes.
+class's images in both input views (fine: high-passed; coarse: whitened thumbnails, the whitening
+fitted on the screens of all classes) against the class's trusted images, as a scan runs it, and its
+p-value is corrected as a scan corrects it beside ``LAYERS`` model layers (x (LAYERS + 2); the two
+sides are in ``direction_test``'s p already); the coarse view stands only where the fine one does
+not act. A class is acted on below ``max_false_alarm / classes``. Prints per trigger the target
+class's p and view, share beyond every trusted image, the share of the poison among those beyond
+(TPR of the test's own seed) and the poison's AUROC on the held-out projection, and the smallest p
+of the nine clean classes.
 
     python benchmarks/input_view.py --zoo-seed 2 --out benchmarks/results/input_view_zoo2.json
+    python benchmarks/input_view.py --triggers zoo:4:3 zoo:4:11 --out F.json              # chosen triggers
+    python benchmarks/input_view.py --harm --out benchmarks/results/input_view_harm.json   # do no harm
 """
 
 from __future__ import annotations
@@ -26,57 +30,67 @@ from sklearn.metrics import roc_auc_score
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks import bench_harm as harm  # noqa: E402
 from benchmarks.bench_zoo import spec  # noqa: E402
 from guard.attacks import make_attack  # noqa: E402
 from guard.direction import direction_test  # noqa: E402
 from guard.experiment import prepare  # noqa: E402
-from guard.inputs import high_pass  # noqa: E402
-from guard.reference import unit  # noqa: E402
+from guard.inputs import NAMES, InputViews, coarse, high_pass  # noqa: E402
 from guard.thresholds import Thresholds  # noqa: E402
 
 LAYERS = 10          # the probe layers a scan of the zoo's ResNet-18 tests beside the input
 
 
-def view(ds) -> torch.Tensor:
-    return unit(high_pass(torch.stack([ds[i][0] for i in range(len(ds))])))
+def raw_views(ds, positions: np.ndarray) -> list[torch.Tensor]:
+    x = torch.stack([ds[int(i)][0] for i in positions])
+    return [high_pass(x), coarse(x)]
 
 
-def trigger_row(trigger: str | None, seed: int = 0) -> dict:
+def trigger_row(trigger: str | None, seed: int = 0, make=None) -> dict:
+    """One data set's class decisions in the input views: ``make(trigger, rate, seed)`` builds its
+    RunSpec (default: the zoo's data)."""
     atk = make_attack(trigger) if trigger else None
-    data = prepare(spec("zoo", trigger, atk.rate if atk else 0.0, seed))
-    x, t = view(data.scan), view(data.trusted)
+    make = make or (lambda a, r, s: spec("zoo", a, r, s))
+    data = prepare(make(trigger, atk.rate if atk else 0.0, seed))
     lab, tlab = data.labels, data.trusted.labels
     poison = np.isin(np.arange(len(lab)), data.poisoned)
     bar = Thresholds().max_false_alarm / data.num_classes
-    rows = {}
     rng, n = np.random.default_rng([seed, 3]), Thresholds().screen_per_class
+    screen = np.concatenate([np.sort(rng.choice(np.flatnonzero(lab == c), min(int((lab == c).sum()), n), replace=False))
+                             for c in range(data.num_classes)])
+    views = InputViews(raw_views(data.scan, screen)[1], lab[screen])
+    x, t = views.units(raw_views(data.scan, screen)), views.units(raw_views(data.trusted, np.arange(len(tlab))))
+    rows = {}
     for c in range(data.num_classes):
-        mine = np.sort(rng.choice(np.flatnonzero(lab == c), min(int((lab == c).sum()), n), replace=False))
-        test = direction_test([x[torch.from_numpy(mine)]], [t[torch.from_numpy(tlab == c)]], 0)
-        p = min(1.0, test.p * (LAYERS + 1))
-        pc = poison[mine]
-        rows[c] = {"p": p, "share": test.share, "acted": p < bar,
+        sel, tsel = torch.from_numpy(lab[screen] == c), torch.from_numpy(tlab == c)
+        tests = [direction_test([u[sel]], [r[tsel]], 0) for u, r in zip(x, t)]
+        p = [min(1.0, te.p * (LAYERS + len(NAMES))) for te in tests]     # each p holds x 2 (sides) already
+        k = 0 if p[0] < bar or p[0] <= p[1] else 1                      # the coarse view is the last resort
+        test, pc = tests[k], poison[screen][sel.numpy()]
+        rows[c] = {"p": p[k], "view": NAMES[k], "p_views": p, "share": test.share, "acted": p[k] < bar,
                    "tpr": float(test.beyond[pc].mean()) if pc.any() else None,
                    "auroc": float(roc_auc_score(pc, test.z)) if 0 < pc.sum() < len(pc) else None}
     target = atk.target if atk else None
     clean = [r["p"] for c, r in rows.items() if c != target]
-    return {"trigger": trigger or f"none (seed {seed})", "attack": repr(atk) if atk else "none",
+    return {"trigger": trigger or f"none (seed {seed})", "counts": np.bincount(lab).tolist(),
+            "trusted_per_class": int(np.bincount(tlab).min()), "attack": repr(atk) if atk else "none",
             "family": atk.name if atk else "none", "kind": getattr(atk, "kind", getattr(atk, "style", "")) if atk else "",
             "target": target, "rate": atk.rate if atk else 0.0, "target_row": rows.get(target),
             "clean_min_p": min(clean), "clean_acted": int(sum(p < bar for p in clean)), "bar": bar}
 
 
-def markdown(rows: list[dict], zoo_seed: int) -> str:
-    lines = [f"`python benchmarks/input_view.py --zoo-seed {zoo_seed}`: the direction test in the input view alone "
-             "(high-passed images, no model), zoo data (CIFAR-10 4,000, 50 trusted a class), p corrected as beside "
-             f"{LAYERS} model layers; acted on below {rows[0]['bar']:.0e}. TPR: share of the poison beyond every trusted "
+def markdown(rows: list[dict], command: str) -> str:
+    lines = [f"`python benchmarks/input_view.py {command}`: the direction test in the input views alone "
+             "(fine: high-passed images; coarse: whitened thumbnails; no model), zoo data (CIFAR-10 4,000, 50 trusted a "
+             f"class), p corrected as beside {LAYERS} model layers, the coarse view standing only where the fine one does "
+             f"not act; acted on below {rows[0]['bar']:.0e}. TPR: share of the poison beyond every trusted "
              "image on the held-out projection (the probe's seed); a screen of up to 512 a class, as a scan takes.", "",
-             "| trigger | family | target / rate | p | acted | share beyond | TPR | AUROC | clean classes: min p, acted |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| trigger | family | target / rate | p | view | acted | share beyond | TPR | AUROC | clean classes: min p, acted |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["target_row"]
-        cells = (["-"] * 5 if t is None else
-                 [f"{t['p']:.0e}", "yes" if t["acted"] else "no", f"{t['share']:.0%}", f"{t['tpr']:.0%}",
+        cells = (["-"] * 6 if t is None else
+                 [f"{t['p']:.0e}", t["view"], "yes" if t["acted"] else "no", f"{t['share']:.0%}", f"{t['tpr']:.0%}",
                   f"{t['auroc']:.2f}"])
         fam = r["family"] + (f" ({r['kind']})" if r["kind"] else "")
         lines.append(f"| {r['trigger']} | {fam} | {r['target'] if r['target'] is not None else '-'} / {r['rate']:.1%} | "
@@ -87,16 +101,63 @@ def markdown(rows: list[dict], zoo_seed: int) -> str:
     return "\n".join(lines)
 
 
+def harm_rows(seeds: int) -> list[dict]:
+    """``bench_harm``'s data (small and long-tailed CIFAR-10 subsets, 10 or 20 trusted a class): its
+    clean seeds and its attacked cells."""
+    rows = []
+    for variant in harm.VARIANTS:
+        for trusted in harm.TRUSTED:
+            make = (lambda a, r, s, v=variant, t=trusted: harm.spec(v, a, r if a else 0.0, s, t))
+            for attack, _, seed in harm.ATTACKED:
+                rows.append({"variant": variant, **trigger_row(attack, seed, make)})
+            for seed in range(seeds):
+                rows.append({"variant": variant, **trigger_row(None, seed, make)})
+            print(f"{variant}, {trusted} trusted: clean classes acted on "
+                  f"{sum(r['clean_acted'] for r in rows[-seeds - len(harm.ATTACKED):])}", flush=True)
+    return rows
+
+
+def harm_markdown(rows: list[dict]) -> str:
+    lines = ["`python benchmarks/input_view.py --harm`: the direction test in the input views alone (fine and "
+             "coarse, as for the zoo; no model) on `harm_cifar10`'s data (CIFAR-10 subsets read without augmentation: small 250 a "
+             f"class, long-tailed lt10 / lt50), p corrected as beside {LAYERS} model layers; acted on below "
+             f"{rows[0]['bar']:.0e}. Clean class decisions: every class of 10 no-attack seeds and the non-target classes "
+             "of the two attacked cells (seed 0, target 0). TPR: share of the poison beyond every trusted image.", "",
+             "| data | trusted / class | clean class decisions | acted on | smallest clean p | "
+             "BadNets 10 %: p, acted, TPR | Blended 10 %: p, acted, TPR |", "|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["variant"], r["trusted_per_class"]) for r in rows}, key=lambda k: (list(harm.VARIANTS).index(k[0]), k[1]))
+    for v, t in keys:
+        mine = [r for r in rows if r["variant"] == v and r["trusted_per_class"] == t]
+        n = sum(len(r["counts"]) - (r["target"] is not None) for r in mine)
+        acted = sum(r["clean_acted"] for r in mine)
+        atk = []
+        for name in ("badnets", "blended"):
+            a = next(r for r in mine if r["family"] == name or r["trigger"] == name)["target_row"]
+            atk.append(f"{a['p']:.0e} ({a['view']}), {'yes' if a['acted'] else 'no'}, {a['tpr']:.0%}")
+        lines.append(f"| {v} | {t} | {n} | {acted} | {min(r['clean_min_p'] for r in mine):.0e} | " + " | ".join(atk) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo-seed", type=int, default=2)
     ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--triggers", nargs="*", help="these zoo triggers instead of a zoo seed's first --n")
     ap.add_argument("--clean", type=int, default=2, help="no-attack data seeds")
+    ap.add_argument("--harm", action="store_true", help="bench_harm's data instead of the zoo's")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    rows = [trigger_row(f"zoo:{a.zoo_seed}:{i}") for i in range(a.n)] + [trigger_row(None, s) for s in range(a.clean)]
-    md = markdown(rows, a.zoo_seed)
+    if a.harm:
+        rows = harm_rows(len(harm.CLEAN_SEEDS))
+        md = harm_markdown(rows)
+        print(md)
+        if a.out:
+            Path(a.out).write_text(json.dumps({"rows": rows, "markdown": md}, indent=1, default=float))
+        return
+    triggers = a.triggers or [f"zoo:{a.zoo_seed}:{i}" for i in range(a.n)]
+    rows = [trigger_row(t) for t in triggers] + [trigger_row(None, s) for s in range(a.clean)]
+    md = markdown(rows, " ".join(sys.argv[1:a.out and sys.argv.index("--out")] if a.out else sys.argv[1:]))
     print(md)
     if a.out:
         Path(a.out).write_text(json.dumps({"rows": rows, "markdown": md}, indent=1, default=float))

@@ -38,7 +38,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -49,13 +49,12 @@ from guard.calibrate import Calibration, calibrate, class_fit, is_logits, trust_
 from guard.cluster import Centroids, RefFeats, Zscore
 from guard.config import GuardConfig
 from guard.decide import ClassStats, Verdict, beyond_reference_p, binomial_p, decide, flag_cut, take
-from guard.direction import direction_test
+from guard.direction import DirectionTest, direction_test
 from guard.distributed import gather_rows, shard, sum_tensors, world
 from guard.errors import GuardError
 from guard.extract import Batch, Extractor
 from guard.hooks import scan_mode
-from guard.inputs import NAME as INPUT
-from guard.inputs import read_view
+from guard.inputs import InputViews, read_views
 from guard.keep import KeptFeatures
 from guard.locate import excess_share, guard_layers, paper_window
 from guard.probe import Probe, self_train
@@ -420,9 +419,9 @@ class Scanner:
         including one that earlier scans took samples from (leftovers), is tested for a main
         direction of variation that puts more of a screen of it beyond every trusted sample than a
         clean class could (:mod:`guard.direction`), at the probe layers and, for image inputs, in
-        the high-passed input (:mod:`guard.inputs`; ``GuardConfig.scan_inputs``). A class that passes
+        the two input views (:mod:`guard.inputs`; ``GuardConfig.scan_inputs``). A class that passes
         (:func:`decide`) is separate: the samples beyond seed its probe (:mod:`guard.probe`), fitted
-        at the probe layers or, where the input was the most significant, in the input view, and a
+        at the probe layers or, where an input view was the most significant, in that view, and a
         pass over the class scores every sample with it. Where no probe can be fitted the class is
         left at its verdict, with the test in its reason."""
         th, chance = self.th, self.th.min_class_fit / max(self.C, 1)
@@ -436,14 +435,17 @@ class Scanner:
         rows = self._screen_rows(st, todo, 3)
         units = _units(self._read(st, train, rows, probe_ids, "scan/direction"), len(probe_ids), torch.float32)
         ref = self._reference_feats(st, todo, names)
-        view = self._input_views(train, st, rows, ref) if self.cfg.scan_inputs else None
+        views = self._input_views(train, st, rows, ref) if self.cfg.scan_inputs else None
         at, seeds, in_seeds = list(range(len(names))), {}, {}
         for c in todo:
             sel = torch.from_numpy(st.labels[rows] == c)
             mine, theirs = [u[sel] for u in units], ref.units(c, at)
-            if view is not None:
-                mine, theirs = mine + [view[0][sel]], theirs + [view[1][torch.from_numpy(ref.labels == c)]]
+            if views is not None:
+                mask = torch.from_numpy(ref.labels == c)
+                mine, theirs = mine + [u[sel] for u in views[1]], theirs + [u[mask] for u in views[2]]
             test = direction_test(mine, theirs, self.cfg.seed)
+            if test is not None and views is not None and test.layer == len(mine) - 1:
+                test = self._finer(test, mine, theirs, th.max_false_alarm / max(st.n_tested, 1))
             if test is None:
                 continue
             v = st.classes[c]
@@ -451,10 +453,10 @@ class Scanner:
             verdict, reason = decide(ClassStats(v.n_scanned, v.excess, v.p_value, True, st.n_tested, train_fit=v.train_fit,
                                                 direction_p=test.p, direction_share=test.share), th)
             if verdict == Verdict.SEPARATE:
-                v.reason = f"{reason}, at {(names + [INPUT])[test.layer]}"
+                v.reason = f"{reason}, at {(names + list(InputViews.names))[test.layer]}"
                 seed = np.where(test.beyond, th.screen_z + 1.0, np.where(test.z < th.benign_z, 0.0, th.benign_z))
-                if test.layer == len(names):
-                    in_seeds[c] = ([mine[-1].double()], seed, [theirs[-1]])
+                if test.layer >= len(names):
+                    in_seeds[c] = (test.layer - len(names), [mine[test.layer].double()], seed, [theirs[test.layer].double()])
                 else:
                     seeds[c] = ([u.double() for u in mine[:len(names)]], seed)
         probes = self._fit_probes(st, seeds, ref, at, names)
@@ -464,46 +466,62 @@ class Scanner:
                 st.classes[c].reason += ("; no probe could be fitted on the samples beyond, so nothing is taken "
                                          "(the next scan tests the class again)")
         self._flag_probed(train, st, probes, probe_ids, "scan/direction-confirm", Verdict.SEPARATE)
-        self._flag_input_probed(train, st, in_probes)
+        if views is not None:
+            self._flag_input_probed(train, st, in_probes, views[0])
+
+    def _finer(self, test: DirectionTest, mine: list[torch.Tensor], theirs: list[torch.Tensor],
+               bar: float) -> DirectionTest:
+        """The coarse input view, last in ``mine``, is the last resort: where the test without it is
+        below ``bar`` too (at the correction for every view tested), that result stands instead, since a
+        probe in the coarse view takes more benign look-alikes (:mod:`guard.inputs`)."""
+        finer = direction_test(mine[:-1], theirs[:-1], self.cfg.seed)
+        if finer is None:
+            return test
+        finer = replace(finer, p=min(1.0, finer.p * len(mine) / (len(mine) - 1)))
+        return finer if finer.p < bar else test
 
     def _input_views(self, train: Dataset, st: ScanState, rows: np.ndarray,
-                     ref: RefFeats) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Unit high-passed inputs of the screen ``rows`` and of the reference samples ``ref.rows``
-        (read without the model, so not a pass: its time is part of ``analysis``); None where the
-        inputs are not images."""
+                     ref: RefFeats) -> tuple[InputViews, list[torch.Tensor], list[torch.Tensor]] | None:
+        """The input views (:mod:`guard.inputs`), fitted on the screen ``rows``, and the unit features
+        of the screen and of the reference samples ``ref.rows`` in each (read without the model, so
+        not a pass: its time is part of ``analysis``); None where the inputs are not images."""
         ex = self.extractor
-        mine = read_view(train, st.kept[rows], ex.adapter, ex.batch_size, ex.num_workers)
+        mine = read_views(train, st.kept[rows], ex.adapter, ex.batch_size, ex.num_workers)
         if mine is None:
             return None
-        theirs = read_view(st.cal.dataset, st.cal.positions(ref.rows), ex.adapter, ex.batch_size, ex.num_workers)
+        theirs = read_views(st.cal.dataset, st.cal.positions(ref.rows), ex.adapter, ex.batch_size, ex.num_workers)
         if theirs is None:
             return None
-        return unit(mine), unit(theirs)
+        views = InputViews(mine[1], st.labels[rows])
+        return views, views.units(mine), views.units(theirs)
 
-    def _fit_input_probes(self, st: ScanState, seeds: dict[int, tuple], ref: RefFeats) -> dict[int, Probe]:
-        """Per class, a probe self-trained on its screen's input view, calibrated on its reference
-        samples' (:meth:`_fit_probes` in the input view)."""
-        probes: dict[int, Probe] = {}
-        for c, (screen, seed, benign) in seeds.items():
-            benign = [benign[0].double()]
+    def _fit_input_probes(self, st: ScanState, seeds: dict[int, tuple], ref: RefFeats) -> dict[int, tuple[int, Probe]]:
+        """Per class, a probe self-trained on its screen in the input view ``k`` where the direction
+        test was most significant, calibrated on its reference samples' (:meth:`_fit_probes` in that
+        view; a probe over both views takes more benign look-alikes); class -> (k, probe)."""
+        probes: dict[int, tuple[int, Probe]] = {}
+        for c, (k, screen, seed, benign) in seeds.items():
             probe = self_train(screen, benign, seed, self.th, rng_seed=self.cfg.seed)
             if probe is not None:
-                probes[c] = probe
-                st.classes[c].critical_layers = [INPUT]
+                probes[c] = (k, probe)
+                st.classes[c].critical_layers = [InputViews.names[k]]
                 st.ref_susp[ref.rows[ref.labels == c]] = probe.z(benign)
         return probes
 
-    def _flag_input_probed(self, train: Dataset, st: ScanState, probes: dict[int, Probe]) -> None:
-        """Score every kept sample of the ``probes``' classes in the input view and flag them as separate."""
+    def _flag_input_probed(self, train: Dataset, st: ScanState, probes: dict[int, tuple[int, Probe]],
+                           views: InputViews) -> None:
+        """Score every kept sample of the ``probes``' classes in its probe's input view and flag them
+        as separate."""
         if not probes:
             return
         ex = self.extractor
         rows = st.rows_of(probes)
-        view = read_view(train, st.kept[rows], ex.adapter, ex.batch_size, ex.num_workers)
-        z_all = np.zeros(len(rows))
-        self._apply_probes(probes, [unit(view).double()], st.labels[rows], z_all)
+        units = views.units(read_views(train, st.kept[rows], ex.adapter, ex.batch_size, ex.num_workers))
+        labels, z_all = st.labels[rows], np.zeros(len(rows))
+        for c, (k, probe) in probes.items():
+            self._apply_probes({c: probe}, [units[k].double()], labels, z_all)
         for c in probes:
-            sel = st.labels[rows] == c
+            sel = labels == c
             self._flag(st, c, rows[sel], z_all[sel], Verdict.SEPARATE)
 
     # ---- stage 5: follow up --------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from guard.batches import BatchAdapter
-from guard.inputs import MAX_SIDE, NAME, high_pass, is_image, read_view
+from guard.inputs import COARSE, COARSE_SIDE, MAX_SIDE, NAME, coarse, high_pass, is_image, ledoit_wolf, read_views
 
 
 def test_high_pass_removes_smooth_content_and_keeps_fine_structure():
@@ -17,13 +17,32 @@ def test_high_pass_removes_smooth_content_and_keeps_fine_structure():
     assert high_pass(checker).abs().mean() > 0.4                                  # fine structure stays
 
 
+def test_the_coarse_view_is_a_thumbnail_without_its_brightness():
+    x = torch.rand(2, 3, 32, 32)
+    out = coarse(x)
+    assert out.shape == (2, 3 * COARSE_SIDE * COARSE_SIDE)
+    assert torch.allclose(coarse(x + 0.3), out, atol=1e-6)                     # a global brightness shift is no signal
+    assert out.view(2, 3, -1).mean(2).abs().max() < 1e-6
+    assert coarse(torch.rand(2, 1, 5, 6)).shape == (2, 5 * 6)                   # smaller images keep their size
+
+
+def test_ledoit_wolf_is_sklearns_estimate():
+    from sklearn.covariance import ledoit_wolf as sklearn_lw
+    x = torch.randn(300, 40, dtype=torch.float64) @ torch.randn(40, 40, dtype=torch.float64)
+    x -= x.mean(0)
+    ours = ledoit_wolf(x).numpy()
+    theirs, shrink = sklearn_lw(x.numpy(), assume_centered=True)
+    assert 0 < shrink < 1
+    assert np.abs(ours - theirs).max() < 1e-9 * np.abs(theirs).max()
+
+
 def test_large_images_are_pooled_to_the_cap_and_non_images_have_no_view():
     assert high_pass(torch.rand(2, 3, 224, 200)).shape == (2, 3 * MAX_SIDE * MAX_SIDE)
     assert is_image(torch.rand(2, 3, 8, 8))
     assert not is_image(torch.randint(0, 9, (2, 3, 8, 8)))          # integer tensors (tokens, raw bytes)
     assert not is_image(torch.rand(2, 16))                           # tables
     rows = [(torch.rand(16), 0) for _ in range(4)]
-    assert read_view(rows, np.arange(4), BatchAdapter(), batch_size=2) is None
+    assert read_views(rows, np.arange(4), BatchAdapter(), batch_size=2) is None
 
 
 @pytest.mark.cifar
@@ -54,6 +73,33 @@ def test_poison_a_model_never_learned_is_found_in_the_input_view(attack, cifar_a
             assert (~np.isin(q, data.poisoned)).sum() <= 10          # under 0.4 % of the 2,850 benign
             v = next(c for c in gds.report.scans[-1].classes if c.cls == 1)
             assert v.critical_layers == [NAME] and NAME in v.reason
+
+
+@pytest.mark.cifar
+def test_a_smooth_blend_a_model_never_learned_is_found_in_the_coarse_view(cifar_archive):
+    """A smooth blended image (zoo 1:12: noise on a 4 x 4 grid, upsampled) has no fine structure, so
+    the high-pass cannot see it; its whitened thumbnail can. Recorded: all 150 taken with 16 benign
+    (0.6 %) at ``<input:coarse>``; nothing with ``scan_inputs=False``."""
+    from guard import GuardConfig, GuardedDataset
+    from guard.experiment import RunSpec, prepare
+    from tests.golden import FOLDER, _model
+
+    model = _model()
+    model.load_state_dict(torch.load(FOLDER / "clean.pt", weights_only=True))
+    data = prepare(RunSpec(data="cifar10", attack="zoo:1:12", rate=0.05, target=1, n_train=3000, trusted_per_class=30,
+                           archive=cifar_archive))
+    for on in (True, False):
+        gds = GuardedDataset(data.train, model, GuardConfig(remedy="none", progress=False, scan_inputs=on),
+                             trusted=data.trusted)
+        gds.scan(0)
+        q = gds.quarantined
+        if not on:
+            assert len(q) == 0
+            continue
+        assert np.isin(data.poisoned, q).all()
+        assert (~np.isin(q, data.poisoned)).sum() <= 28              # under 1 % of the 2,850 benign
+        v = next(c for c in gds.report.scans[-1].classes if c.cls == 1)
+        assert v.critical_layers == [COARSE] and COARSE in v.reason
 
 
 @pytest.mark.cifar
