@@ -14,6 +14,7 @@ of the nine clean classes.
     python benchmarks/input_view.py --zoo-seed 2 --out benchmarks/results/input_view_zoo2.json
     python benchmarks/input_view.py --triggers zoo:4:3 zoo:4:11 --out F.json              # chosen triggers
     python benchmarks/input_view.py --harm --out benchmarks/results/input_view_harm.json   # do no harm
+    python benchmarks/input_view.py --n 0 --clean 10 --trusted-shift blur                 # ... trusted elsewhere
 """
 
 from __future__ import annotations
@@ -41,8 +42,19 @@ from guard.thresholds import Thresholds  # noqa: E402
 LAYERS = 10          # the probe layers a scan of the zoo's ResNet-18 tests beside the input
 
 
-def raw_views(ds, positions: np.ndarray) -> list[torch.Tensor]:
+_blur = lambda x: torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)  # noqa: E731
+# trusted images from another pipeline than the training images (--trusted-shift): must not read as poison
+SHIFTS = {"blur": lambda x: 0.5 * (x + _blur(x)), "brighter": lambda x: x + 0.3, "contrast": lambda x: 1.2 * x,
+          "resized": lambda x: torch.nn.functional.interpolate(torch.nn.functional.interpolate(
+              x, size=(x.shape[2] * 3 // 4, x.shape[3] * 3 // 4), mode="bilinear", antialias=True),
+              size=x.shape[2:], mode="bilinear"),
+          "noise": lambda x: x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))}
+TRUSTED_SHIFT: str | None = None
+
+
+def raw_views(ds, positions: np.ndarray, shift: str | None = None) -> list[torch.Tensor]:
     x = torch.stack([ds[int(i)][0] for i in positions])
+    x = SHIFTS[shift](x) if shift else x
     return [high_pass(x), coarse(x)]
 
 
@@ -59,7 +71,7 @@ def trigger_row(trigger: str | None, seed: int = 0, make=None) -> dict:
     screen = np.concatenate([np.sort(rng.choice(np.flatnonzero(lab == c), min(int((lab == c).sum()), n), replace=False))
                              for c in range(data.num_classes)])
     views = InputViews(raw_views(data.scan, screen)[1], lab[screen])
-    x, t = views.units(raw_views(data.scan, screen)), views.units(raw_views(data.trusted, np.arange(len(tlab))))
+    x, t = views.units(raw_views(data.scan, screen)), views.units(raw_views(data.trusted, np.arange(len(tlab)), TRUSTED_SHIFT))
     rows = {}
     for c in range(data.num_classes):
         sel, tsel = torch.from_numpy(lab[screen] == c), torch.from_numpy(tlab == c)
@@ -145,9 +157,12 @@ def main() -> None:
     ap.add_argument("--triggers", nargs="*", help="these zoo triggers instead of a zoo seed's first --n")
     ap.add_argument("--clean", type=int, default=2, help="no-attack data seeds")
     ap.add_argument("--harm", action="store_true", help="bench_harm's data instead of the zoo's")
+    ap.add_argument("--trusted-shift", choices=sorted(SHIFTS), help="trusted images through another pipeline")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
+    global TRUSTED_SHIFT
+    TRUSTED_SHIFT = a.trusted_shift
     if a.harm:
         rows = harm_rows(len(harm.CLEAN_SEEDS))
         md = harm_markdown(rows)

@@ -23,7 +23,9 @@ With a trusted reference a class also holds a separate cluster when its main dir
 variation puts more of its samples beyond every trusted sample than a clean class could
 (``direction_p`` from :mod:`guard.direction`, below the same ``max_false_alarm / n_classes``): a
 learned trigger that leaves the cosine to the class direction alone (so no out-of-spread excess)
-but moves a sizeable part of the class along one direction is seen there.
+but moves a sizeable part of the class along one direction is seen there. Found in the images
+themselves (``direction_input``, :mod:`guard.inputs`), it stands even where the model has not
+learned the class: the images do not depend on what the model has learned.
 
 With a trusted reference a separate cluster is acted on only if the screen also puts more of its
 samples beyond *every* reference sample of the class than a clean class could: the
@@ -85,12 +87,17 @@ class ClassStats:
     reference_fit: float = float("nan")    # share of its reference samples the model predicts as it (nan: unknown)
     direction_p: float | None = None       # trusted: guard.direction's p-value (corrected for sides and layers)
     direction_share: float = 0.0           # ... and the share of the class beyond every trusted sample there
+    direction_input: bool = False          # ... in an input view (guard.inputs), which does not depend on the model
 
 
 def decide(s: ClassStats, t: Thresholds) -> tuple[Verdict, str]:
     """``(verdict, reason)`` for one class; CANDIDATE asks for a screen (``screen_share`` unset)."""
     bar = t.max_false_alarm / max(s.n_classes, 1)
     chance = t.min_class_fit / max(s.n_classes, 1)
+    direction = s.trusted and s.direction_p is not None and s.direction_p < bar and s.n_scanned >= t.min_class
+    if direction and s.direction_input:    # the images themselves: whatever the model has learned
+        return Verdict.SEPARATE, (f"{s.direction_share:.0%} of the class's images lie beyond every trusted image along "
+                                  f"their main direction of variation (p={s.direction_p:.2g} < {bar:.2g})")
     if s.train_fit < chance:               # (nan: no logits to tell, the rule does not apply)
         return Verdict.CLEAN, (f"the model predicts the label of {s.train_fit:.0%} of the class's training samples "
                                f"(chance {chance:.0%}): it has not learned the class, so no trigger in it is learned")
@@ -98,7 +105,7 @@ def decide(s: ClassStats, t: Thresholds) -> tuple[Verdict, str]:
         return Verdict.CLEAN, (f"the model predicts the label of {s.reference_fit:.0%} of the class's trust-free reference "
                                f"(chance {chance:.0%}): that high-loss half is what the model has not learned of the "
                                "class, not its benign look, so the class is not judged against it")
-    if s.trusted and s.direction_p is not None and s.direction_p < bar and s.n_scanned >= t.min_class:
+    if direction:
         return Verdict.SEPARATE, (f"{s.direction_share:.0%} of the class lies beyond every trusted sample along its main "
                                   f"direction of variation (p={s.direction_p:.2g} < {bar:.2g})")
     candidate = s.excess >= t.min_excess and s.p_value < bar and s.n_scanned >= t.min_class

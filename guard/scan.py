@@ -423,11 +423,12 @@ class Scanner:
         (:func:`decide`) is separate: the samples beyond seed its probe (:mod:`guard.probe`), fitted
         at the probe layers or, where an input view was the most significant, in that view, and a
         pass over the class scores every sample with it. Where no probe can be fitted the class is
-        left at its verdict, with the test in its reason."""
+        left at its verdict, with the test in its reason. A class the model has not learned
+        (``min_class_fit``) is tested in the input views only: they do not depend on the model."""
         th, chance = self.th, self.th.min_class_fit / max(self.C, 1)
         todo = [c for c, v in st.classes.items()
                 if v.verdict != Verdict.SEPARATE and v.n_scanned >= th.min_class
-                and not v.train_fit < chance]
+                and (self.cfg.scan_inputs or not v.train_fit < chance)]
         if not todo:
             return
         probe_ids = self._probe_layers()
@@ -436,27 +437,32 @@ class Scanner:
         units = _units(self._read(st, train, rows, probe_ids, "scan/direction"), len(probe_ids), torch.float32)
         ref = self._reference_feats(st, todo, names)
         views = self._input_views(train, st, rows, ref) if self.cfg.scan_inputs else None
+        n_views = len(names) + (len(InputViews.names) if views is not None else 0)
+        bar = th.max_false_alarm / max(st.n_tested, 1)
         at, seeds, in_seeds = list(range(len(names))), {}, {}
         for c in todo:
+            v = st.classes[c]
             sel = torch.from_numpy(st.labels[rows] == c)
-            mine, theirs = [u[sel] for u in units], ref.units(c, at)
+            learned = not v.train_fit < chance
+            mine, theirs = ([u[sel] for u in units], ref.units(c, at)) if learned else ([], [])
             if views is not None:
                 mask = torch.from_numpy(ref.labels == c)
                 mine, theirs = mine + [u[sel] for u in views[1]], theirs + [u[mask] for u in views[2]]
-            test = direction_test(mine, theirs, self.cfg.seed)
-            if test is not None and views is not None and test.layer == len(mine) - 1:
-                test = self._finer(test, mine, theirs, th.max_false_alarm / max(st.n_tested, 1))
+            if not mine:
+                continue
+            test = self._test(mine, theirs, 0 if learned else len(names), n_views, bar, views is not None)
             if test is None:
                 continue
-            v = st.classes[c]
             v.direction_p = test.p
             verdict, reason = decide(ClassStats(v.n_scanned, v.excess, v.p_value, True, st.n_tested, train_fit=v.train_fit,
-                                                direction_p=test.p, direction_share=test.share), th)
+                                                direction_p=test.p, direction_share=test.share,
+                                                direction_input=test.layer >= len(names)), th)
             if verdict == Verdict.SEPARATE:
                 v.reason = f"{reason}, at {(names + list(InputViews.names))[test.layer]}"
                 seed = np.where(test.beyond, th.screen_z + 1.0, np.where(test.z < th.benign_z, 0.0, th.benign_z))
+                k = test.layer - (0 if learned else len(names))        # the view's position in mine
                 if test.layer >= len(names):
-                    in_seeds[c] = (test.layer - len(names), [mine[test.layer].double()], seed, [theirs[test.layer].double()])
+                    in_seeds[c] = (test.layer - len(names), [mine[k].double()], seed, [theirs[k].double()])
                 else:
                     seeds[c] = ([u.double() for u in mine[:len(names)]], seed)
         probes = self._fit_probes(st, seeds, ref, at, names)
@@ -469,16 +475,22 @@ class Scanner:
         if views is not None:
             self._flag_input_probed(train, st, in_probes, views[0])
 
-    def _finer(self, test: DirectionTest, mine: list[torch.Tensor], theirs: list[torch.Tensor],
-               bar: float) -> DirectionTest:
-        """The coarse input view, last in ``mine``, is the last resort: where the test without it is
-        below ``bar`` too (at the correction for every view tested), that result stands instead, since a
-        probe in the coarse view takes more benign look-alikes (:mod:`guard.inputs`)."""
-        finer = direction_test(mine[:-1], theirs[:-1], self.cfg.seed)
-        if finer is None:
-            return test
-        finer = replace(finer, p=min(1.0, finer.p * len(mine) / (len(mine) - 1)))
-        return finer if finer.p < bar else test
+    def _test(self, mine: list[torch.Tensor], theirs: list[torch.Tensor], offset: int, total: int, bar: float,
+              inputs: bool) -> DirectionTest | None:
+        """:func:`direction_test` over ``mine`` (views ``offset`` on of ``total``), its p corrected for
+        all ``total`` and its layer counted among them. With the input views (``inputs``) the coarse
+        one, last, is the last resort: where the test without it is below ``bar`` too, that result
+        stands, since a probe in the coarse view takes more benign look-alikes (:mod:`guard.inputs`)."""
+        def run(m: list[torch.Tensor], t: list[torch.Tensor]) -> DirectionTest | None:
+            r = direction_test(m, t, self.cfg.seed)
+            return None if r is None else replace(r, p=min(1.0, r.p * total / len(m)), layer=r.layer + offset)
+
+        test = run(mine, theirs)
+        if test is not None and inputs and len(mine) > 1 and test.layer == offset + len(mine) - 1:
+            finer = run(mine[:-1], theirs[:-1])
+            if finer is not None and finer.p < bar:
+                return finer
+        return test
 
     def _input_views(self, train: Dataset, st: ScanState, rows: np.ndarray,
                      ref: RefFeats) -> tuple[InputViews, list[torch.Tensor], list[torch.Tensor]] | None:

@@ -169,6 +169,18 @@ def test_a_trusted_main_direction_separates_below_the_same_bar_and_only_with_a_t
     assert "27% of the class lies beyond every trusted sample" in why and "p=1e-12" in why
 
 
+def test_a_main_direction_in_the_images_stands_whatever_the_model_has_learned():
+    quiet = dict(excess=0.0, p_value=1.0)
+    found = dict(direction_p=1e-30, direction_share=0.3, direction_input=True)
+    assert verdict(**quiet, train_fit=0.01, **found) == Verdict.SEPARATE          # the model has not learned the class
+    assert verdict(**quiet, **{**found, "direction_p": np.nextafter(BAR, 0)}) == Verdict.SEPARATE
+    assert verdict(**quiet, **{**found, "direction_p": BAR}) == Verdict.CLEAN    # the same bar
+    assert verdict(False, **quiet, **found) != Verdict.SEPARATE                   # a trusted reference only
+    assert verdict(**quiet, n_scanned=T.min_class - 1, **found) != Verdict.SEPARATE
+    why = decide(ClassStats(**{**CAND, **quiet, "trusted": True, "train_fit": 0.01, **found}), T)[1]
+    assert "30% of the class's images lie beyond every trusted image" in why
+
+
 def test_flag_cut_sits_in_the_gap_and_never_flags_more_than_the_floor():
     rng = np.random.default_rng(0)
     # a benign bulk with a long upper tail (as trained samples sit against an unseen trusted reference)

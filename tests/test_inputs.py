@@ -103,6 +103,31 @@ def test_a_smooth_blend_a_model_never_learned_is_found_in_the_coarse_view(cifar_
 
 
 @pytest.mark.cifar
+def test_a_class_the_model_has_not_learned_is_still_tested_in_the_images(cifar_archive):
+    """A model at initialisation predicts almost no class (``min_class_fit``: nothing it could have
+    learned, trigger included, so its layers are not tested), but the images do not depend on the
+    model. Recorded: all 150 Blended samples taken with 2 benign; on clean data nothing."""
+    from guard import GuardConfig, GuardedDataset
+    from guard.experiment import RunSpec, prepare
+    from tests.golden import _model
+
+    torch.manual_seed(0)
+    model = _model()
+    for name in ("blended", None):
+        data = prepare(RunSpec(data="cifar10", attack=name, rate=0.05, target=1, n_train=3000, trusted_per_class=30,
+                               archive=cifar_archive))
+        gds = GuardedDataset(data.train, model, GuardConfig(remedy="none", progress=False), trusted=data.trusted)
+        gds.scan(0)
+        v = next(c for c in gds.report.scans[-1].classes if c.cls == 1)
+        if name is None:
+            assert len(gds.quarantined) == 0 and "has not learned the class" in v.reason
+            continue
+        assert np.isin(data.poisoned, gds.quarantined).all()
+        assert (~np.isin(gds.quarantined, data.poisoned)).sum() <= 10
+        assert v.critical_layers == [NAME] and "images lie beyond every trusted image" in v.reason
+
+
+@pytest.mark.cifar
 def test_a_catch_the_model_never_learned_is_not_followed_up(cifar_archive):
     """Follow-ups search a class again only while the model still fits its held-out quarantined
     samples above chance (``Thresholds.follow_gate``): poison the clean checkpoint never learned,
