@@ -28,7 +28,8 @@ unlearning and its sweep, the final attack success), each beside its unguarded t
     python benchmarks/bench_zoo.py --zoo-seed 1 --merge-guarded a.json b.json \\
         --out benchmarks/results/zoo_cifar10_seed1_guarded.json
 
-Chosen triggers of a zoo seed without a table (held-out triggers): ``--guarded - --triggers zoo:2:0 zoo:2:4``.
+Chosen triggers (a zoo seed without a table, held-out triggers): ``--guarded - --triggers zoo:2:0 zoo:2:4``, then
+``--merge-guarded a.json b.json --triggers zoo:2:0 zoo:2:4 --out F.json``.
 The same with the opt-in two-group cut (``zoo_cifar10_seed1_guarded_split``): add
 ``--guard 'thresholds={"flag_split": true}'`` to all three commands.
 """
@@ -121,10 +122,13 @@ def guarded_row(trigger: str, r: dict) -> dict:
             "quarantined_by_scan": [s["new_quarantined"] for s in r["scans"]], "epochs": [s["epoch"] for s in r["scans"]]}
 
 
-def guarded_markdown(rows: list[dict], zoo_seed: int, guard: list[str] | None = None) -> str:
+def guarded_markdown(rows: list[dict], zoo_seed: int, guard: list[str] | None = None,
+                     chosen: list[str] | None = None) -> str:
     pct = lambda v: f"{v:.1%}"  # noqa: E731
-    lines = [f"`python benchmarks/bench_zoo.py --guarded`: zoo seed {zoo_seed}, the triggers its unguarded runs learned "
-             f"(attack success >= 30 % in `zoo_cifar10_seed{zoo_seed}`), each trained again as a whole guarded run "
+    which = (f"the chosen triggers {', '.join(chosen)} (`--triggers`), each trained as a whole guarded run " if chosen else
+             f"zoo seed {zoo_seed}, the triggers its unguarded runs learned (attack success >= 30 % in "
+             f"`zoo_cifar10_seed{zoo_seed}`), each trained again as a whole guarded run ")
+    lines = [f"`python benchmarks/bench_zoo.py --guarded`: {which}"
              f"(`GuardConfig({', '.join(guard or [])})`{'' if guard else ' defaults'}, {TRUSTED} trusted a class, scans "
              "at epochs 3, 5, ...) beside its unguarded twin "
              f"in lockstep (same warm-up); {N_TRAIN:,} CIFAR-10 images, crop + flip, width-16 ResNet-18, SGD {LR} cosine, "
@@ -171,9 +175,9 @@ def main() -> None:
     torch.set_num_threads(1)
     if a.merge_guarded:
         parts = [json.loads(Path(p).read_text()) for p in a.merge_guarded]
-        order = {f"zoo:{a.zoo_seed}:{i}": i for i in range(a.n)}
+        order = {t: i for i, t in enumerate(a.triggers or [f"zoo:{a.zoo_seed}:{i}" for i in range(a.n)])}
         rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: order.get(r["trigger"], 99))
-        md = guarded_markdown(rows, a.zoo_seed, a.guard)
+        md = guarded_markdown(rows, a.zoo_seed, a.guard, a.triggers)
         Path(a.out).write_text(json.dumps({"rows": rows, "runs": {k: v for p in parts for k, v in p["runs"].items()},
                                            "markdown": md}, indent=1, default=float))
         print(md)

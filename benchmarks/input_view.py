@@ -15,6 +15,7 @@ of the nine clean classes.
     python benchmarks/input_view.py --triggers zoo:4:3 zoo:4:11 --out F.json              # chosen triggers
     python benchmarks/input_view.py --harm --out benchmarks/results/input_view_harm.json   # do no harm
     python benchmarks/input_view.py --n 0 --clean 10 --trusted-shift blur                 # ... trusted elsewhere
+    python benchmarks/input_view.py --triggers zoo:1:12 zoo:0:12 --clean 2 --crops       # no scan_dataset
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ SHIFTS = {"blur": lambda x: 0.5 * (x + _blur(x)), "brighter": lambda x: x + 0.3,
               size=x.shape[2:], mode="bilinear"),
           "noise": lambda x: x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))}
 TRUSTED_SHIFT: str | None = None
+CROPS = False           # --crops: the screen read through the training Dataset's random crop + flip
 
 
 def raw_views(ds, positions: np.ndarray, shift: str | None = None) -> list[torch.Tensor]:
@@ -70,8 +72,10 @@ def trigger_row(trigger: str | None, seed: int = 0, make=None) -> dict:
     rng, n = np.random.default_rng([seed, 3]), Thresholds().screen_per_class
     screen = np.concatenate([np.sort(rng.choice(np.flatnonzero(lab == c), min(int((lab == c).sum()), n), replace=False))
                              for c in range(data.num_classes)])
-    views = InputViews(raw_views(data.scan, screen)[1], lab[screen])
-    x, t = views.units(raw_views(data.scan, screen)), views.units(raw_views(data.trusted, np.arange(len(tlab)), TRUSTED_SHIFT))
+    torch.manual_seed(seed)
+    raw = raw_views(data.train if CROPS else data.scan, screen)
+    views = InputViews(raw[1], lab[screen])
+    x, t = views.units(raw), views.units(raw_views(data.trusted, np.arange(len(tlab)), TRUSTED_SHIFT))
     rows = {}
     for c in range(data.num_classes):
         sel, tsel = torch.from_numpy(lab[screen] == c), torch.from_numpy(tlab == c)
@@ -158,11 +162,12 @@ def main() -> None:
     ap.add_argument("--clean", type=int, default=2, help="no-attack data seeds")
     ap.add_argument("--harm", action="store_true", help="bench_harm's data instead of the zoo's")
     ap.add_argument("--trusted-shift", choices=sorted(SHIFTS), help="trusted images through another pipeline")
+    ap.add_argument("--crops", action="store_true", help="read the screen with the training crops (no scan_dataset)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    global TRUSTED_SHIFT
-    TRUSTED_SHIFT = a.trusted_shift
+    global TRUSTED_SHIFT, CROPS
+    TRUSTED_SHIFT, CROPS = a.trusted_shift, a.crops
     if a.harm:
         rows = harm_rows(len(harm.CLEAN_SEEDS))
         md = harm_markdown(rows)

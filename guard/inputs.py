@@ -19,8 +19,8 @@ A class that holds poison then has the trigger as its main direction of variatio
 the direction test (:mod:`guard.direction`) decides with its own distribution-free calibration
 against the class's trusted images, as at any layer (the views count as layers in its correction).
 
-What they do not see: sample-specific or geometric triggers (WaNet's warps), and anything once
-random crops move the trigger between reads (the scan reads the data without augmentation, see
+What they do not see: sample-specific or geometric triggers (WaNet's warps), and fine structure
+once random crops move it between reads (the scan reads the data without augmentation, see
 ``scan_dataset``).
 
 Only 4-D floating image batches ``(B, C, H, W)`` have these views; anything else (tokens, tables,
