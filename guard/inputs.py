@@ -42,7 +42,6 @@ COARSE_SIDE = 8
 FINE = "<input>"                # how reports name the views among the layers
 COARSE = "<input:coarse>"
 NAMES = (FINE, COARSE)
-NAME = FINE
 
 
 def high_pass(x: torch.Tensor) -> torch.Tensor:

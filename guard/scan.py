@@ -434,7 +434,10 @@ class Scanner:
         probe_ids = self._probe_layers()
         names = [self.layers[i] for i in probe_ids]
         rows = self._screen_rows(st, todo, 3)
-        units = _units(self._read(st, train, rows, probe_ids, "scan/direction"), len(probe_ids), torch.float32)
+        learned = [c for c in todo if not st.classes[c].train_fit < chance]
+        mrows = rows[np.isin(st.labels[rows], learned)]           # the model's features: learned classes only
+        units = (_units(self._read(st, train, mrows, probe_ids, "scan/direction"), len(probe_ids), torch.float32)
+                 if len(mrows) else [])
         ref = self._reference_feats(st, todo, names)
         views = self._input_views(train, st, rows, ref) if self.cfg.scan_inputs else None
         n_views = len(names) + (len(InputViews.names) if views is not None else 0)
@@ -442,15 +445,16 @@ class Scanner:
         at, seeds, in_seeds = list(range(len(names))), {}, {}
         for c in todo:
             v = st.classes[c]
-            sel = torch.from_numpy(st.labels[rows] == c)
-            learned = not v.train_fit < chance
-            mine, theirs = ([u[sel] for u in units], ref.units(c, at)) if learned else ([], [])
+            mine, theirs, offset = [], [], len(names)
+            if c in learned:
+                msel = torch.from_numpy(st.labels[mrows] == c)
+                mine, theirs, offset = [u[msel] for u in units], ref.units(c, at), 0
             if views is not None:
-                mask = torch.from_numpy(ref.labels == c)
+                sel, mask = torch.from_numpy(st.labels[rows] == c), torch.from_numpy(ref.labels == c)
                 mine, theirs = mine + [u[sel] for u in views[1]], theirs + [u[mask] for u in views[2]]
             if not mine:
                 continue
-            test = self._test(mine, theirs, 0 if learned else len(names), n_views, bar, views is not None)
+            test = self._test(mine, theirs, offset, n_views, bar, views is not None)
             if test is None:
                 continue
             v.direction_p = test.p
@@ -460,7 +464,7 @@ class Scanner:
             if verdict == Verdict.SEPARATE:
                 v.reason = f"{reason}, at {(names + list(InputViews.names))[test.layer]}"
                 seed = np.where(test.beyond, th.screen_z + 1.0, np.where(test.z < th.benign_z, 0.0, th.benign_z))
-                k = test.layer - (0 if learned else len(names))        # the view's position in mine
+                k = test.layer - offset                                  # its position in mine
                 if test.layer >= len(names):
                     in_seeds[c] = (test.layer - len(names), [mine[k].double()], seed, [theirs[k].double()])
                 else:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from guard.batches import BatchAdapter
-from guard.inputs import COARSE, COARSE_SIDE, MAX_SIDE, NAME, coarse, high_pass, is_image, ledoit_wolf, read_views
+from guard.inputs import COARSE, COARSE_SIDE, FINE, MAX_SIDE, coarse, high_pass, is_image, ledoit_wolf, read_views
 
 
 def test_high_pass_removes_smooth_content_and_keeps_fine_structure():
@@ -45,6 +45,34 @@ def test_large_images_are_pooled_to_the_cap_and_non_images_have_no_view():
     assert read_views(rows, np.arange(4), BatchAdapter(), batch_size=2) is None
 
 
+def _clean_model(trained: bool = True) -> torch.nn.Module:
+    """The golden tests' small CNN: trained on clean CIFAR-10 only, or at initialisation (seed 0)."""
+    from tests.golden import FOLDER, _model
+
+    torch.manual_seed(0)
+    model = _model()
+    if trained:
+        model.load_state_dict(torch.load(FOLDER / "clean.pt", weights_only=True))
+    return model
+
+
+def _data(attack: str | None, archive: str):
+    """3,000 CIFAR-10 training images, 5 % of them poisoned into class 1, 30 trusted a class."""
+    from guard.experiment import RunSpec, prepare
+
+    return prepare(RunSpec(data="cifar10", attack=attack, rate=0.05, target=1, n_train=3000, trusted_per_class=30,
+                           archive=archive))
+
+
+def _scan(model, data, **config):
+    """One scan (``remedy="none"``): the quarantine and class 1's report."""
+    from guard import GuardConfig, GuardedDataset
+
+    gds = GuardedDataset(data.train, model, GuardConfig(remedy="none", progress=False, **config), trusted=data.trusted)
+    gds.scan(0)
+    return gds.quarantined, next(c for c in gds.report.scans[-1].classes if c.cls == 1)
+
+
 @pytest.mark.cifar
 @pytest.mark.parametrize("attack", ["blended", "zoo:0:12"])
 def test_poison_a_model_never_learned_is_found_in_the_input_view(attack, cifar_archive):
@@ -52,27 +80,17 @@ def test_poison_a_model_never_learned_is_found_in_the_input_view(attack, cifar_a
     trigger; with 150 of 3,000 training images poisoned into class 1 (blended noise, a zoo patch),
     only the input view sees them. Recorded: all 150 taken with 2 benign images each, in the input
     view; with ``scan_inputs=False`` nothing; on the same data without poison nothing either way."""
-    from guard import GuardConfig, GuardedDataset
-    from guard.experiment import RunSpec, prepare
-    from tests.golden import FOLDER, _model
-
-    model = _model()
-    model.load_state_dict(torch.load(FOLDER / "clean.pt", weights_only=True))
+    model = _clean_model()
     for name in (attack, None):
-        data = prepare(RunSpec(data="cifar10", attack=name, rate=0.05, target=1, n_train=3000, trusted_per_class=30,
-                               archive=cifar_archive))
+        data = _data(name, cifar_archive)
         for on in (True, False):
-            gds = GuardedDataset(data.train, model, GuardConfig(remedy="none", progress=False, scan_inputs=on),
-                                 trusted=data.trusted)
-            gds.scan(0)
-            q = gds.quarantined
+            q, v = _scan(model, data, scan_inputs=on)
             if name is None or not on:
                 assert len(q) == 0, (name, on)
                 continue
             assert np.isin(data.poisoned, q).all()
             assert (~np.isin(q, data.poisoned)).sum() <= 10          # under 0.4 % of the 2,850 benign
-            v = next(c for c in gds.report.scans[-1].classes if c.cls == 1)
-            assert v.critical_layers == [NAME] and NAME in v.reason
+            assert v.critical_layers == [FINE] and FINE in v.reason
 
 
 @pytest.mark.cifar
@@ -80,25 +98,14 @@ def test_a_smooth_blend_a_model_never_learned_is_found_in_the_coarse_view(cifar_
     """A smooth blended image (zoo 1:12: noise on a 4 x 4 grid, upsampled) has no fine structure, so
     the high-pass cannot see it; its whitened thumbnail can. Recorded: all 150 taken with 16 benign
     (0.6 %) at ``<input:coarse>``; nothing with ``scan_inputs=False``."""
-    from guard import GuardConfig, GuardedDataset
-    from guard.experiment import RunSpec, prepare
-    from tests.golden import FOLDER, _model
-
-    model = _model()
-    model.load_state_dict(torch.load(FOLDER / "clean.pt", weights_only=True))
-    data = prepare(RunSpec(data="cifar10", attack="zoo:1:12", rate=0.05, target=1, n_train=3000, trusted_per_class=30,
-                           archive=cifar_archive))
+    model, data = _clean_model(), _data("zoo:1:12", cifar_archive)
     for on in (True, False):
-        gds = GuardedDataset(data.train, model, GuardConfig(remedy="none", progress=False, scan_inputs=on),
-                             trusted=data.trusted)
-        gds.scan(0)
-        q = gds.quarantined
+        q, v = _scan(model, data, scan_inputs=on)
         if not on:
             assert len(q) == 0
             continue
         assert np.isin(data.poisoned, q).all()
         assert (~np.isin(q, data.poisoned)).sum() <= 28              # under 1 % of the 2,850 benign
-        v = next(c for c in gds.report.scans[-1].classes if c.cls == 1)
         assert v.critical_layers == [COARSE] and COARSE in v.reason
 
 
@@ -107,24 +114,16 @@ def test_a_class_the_model_has_not_learned_is_still_tested_in_the_images(cifar_a
     """A model at initialisation predicts almost no class (``min_class_fit``: nothing it could have
     learned, trigger included, so its layers are not tested), but the images do not depend on the
     model. Recorded: all 150 Blended samples taken with 2 benign; on clean data nothing."""
-    from guard import GuardConfig, GuardedDataset
-    from guard.experiment import RunSpec, prepare
-    from tests.golden import _model
-
-    torch.manual_seed(0)
-    model = _model()
+    model = _clean_model(trained=False)
     for name in ("blended", None):
-        data = prepare(RunSpec(data="cifar10", attack=name, rate=0.05, target=1, n_train=3000, trusted_per_class=30,
-                               archive=cifar_archive))
-        gds = GuardedDataset(data.train, model, GuardConfig(remedy="none", progress=False), trusted=data.trusted)
-        gds.scan(0)
-        v = next(c for c in gds.report.scans[-1].classes if c.cls == 1)
+        data = _data(name, cifar_archive)
+        q, v = _scan(model, data)
         if name is None:
-            assert len(gds.quarantined) == 0 and "has not learned the class" in v.reason
+            assert len(q) == 0 and "has not learned the class" in v.reason
             continue
-        assert np.isin(data.poisoned, gds.quarantined).all()
-        assert (~np.isin(gds.quarantined, data.poisoned)).sum() <= 10
-        assert v.critical_layers == [NAME] and "images lie beyond every trusted image" in v.reason
+        assert np.isin(data.poisoned, q).all()
+        assert (~np.isin(q, data.poisoned)).sum() <= 10
+        assert v.critical_layers == [FINE] and "images lie beyond every trusted image" in v.reason
 
 
 @pytest.mark.cifar
@@ -134,13 +133,8 @@ def test_a_catch_the_model_never_learned_is_not_followed_up(cifar_archive):
     caught in the input view, teaches it nothing, so a second scan takes no look-alikes (which
     could only come from the benign tail); without the gate the follow-up runs."""
     from guard import GuardConfig, GuardedDataset
-    from guard.experiment import RunSpec, prepare
-    from tests.golden import FOLDER, _model
 
-    model = _model()
-    model.load_state_dict(torch.load(FOLDER / "clean.pt", weights_only=True))
-    data = prepare(RunSpec(data="cifar10", attack="blended", rate=0.05, target=1, n_train=3000, trusted_per_class=30,
-                           archive=cifar_archive))
+    model, data = _clean_model(), _data("blended", cifar_archive)
     verdicts = {}
     for gate in (True, False):
         cfg = GuardConfig(remedy="none", progress=False, thresholds={"follow_gate": gate})
