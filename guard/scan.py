@@ -346,10 +346,10 @@ class Scanner:
         rows = st.rows_of(separated)
         z_all, done = np.zeros(len(rows)), 0
         for b in self._read(st, train, rows, layer_ids, "scan/confirm"):
-            bl = b.labels.numpy()
-            z_all[done:done + len(bl)] = z(cent.discriminant(b.feats, bl), bl)
+            bl, units = b.labels.numpy(), [unit(f.double()) for f in b.feats]
+            z_all[done:done + len(bl)] = z(cent.discriminant(units, bl, normalised=True), bl)
             if probes:
-                self._apply_probes(probes, [unit(b.feats[i].double()) for i in at], bl, z_all[done:])
+                self._apply_probes(probes, [units[i] for i in at], bl, z_all[done:])
             done += len(bl)
         for c in separated:
             sel = st.labels[rows] == c
@@ -376,9 +376,9 @@ class Scanner:
             bl = b.labels.numpy()
             own = st.out_of_spread[screen_rows[done:done + len(bl)]][:, layer_ids]
             done += len(bl)
-            zb = z(cent.discriminant(b.feats, bl, own_suspect=own), bl)
-            hi, lo = torch.from_numpy(zb > th.screen_z), torch.from_numpy(zb < th.benign_z)
             units = [unit(f.double()) for f in b.feats]
+            zb = z(cent.discriminant(units, bl, own_suspect=own, normalised=True), bl)
+            hi, lo = torch.from_numpy(zb > th.screen_z), torch.from_numpy(zb < th.benign_z)
             for pos, u in enumerate(units):
                 new.sus[pos].index_add_(0, b.labels[hi], u[hi])
                 new.ben[pos].index_add_(0, b.labels[lo], u[lo])

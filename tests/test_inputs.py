@@ -17,6 +17,13 @@ def test_high_pass_removes_smooth_content_and_keeps_fine_structure():
     assert high_pass(checker).abs().mean() > 0.4                                  # fine structure stays
 
 
+def test_high_pass_is_each_pixel_less_its_replicate_padded_3x3_mean():
+    x = torch.rand(4, 3, 9, 7, generator=torch.Generator().manual_seed(0))
+    pad = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    expected = x - torch.nn.functional.avg_pool2d(pad, 3, 1)
+    assert torch.allclose(high_pass(x), expected.flatten(1), atol=1e-6)
+
+
 def test_the_coarse_view_is_a_thumbnail_without_its_brightness():
     x = torch.rand(2, 3, 32, 32)
     out = coarse(x)
