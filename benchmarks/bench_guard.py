@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="further attack fields, e.g. cover_rate=0.05 (JSON values)")
     ap.add_argument("--layer-auroc", action="store_true",
                     help="record per-layer AUROC of poison vs benign in the target class at each scan")
+    ap.add_argument("--trace-memory", action="store_true",
+                    help="record each run's peak Python allocation (tracemalloc slows the scan's analysis)")
     ap.add_argument("--device", default="cpu", help="where the model trains, e.g. cuda")
     ap.add_argument("--guard", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="GuardConfig fields for every run, e.g. num_workers=8 (JSON values)")
@@ -185,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                        width=a.width, lr=a.lr, seed=a.seed, trust_free=tf, device=a.device,
                        trusted_per_class=a.trusted, augment=a.augment,
                        attack_kwargs=fields(a.attack_args) if atk else {}, guard=fields(a.guard))
-        r = run(spec, compare=not tf, on_scan=layer_auroc if a.layer_auroc and not tf else None)
+        r = run(spec, compare=not tf, on_scan=layer_auroc if a.layer_auroc and not tf else None,
+                trace_memory=a.trace_memory)
         r.pop("report")
         results[name] = r
         rows.append(row(name, r))

@@ -261,12 +261,13 @@ class _Twin:
 
 
 def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None,
-        data: Prepared | None = None, on_scan: Any = None) -> dict[str, Any]:
+        data: Prepared | None = None, on_scan: Any = None, trace_memory: bool = False) -> dict[str, Any]:
     """Train with the guard (and, with ``compare``, the unguarded twin, in lockstep) and measure.
     With ``out_dir``, the guard's files (report.json, quarantine.csv, samples.csv) and checkpoint.pt
     (model and guard state) are written there. ``data``: ``prepare(spec)`` when the caller has it
     already. ``on_scan(gds, data)``: called after each scan, outside the timings; what it returns
-    is kept in ``out["on_scan"]``."""
+    is kept in ``out["on_scan"]``. ``trace_memory``: record the run's peak Python allocation
+    (``tracemalloc``, which slows Python-side work, the scan's analysis most: off for timings)."""
     torch.manual_seed(spec.seed)
     data = prepare(spec) if data is None else data
     cfg = GuardConfig(**{"seed": spec.seed, **spec.guard})
@@ -280,7 +281,8 @@ def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None,
     epoch_times: list[float] = []
     paper: list[dict[str, float]] = []
     twin: _Twin | None = None
-    tracemalloc.start()
+    if trace_memory:
+        tracemalloc.start()
     for epoch in range(spec.epochs):
         if epoch == cfg.warmup_epochs and compare:
             twin = _Twin(model, opt, sched, data, spec, cfg)
@@ -301,8 +303,10 @@ def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None,
                     f" after a {scan_time:.1f}s scan" if scanned else "", len(gds.quarantined))
         if twin is not None:
             twin.epoch(f"unguarded epoch {epoch + 1}/{spec.epochs}")
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    peak = float("nan")
+    if trace_memory:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
     out["guarded"] = {**measure(model, data),
                       **detection(gds.quarantined, data.poisoned, len(data.labels), data.cover)}
     if spec.attack is None:
