@@ -133,8 +133,7 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
             optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None) -> tuple[float, int]:
     """Run ``job``. ``optimizer`` builds the optimizer of the steps from the parameters (default
     ``SGD(lr=cfg.unlearn_lr, momentum=cfg.unlearn_momentum)``). Each step mixes ``cfg.unlearn_batch``
-    samples (default half a scan batch), half quarantined and half kept. Returns the check samples'
-    fit after and the steps."""
+    samples, half quarantined and half kept. Returns the check samples' fit after and the steps."""
     dataset, kept, quarantined, check = job.dataset, job.kept, job.quarantined, job.check
     adapter, device = feed.adapter, feed.device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -143,7 +142,7 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
     opt = (optimizer or (lambda p: torch.optim.SGD(p, lr=cfg.unlearn_lr, momentum=cfg.unlearn_momentum)))(params)
     t = cfg.thresholds
     rng = np.random.default_rng(job.seed)
-    half = max((cfg.unlearn_batch or cfg.batch_size // 2) // 2, 1 if cfg.unlearn_batch else 8)
+    half = max(cfg.unlearn_batch // 2, 1)
     was_training = [(m, m.training) for m in model.modules()]
     last = job.fit_before
     accs: list[float] = []

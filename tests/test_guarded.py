@@ -255,6 +255,19 @@ def test_unlearning_stops_at_the_chance_rate_and_records_it():
     assert gds.config.unlearn_steps <= scan.remedy_steps <= 3 * gds.config.unlearn_steps
 
 
+@pytest.mark.parametrize("unlearn_batch", [64, 24])
+def test_unlearning_steps_take_the_configured_batch(unlearn_batch):
+    ds = Blobs(600, poison=0.08, seed=0)
+    model = train(mlp(), ds, epochs=25)
+    sizes = []
+    handle = model.register_forward_hook(lambda m, i, o: sizes.append(len(o)) if m.training else None)
+    gds = GuardedDataset(ds, model, GuardConfig(unlearn_batch=unlearn_batch), trusted=Blobs(150, seed=7))
+    scan = gds.scan()
+    handle.remove()
+    assert scan.remedy == "unlearn" and len(sizes) == scan.remedy_steps
+    assert set(sizes) == {unlearn_batch}     # half quarantined, half kept (the default: 32 + 32)
+
+
 def test_restart_remedy_restores_initial_weights():
     ds = Blobs(600, poison=0.08, seed=0)
     model = mlp()
