@@ -47,8 +47,9 @@ def markdown(results: list[tuple[str, dict]]) -> str:
             "kept | remedy s | scan / epoch (first) | overhead (run) |")
     body = [line for label, r in results for line in lines_of(label, r)]
     meta = results[-1][1]["meta"]
+    meta = meta.get("parts", [meta])[0]                  # merged result files keep each part's meta
     return "\n".join([
-        "`python benchmarks/cost_table.py` over two `bench_guard.py --attacks badnets --rates 0.1 --trust-free` runs "
+        "`python benchmarks/cost_table.py` over `bench_guard.py --attacks badnets --rates 0.1 --trust-free` runs "
         f"(CIFAR-10 {meta['n_train']:,}, width-{meta['width']} ResNet-18, {meta['epochs']} epochs, no augmentation, "
         f"one pinned thread each, {meta['device']}): the guarded run and its unguarded twin in lockstep. "
         "*non-forward*: the share of the scan outside the model's forward (data loading, hooks, transfer, analysis). "
