@@ -50,10 +50,10 @@ def top_direction(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (only its top eigenpair is computed: LAPACK ``syevr`` on that one index)."""
     mu = x.mean(0)
     xc = x - mu
-    gram = (xc @ xc.T).numpy()
+    gram = (xc @ xc.T).cpu().numpy()
     n = len(gram)
     _, top = scipy.linalg.eigh(gram, subset_by_index=[n - 1, n - 1], driver="evr", check_finite=False)
-    v = xc.T @ torch.from_numpy(top[:, 0]).to(xc.dtype)
+    v = xc.T @ torch.from_numpy(top[:, 0]).to(xc)
     return mu, v / v.norm().clamp_min(1e-12)
 
 

@@ -142,7 +142,7 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
     opt = (optimizer or (lambda p: torch.optim.SGD(p, lr=cfg.unlearn_lr, momentum=cfg.unlearn_momentum)))(params)
     t = cfg.thresholds
     rng = np.random.default_rng(job.seed)
-    half = max(cfg.unlearn_batch // 2, 1)
+    half = cfg.unlearn_batch // 2             # unlearn_batch >= 2
     was_training = [(m, m.training) for m in model.modules()]
     last = job.fit_before
     accs: list[float] = []
