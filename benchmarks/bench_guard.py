@@ -288,7 +288,7 @@ def render_benchmarks(results: Path = HERE / "results", target: Path = HERE.pare
             if not plotted:                        # the plots folder is shared by both suites: shown once
                 parts += [f"![{png.stem}](benchmarks/results/plots/{png.name})" for png in
                           sorted((results / "plots").glob("*.png"))
-                          if not png.stem.endswith("_layer_auroc")] + [""]
+                          if not png.stem.endswith("_layer_auroc") and not png.stem.startswith("zoo_")] + [""]
                 plotted = True
             continue
         rows = with_floors({"runs": saved["runs"], "rows": [row(n, r) for n, r in saved["runs"].items()]})["rows"]

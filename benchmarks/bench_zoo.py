@@ -28,6 +28,10 @@ unlearning and its sweep, the final attack success), each beside its unguarded t
     python benchmarks/bench_zoo.py --zoo-seed 1 --merge-guarded a.json b.json \\
         --out benchmarks/results/zoo_cifar10_seed1_guarded.json
 
+The plot of TPR against undefended attack success in ``BENCHMARKS.md``:
+``--plot results/zoo_cifar10_seed0_guarded.json results/zoo_cifar10_seed1_guarded_views.json --out
+results/plots/zoo_guarded_tpr.png``.
+
 Chosen triggers (a zoo seed without a table, held-out triggers): ``--guarded - --triggers zoo:2:0 zoo:2:4``, then
 ``--merge-guarded a.json b.json --triggers zoo:2:0 zoo:2:4 --out F.json``.
 The same with the opt-in two-group cut (``zoo_cifar10_seed1_guarded_split``): add
@@ -153,6 +157,42 @@ def guarded_markdown(rows: list[dict], zoo_seed: int, guard: list[str] | None = 
     return "\n".join(lines)
 
 
+def plot_guarded(files: list[str], path: Path) -> None:
+    """TPR against the undefended run's attack success, one point per whole guarded run of ``files``
+    (``--guarded`` results), marked by trigger family and filled where the run met the targets (TPR
+    >= 95 %, FPR <= 1 %, ASR(correct) <= 5 %, accuracy within 2 points)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    marks = {"patch": "s", "blended": "o", "frequency": "^", "wanet": "D"}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for k, f in enumerate(files):
+        colour = f"C{k}"
+        for r in json.loads(Path(f).read_text())["rows"]:
+            met = (r["tpr"] >= 0.95 and r["fpr"] <= 0.01 and r["asr_correct_guarded"] <= 0.05
+                   and r["acc_guarded"] >= r["acc_unguarded"] - 0.02)
+            ax.scatter(100 * r["asr_unguarded"], 100 * r["tpr"], marker=marks.get(r["family"], "x"), s=42,
+                       edgecolors=colour, facecolors=colour if met else "none")
+            ax.annotate(r["trigger"].removeprefix("zoo:"), (100 * r["asr_unguarded"], 100 * r["tpr"]),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.scatter([], [], marker="o", facecolors="none", edgecolors=colour, label=Path(f).stem)
+    for fam, m in marks.items():
+        ax.scatter([], [], marker=m, color="grey", label=fam)
+    ax.axvline(30, color="grey", lw=0.8, ls=":")
+    ax.axhline(95, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("undefended attack success, all non-target images (%)")
+    ax.set_ylabel("guarded run's TPR (%)")
+    ax.set_xlim(0, 102)
+    ax.set_ylim(-3, 103)
+    ax.set_title("whole guarded zoo runs (filled: all four targets met)", fontsize=9)
+    ax.legend(fontsize=6, loc="center right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", action="store_true")
@@ -169,10 +209,15 @@ def main() -> None:
     ap.add_argument("--merge-guarded", nargs="+", metavar="JSON")
     ap.add_argument("--triggers", nargs="*", help="with --guarded: these triggers instead of the table's learned ones "
                     "(for a zoo seed without a table; the twin gives the undefended attack success)")
+    ap.add_argument("--plot", nargs="+", metavar="JSON", help="plot TPR against undefended attack success for these "
+                    "--guarded result files into --out (a .png)")
     ap.add_argument("--guard", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="GuardConfig fields of the guarded runs, e.g. 'thresholds={\"flag_split\": true}'")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.plot:
+        plot_guarded(a.plot, Path(a.out))
+        return
     if a.merge_guarded:
         parts = [json.loads(Path(p).read_text()) for p in a.merge_guarded]
         order = {t: i for i, t in enumerate(a.triggers or [f"zoo:{a.zoo_seed}:{i}" for i in range(a.n)])}

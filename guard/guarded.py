@@ -23,8 +23,8 @@ from guard.distributed import agree, broadcast_model, broadcast_object, world
 from guard.errors import GuardError
 from guard.extract import Extractor
 from guard.hooks import preserve_rng, unwrap_model
-from guard.remedy import (Unlearning, allowed_fit, chance_fit, predictions, restart, split_check,
-                          unlearn)
+from guard.remedy import (Unlearning, allowed_fit, chance_fit, predictions, recalibrate_bn, restart,
+                          split_check, unlearn)
 from guard.report import (SAMPLE_COLUMNS, GuardReport, QuarantineRecord, RestoreRecord, ScanReport, SweepReport,
                           atomic_write, now, quarantined_row)
 from guard.sampler import GuardSampler
@@ -318,6 +318,7 @@ class GuardedDataset(Dataset):
                 found = sweep.after(cfg.thresholds.max_false_alarm / self.num_classes)
                 scan.sweep = [SweepReport(cls=r.cls, n=r.n, n_ref=r.n_ref, beyond=r.beyond, p=r.p, taken=len(r.taken))
                               for r in found]
+            scan.remedy_bn_samples = recalibrate_bn(model, self.dataset, job.kept, self.feed, cfg, job.seed)
         scan.remedy_seconds = time.monotonic() - t
         return found
 

@@ -177,6 +177,40 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
     return last, step + 1
 
 
+def recalibrate_bn(model: nn.Module, dataset: Dataset, kept: np.ndarray, feed: Feed, cfg: GuardConfig,
+                   seed: int) -> int:
+    """Re-estimate every BatchNorm layer's running statistics on ``thresholds.bn_samples`` kept samples
+    (the model's current weights, train-mode forwards without gradients, a cumulative average over
+    batches of ``unlearn_batch``; as ``torch.optim.swa_utils.update_bn`` does, through the guard's
+    input adapter and autocast). After unlearning the running statistics are those of the unlearning
+    batches, half of them quarantined (triggered) samples, which the model's clean accuracy pays for
+    until training has replaced them; kept samples give it back at once. Each layer's momentum and
+    every module's train/eval flag are restored. Returns the samples used (0: no BatchNorm, or off)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    n = min(cfg.thresholds.bn_samples, len(kept))
+    if not norms or n == 0:
+        return 0
+    idx = np.random.default_rng(seed).choice(kept, n, replace=False)
+    momenta = [m.momentum for m in norms]
+    was_training = [(m, m.training) for m in model.modules()]
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None                     # cumulative average over the batches below
+        model.train()
+        with torch.no_grad():
+            for start in range(0, n, cfg.unlearn_batch):
+                inputs, _ = feed.adapter.split(_batch(dataset, idx[start:start + cfg.unlearn_batch]))
+                with autocast(feed.device, cfg.amp, training=True):
+                    feed.adapter.forward(model, feed.adapter.move(inputs, feed.device, feed.channels_last))
+    finally:
+        for m, mom in zip(norms, momenta):
+            m.momentum = mom
+        for m, f in was_training:
+            m.training = f
+    return n
+
+
 def restart(model: nn.Module, initial_state: dict[str, torch.Tensor]) -> None:
     """Reload the weights the model had when the guard wrapped it."""
     model.load_state_dict(initial_state)

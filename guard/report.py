@@ -103,6 +103,8 @@ class ScanReport(BaseModel):
         None, description="the fit that counts as unlearned: how often benign images of other classes are "
                           "predicted as those labels, plus two standard errors")
     remedy_steps: int = 0
+    remedy_bn_samples: int = Field(
+        0, description="kept samples that re-estimated the BatchNorm running statistics after unlearning")
     sweep: list[SweepReport] = Field(
         default=[], description="after unlearning: the quarantined classes' kept samples tested by their margin's fall")
     reference_scores: list[float] = Field(

@@ -84,3 +84,5 @@ class Thresholds(BaseModel):
     check_min: int = Field(10, ge=1, description="with fewer quarantined samples, all of them both unlearn and check")
     check_every: int = Field(10, ge=1, description="unlearning checks the held-out samples every this many steps")
     unlearn_max_factor: int = Field(3, ge=1, description="unlearning stops after this many times unlearn_steps")
+    bn_samples: int = Field(
+        640, ge=0, description="kept samples that re-estimate BatchNorm running statistics after unlearning (0: off)")

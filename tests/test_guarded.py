@@ -268,6 +268,53 @@ def test_unlearning_steps_take_the_configured_batch(unlearn_batch):
     assert set(sizes) == {unlearn_batch}     # half quarantined, half kept (the default: 32 + 32)
 
 
+def _bn_mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 3))
+
+
+def test_batchnorm_statistics_are_re_estimated_on_kept_samples_only():
+    from guard.batches import BatchAdapter, Feed
+    from guard.remedy import recalibrate_bn
+    ds = Blobs(600, poison=0.08, seed=0)
+    model = _bn_mlp()
+    bn = model[1]
+    bn.running_mean.fill_(5.0)                # what unlearning batches would leave: far from the data's
+    bn.momentum = 0.3
+    model.eval()
+    kept = np.arange(0, 600, 5)               # 120 samples, 3 batches of 40
+    cfg = GuardConfig(unlearn_batch=40, amp=False, thresholds={"bn_samples": 1000})
+    n = recalibrate_bn(model, ds, kept, Feed(BatchAdapter(), torch.device("cpu")), cfg, seed=0)
+    assert n == 120
+    with torch.no_grad():
+        h = model[0](torch.stack([ds[int(i)][0] for i in kept]))
+    assert torch.allclose(bn.running_mean, h.mean(0), atol=1e-5)          # equal batches: the mean of means
+    assert bn.momentum == 0.3 and not model.training and not bn.training  # flags and momentum handed back
+    off = GuardConfig(thresholds={"bn_samples": 0})
+    before = bn.running_mean.clone()
+    assert recalibrate_bn(model, ds, kept, Feed(BatchAdapter(), torch.device("cpu")), off, seed=0) == 0
+    assert torch.equal(bn.running_mean, before)
+    assert recalibrate_bn(mlp(), ds, kept, Feed(BatchAdapter(), torch.device("cpu")), cfg, seed=0) == 0
+
+
+def test_unlearning_hands_back_batchnorm_statistics_of_kept_data():
+    ds = Blobs(600, poison=0.08, seed=0)
+    model = train(_bn_mlp(), ds, epochs=25)
+    gds = GuardedDataset(ds, model, GuardConfig(thresholds={"bn_samples": 200}), trusted=Blobs(150, seed=7))
+    scan = gds.scan()
+    assert scan.remedy == "unlearn" and scan.remedy_steps > 0
+    assert scan.remedy_bn_samples == 200
+    kept = gds.kept_indices()
+    with torch.no_grad():
+        h = model[0](torch.stack([ds[int(i)][0] for i in kept]))
+    # the running mean is now that of kept samples under the unlearned weights, not the unlearning batches'
+    assert torch.allclose(model[1].running_mean, h.mean(0), atol=0.25 * float(h.std(0).mean()))
+    gds_off = GuardedDataset(ds, train(_bn_mlp(), ds, epochs=25), GuardConfig(thresholds={"bn_samples": 0}),
+                             trusted=Blobs(150, seed=7))
+    assert gds_off.scan().remedy_bn_samples == 0
+
+
 def test_restart_remedy_restores_initial_weights():
     ds = Blobs(600, poison=0.08, seed=0)
     model = mlp()
