@@ -131,7 +131,7 @@ def guarded_markdown(rows: list[dict], zoo_seed: int, guard: list[str] | None = 
     pct = lambda v: f"{v:.1%}"  # noqa: E731
     which = (f"the chosen triggers {', '.join(chosen)} (`--triggers`), each trained as a whole guarded run " if chosen else
              f"zoo seed {zoo_seed}, the triggers its unguarded runs learned (attack success >= 30 % in "
-             f"`zoo_cifar10_seed{zoo_seed}`), each trained again as a whole guarded run ")
+             f"`zoo_cifar10{f'_seed{zoo_seed}' if zoo_seed else ''}`), each trained again as a whole guarded run ")
     lines = [f"`python benchmarks/bench_zoo.py --guarded`: {which}"
              f"(`GuardConfig({', '.join(guard or [])})`{'' if guard else ' defaults'}, {TRUSTED} trusted a class, scans "
              "at epochs 3, 5, ...) beside its unguarded twin "

@@ -23,8 +23,8 @@ from guard.distributed import agree, broadcast_model, broadcast_object, world
 from guard.errors import GuardError
 from guard.extract import Extractor
 from guard.hooks import preserve_rng, unwrap_model
-from guard.remedy import (Unlearning, allowed_fit, chance_fit, predictions, recalibrate_bn, restart,
-                          split_check, unlearn)
+from guard.remedy import (Unlearning, allowed_fit, chance_fit, fit_excess_p, predictions, recalibrate_bn,
+                          restart, split_check, unlearn)
 from guard.report import (SAMPLE_COLUMNS, GuardReport, QuarantineRecord, RestoreRecord, ScanReport, SweepReport,
                           atomic_write, now, quarantined_row)
 from guard.sampler import GuardSampler
@@ -281,9 +281,9 @@ class GuardedDataset(Dataset):
 
     def _remedy(self, scan: ScanReport, scan_no: int, new: bool) -> list[SweepResult]:
         """``restart`` after new quarantines. ``unlearn`` whenever the model fits the held-out check
-        set of quarantined samples (predicts the label they carry) more than chance allows (see
-        :mod:`guard.remedy`): right after they are found if the backdoor was already learned, and at
-        any later scan if a suppressed backdoor creeps back. Nothing is unlearned while the model
+        set of quarantined samples (predicts the label they carry) more than chance allows and
+        explains (see :mod:`guard.remedy`): right after they are found if the backdoor was already
+        learned, and at any later scan if a suppressed backdoor creeps back. Nothing is unlearned while the model
         does not know what they teach. With a trusted set, each unlearning is swept (see
         :mod:`guard.sweep`); returns what the sweep found, for :meth:`_take_swept`."""
         cfg = self.config
@@ -301,15 +301,17 @@ class GuardedDataset(Dataset):
             train, check = self._split_records()
             pred, lab = self._predictions(model, self.dataset, check)
             fit = float((pred == lab).mean()) if len(lab) else 0.0
-            allowed = allowed_fit(self._chance(model, np.array([self._records[int(i)].label for i in check])),
-                                  len(check), cfg.thresholds)
-            scan.remedy_fit_before, scan.remedy_fit_allowed = fit, allowed
-            if fit <= allowed:
-                logger.info("guard: the model predicts {:.1%} of the held-out quarantined samples as their label "
-                            "(chance: up to {:.1%}): nothing to unlearn", fit, allowed)
+            chance = self._chance(model, np.array([self._records[int(i)].label for i in check]))
+            allowed = allowed_fit(chance, len(check), cfg.thresholds)
+            p = fit_excess_p(int((pred == lab).sum()), len(lab), chance, cfg.thresholds)
+            scan.remedy_fit_before, scan.remedy_fit_allowed, scan.remedy_fit_p = fit, allowed, p
+            if fit <= allowed or p >= cfg.thresholds.max_false_alarm:
+                logger.info("guard: the model predicts {:.1%} of the {} held-out quarantined samples as their label "
+                            "(chance: up to {:.1%}, p = {:.2g}): nothing to unlearn", fit, len(lab), allowed, p)
                 return []
-            logger.info("guard: the model predicts {:.1%} of the held-out quarantined samples as their label "
-                        "(chance: up to {:.1%}){}: unlearning", fit, allowed, "" if new else " again")
+            logger.info("guard: the model predicts {:.1%} of the {} held-out quarantined samples as their label "
+                        "(chance: up to {:.1%}, p = {:.2g}){}: unlearning", fit, len(lab), allowed, p,
+                        "" if new else " again")
             scan.remedy = cfg.remedy
             sweep = self._sweep(model, sorted({r.label for r in recs}))
             job = Unlearning(self.dataset, self.kept_indices(), train, check, fit, allowed, cfg.seed + scan_no)

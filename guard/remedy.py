@@ -5,19 +5,22 @@ warm-up stays. ``unlearn`` trains briefly on a mix of kept samples (their labels
 and quarantined samples pushed *away* from the label they carry (``-log(1 - p_label)``, a
 bounded loss, unlike gradient ascent).
 
-Whether it worked is judged on *held-out* quarantined samples (``check``, 1 in ``check_share`` of the
-more suspicious half, never unlearned on): the unlearned samples themselves are soon memorised and
-say nothing about the trigger on new images. The goal is the model that never learned the
+Whether it worked is judged on *held-out* quarantined samples (``check``, 1 in ``check_share`` of
+the more suspicious half, never unlearned on): the unlearned samples themselves are soon memorised
+and say nothing about the trigger on new images. The goal is the model that never learned the
 trigger, which still predicts that label for some images of other classes (an 8-epoch CIFAR-10
 model sends 3-4 % of other images to any one class): pushing the check samples below that
 *chance* rate would teach an anti-trigger and cost accuracy for nothing. So unlearning runs at
 least ``unlearn_steps`` steps (fewer leave the check samples unlearned before the trigger itself
 is) and stops, at most ``unlearn_max_factor`` times as many, once the check samples are fitted
 no more than benign images of other classes are predicted as their label, plus ``fit_se``
-binomial standard errors (``allowed_fit``; the numbers are :class:`~guard.thresholds.Thresholds`). Every later scan checks them again and unlearns once more if they are fitted
-above that (a suppressed backdoor creeping back). ``restart`` reloads the weights the model had
-when it was wrapped. Unlearning steps and checks run under the guard's autocast (``amp``: bf16 on
-CPU and recent GPUs), like scans.
+binomial standard errors (``allowed_fit``; the numbers are :class:`~guard.thresholds.Thresholds`).
+It *starts* only where the fit is above that and more than chance explains (:func:`fit_excess_p`
+below ``max_false_alarm``): right after a catch, and at any later scan where a suppressed backdoor
+creeps back, but not on the one or two check samples that chance fits now and then. Afterwards
+kept samples re-estimate the BatchNorm statistics (:func:`recalibrate_bn`). ``restart`` reloads
+the weights the model had when it was wrapped. Unlearning steps and checks run under the guard's
+autocast (``amp``: bf16 on CPU and recent GPUs), like scans.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.stats
 import torch
 from loguru import logger
 from torch import nn
@@ -112,6 +116,14 @@ def allowed_fit(chance: float, n: int, t: Thresholds) -> float:
     binomial standard errors of it, never below ``fit_floor`` (so a model that predicts the label
     for no other image must fit none of the check samples)."""
     return max(t.fit_floor, chance + t.fit_se * float(np.sqrt(chance * (1.0 - chance) / max(n, 1))))
+
+
+def fit_excess_p(fitted: int, n: int, chance: float, t: Thresholds) -> float:
+    """One-sided binomial p of ``fitted`` or more of ``n`` check samples predicted as their label by a
+    model that fits them only by chance (the chance rate, never below ``fit_floor``). Unlearning starts
+    only below ``max_false_alarm``: a few check samples fitted by chance, noise at every scan, must not
+    set off steps that cost clean accuracy (late in training there is no time to win it back)."""
+    return float(scipy.stats.binom.sf(fitted - 1, n, max(chance, t.fit_floor))) if n else 1.0
 
 
 @dataclass(frozen=True)

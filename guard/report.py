@@ -98,6 +98,8 @@ class ScanReport(BaseModel):
     remedy_seconds: float = 0.0
     remedy_fit_before: float | None = Field(
         None, description="share of the held-out quarantined samples predicted as their label")
+    remedy_fit_p: float | None = Field(
+        None, description="one-sided binomial p of that fit were it chance; unlearning needs it below max_false_alarm")
     remedy_fit_after: float | None = None
     remedy_fit_allowed: float | None = Field(
         None, description="the fit that counts as unlearned: how often benign images of other classes are "

@@ -33,7 +33,7 @@ class Thresholds(BaseModel):
         0.01, gt=0, lt=1, description="candidate: at least this share of the class out of spread beyond the benign rate")
     max_false_alarm: float = Field(
         1e-3, gt=0, lt=1, description="candidate, and (trusted) a cluster beyond the reference: p below this over "
-                                      "the classes tested (Bonferroni)")
+                                      "the classes tested (Bonferroni); unlearning: check samples' fit p below this")
     watch_p: float = Field(1e-2, gt=0, lt=1, description="'no separation yet': any excess with binomial p below this")
     min_class_fit: float = Field(
         1.0, ge=0, description="judge a class once the model predicts its label for its training (and trust-free "

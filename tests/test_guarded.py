@@ -245,6 +245,20 @@ def test_chance_fit_is_the_rate_other_classes_are_predicted_as_the_label():
     assert allowed_fit(0.0, 5, t) == allowed_fit(0.001, 10**6, t) == 0.01            # never below the floor
 
 
+def test_unlearning_starts_only_on_a_fit_chance_does_not_explain():
+    from guard.remedy import allowed_fit, fit_excess_p
+    from guard.thresholds import Thresholds
+    t = Thresholds()
+    # zoo 0:17's later scans: 1 or 2 of 34 check samples fitted at a chance rate of 0.5 % passed
+    # allowed_fit (1.8-2.7 %) and set off 80-130 unlearning steps; chance explains them
+    assert 1 / 34 > allowed_fit(0.005, 34, t) and fit_excess_p(1, 34, 0.005, t) > 0.2
+    assert fit_excess_p(2, 34, 0.005, t) > t.max_false_alarm
+    assert fit_excess_p(34, 34, 0.03, t) < 1e-40                      # a learned backdoor: all fitted
+    assert fit_excess_p(10, 34, 0.03, t) < t.max_false_alarm < fit_excess_p(4, 34, 0.03, t)
+    assert fit_excess_p(1, 34, 0.0, t) == pytest.approx(1 - 0.99 ** 34)  # the floor: chance is never 0
+    assert fit_excess_p(0, 34, 0.03, t) == 1.0 and fit_excess_p(0, 0, 0.03, t) == 1.0
+
+
 def test_unlearning_stops_at_the_chance_rate_and_records_it():
     ds = Blobs(600, poison=0.08, seed=0)
     model = train(mlp(), ds, epochs=25)
