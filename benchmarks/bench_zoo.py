@@ -107,7 +107,15 @@ def markdown(table: list[dict], zoo_seed: int = ZOO_SEED) -> str:
     lines += ["", f"Learned triggers: {len(learned)} of {sum(r['family'] != 'none' for r in table)}; caught at "
               f"TPR >= 95 % at some scan: {len(caught)} of {len(learned)} with a trusted set, {len(caught_tf)} of "
               f"{len(learned)} trust-free."]
-    if not any(r["family"] == "none" for r in table):
+    clean = [r for r in table if r["family"] == "none"]
+    if clean:
+        dropped = [sum(r[k]["dropped"]) for r in clean for k in ("trusted", "trust_free")]
+        lines.append(f"No-attack seeds: {len(clean)} ({', '.join(str(r['trigger']) for r in clean)}), clean accuracy "
+                     f"{min(r['acc_unguarded'] for r in clean):.1%}-{max(r['acc_unguarded'] for r in clean):.1%}; "
+                     f"samples dropped over their {len(clean[0]['trusted']['epochs'])} scans: at most {max(dropped)} "
+                     f"(trusted and trust-free), i.e. {sum(d > 0 for d in dropped)} of {len(dropped)} runs dropped any; "
+                     f"{10 * len(clean) * len(clean[0]['trusted']['epochs'])} clean class decisions a reference.")
+    if not clean:
         lines.append("No-attack seeds were not run in this pass (`--clean 0`); clean false alarms on crop + flip "
                      "training are measured by `harm_cifar10`.")
     return "\n".join(lines)
