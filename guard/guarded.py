@@ -283,9 +283,10 @@ class GuardedDataset(Dataset):
         """``restart`` after new quarantines. ``unlearn`` whenever the model fits the held-out check
         set of quarantined samples (predicts the label they carry) more than chance allows and
         explains (see :mod:`guard.remedy`): right after they are found if the backdoor was already
-        learned, and at any later scan if a suppressed backdoor creeps back. Nothing is unlearned while the model
-        does not know what they teach. With a trusted set, each unlearning is swept (see
-        :mod:`guard.sweep`); returns what the sweep found, for :meth:`_take_swept`."""
+        learned, and at any later scan if a suppressed backdoor creeps back. Nothing is unlearned
+        while the model does not know what they teach. With a trusted set, each unlearning is swept
+        (see :mod:`guard.sweep`); afterwards kept samples re-estimate the BatchNorm statistics.
+        Returns what the sweep found, for :meth:`_take_swept`."""
         cfg = self.config
         if cfg.remedy == "none":
             return []
