@@ -115,7 +115,7 @@ def markdown(table: list[dict], zoo_seed: int = ZOO_SEED) -> str:
                      f"samples dropped over their {len(clean[0]['trusted']['epochs'])} scans: at most {max(dropped)} "
                      f"(trusted and trust-free), i.e. {sum(d > 0 for d in dropped)} of {len(dropped)} runs dropped any; "
                      f"{10 * len(clean) * len(clean[0]['trusted']['epochs'])} clean class decisions a reference.")
-    if not clean:
+    else:
         lines.append("No-attack seeds were not run in this pass (`--clean 0`); clean false alarms on crop + flip "
                      "training are measured by `harm_cifar10`.")
     return "\n".join(lines)

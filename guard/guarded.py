@@ -301,10 +301,11 @@ class GuardedDataset(Dataset):
             recs = list(self._records.values())
             train, check = self._split_records()
             pred, lab = self._predictions(model, self.dataset, check)
-            fit = float((pred == lab).mean()) if len(lab) else 0.0
+            fitted = int((pred == lab).sum())
+            fit = fitted / len(lab) if len(lab) else 0.0
             chance = self._chance(model, np.array([self._records[int(i)].label for i in check]))
             allowed = allowed_fit(chance, len(check), cfg.thresholds)
-            p = fit_excess_p(int((pred == lab).sum()), len(lab), chance, cfg.thresholds)
+            p = fit_excess_p(fitted, len(lab), chance, cfg.thresholds)
             scan.remedy_fit_before, scan.remedy_fit_allowed, scan.remedy_fit_p = fit, allowed, p
             if fit <= allowed or p >= cfg.thresholds.max_false_alarm:
                 logger.info("guard: the model predicts {:.1%} of the {} held-out quarantined samples as their label "

@@ -128,18 +128,26 @@ def preserve_rng() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def scan_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no grad, and the caller's RNG, grad mode and per-module flags restored afterwards."""
+def module_mode(model: nn.Module, train: bool) -> Iterator[None]:
+    """Every module in train (or eval) mode; each module's own flag restored afterwards."""
     flags = [(m, m.training) for m in model.modules()]
-    grad = torch.is_grad_enabled()
     try:
-        with preserve_rng():
-            model.eval()
-            torch.set_grad_enabled(False)
-            yield
+        model.train(train)
+        yield
     finally:
         for m, f in flags:
             m.training = f
+
+
+@contextlib.contextmanager
+def scan_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no grad, and the caller's RNG, grad mode and per-module flags restored afterwards."""
+    grad = torch.is_grad_enabled()
+    try:
+        with preserve_rng(), module_mode(model, False):
+            torch.set_grad_enabled(False)
+            yield
+    finally:
         torch.set_grad_enabled(grad)
 
 

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset, default_collate
 
 from guard.batches import Feed, autocast
 from guard.config import GuardConfig
-from guard.hooks import scan_mode
+from guard.hooks import module_mode, scan_mode
 from guard.thresholds import Thresholds
 
 
@@ -155,12 +155,11 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
     t = cfg.thresholds
     rng = np.random.default_rng(job.seed)
     half = cfg.unlearn_batch // 2             # unlearn_batch >= 2
-    was_training = [(m, m.training) for m in model.modules()]
     last = job.fit_before
     accs: list[float] = []
     try:
-        model.train()                        # fit_share's scan_mode hands train mode back each check
-        with torch.enable_grad():
+        # train mode throughout: fit_share's scan_mode hands it back after each check
+        with module_mode(model, True), torch.enable_grad():
             for step in range(t.unlearn_max_factor * cfg.unlearn_steps):
                 q_inputs, q_labels = adapter.split(_batch(dataset, rng.choice(quarantined, min(half, len(quarantined)),
                                                                               replace=False)))
@@ -180,8 +179,6 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
                     if last <= job.allowed:
                         break
     finally:
-        for m, f in was_training:
-            m.training = f
         opt.zero_grad(set_to_none=True)
     logger.info("unlearn: {} steps, held-out quarantined samples predicted as their label {:.1%} -> {:.1%} (by "
                 "chance: up to {:.1%}), kept batch accuracy {:.1%} -> {:.1%}", step + 1, job.fit_before, last, job.allowed,
@@ -204,13 +201,11 @@ def recalibrate_bn(model: nn.Module, dataset: Dataset, kept: np.ndarray, feed: F
         return 0
     idx = np.random.default_rng(seed).choice(kept, n, replace=False)
     momenta = [m.momentum for m in norms]
-    was_training = [(m, m.training) for m in model.modules()]
     try:
         for m in norms:
             m.reset_running_stats()
             m.momentum = None                     # cumulative average over the batches below
-        model.train()
-        with torch.no_grad():
+        with module_mode(model, True), torch.no_grad():
             for start in range(0, n, cfg.unlearn_batch):
                 inputs, _ = feed.adapter.split(_batch(dataset, idx[start:start + cfg.unlearn_batch]))
                 with autocast(feed.device, cfg.amp, training=True):
@@ -218,8 +213,6 @@ def recalibrate_bn(model: nn.Module, dataset: Dataset, kept: np.ndarray, feed: F
     finally:
         for m, mom in zip(norms, momenta):
             m.momentum = mom
-        for m, f in was_training:
-            m.training = f
     return n
 
 

@@ -299,7 +299,8 @@ def test_batchnorm_statistics_are_re_estimated_on_kept_samples_only():
     model.eval()
     kept = np.arange(0, 600, 5)               # 120 samples, 3 batches of 40
     cfg = GuardConfig(unlearn_batch=40, amp=False, thresholds={"bn_samples": 1000})
-    n = recalibrate_bn(model, ds, kept, Feed(BatchAdapter(), torch.device("cpu")), cfg, seed=0)
+    feed = Feed(BatchAdapter(), torch.device("cpu"))
+    n = recalibrate_bn(model, ds, kept, feed, cfg, seed=0)
     assert n == 120
     with torch.no_grad():
         h = model[0](torch.stack([ds[int(i)][0] for i in kept]))
@@ -307,9 +308,9 @@ def test_batchnorm_statistics_are_re_estimated_on_kept_samples_only():
     assert bn.momentum == 0.3 and not model.training and not bn.training  # flags and momentum handed back
     off = GuardConfig(thresholds={"bn_samples": 0})
     before = bn.running_mean.clone()
-    assert recalibrate_bn(model, ds, kept, Feed(BatchAdapter(), torch.device("cpu")), off, seed=0) == 0
+    assert recalibrate_bn(model, ds, kept, feed, off, seed=0) == 0
     assert torch.equal(bn.running_mean, before)
-    assert recalibrate_bn(mlp(), ds, kept, Feed(BatchAdapter(), torch.device("cpu")), cfg, seed=0) == 0
+    assert recalibrate_bn(mlp(), ds, kept, feed, cfg, seed=0) == 0
 
 
 def test_unlearning_hands_back_batchnorm_statistics_of_kept_data():
