@@ -140,6 +140,28 @@ def module_mode(model: nn.Module, train: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def train_alone(model: nn.Module) -> Iterator[None]:
+    """Train mode for forwards that run in this process alone (the guard's unlearning and BatchNorm
+    re-estimation run on rank 0 while the other ranks wait for its result): every module in train
+    mode, and every ``SyncBatchNorm`` normalises with this process's batch as ``BatchNorm`` does,
+    instead of gathering statistics from ranks that run no forward (a hang on GPUs; an error on
+    CPU). Flags and forwards are restored afterwards; the layers stay ``SyncBatchNorm``."""
+    sync = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
+    own = [m.__dict__.get("forward") for m in sync]
+    try:
+        for m in sync:
+            m.forward = nn.modules.batchnorm._BatchNorm.forward.__get__(m)   # the local path, same buffers
+        with module_mode(model, True):
+            yield
+    finally:
+        for m, f in zip(sync, own):
+            if f is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = f
+
+
+@contextlib.contextmanager
 def scan_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode, no grad, and the caller's RNG, grad mode and per-module flags restored afterwards."""
     grad = torch.is_grad_enabled()

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset, default_collate
 
 from guard.batches import Feed, autocast
 from guard.config import GuardConfig
-from guard.hooks import module_mode, scan_mode
+from guard.hooks import scan_mode, train_alone
 from guard.thresholds import Thresholds
 
 
@@ -159,7 +159,7 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
     accs: list[float] = []
     try:
         # train mode throughout: fit_share's scan_mode hands it back after each check
-        with module_mode(model, True), torch.enable_grad():
+        with train_alone(model), torch.enable_grad():
             for step in range(t.unlearn_max_factor * cfg.unlearn_steps):
                 q_inputs, q_labels = adapter.split(_batch(dataset, rng.choice(quarantined, min(half, len(quarantined)),
                                                                               replace=False)))
@@ -205,7 +205,7 @@ def recalibrate_bn(model: nn.Module, dataset: Dataset, kept: np.ndarray, feed: F
         for m in norms:
             m.reset_running_stats()
             m.momentum = None                     # cumulative average over the batches below
-        with module_mode(model, True), torch.no_grad():
+        with train_alone(model), torch.no_grad():
             for start in range(0, n, cfg.unlearn_batch):
                 inputs, _ = feed.adapter.split(_batch(dataset, idx[start:start + cfg.unlearn_batch]))
                 with autocast(feed.device, cfg.amp, training=True):

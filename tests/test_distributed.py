@@ -169,6 +169,33 @@ def _batchnorm_worker(rank: int, world: int, folder: str, order: str, archive: s
                                                 for p in model.parameters())).hexdigest()}))
 
 
+def _sync_batchnorm_worker(rank: int, world: int, folder: str) -> None:
+    """A model with SyncBatchNorm layers (``convert_sync_batchnorm``, as DDP recipes do) on two ranks: the
+    guard's unlearning and BatchNorm re-estimation run on rank 0 alone, where a synchronising forward
+    would wait for ranks that run none. Trained before the process group starts and handed to the
+    guard bare: on CPU, SyncBatchNorm cannot train under a process group, nor DDP wrap it."""
+    ds = Blobs(600, poison=0.08, seed=0)
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = train(nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 3)), ds, epochs=25)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    with _group(rank, world, folder):
+        gds = GuardedDataset(ds, model, GuardConfig(), trusted=Blobs(150, seed=7))
+        gds.scan()
+        s = gds.report.scans[-1]
+        bn = model[1]
+        test = Blobs(300, seed=3)
+        triggered = torch.from_numpy(test.x[test.y != 0]).clone()
+        triggered[:, -4:] = 8.0                       # the trigger, on unseen samples of other classes
+        model.eval()
+        with torch.no_grad():
+            asr = float((model(triggered).argmax(1) == 0).float().mean())
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(
+            {"quarantined": gds.quarantined.tolist(), "poisoned": ds.poisoned.tolist(), "remedy": s.remedy,
+             "steps": s.remedy_steps, "bn_samples": s.remedy_bn_samples, "state": _state_hash(model),
+             "sync": type(bn).__name__, "own_forward": "forward" in bn.__dict__, "asr": asr}))
+
+
 def _disagreeing_worker(rank: int, world: int, folder: str) -> None:
     with _group(rank, world, folder, timeout=60.0):
         ds = Blobs(600, poison=0.08, seed=0)
@@ -206,6 +233,16 @@ def test_a_batchnorm_cnn_under_ddp_gets_one_quarantine_and_one_model_whichever_o
     assert any(s["new"] > 0 and s["remedy"] == "unlearn" and s["steps"] > 0 for s in r0["scans"])
     q, p = set(r0["quarantined"]), set(r0["poisoned"])
     assert len(q & p) >= 0.9 * len(p)
+
+
+def test_sync_batchnorm_layers_unlearn_and_re_estimate_on_rank_0_alone(tmp_path):
+    r0, r1 = _spawn(_sync_batchnorm_worker, tmp_path)
+    assert r0["remedy"] == "unlearn" and r0["steps"] > 0 and r0["bn_samples"] > 0
+    assert r0["state"] == r1["state"] and r0["quarantined"] == r1["quarantined"]   # rank 0's model everywhere
+    assert r0["sync"] == "SyncBatchNorm" and not r0["own_forward"]                 # the user's layers handed back
+    q, p = set(r0["quarantined"]), set(r0["poisoned"])
+    assert len(q & p) >= 0.95 * len(p)
+    assert r0["asr"] <= 0.05
 
 
 def test_ranks_that_scan_different_things_fail_together_and_apply_nothing(tmp_path):
