@@ -724,10 +724,12 @@ class Scanner:
             self._flag(st, c, rows[sel], z_all[sel], verdict)
 
     def _flag(self, st: ScanState, c: int, rows: np.ndarray, z: np.ndarray, verdict: Verdict) -> None:
-        """A confirmed class: its samples' suspicion is ``z``, held to ``flag_z`` (a separate cluster) or
-        to the stricter ``follow_z`` (look-alikes of quarantined samples are few, benign ones many);
-        with ``flag_split``, to where ``z`` splits in two (:func:`~guard.decide.flag_cut`) if higher."""
-        floor = self.th.flag_z if verdict == Verdict.SEPARATE else self.th.follow_z
+        """A confirmed class: its samples' suspicion is ``z``, held to ``flag_z`` (a separate cluster in a
+        class with nothing quarantined yet) or to the stricter ``follow_z`` (in a class with quarantined
+        samples, by either route: what a catch left is few, benign samples many); with ``flag_split``,
+        to where ``z`` splits in two (:func:`~guard.decide.flag_cut`) if higher."""
+        first = verdict == Verdict.SEPARATE and st.classes[c].n_quarantined_before == 0
+        floor = self.th.flag_z if first else self.th.follow_z
         bar = flag_cut(z, floor) if self.th.flag_split else floor
         st.suspicion[rows], st.threshold[rows] = z, bar
         st.classes[c].verdict, st.classes[c].threshold = verdict, bar

@@ -61,8 +61,8 @@ class Thresholds(BaseModel):
         0.5, gt=0, le=1, description="a probe calling fewer than this share of its seed's suspects is dropped")
 
     # taking samples
-    flag_z: float = Field(2.0, gt=0, description="in a separate class, quarantine samples whose z is above this")
-    follow_z: float = Field(3.0, gt=0, description="in a class with quarantined samples, take look-alikes above this")
+    flag_z: float = Field(2.0, gt=0, description="in a separate class with nothing quarantined, take samples whose z is above this")
+    follow_z: float = Field(3.0, gt=0, description="in a class with quarantined samples (a follow-up or a new cluster), take above this")
     follow_gate: bool = Field(
         True, description="follow up a class only while the model fits its held-out quarantined samples above chance")
     flag_split: bool = Field(

@@ -73,6 +73,22 @@ def test_poison_left_behind_is_found_like_the_quarantined(poisoned):
     assert len(np.setdiff1d(res.flagged, left)) <= 2
 
 
+def test_a_cluster_found_again_in_a_class_with_quarantined_samples_is_cut_at_follow_z(poisoned):
+    # a first catch took 5 of the 48 poisoned samples; the 43 left still form a separate cluster. The
+    # class's prior odds of poison are lower now, so its new cut is the follow-up's (benign taken: 9 at
+    # flag_z, 2 at follow_z), and every poisoned sample left is still taken
+    ds, model = poisoned
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="none"), trusted=Blobs(150, seed=7))
+    gds.quarantine(ds.poisoned[:5])
+    scan = gds.scan()
+    v = next(v for v in scan.classes if v.cls == 0)
+    assert v.verdict == "separate cluster" and v.n_quarantined_before == 5
+    assert v.threshold == gds.config.thresholds.follow_z
+    q = gds.quarantined
+    assert np.isin(ds.poisoned, q).all()
+    assert len(np.setdiff1d(q, ds.poisoned)) <= 3
+
+
 def test_cap_keeps_the_most_suspicious_and_warns(poisoned):
     ds, model = poisoned
     gds = GuardedDataset(ds, model, GuardConfig(remedy="none", thresholds={"class_drop_cap": 0.1, "class_drop_warn": 0.05}),
