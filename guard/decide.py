@@ -189,6 +189,30 @@ def flag_cut(z: np.ndarray, floor: float) -> float:
     return float(max(floor, (s[j] + s[j + 1]) / 2))
 
 
+def give_back(z: np.ndarray, t: Thresholds) -> np.ndarray:
+    """Which of a class's earlier-quarantined samples go back to training, scored ``z`` by the probe
+    of a later scan that found the class separate again (a mask). A first catch's probe is fitted
+    while the model has learned the trigger only in part, and takes a benign tail with the poison; a
+    later probe draws the same cluster's edge sharper. Where it recognises the earlier catch as its
+    own cluster (more of it above ``follow_z``, where the probe would take it now, than below
+    ``flag_z``), the samples below ``flag_z`` are those no scan would take now: they are given back.
+    Where it does not (most of the earlier catch below ``flag_z``: another trigger, such as a second
+    of several patches), nothing is. No parameter beyond the two cuts; ``Thresholds.give_back``
+    turns it off.
+
+    >>> t = Thresholds()
+    >>> give_back(np.array([9.0, 12.0, 8.0, 0.5, 1.2]), t).tolist()
+    [False, False, False, True, True]
+    >>> give_back(np.array([9.0, 0.1, 0.3, 0.5, 1.2]), t).tolist()
+    [False, False, False, False, False]
+    """
+    z = np.asarray(z, dtype=np.float64)
+    low = z < t.flag_z
+    if not t.give_back or int((z > t.follow_z).sum()) <= int(low.sum()):
+        return np.zeros(len(z), dtype=bool)
+    return low
+
+
 @dataclass(frozen=True)
 class Take:
     """Which flagged samples a class gives up, and what the caller must be told."""

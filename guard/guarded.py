@@ -186,15 +186,19 @@ class GuardedDataset(Dataset):
                     len(self.kept_indices()))
         self.check_length()
         prior: dict[int, list[int]] = {}
+        releasable: dict[int, list[int]] = {}         # the guard's own catches; never what was quarantined by hand
         for r in self._records.values():
             prior.setdefault(r.label, []).append(r.index)
+            if r.scan > 0:
+                releasable.setdefault(r.label, []).append(r.index)
         kept = self.kept_indices()
         # distributed: the same scan of the same model on every rank, and rank 0's decision applied
         agree({"epoch": epoch, "kept samples": len(kept), "kept hash": hashlib.sha1(kept.tobytes()).hexdigest()[:12],
                "layers": self.layers, "classes": self.num_classes, "scans": len(self.report.scans)})
         broadcast_model(unwrap_model(self.model))
         res = self.scanner.run(self._source, self.trusted, kept,
-                               {c: np.asarray(v, dtype=np.int64) for c, v in prior.items()}, self._check_by_class())
+                               {c: np.asarray(v, dtype=np.int64) for c, v in prior.items()}, self._check_by_class(),
+                               {c: np.asarray(v, dtype=np.int64) for c, v in releasable.items()})
         res = broadcast_object(res, "broadcast of rank 0's scan result")
         self.schedule.done(epoch)
         return self._apply(res, epoch, time.monotonic() - t0)
@@ -221,8 +225,11 @@ class GuardedDataset(Dataset):
         self._thresholds[res.scanned] = res.threshold
         self._labels[res.scanned] = res.labels
         rule = self.config.critical_rule
-        new = [int(i) for i in res.flagged if int(i) not in self._records and int(i) not in self._pinned]
         records = dict(self._records)
+        released = [int(i) for i in res.released if int(i) in records and records[int(i)].scan > 0]
+        for i in released:                             # given back: a later probe put them with the benign
+            del records[i]
+        new = [int(i) for i in res.flagged if int(i) not in records and int(i) not in self._pinned]
         rows = np.searchsorted(res.scanned, new)        # scanned is sorted: no N-entry dict at N = 10**6
         for i, j in zip(new, rows.tolist()):
             cls = int(res.labels[j])
@@ -236,7 +243,8 @@ class GuardedDataset(Dataset):
         scan = ScanReport(
             scan=scan_no, epoch=epoch, time=now(), seconds=seconds, seconds_by_step=res.seconds,
             calibration=res.calibration_source, rule=rule, n_scanned=len(res.scanned),
-            new_quarantined=len(new), total_quarantined=len(records), paper_flagged=len(res.paper_flagged),
+            new_quarantined=len(new), total_quarantined=len(records), released=released,
+            paper_flagged=len(res.paper_flagged),
             memory_bytes=res.memory_bytes,
             classes=res.classes, warnings=res.warnings, passes=res.passes, seconds_by_part=res.seconds_by_part,
             reference_scores=[] if res.reference_suspicion is None
@@ -255,8 +263,8 @@ class GuardedDataset(Dataset):
                 broadcast_model(unwrap_model(self.model))
             self._take_swept(swept, scan, epoch)
         self.report.scans.append(scan)
-        logger.info("guard: scan {} done in {:.1f}s: +{} quarantined ({} total); {}", scan_no, scan.seconds,
-                    len(new), len(records), ", ".join(f"class {v.cls}: {v.verdict} ({v.n_flagged})"
+        logger.info("guard: scan {} done in {:.1f}s: +{} quarantined, {} given back ({} total); {}", scan_no,
+                    scan.seconds, len(new), len(released), len(records), ", ".join(f"class {v.cls}: {v.verdict} ({v.n_flagged})"
                                                        for v in res.classes if v.n_flagged) or "nothing separates")
         return scan
 

@@ -58,6 +58,7 @@ class ClassReport(BaseModel):
     n_paper_flagged: int = Field(0, description="what the paper's rule would flag (baseline)")
     capped: bool = False
     n_quarantined_before: int = 0
+    n_released: int = Field(0, description="earlier-quarantined samples given back (decide.give_back)")
     layer_excess: list[float] = []
     reason: str = Field("", description="why the decision came out so (the numbers it compared)")
     reference_fit: float = Field(float("nan"), description="share of its reference samples the model predicts as it")
@@ -87,6 +88,9 @@ class ScanReport(BaseModel):
     n_scanned: int
     new_quarantined: int
     total_quarantined: int
+    released: list[int] = Field(
+        default=[], description="earlier-quarantined samples given back: a later probe of their class put them "
+                                "with its benign samples (decide.give_back)")
     paper_flagged: int
     memory_bytes: int = Field(0, description="guard's own arrays during the scan (scores, references, trusted features)")
     passes: dict[str, int] = Field(default={}, description="samples each model pass of the scan forwarded")

@@ -48,7 +48,7 @@ from torch.utils.data import Dataset
 from guard.calibrate import Calibration, calibrate, class_fit, is_logits, trust_free_indices
 from guard.cluster import Centroids, RefFeats, Zscore
 from guard.config import GuardConfig
-from guard.decide import ClassStats, Verdict, beyond_reference_p, binomial_p, decide, flag_cut, take
+from guard.decide import ClassStats, Verdict, beyond_reference_p, binomial_p, decide, flag_cut, give_back, take
 from guard.direction import DirectionTest, direction_test
 from guard.distributed import gather_rows, shard, sum_tensors, world
 from guard.errors import GuardError
@@ -107,6 +107,8 @@ class ScanState:
     seconds: dict[str, float] = field(default_factory=dict)
     predicted: np.ndarray | None = None   # (N,) the class the model predicts (None: no class scores)
     store: KeptFeatures | None = None   # the scoring pass's features, when they fit (guard.keep)
+    releasable: dict[int, np.ndarray] = field(default_factory=dict)   # class -> quarantined indices it may give back
+    released: list[np.ndarray] = field(default_factory=list)
 
     def rows_of(self, classes) -> np.ndarray:
         return np.flatnonzero(np.isin(self.labels, list(classes)))
@@ -135,6 +137,7 @@ class ScanResult:
     predicted: np.ndarray | None = None              # (len(scanned),) the model's predicted class at the scan
     reference_predicted: np.ndarray | None = None    # the same for the trusted reference samples (None: trust-free)
     reference_labels: np.ndarray | None = None
+    released: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))   # indices given back
 
 
 @contextmanager
@@ -165,11 +168,15 @@ class Scanner:
         self.C = extractor.num_classes
 
     def run(self, train: Dataset, trusted: Dataset | None, kept: np.ndarray,
-            prior: dict[int, np.ndarray] | None = None, check: dict[int, np.ndarray] | None = None) -> ScanResult:
+            prior: dict[int, np.ndarray] | None = None, check: dict[int, np.ndarray] | None = None,
+            releasable: dict[int, np.ndarray] | None = None) -> ScanResult:
         """Scan the ``kept`` indices of ``train``. ``prior`` maps a class to its already quarantined
         indices: such a class is searched again for samples like them (:meth:`follow_up`), unless
         ``check`` (per class, held-out quarantined indices) shows the model no longer learns what
-        they teach (:meth:`still_taught`)."""
+        they teach (:meth:`still_taught`). ``releasable`` (per class, the quarantined indices a scan
+        may give back: the guard's own catches, never samples quarantined by hand): a class found
+        separate again gives back those its new probe puts with its benign samples
+        (:func:`~guard.decide.give_back`; ``ScanResult.released``)."""
         prior = prior or {}
         passes, seconds, t0 = Passes(self.extractor), {}, time.monotonic()
         with scan_mode(self.model):
@@ -178,6 +185,7 @@ class Scanner:
             with _timed(seconds, "score"):
                 st = self.score(passes, train, kept, cal)
             st.seconds = seconds
+            st.releasable = {c: np.sort(np.asarray(v, dtype=np.int64)) for c, v in (releasable or {}).items() if len(v)}
             self.check_classes(st)
             self.locate(st, prior)
             if st.windows:
@@ -353,6 +361,8 @@ class Scanner:
             done += len(bl)
         for c in separated:
             sel = st.labels[rows] == c
+            if c in probes:
+                self._give_back(st, c, lambda idx, c=c: self._probe_z(train, st, probes[c], layer_ids, at, idx))
             self._flag(st, c, rows[sel], z_all[sel], Verdict.SEPARATE)
 
     def _screen_rows(self, st: ScanState, classes, stream: int) -> np.ndarray:
@@ -536,8 +546,10 @@ class Scanner:
         labels, z_all = st.labels[rows], np.zeros(len(rows))
         for c, (k, probe) in probes.items():
             self._apply_probes({c: probe}, [units[k].double()], labels, z_all)
-        for c in probes:
+        for c, (k, probe) in probes.items():
             sel = labels == c
+            self._give_back(st, c, lambda idx, k=k, probe=probe: probe.z(
+                [views.units(read_views(train, idx, ex.adapter, ex.batch_size, ex.num_workers))[k].double()]))
             self._flag(st, c, rows[sel], z_all[sel], Verdict.SEPARATE)
 
     # ---- stage 5: follow up --------------------------------------------------------------------
@@ -721,7 +733,33 @@ class Scanner:
             done += len(bl)
         for c in probes:
             sel = st.labels[rows] == c
+            if verdict == Verdict.SEPARATE:
+                at = list(range(len(probe_ids)))
+                self._give_back(st, c, lambda idx, c=c: self._probe_z(train, st, probes[c], probe_ids, at, idx))
             self._flag(st, c, rows[sel], z_all[sel], verdict)
+
+    def _probe_z(self, train: Dataset, st: ScanState, probe: Probe, layer_ids: list[int], at: list[int],
+                 idx: np.ndarray) -> np.ndarray:
+        """``probe``'s z of the samples ``idx`` (not kept ones: one pass cut short after ``layer_ids``,
+        the probe reading positions ``at`` of them)."""
+        out = [probe.z([unit(b.feats[i].double()) for i in at])
+               for b in st.passes.stream(train, [self.layers[i] for i in layer_ids], idx, "scan/give-back",
+                                         stop_early=True)]
+        return np.concatenate(out) if out else np.empty(0)
+
+    def _give_back(self, st: ScanState, c: int, score) -> None:
+        """Class ``c`` is separate again: its releasable quarantined samples, scored by this scan's
+        probe (``score(indices) -> z``), go back where :func:`~guard.decide.give_back` says so."""
+        idx = st.releasable.get(c)
+        if idx is None or not self.th.give_back:
+            return
+        back = give_back(score(idx), self.th)
+        if back.any():
+            st.released.append(idx[back])
+            v = st.classes[c]
+            v.n_released = int(back.sum())
+            v.reason += (f"; {v.n_released} of its {len(idx)} earlier-quarantined samples given back (below "
+                         f"flag_z={self.th.flag_z} on this probe, which puts most of them above follow_z)")
 
     def _flag(self, st: ScanState, c: int, rows: np.ndarray, z: np.ndarray, verdict: Verdict) -> None:
         """A confirmed class: its samples' suspicion is ``z``, held to ``flag_z`` (a separate cluster in a
@@ -760,4 +798,4 @@ class Scanner:
         return ScanResult(st.kept, st.suspicion, st.threshold, st.labels, _flat(st.flagged), _flat(st.paper_flagged),
                           [st.classes[c] for c in sorted(st.classes)], cal.source, st.seconds, st.warnings, memory,
                           st.ref_susp, dict(st.passes.samples), split, st.predicted,
-                          cal.predicted if cal.source == "trusted" else None, cal.labels)
+                          cal.predicted if cal.source == "trusted" else None, cal.labels, _flat(st.released))

@@ -67,6 +67,9 @@ class Thresholds(BaseModel):
         True, description="follow up a class only while the model fits its held-out quarantined samples above chance")
     flag_split: bool = Field(
         False, description="cut instead where the class's z splits in two (decide.flag_cut), never below the two above")
+    give_back: bool = Field(
+        True, description="a class found separate again gives back earlier-quarantined samples its probe puts "
+                          "below flag_z (decide.give_back)")
     paper_k: float = Field(2.5, gt=0, description="paper rule: flag below the benign mean minus this many std")
     paper_width: int = Field(3, ge=1, description="paper rule: layers summed, ending at the critical layer")
     class_drop_warn: float = Field(0.2, gt=0, le=1, description="warn when a class loses more than this share")

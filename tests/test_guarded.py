@@ -89,6 +89,38 @@ def test_a_cluster_found_again_in_a_class_with_quarantined_samples_is_cut_at_fol
     assert len(np.setdiff1d(q, ds.poisoned)) <= 3
 
 
+def _first_catch(gds, ds, poisoned: int, benign: int, by_hand: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Quarantine ``poisoned`` + ``benign`` samples of class 0, as an earlier scan's catch (in the
+    guard's state, as a checkpoint of it holds them) or by hand."""
+    benign0 = np.setdiff1d(np.flatnonzero(ds.y == 0), ds.poisoned)[:benign]
+    gds.quarantine(np.concatenate([ds.poisoned[:poisoned], benign0]))
+    if not by_hand:
+        state = gds.state_dict()
+        for r in state["report"]["quarantine"]:
+            r.update(scan=1, reason="separate cluster in class 0 (guard rule)")
+        gds.load_state_dict(state)
+    return ds.poisoned[:poisoned], benign0
+
+
+@pytest.mark.parametrize("benign,by_hand,back", [(3, False, True), (12, False, False), (3, True, False)])
+def test_a_class_found_separate_again_gives_back_what_its_new_probe_calls_benign(poisoned, benign, by_hand, back):
+    # an earlier catch took 5 poisoned samples and some benign ones; the 43 poisoned left make class 0
+    # separate again. Its new probe puts the 5 above follow_z and the benign ones below flag_z: they go
+    # back, unless the probe does not recognise the earlier catch (more of it below flag_z than above
+    # follow_z) or a person quarantined them
+    ds, model = poisoned
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="none"), trusted=Blobs(150, seed=7))
+    caught, benign0 = _first_catch(gds, ds, 5, benign, by_hand)
+    scan = gds.scan()
+    v = next(v for v in scan.classes if v.cls == 0)
+    assert v.verdict == "separate cluster"
+    assert sorted(scan.released) == (sorted(benign0.tolist()) if back else [])
+    assert v.n_released == len(scan.released)
+    assert np.isin(ds.poisoned, gds.quarantined).all()                     # every poisoned sample stays out
+    assert np.isin(scan.released, gds.kept_indices()).all()
+    assert scan.total_quarantined == len(gds.quarantined)
+
+
 def test_cap_keeps_the_most_suspicious_and_warns(poisoned):
     ds, model = poisoned
     gds = GuardedDataset(ds, model, GuardConfig(remedy="none", thresholds={"class_drop_cap": 0.1, "class_drop_warn": 0.05}),
