@@ -131,6 +131,7 @@ def guarded_row(trigger: str, r: dict) -> dict:
             "acc_unguarded": u["clean_acc"], "acc_guarded": g["clean_acc"],
             "first_catch": next((s["epoch"] for s in r["scans"] if s["new_quarantined"]), None),
             "swept": sum(w["taken"] for s in r["scans"] for w in s.get("sweep", [])),
+            "given_back": sum(len(s.get("released", [])) for s in r["scans"]),
             "quarantined_by_scan": [s["new_quarantined"] for s in r["scans"]], "epochs": [s["epoch"] for s in r["scans"]]}
 
 
@@ -145,16 +146,17 @@ def guarded_markdown(rows: list[dict], zoo_seed: int, guard: list[str] | None = 
              "at epochs 3, 5, ...) beside its unguarded twin "
              f"in lockstep (same warm-up); {N_TRAIN:,} CIFAR-10 images, crop + flip, width-16 ResNet-18, SGD {LR} cosine, "
              f"{EPOCHS} epochs. ASR: attack success over non-target test images; (correct): over those classified "
-             "correctly without the trigger. swept: quarantined by the unlearning sweep.", "",
+             "correctly without the trigger. swept: quarantined by the unlearning sweep; given back: earlier-quarantined "
+             "samples a class found separate again returned (`decide.give_back`).", "",
              "| trigger | family | target / rate | TPR | FPR | ASR no guard | ASR guard | ASR(correct) no guard | "
-             "ASR(correct) guard | acc no guard | acc guard | first catch | quarantined by scan | swept |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ASR(correct) guard | acc no guard | acc guard | first catch | quarantined by scan | swept | given back |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['trigger']} | {r['family']} | {r['target']} / {r['rate']:.1%} | {pct(r['tpr'])} | "
                      f"{r['fpr']:.2%} | {pct(r['asr_unguarded'])} | {pct(r['asr_guarded'])} | "
                      f"{pct(r['asr_correct_unguarded'])} | {pct(r['asr_correct_guarded'])} | {pct(r['acc_unguarded'])} | "
                      f"{pct(r['acc_guarded'])} | {r['first_catch'] or '-'} | "
-                     f"{'/'.join(str(q) for q in r['quarantined_by_scan'])} | {r['swept']} |")
+                     f"{'/'.join(str(q) for q in r['quarantined_by_scan'])} | {r['swept']} | {r.get('given_back', 0)} |")
     learned = [r for r in rows if max(r["asr_unguarded"], r["asr_guarded"]) >= 0.3]
     three = [r for r in learned if r["tpr"] >= 0.95 and r["asr_correct_guarded"] <= 0.05
              and r["acc_guarded"] >= r["acc_unguarded"] - 0.02]
@@ -229,7 +231,8 @@ def main() -> None:
     if a.merge_guarded:
         parts = [json.loads(Path(p).read_text()) for p in a.merge_guarded]
         order = {t: i for i, t in enumerate(a.triggers or [f"zoo:{a.zoo_seed}:{i}" for i in range(a.n)])}
-        rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: order.get(r["trigger"], 99))
+        rows = sorted((guarded_row(t, r) for p in parts for t, r in p["runs"].items()),   # rows of the current form
+                      key=lambda r: order.get(r["trigger"], 99))
         md = guarded_markdown(rows, a.zoo_seed, a.guard, a.triggers)
         Path(a.out).write_text(json.dumps({"rows": rows, "runs": {k: v for p in parts for k, v in p["runs"].items()},
                                            "markdown": md}, indent=1, default=float))
