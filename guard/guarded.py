@@ -263,9 +263,9 @@ class GuardedDataset(Dataset):
                 broadcast_model(unwrap_model(self.model))
             self._take_swept(swept, scan, epoch)
         self.report.scans.append(scan)
+        said = ", ".join(f"class {v.cls}: {v.verdict} ({v.n_flagged})" for v in res.classes if v.n_flagged)
         logger.info("guard: scan {} done in {:.1f}s: +{} quarantined, {} given back ({} total); {}", scan_no,
-                    scan.seconds, len(new), len(released), len(records), ", ".join(f"class {v.cls}: {v.verdict} ({v.n_flagged})"
-                                                       for v in res.classes if v.n_flagged) or "nothing separates")
+                    scan.seconds, len(new), len(released), len(records), said or "nothing separates")
         return scan
 
     def _take_swept(self, swept: list[SweepResult], scan: ScanReport, epoch: int) -> None:
