@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py --data $(DATA)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4
 
 BENCH_STAMP := $(VENV)/.installed-bench
 

@@ -15,7 +15,9 @@ from torch.utils.data import Dataset
 
 from guard.datasets import find_cifar10_archive
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# `pytest -n N` (pytest-xdist) runs N workers: each takes its share of the cores, not all of them
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // _WORKERS))
 _DEV_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.gz"
 if "GUARD_CIFAR10_ARCHIVE" not in os.environ and _DEV_ARCHIVE.is_file():
     os.environ["GUARD_CIFAR10_ARCHIVE"] = str(_DEV_ARCHIVE)          # subprocesses (CLI, DDP ranks) see it too
