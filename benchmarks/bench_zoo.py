@@ -121,11 +121,14 @@ def markdown(table: list[dict], zoo_seed: int = ZOO_SEED) -> str:
     return "\n".join(lines)
 
 
-def guarded_row(trigger: str, r: dict) -> dict:
-    """One whole guarded run of a zoo trigger beside its unguarded twin."""
+def guarded_row(key: str, r: dict) -> dict:
+    """One whole guarded run of a zoo trigger beside its unguarded twin (``key``: the trigger, with
+    ``@SEED`` for a run at another ``--seed``)."""
     g, u = r["guarded"], r["unguarded"]
+    trigger = key.split("@")[0]
     atk = make_attack(trigger)
     return {"trigger": trigger, "family": atk.name, "target": atk.target, "rate": atk.rate,
+            "seed": r.get("spec", {}).get("seed", 0),
             "tpr": g["tpr"], "fpr": g["fpr"], "asr_unguarded": u["attack_success"], "asr_guarded": g["attack_success"],
             "asr_correct_unguarded": u["attack_success_correct"], "asr_correct_guarded": g["attack_success_correct"],
             "acc_unguarded": u["clean_acc"], "acc_guarded": g["clean_acc"],
@@ -152,7 +155,8 @@ def guarded_markdown(rows: list[dict], zoo_seed: int, guard: list[str] | None = 
              "ASR(correct) guard | acc no guard | acc guard | first catch | quarantined by scan | swept | given back |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['trigger']} | {r['family']} | {r['target']} / {r['rate']:.1%} | {pct(r['tpr'])} | "
+        seed = f" (seed {r['seed']})" if r.get("seed") else ""
+        lines.append(f"| {r['trigger']}{seed} | {r['family']} | {r['target']} / {r['rate']:.1%} | {pct(r['tpr'])} | "
                      f"{r['fpr']:.2%} | {pct(r['asr_unguarded'])} | {pct(r['asr_guarded'])} | "
                      f"{pct(r['asr_correct_unguarded'])} | {pct(r['asr_correct_guarded'])} | {pct(r['acc_unguarded'])} | "
                      f"{pct(r['acc_guarded'])} | {r['first_catch'] or '-'} | "
@@ -221,6 +225,8 @@ def main() -> None:
                     "(for a zoo seed without a table; the twin gives the undefended attack success)")
     ap.add_argument("--plot", nargs="+", metavar="JSON", help="plot TPR against undefended attack success for these "
                     "--guarded result files into --out (a .png)")
+    ap.add_argument("--seed", type=int, default=0, help="with --guarded: the runs' subset, poison draw and sample "
+                    "order (a replicate of a trigger's run)")
     ap.add_argument("--guard", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="GuardConfig fields of the guarded runs, e.g. 'thresholds={\"flag_split\": true}'")
     a = ap.parse_args()
@@ -232,7 +238,7 @@ def main() -> None:
         parts = [json.loads(Path(p).read_text()) for p in a.merge_guarded]
         order = {t: i for i, t in enumerate(a.triggers or [f"zoo:{a.zoo_seed}:{i}" for i in range(a.n)])}
         rows = sorted((guarded_row(t, r) for p in parts for t, r in p["runs"].items()),   # rows of the current form
-                      key=lambda r: order.get(r["trigger"], 99))
+                      key=lambda r: (order.get(r["trigger"], 99), r["seed"]))
         md = guarded_markdown(rows, a.zoo_seed, a.guard, a.triggers)
         Path(a.out).write_text(json.dumps({"rows": rows, "runs": {k: v for p in parts for k, v in p["runs"].items()},
                                            "markdown": md}, indent=1, default=float))
@@ -246,12 +252,13 @@ def main() -> None:
         rows, runs = [], {}
         for trigger in learned[k::n]:
             atk = make_attack(trigger)
-            r = run(spec("zoo", trigger, atk.rate, 0, guard=fields(a.guard)))
+            r = run(spec("zoo", trigger, atk.rate, a.seed, guard=fields(a.guard)))
             r.pop("report")
             for sc in r["scans"]:
                 sc.pop("reference_scores", None)          # per-sample plot data: not needed here
-            runs[trigger] = r
-            rows.append(guarded_row(trigger, r))
+            key = f"{trigger}@{a.seed}" if a.seed else trigger
+            runs[key] = r
+            rows.append(guarded_row(key, r))
             print(json.dumps(rows[-1]), flush=True)
             Path(a.out).write_text(json.dumps({"rows": rows, "runs": runs}, default=float))
         return

@@ -9,7 +9,8 @@ seeds as two pinned single-thread processes and merge:
 
     GUARD_CIFAR10_ARCHIVE=... taskset -c 0 python benchmarks/zoo_floor.py --seed 0 --out a.json &
     GUARD_CIFAR10_ARCHIVE=... taskset -c 1 python benchmarks/zoo_floor.py --seed 1 --out b.json
-    python benchmarks/zoo_floor.py --merge a.json b.json      # -> results/zoo_floor_cifar10.json
+    python benchmarks/zoo_floor.py --merge a.json b.json \\
+        --against benchmarks/results/zoo_cifar10_seed2_guarded.json ...   # -> results/zoo_floor_cifar10.json
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.bench_guard import render_benchmarks  # noqa: E402
 from benchmarks.bench_zoo import spec  # noqa: E402
 from guard.experiment import _epoch, measure, prepare, trigger_floor  # noqa: E402
 
@@ -49,15 +51,51 @@ def floors(seed: int, zoo_seeds: list[int], n: int) -> dict:
             "floor": trigger_floor(model, data, sp, names)}
 
 
-def merge(files: list[str]) -> dict:
+def merge(files: list[str], against: list[str]) -> dict:
     runs = [json.loads(Path(f).read_text()) for f in files]
     names = sorted(set.intersection(*(set(r["floor"]) for r in runs)),
                    key=lambda s: tuple(int(p) for p in s.split(":")[1:]))
-    table = {k: {"all": [r["floor"][k]["all"] for r in runs], "correct": [r["floor"][k]["correct"] for r in runs]}
-             for k in names}
+    floor = {k: {"all": float(np.mean([r["floor"][k]["all"] for r in runs])),
+                 "correct": float(np.mean([r["floor"][k]["correct"] for r in runs])),
+                 "correct_max": max(r["floor"][k]["correct"] for r in runs)} for k in names}
     return {"seeds": [r["seed"] for r in runs], "clean_acc": [r["clean_acc"] for r in runs], "runs": runs,
-            "floor": {k: {"all": float(np.mean(v["all"])), "correct": float(np.mean(v["correct"])),
-                          "all_max": max(v["all"]), "correct_max": max(v["correct"])} for k, v in table.items()}}
+            "floor": floor, "markdown": markdown(floor, runs, against)}
+
+
+def markdown(floor: dict, runs: list[dict], against: list[str]) -> str:
+    pct = lambda v: f"{v:.1%}"  # noqa: E731
+    corr = np.array([f["correct"] for f in floor.values()])
+    high = [k for k, f in floor.items() if f["correct_max"] >= 0.02]
+    lines = [f"`python benchmarks/zoo_floor.py`: every zoo trigger of seeds "
+             f"{', '.join(sorted({k.split(':')[1] for k in floor}))} on {len(runs)} models trained with the zoo recipe "
+             "on data without poison (subset and order seeds " + ", ".join(str(r["seed"]) for r in runs)
+             + ", clean accuracy " + ", ".join(pct(r["clean_acc"]) for r in runs) + "). Floor: attack success of the "
+             "trigger on a model that never saw it, over non-target test images (all) and over those it classifies "
+             "correctly (correct), mean of the models (max in brackets).", "",
+             f"Floor (correct) over {len(floor)} triggers: median {np.median(corr):.1%}, 90th percentile "
+             f"{np.quantile(corr, 0.9):.1%}, max {corr.max():.1%}; {len(high)} triggers at >= 2 % on some model:", "",
+             "| trigger | floor (all) | floor (correct) |", "|---|---|---|"]
+    lines += [f"| {k} | {pct(floor[k]['all'])} | {pct(floor[k]['correct'])} ({pct(floor[k]['correct_max'])}) |"
+              for k in high]
+    rows = [(Path(f).stem, r) for f in against for r in json.loads(Path(f).read_text())["rows"] if r["trigger"] in floor]
+    if rows:
+        lines += ["", "Whole guarded runs against the floor (ASR(correct) guard minus its floor). The four targets "
+                  "(TPR >= 95 %, FPR <= 1 %, accuracy within 2 points, and the attack-success target) read strictly "
+                  "(ASR(correct) <= 5 % *and* within 2 points of the floor) and floor-aware (<= 5 % *or* within 2 "
+                  "points of the floor: no defence that removes poison goes below the floor):", "",
+                  "| result | trigger | seed | ASR(correct) no guard | guard | floor | guard - floor | TPR | FPR | "
+                  "acc guard - no guard | four targets, strict | floor-aware |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for src, r in rows:
+            f, a = floor[r["trigger"]]["correct"], r["asr_correct_guarded"]
+            learned = max(r["asr_unguarded"], r["asr_guarded"]) >= 0.3
+            three = r["tpr"] >= 0.95 and r["fpr"] <= 0.01 and r["acc_guarded"] >= r["acc_unguarded"] - 0.02
+            verdicts = [("yes" if three and ok else "no") if learned else "not learned"
+                        for ok in (a <= 0.05 and a - f <= 0.02, a <= 0.05 or a - f <= 0.02)]
+            lines.append(f"| `{src}` | {r['trigger']} | {r.get('seed', 0)} | {pct(r['asr_correct_unguarded'])} | "
+                         f"{pct(a)} | {pct(f)} | {100 * (a - f):+.1f} | {pct(r['tpr'])} | {r['fpr']:.2%} | "
+                         f"{100 * (r['acc_guarded'] - r['acc_unguarded']):+.1f} | {' | '.join(verdicts)} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -66,11 +104,16 @@ def main() -> None:
     ap.add_argument("--zoo-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--n", type=int, default=20, help="triggers a zoo seed")
     ap.add_argument("--merge", nargs="+", metavar="JSON")
+    ap.add_argument("--against", nargs="*", default=[], metavar="JSON",
+                    help="with --merge: bench_zoo --guarded result files to read against the floor")
     ap.add_argument("--out", default=str(HERE / "results" / "zoo_floor_cifar10.json"))
     a = ap.parse_args()
     torch.set_num_threads(1)
-    out = merge(a.merge) if a.merge else floors(a.seed, a.zoo_seeds, a.n)
+    out = merge(a.merge, a.against) if a.merge else floors(a.seed, a.zoo_seeds, a.n)
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    if a.merge:
+        print(out["markdown"])
+        render_benchmarks()
 
 
 if __name__ == "__main__":
