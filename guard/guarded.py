@@ -324,8 +324,7 @@ class GuardedDataset(Dataset):
                         "" if new else " again")
             scan.remedy = cfg.remedy
             sweep = self._sweep(model, sorted({r.label for r in recs}))
-            job = Unlearning(self.dataset, self.kept_indices(), train, check, fit, allowed, cfg.seed + scan_no,
-                             labels=self._labels)
+            job = Unlearning(self.dataset, self.kept_indices(), train, check, fit, allowed, cfg.seed + scan_no)
             scan.remedy_fit_after, scan.remedy_steps = unlearn(model, job, self.feed, cfg, self._unlearner)
             if sweep is not None:
                 found = sweep.after(cfg.thresholds.max_false_alarm / self.num_classes)

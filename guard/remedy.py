@@ -130,9 +130,7 @@ def fit_excess_p(fitted: int, n: int, chance: float, t: Thresholds) -> float:
 class Unlearning:
     """One unlearning job: what the ``quarantined`` samples of ``dataset`` taught is unlearned while
     ``kept`` samples keep the task; ``check`` (held out from them) measures it. ``fit_before``: the
-    check samples' ``fit_share`` now; ``allowed``: the fit at which they count as unlearned.
-    ``labels``: every sample's label by dataset index (-1 where unknown); with it half of each step's
-    kept samples carry the labels of the step's quarantined samples (see :func:`unlearn`)."""
+    check samples' ``fit_share`` now; ``allowed``: the fit at which they count as unlearned."""
 
     dataset: Dataset
     kept: np.ndarray
@@ -141,32 +139,6 @@ class Unlearning:
     fit_before: float
     allowed: float
     seed: int
-    labels: np.ndarray | None = None
-
-
-def kept_by_label(job: Unlearning) -> dict[int, np.ndarray] | None:
-    """The kept samples of each label (None without ``job.labels``)."""
-    if job.labels is None:
-        return None
-    lab = job.labels[job.kept]
-    return {int(c): job.kept[lab == c] for c in np.unique(lab) if c >= 0}
-
-
-def kept_draw(kept: np.ndarray, pools: dict[int, np.ndarray] | None, q_labels: np.ndarray | None, n: int,
-              rng: np.random.Generator) -> np.ndarray:
-    """``n`` kept samples for one unlearning step beside quarantined samples labelled ``q_labels``:
-    with ``pools`` (:func:`kept_by_label`), the first ``n // 2`` are kept samples of the labels the
-    quarantined ones carry (one each) and the rest uniform over all kept samples; without, all uniform.
-    The paired half holds the class's own images at its label while its poison is pushed away, so
-    what is unlearned is what sets the quarantined samples apart (the trigger), not the class. Where
-    the poison is a large share of its target class, uniform kept samples hold that class with a few
-    images a step, the steps push the whole class off its label, and training afterwards relearns
-    it from large gradients (zoo 2:3: class accuracy 25 -> 0 %, the next epoch predicted 95 % one class)."""
-    if pools is None or q_labels is None:
-        return rng.choice(kept, n, replace=len(kept) < n)
-    paired = [rng.choice(pools[int(c)]) for c in q_labels[:n // 2] if len(pools.get(int(c), ())) > 0]
-    rest = rng.choice(kept, n - len(paired), replace=len(kept) < n - len(paired))
-    return np.concatenate([np.asarray(paired, dtype=np.int64), rest])
 
 
 def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
@@ -183,17 +155,15 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
     t = cfg.thresholds
     rng = np.random.default_rng(job.seed)
     half = cfg.unlearn_batch // 2             # unlearn_batch >= 2
-    pools = kept_by_label(job)
     last = job.fit_before
     accs: list[float] = []
     try:
         # train mode throughout: fit_share's scan_mode hands it back after each check
         with train_alone(model), torch.enable_grad():
             for step in range(t.unlearn_max_factor * cfg.unlearn_steps):
-                q_idx = rng.choice(quarantined, min(half, len(quarantined)), replace=False)
-                q_inputs, q_labels = adapter.split(_batch(dataset, q_idx))
-                k_idx = kept_draw(kept, pools, None if job.labels is None else job.labels[q_idx], half, rng)
-                k_inputs, k_labels = adapter.split(_batch(dataset, k_idx))
+                q_inputs, q_labels = adapter.split(_batch(dataset, rng.choice(quarantined, min(half, len(quarantined)),
+                                                                              replace=False)))
+                k_inputs, k_labels = adapter.split(_batch(dataset, rng.choice(kept, half, replace=len(kept) < half)))
                 with autocast(device, cfg.amp, training=True):
                     logits = adapter.forward(model, adapter.move(_cat(q_inputs, k_inputs), device, feed.channels_last))
                 q_logits, k_logits = logits[:len(q_labels)], logits[len(q_labels):]

@@ -417,33 +417,6 @@ def test_unlearning_follows_the_users_optimizer_and_learning_rate():
     assert changes["default"][0] > 20 * step, changes      # SGD(lr=0.01, momentum 0.9) moves it far more
 
 
-def test_each_unlearning_step_holds_the_quarantined_samples_labels_with_kept_samples_of_those_labels(monkeypatch):
-    """Half the kept samples of a step carry the labels of the step's quarantined samples (one each), the
-    rest are uniform; a label without kept samples is filled uniformly; the guard hands its labels over."""
-    from guard import guarded, remedy
-
-    labels = np.repeat(np.arange(3), 100)
-    kept = np.setdiff1d(np.arange(300), np.arange(0, 300, 7))
-    labels_q = np.array([2] * 10 + [1] * 6 + [0] * 16)
-    job = remedy.Unlearning(None, kept, np.arange(0, 300, 7), np.empty(0, np.int64), 1.0, 0.0, 0, labels=labels)
-    pools = remedy.kept_by_label(job)
-    draw = remedy.kept_draw(kept, pools, labels_q, 32, np.random.default_rng(0))
-    assert len(draw) == 32 and np.isin(draw, kept).all()
-    assert np.array_equal(labels[draw[:16]], labels_q[:16])                  # paired, in order
-    assert len(set(labels[draw[16:]].tolist())) > 1                          # the rest uniform
-    no_two = {0: pools[0], 1: pools[1]}                                      # no kept sample labelled 2
-    assert len(remedy.kept_draw(kept, no_two, labels_q, 32, np.random.default_rng(0))) == 32
-    assert remedy.kept_by_label(remedy.Unlearning(None, kept, kept, kept, 1.0, 0.0, 0)) is None
-
-    seen = []
-    real = guarded.unlearn
-    monkeypatch.setattr(guarded, "unlearn", lambda model, job, *a, **k: seen.append(job) or real(model, job, *a, **k))
-    ds = Blobs(600, poison=0.08, seed=0)
-    gds = GuardedDataset(ds, train(mlp(), ds, epochs=25), GuardConfig(), trusted=Blobs(150, seed=7))
-    assert gds.scan().remedy == "unlearn"
-    assert np.array_equal(seen[0].labels[seen[0].kept], ds.y[seen[0].kept])
-
-
 def test_a_compiled_model_is_scanned_through_its_original_module(poisoned):
     ds, model = poisoned
     cfg = GuardConfig(remedy="none")
