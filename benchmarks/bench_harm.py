@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.bench_guard import render_benchmarks  # noqa: E402
 from guard import GuardConfig, detect  # noqa: E402
-from guard.experiment import RunSpec, _epoch, detection, measure, prepare  # noqa: E402
+from guard.experiment import Prepared, RunSpec, _epoch, detection, measure, prepare  # noqa: E402
 
 VARIANTS = {"small": dict(n_train=2500), "lt10": dict(n_train=5000, imbalance=10.0),
             "lt50": dict(n_train=5000, imbalance=50.0)}
@@ -65,13 +65,10 @@ def name(variant: str, attack: str | None, rate: float, seed: int) -> str:
     return f"{variant}-{attack or 'none'}-{rate:g}-s{seed}"
 
 
-def train(cell: tuple, cache: Path, make=spec, keep: tuple[int, ...] = SCAN_EPOCHS) -> dict:
-    """One unguarded run of ``make(*cell)``; keeps the model at the epochs ``keep`` and measures the last one."""
-    folder = cache / name(*cell)
-    if (folder / "done.json").is_file():
-        return json.loads((folder / "done.json").read_text())
-    folder.mkdir(parents=True, exist_ok=True)
-    sp = make(*cell)
+def fit(sp: RunSpec, label: str, before_epoch=None) -> tuple[Prepared, torch.nn.Module, float]:
+    """Train ``sp`` unguarded (SGD, momentum 0.9, cosine, as ``experiment.run`` trains);
+    ``before_epoch(epoch, model)`` is called before each epoch. Returns the data, the model and the
+    seconds spent training."""
     torch.manual_seed(sp.seed)
     data = prepare(sp)
     model = data.make_model()
@@ -81,11 +78,25 @@ def train(cell: tuple, cache: Path, make=spec, keep: tuple[int, ...] = SCAN_EPOC
                         generator=torch.Generator().manual_seed(sp.seed))
     t = time.perf_counter()
     for epoch in range(sp.epochs):
+        if before_epoch is not None:
+            before_epoch(epoch, model)
+        _epoch(model, opt, loader, f"{label} epoch {epoch + 1}")
+        sched.step()
+    return data, model, time.perf_counter() - t
+
+
+def train(cell: tuple, cache: Path, make=spec, keep: tuple[int, ...] = SCAN_EPOCHS) -> dict:
+    """One unguarded run of ``make(*cell)``; keeps the model at the epochs ``keep`` and measures the last one."""
+    folder = cache / name(*cell)
+    if (folder / "done.json").is_file():
+        return json.loads((folder / "done.json").read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def save(epoch: int, model: torch.nn.Module) -> None:
         if epoch in keep:
             torch.save(model.state_dict(), folder / f"epoch{epoch}.pt")
-        _epoch(model, opt, loader, f"{folder.name} epoch {epoch + 1}")
-        sched.step()
-    out = {"cell": folder.name, "counts": np.bincount(data.labels).tolist(), "seconds": time.perf_counter() - t,
+    data, model, seconds = fit(make(*cell), folder.name, save)
+    out = {"cell": folder.name, "counts": np.bincount(data.labels).tolist(), "seconds": seconds,
            **measure(model, data)}
     (folder / "done.json").write_text(json.dumps(out))
     return out

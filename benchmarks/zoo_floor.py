@@ -18,36 +18,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.bench_guard import render_benchmarks  # noqa: E402
+from benchmarks.bench_harm import fit  # noqa: E402
 from benchmarks.bench_zoo import spec  # noqa: E402
-from guard.experiment import _epoch, measure, prepare, trigger_floor  # noqa: E402
+from guard.experiment import measure, trigger_floor  # noqa: E402
 
 
 def floors(seed: int, zoo_seeds: list[int], n: int) -> dict:
     sp = spec("zoo", None, 0.0, seed)
-    torch.manual_seed(sp.seed)
-    data = prepare(sp)
-    model = data.make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=sp.lr, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=sp.epochs)
-    loader = DataLoader(data.train, batch_size=sp.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(sp.seed))
-    t = time.perf_counter()
-    for epoch in range(sp.epochs):
-        _epoch(model, opt, loader, f"clean seed {seed} epoch {epoch + 1}")
-        sched.step()
+    data, model, seconds = fit(sp, f"clean seed {seed}")
     names = [f"zoo:{z}:{i}" for z in zoo_seeds for i in range(n)]
-    return {"seed": seed, "train_seconds": time.perf_counter() - t, **measure(model, data),
+    return {"seed": seed, "train_seconds": seconds, **measure(model, data),
             "floor": trigger_floor(model, data, sp, names)}
 
 
