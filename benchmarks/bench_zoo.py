@@ -138,6 +138,19 @@ def guarded_row(key: str, r: dict) -> dict:
             "quarantined_by_scan": [s["new_quarantined"] for s in r["scans"]], "epochs": [s["epoch"] for s in r["scans"]]}
 
 
+def was_learned(r: dict) -> bool:
+    """A whole guarded run whose trigger was learned: attack success >= 30 % guarded or not."""
+    return max(r["asr_unguarded"], r["asr_guarded"]) >= 0.3
+
+
+def targets_met(r: dict, asr_met: bool | None = None) -> tuple[bool, bool]:
+    """Whether a guarded run meets TPR >= 95 %, the attack-success target (``asr_met``; default
+    ASR(correct) <= 5 %) and accuracy within 2 points of its twin; and all that with FPR <= 1 %."""
+    asr_met = r["asr_correct_guarded"] <= 0.05 if asr_met is None else asr_met
+    three = r["tpr"] >= 0.95 and asr_met and r["acc_guarded"] >= r["acc_unguarded"] - 0.02
+    return three, three and r["fpr"] <= 0.01
+
+
 def guarded_markdown(rows: list[dict], zoo_seed: int, guard: list[str] | None = None,
                      chosen: list[str] | None = None) -> str:
     pct = lambda v: f"{v:.1%}"  # noqa: E731
@@ -161,13 +174,12 @@ def guarded_markdown(rows: list[dict], zoo_seed: int, guard: list[str] | None = 
                      f"{pct(r['asr_correct_unguarded'])} | {pct(r['asr_correct_guarded'])} | {pct(r['acc_unguarded'])} | "
                      f"{pct(r['acc_guarded'])} | {r['first_catch'] or '-'} | "
                      f"{'/'.join(str(q) for q in r['quarantined_by_scan'])} | {r['swept']} | {r.get('given_back', 0)} |")
-    learned = [r for r in rows if max(r["asr_unguarded"], r["asr_guarded"]) >= 0.3]
-    three = [r for r in learned if r["tpr"] >= 0.95 and r["asr_correct_guarded"] <= 0.05
-             and r["acc_guarded"] >= r["acc_unguarded"] - 0.02]
-    met = [r for r in three if r["fpr"] <= 0.01]
+    taken = [r for r in rows if was_learned(r)]
+    three = [r for r in taken if targets_met(r)[0]]
+    met = [r for r in taken if targets_met(r)[1]]
     lines += ["", f"Learned in these runs (attack success >= 30 % guarded or not; sample order differs from the "
-              f"unguarded zoo run): {len(learned)} of {len(rows)}. Meeting TPR >= 95 %, ASR(correct) <= 5 % and accuracy "
-              f"within 2 points: {len(three)} of {len(learned)}; and FPR <= 1 % as well: {len(met)} of {len(learned)}."]
+              f"unguarded zoo run): {len(taken)} of {len(rows)}. Meeting TPR >= 95 %, ASR(correct) <= 5 % and accuracy "
+              f"within 2 points: {len(three)} of {len(taken)}; and FPR <= 1 % as well: {len(met)} of {len(taken)}."]
     return "\n".join(lines)
 
 
