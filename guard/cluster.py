@@ -17,6 +17,23 @@ import torch
 from guard.calibrate import small_sample
 from guard.reference import unit
 
+_EPS = 1e-12     # as guard.reference.unit
+_EMPTY = 1e-10   # a centroid whose squared norm cancels below this share of its sum's is empty (rounding)
+
+
+def _cosine_without(u: torch.Tensor, sums: torch.Tensor, labels: torch.Tensor,
+                    own: torch.Tensor | float | None) -> torch.Tensor:
+    """cos(u_i, sums[labels_i] - own_i * u_i) for unit rows ``u`` (``own``: 1 where a sample is part of
+    its class's sum, 0 or None where not), from the class sums' dot products and norms: a (B, C)
+    product instead of a (B, D) centroid per sample. A centroid with nothing left in it scores 0."""
+    dot = (u @ sums.T).gather(1, labels[:, None])[:, 0]
+    full = (sums * sums).sum(1)[labels]
+    sq = full
+    if own is not None:                                   # |s - o u|^2 = |s|^2 - 2 o u.s + o (|u| = 1, o in {0, 1})
+        sq, dot = full - 2 * own * dot + own, dot - own
+    empty = sq <= _EMPTY * full.clamp_min(1.0)
+    return torch.where(empty, torch.zeros_like(dot), dot / sq.clamp_min(0).sqrt().clamp_min(_EPS))
+
 
 @dataclass
 class Zscore:
@@ -59,16 +76,14 @@ class Centroids:
         ``loo``: the samples are part of the benign centroid; ``own_suspect`` (B x layers): where a
         sample is part of the suspect centroid. Either way it is left out of that centroid.
         ``normalised``: ``feats`` are already ``unit(f.double())`` (a caller that needs them too)."""
-        labels = torch.from_numpy(np.asarray(lab))
+        labels = torch.from_numpy(np.asarray(lab, dtype=np.int64))
         use = np.stack([self.use_of[int(c)] for c in lab]) if len(lab) else np.zeros((0, len(feats)), bool)
         out = torch.zeros(len(lab), dtype=torch.float64)
         for pos, f in enumerate(feats):
             u = f if normalised else unit(f.double())
-            mb = self.ben[pos][labels] - (u if loo else 0)
-            ms = self.sus[pos][labels]
-            if own_suspect is not None:
-                ms = ms - u * torch.from_numpy(own_suspect[:, pos]).double()[:, None]
-            d = (u * unit(ms)).sum(1) - (u * unit(mb)).sum(1)
+            own = None if own_suspect is None else torch.from_numpy(own_suspect[:, pos]).double()
+            d = _cosine_without(u, self.sus[pos], labels, own) - _cosine_without(u, self.ben[pos], labels,
+                                                                                  1.0 if loo else None)
             out += torch.where(torch.from_numpy(use[:, pos]), d, torch.zeros_like(d))
         return out.numpy()
 
