@@ -48,26 +48,32 @@ class DirectionTest:
 def top_direction(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean, unit top principal direction)`` of the rows of ``x``, from the n x n Gram matrix
     (only its top eigenpair is computed: LAPACK ``syevr`` on that one index)."""
+    mu, v, _ = _top(x)
+    return mu, v
+
+
+def _top(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`top_direction` and the centred rows it was fitted on."""
     mu = x.mean(0)
     xc = x - mu
     gram = (xc @ xc.T).cpu().numpy()
     n = len(gram)
     _, top = scipy.linalg.eigh(gram, subset_by_index=[n - 1, n - 1], driver="evr", check_finite=False)
     v = xc.T @ torch.from_numpy(top[:, 0]).to(xc)
-    return mu, v / v.norm().clamp_min(1e-12)
+    return mu, v / v.norm().clamp_min(1e-12), xc
 
 
-def _halves(units: torch.Tensor, ref: torch.Tensor, folds: np.ndarray) -> tuple[np.ndarray, list]:
+def _halves(units: torch.Tensor, ref: torch.Tensor, folds: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]]
+            ) -> tuple[np.ndarray, list]:
     """Held-out projections of every sample (by the other half's signed direction) and, per half,
-    the trusted samples' projections on that half's direction."""
+    the trusted samples' projections on that half's direction. ``folds``: per half, its mask and the
+    row indices held out and fitted on."""
     proj, ref_proj = np.zeros(len(units)), []
-    for f in (0, 1):
-        out = folds == f
-        fit = units[torch.from_numpy(~out)]
-        mu, v = top_direction(fit)
-        p_fit = (fit - mu) @ v
+    for out, held, fitted in folds:
+        mu, v, xc = _top(units.index_select(0, fitted))
+        p_fit = xc @ v
         sign = 1.0 if float(((p_fit - p_fit.mean()) ** 3).sum()) >= 0 else -1.0
-        proj[out] = sign * ((units[torch.from_numpy(out)] - mu) @ v).numpy()
+        proj[out] = sign * ((units.index_select(0, held) - mu) @ v).numpy()
         ref_proj.append((out, sign * ((ref - mu) @ v).numpy()))
     return proj, ref_proj
 
@@ -79,7 +85,9 @@ def direction_test(units: list[torch.Tensor], ref: list[torch.Tensor], rng_seed:
     n, n_ref = len(units[0]), len(ref[0])
     if n < 4 or n_ref < 2:
         return None
-    folds = np.random.default_rng(rng_seed).permutation(n) % 2
+    fold = np.random.default_rng(rng_seed).permutation(n) % 2
+    folds = [(fold == f, torch.from_numpy(np.flatnonzero(fold == f)), torch.from_numpy(np.flatnonzero(fold != f)))
+             for f in (0, 1)]
     best = None
     for li, (x, r) in enumerate(zip(units, ref)):
         proj, ref_proj = _halves(x.float(), r.float(), folds)     # float32: 8x faster than float64 here

@@ -49,7 +49,10 @@ class Reference:
         returned) on the features' device."""
         device = feats[0].device
         labels = labels.to(device, non_blocking=True)
-        cols = [(unit(f.float()) * m[labels]).sum(1) for m, f in zip(self.directions(device), feats)]
+        cols = []
+        for m, f in zip(self.directions(device), feats):
+            f = f.float()                 # (B, C) products and one norm: no (B, D) direction per sample
+            cols.append((f @ m.T).gather(1, labels[:, None])[:, 0] / f.norm(dim=1).clamp_min(_EPS))
         return torch.stack(cols, 1)
 
     def loo_score(self, feats: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
