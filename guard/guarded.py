@@ -325,12 +325,13 @@ class GuardedDataset(Dataset):
             scan.remedy = cfg.remedy
             sweep = self._sweep(model, sorted({r.label for r in recs}))
             job = Unlearning(self.dataset, self.kept_indices(), train, check, fit, allowed, cfg.seed + scan_no)
-            scan.remedy_fit_after, scan.remedy_steps = unlearn(model, job, self.feed, cfg, self._unlearner)
+            scan.remedy_fit_after, scan.remedy_steps, settled = unlearn(model, job, self.feed, cfg, self._unlearner)
+            # the model kept reads kept samples' BatchNorm statistics; the sweep measures that model
+            scan.remedy_bn_samples = settled or recalibrate_bn(model, self.dataset, job.kept, self.feed, cfg, job.seed)
             if sweep is not None:
                 found = sweep.after(cfg.thresholds.max_false_alarm / self.num_classes)
                 scan.sweep = [SweepReport(cls=r.cls, n=r.n, n_ref=r.n_ref, beyond=r.beyond, p=r.p, taken=len(r.taken))
                               for r in found]
-            scan.remedy_bn_samples = recalibrate_bn(model, self.dataset, job.kept, self.feed, cfg, job.seed)
         scan.remedy_seconds = time.monotonic() - t
         return found
 

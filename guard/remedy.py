@@ -17,10 +17,11 @@ no more than benign images of other classes are predicted as their label, plus `
 binomial standard errors (``allowed_fit``; the numbers are :class:`~guard.thresholds.Thresholds`).
 It *starts* only where the fit is above that and more than chance explains (:func:`fit_excess_p`
 below ``max_false_alarm``): right after a catch, and at any later scan where a suppressed backdoor
-creeps back, but not on the one or two check samples that chance fits now and then. Afterwards
-kept samples re-estimate the BatchNorm statistics (:func:`recalibrate_bn`). ``restart`` reloads
-the weights the model had when it was wrapped. Unlearning steps and checks run under the guard's
-autocast (``amp``: bf16 on CPU and recent GPUs), like scans.
+creeps back, but not on the one or two check samples that chance fits now and then. The check
+reads the model that would be kept: kept samples first re-estimate the BatchNorm statistics
+(:func:`recalibrate_bn`), which the unlearning batches, half of them triggered, had set otherwise.
+``restart`` reloads the weights the model had when it was wrapped. Unlearning steps and checks run
+under the guard's autocast (``amp``: bf16 on CPU and recent GPUs), like scans.
 """
 
 from __future__ import annotations
@@ -142,20 +143,23 @@ class Unlearning:
 
 
 def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
-            optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None) -> tuple[float, int]:
+            optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None) -> tuple[float, int, int]:
     """Run ``job``. ``optimizer`` builds the optimizer of the steps from the parameters (default
     ``SGD(lr=cfg.unlearn_lr, momentum=cfg.unlearn_momentum)``). Each step mixes ``cfg.unlearn_batch``
-    samples, half quarantined and half kept. Returns the check samples' fit after and the steps."""
+    samples, half quarantined and half kept. Each check first re-estimates the BatchNorm statistics on
+    kept samples (:func:`recalibrate_bn`), so it judges the model that would be kept. Returns the check
+    samples' fit after, the steps, and the samples that re-estimated the returned model's statistics
+    (0: no BatchNorm, or steps ran after the last check: call :func:`recalibrate_bn`)."""
     dataset, kept, quarantined, check = job.dataset, job.kept, job.quarantined, job.check
     adapter, device = feed.adapter, feed.device
     params = [p for p in model.parameters() if p.requires_grad]
     if not params or len(quarantined) == 0 or len(kept) == 0:
-        return float("nan"), 0
+        return float("nan"), 0, 0
     opt = (optimizer or (lambda p: torch.optim.SGD(p, lr=cfg.unlearn_lr, momentum=cfg.unlearn_momentum)))(params)
     t = cfg.thresholds
     rng = np.random.default_rng(job.seed)
     half = cfg.unlearn_batch // 2             # unlearn_batch >= 2
-    last = job.fit_before
+    last, settled = job.fit_before, 0
     accs: list[float] = []
     try:
         # train mode throughout: fit_share's scan_mode hands it back after each check
@@ -172,9 +176,11 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                settled = 0                       # the step's own batch statistics are in the running ones
                 accs.append(float((k_logits.argmax(1) == k_labels).float().mean()))
                 # stop once the held-out quarantined samples are fitted no more than by chance
                 if step + 1 >= cfg.unlearn_steps and (step + 1) % t.check_every == 0:
+                    settled = recalibrate_bn(model, dataset, kept, feed, cfg, job.seed)
                     last = fit_share(model, dataset, check, feed)
                     if last <= job.allowed:
                         break
@@ -183,7 +189,7 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
     logger.info("unlearn: {} steps, held-out quarantined samples predicted as their label {:.1%} -> {:.1%} (by "
                 "chance: up to {:.1%}), kept batch accuracy {:.1%} -> {:.1%}", step + 1, job.fit_before, last, job.allowed,
                 np.mean(accs[:4]), np.mean(accs[-4:]))
-    return last, step + 1
+    return last, step + 1, settled
 
 
 def recalibrate_bn(model: nn.Module, dataset: Dataset, kept: np.ndarray, feed: Feed, cfg: GuardConfig,

@@ -378,6 +378,25 @@ def test_unlearning_hands_back_batchnorm_statistics_of_kept_data():
     assert gds_off.scan().remedy_bn_samples == 0
 
 
+def test_unlearning_is_judged_on_the_model_it_hands_back():
+    """The stop reads the model that is kept (BatchNorm statistics re-estimated on kept samples), not
+    the running statistics the half-triggered unlearning batches leave: with steps that change no
+    weight (lr 0) nothing is unlearned, so no check may pass, and the fit reported is the kept model's."""
+    from guard.remedy import fit_share
+    ds = Blobs(600, poison=0.08, seed=0)
+    model = train(_bn_mlp(), ds, epochs=25)
+    still = torch.optim.SGD(model.parameters(), lr=0.0)
+    gds = GuardedDataset(ds, model, GuardConfig(thresholds={"bn_samples": 200}), trusted=Blobs(150, seed=7),
+                         optimizer=still)
+    scan = gds.scan()
+    _, check = gds._split_records()
+    assert scan.remedy == "unlearn" and len(check) > 0
+    assert scan.remedy_steps == gds.config.thresholds.unlearn_max_factor * gds.config.unlearn_steps
+    assert scan.remedy_fit_after > scan.remedy_fit_allowed
+    assert fit_share(model, ds, check, gds.feed) == scan.remedy_fit_after
+    assert scan.remedy_bn_samples == 200
+
+
 def test_restart_remedy_restores_initial_weights():
     ds = Blobs(600, poison=0.08, seed=0)
     model = mlp()
