@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from guard.calibrate import small_sample
-from guard.reference import unit
+from guard.reference import _EPS, unit
 
-_EPS = 1e-12     # as guard.reference.unit
 _EMPTY = 1e-10   # a centroid whose squared norm cancels below this share of its sum's is empty (rounding)
 
 
