@@ -25,7 +25,9 @@ variation puts more of its samples beyond every trusted sample than a clean clas
 learned trigger that leaves the cosine to the class direction alone (so no out-of-spread excess)
 but moves a sizeable part of the class along one direction is seen there. Found in the images
 themselves (``direction_input``, :mod:`guard.inputs`), it stands even where the model has not
-learned the class: the images do not depend on what the model has learned.
+learned the class: the images do not depend on what the model has learned. Trust-free, only the
+images are tested, each class against the other classes' images
+(:func:`guard.direction.across_classes`).
 
 With a trusted reference a separate cluster is acted on only if the screen also puts more of its
 samples beyond *every* reference sample of the class than a clean class could: the
@@ -85,8 +87,8 @@ class ClassStats:
     train_fit: float = float("nan")        # share of its training samples the model predicts as it (nan: unknown)
     beyond_p: float | None = None          # after a screen: beyond_reference_p of its screen
     reference_fit: float = float("nan")    # share of its reference samples the model predicts as it (nan: unknown)
-    direction_p: float | None = None       # trusted: guard.direction's p-value (corrected for sides and layers)
-    direction_share: float = 0.0           # ... and the share of the class beyond every trusted sample there
+    direction_p: float | None = None       # guard.direction's p-value (corrected for sides and layers; trust-free: images only)
+    direction_share: float = 0.0           # ... and the share of the class beyond every reference sample there
     direction_input: bool = False          # ... in an input view (guard.inputs), which does not depend on the model
 
 
@@ -94,9 +96,11 @@ def decide(s: ClassStats, t: Thresholds) -> tuple[Verdict, str]:
     """``(verdict, reason)`` for one class; CANDIDATE asks for a screen (``screen_share`` unset)."""
     bar = t.max_false_alarm / max(s.n_classes, 1)
     chance = t.min_class_fit / max(s.n_classes, 1)
-    direction = s.trusted and s.direction_p is not None and s.direction_p < bar and s.n_scanned >= t.min_class
+    direction = ((s.trusted or s.direction_input) and s.direction_p is not None and s.direction_p < bar
+                 and s.n_scanned >= t.min_class)
     if direction and s.direction_input:    # the images themselves: whatever the model has learned
-        return Verdict.SEPARATE, (f"{s.direction_share:.0%} of the class's images lie beyond every trusted image along "
+        ref = "trusted image" if s.trusted else "image of the other classes"
+        return Verdict.SEPARATE, (f"{s.direction_share:.0%} of the class's images lie beyond every {ref} along "
                                   f"their main direction of variation (p={s.direction_p:.2g} < {bar:.2g})")
     if s.train_fit < chance:               # (nan: no logits to tell, the rule does not apply)
         return Verdict.CLEAN, (f"the model predicts the label of {s.train_fit:.0%} of the class's training samples "

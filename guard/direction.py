@@ -19,16 +19,23 @@ are tested (x 2), at every layer given (x layers): :attr:`DirectionTest.p` carri
 corrections. Needs a trusted reference: a trust-free one is the hard half of each class, not
 exchangeable with the rest.
 
+Without a trusted set, :func:`across_classes` holds each class's images, in an input view that
+does not depend on the model (:mod:`guard.inputs`), against the images of all the other classes.
+There the Beta-binomial bound assumes that classes look alike in the view, which holds only
+roughly (a class with distinct fine structure, ships on water, puts a few more images beyond the
+rest), so it also asks for more of the class beyond than the other classes put beyond theirs.
+
 Cost: two n x n Gram eigendecompositions per class and layer (n: the screen's half), no D x D
 matrix; deterministic (no random projection), so every rank of a distributed run agrees.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.linalg
+import scipy.stats
 import torch
 
 from guard.decide import beyond_reference_p
@@ -101,3 +108,29 @@ def direction_test(units: list[torch.Tensor], ref: list[torch.Tensor], rng_seed:
             if best is None or p < best.p:
                 best = DirectionTest(p, li, float(beyond.mean()), beyond, z)
     return best
+
+
+def across_classes(units: torch.Tensor, labels: np.ndarray, rng_seed: int = 0) -> dict[int, DirectionTest]:
+    """Trust-free: test every class of ``units`` (one view's unit features of a screen, rows labelled
+    ``labels``) against the rows of all the other classes as its reference (:func:`direction_test`).
+    Each result's ``p`` is the larger of two p-values, so a class passes only when both do: the
+    Beta-binomial bound of its count beyond every other-class row, and the one-sided binomial p of
+    that count against the rate at which the other classes put their own rows beyond theirs (their
+    counts pooled, plus one), which absorbs how much more one class looks like itself than like the
+    rest. A class with fewer than 4 rows, or alone, gets no result."""
+    labels = np.asarray(labels)
+    tests: dict[int, DirectionTest] = {}
+    for c in np.unique(labels).tolist():
+        mine = torch.from_numpy(np.flatnonzero(labels == c))
+        theirs = torch.from_numpy(np.flatnonzero(labels != c))
+        test = direction_test([units.index_select(0, mine)], [units.index_select(0, theirs)], rng_seed)
+        if test is not None:
+            tests[int(c)] = test
+    out = {}
+    for c, test in tests.items():
+        k = int(test.beyond.sum())
+        others = [t for d, t in tests.items() if d != c]
+        rate = (sum(int(t.beyond.sum()) for t in others) + 1) / (sum(len(t.beyond) for t in others) + 1)
+        p_rate = float(scipy.stats.binom.sf(k - 1, len(test.beyond), rate)) if k else 1.0
+        out[c] = replace(test, p=max(test.p, p_rate))
+    return out

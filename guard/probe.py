@@ -71,6 +71,21 @@ def _calibrate(scores: torch.Tensor) -> tuple[float, float]:
     return float(scores.mean()), max(float(scores.std(correction=0)), 1e-8)
 
 
+def _fits_both_halves(folds: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> bool:
+    """Each half's complement (what a fold is fitted on) holds calls of either kind."""
+    return all((pos & (folds != f)).any() and (neg & (folds != f)).any() for f in (0, 1))
+
+
+def _stratified_folds(pos: np.ndarray, neg: np.ndarray, rng_seed: int) -> np.ndarray:
+    """Two halves that split the suspect calls, the benign calls and the rest evenly."""
+    rng = np.random.default_rng([rng_seed, 1])
+    folds = np.zeros(len(pos), dtype=np.int64)
+    for group in (pos, neg, ~pos & ~neg):
+        idx = np.flatnonzero(group)
+        folds[idx] = rng.permutation(len(idx)) % 2
+    return folds
+
+
 def self_train(screen: list[torch.Tensor], benign: list[torch.Tensor], seed: np.ndarray, t: Thresholds,
                rng_seed: int = 0) -> Probe | None:
     """Fit a :class:`Probe` for one class.
@@ -94,6 +109,10 @@ def self_train(screen: list[torch.Tensor], benign: list[torch.Tensor], seed: np.
         pos, neg = s > hi, s < lo
         if min(int(pos.sum()), int(neg.sum())) < 2 * side:
             return None
+        if not _fits_both_halves(folds, pos, neg):
+            # calls can sit all in one half (a seed drawn from a direction test's held-out calls on
+            # the same halves), leaving the other half's fit without a side: split them evenly
+            folds = _stratified_folds(pos, neg, rng_seed)
         z = np.zeros((n, len(screen)))
         for li, (x, b) in enumerate(zip(screen, benign)):
             for f in (0, 1):

@@ -27,8 +27,9 @@ scan/quarantined-centroid  quarantined               follow-up fall-back: their 
 scan/follow-up(-centroid)  classes followed up       look-alikes of what was quarantined
 =========================  ========================  =================================================
 
-The input view of the direction stage (:mod:`guard.inputs`) reads images without the model; it is
-not a pass, and its time is part of ``analysis``.
+The input views of the direction stage (:mod:`guard.inputs`) read images without the model; they
+are not a pass, and their time is part of ``analysis``. Trust-free, the direction stage tests the
+fine input view only, each class against the other classes' images (:meth:`Scanner.images_across`).
 
 The scan changes nothing outside its state; :class:`~guard.GuardedDataset` applies its result.
 """
@@ -49,7 +50,7 @@ from guard.calibrate import Calibration, calibrate, class_fit, is_logits, trust_
 from guard.cluster import Centroids, RefFeats, Zscore
 from guard.config import GuardConfig
 from guard.decide import ClassStats, Verdict, beyond_reference_p, binomial_p, decide, flag_cut, give_back, take
-from guard.direction import DirectionTest, direction_test
+from guard.direction import DirectionTest, across_classes, direction_test
 from guard.distributed import gather_rows, shard, sum_tensors, world
 from guard.errors import GuardError
 from guard.extract import Batch, Extractor
@@ -194,6 +195,9 @@ class Scanner:
             if st.cal.source == "trusted" and self.cfg.critical_rule != "paper":
                 with _timed(seconds, "direction"):
                     self.direction(train, st)
+            elif self.cfg.scan_inputs and self.cfg.critical_rule != "paper":
+                with _timed(seconds, "direction"):
+                    self.images_across(train, st)
             separate = {c for c, v in st.classes.items() if v.verdict == Verdict.SEPARATE}
             follow = {c: q for c, q in prior.items() if len(q) >= 2 and c in st.classes and c not in separate}
             if follow and check and self.th.follow_gate:
@@ -488,6 +492,47 @@ class Scanner:
         self._flag_probed(train, st, probes, probe_ids, "scan/direction-confirm", Verdict.SEPARATE)
         if views is not None:
             self._flag_input_probed(train, st, in_probes, views[0])
+
+    def images_across(self, train: Dataset, st: ScanState) -> None:
+        """Trust-free: with no trusted images to hold a class against, each class's images in the fine
+        input view (:data:`~guard.inputs.FINE`, read without the model) are tested against the other
+        classes' images (:func:`~guard.direction.across_classes`). A class that passes (:func:`decide`)
+        is separate: the images beyond seed a probe in that view, calibrated on the other classes'
+        images, and every kept image of the class is scored with it."""
+        th = self.th
+        todo = {c for c, v in st.classes.items() if v.verdict != Verdict.SEPARATE and v.n_scanned >= th.min_class}
+        if not todo:
+            return
+        rows = self._screen_rows(st, sorted(st.classes), 3)
+        ex = self.extractor
+        raw = read_views(train, st.kept[rows], ex.adapter, ex.batch_size, ex.num_workers)
+        if raw is None:
+            return
+        views = InputViews(raw[1], st.labels[rows])
+        fine, labels = views.units(raw)[0], st.labels[rows]
+        bar = th.max_false_alarm / max(st.n_tested, 1)
+        probes: dict[int, tuple[int, Probe]] = {}
+        for c, test in across_classes(fine, labels, self.cfg.seed).items():
+            if c not in todo:
+                continue
+            v = st.classes[c]
+            v.direction_p = test.p
+            verdict, reason = decide(ClassStats(v.n_scanned, v.excess, v.p_value, False, st.n_tested,
+                                                train_fit=v.train_fit, reference_fit=v.reference_fit,
+                                                direction_p=test.p, direction_share=test.share, direction_input=True), th)
+            if verdict != Verdict.SEPARATE:
+                continue
+            v.reason = f"{reason}, at {InputViews.names[0]}"
+            seed = np.where(test.beyond, th.screen_z + 1.0, np.where(test.z < th.benign_z, 0.0, th.benign_z))
+            mine = torch.from_numpy(labels == c)
+            probe = self_train([fine[mine].double()], [fine[~mine].double()], seed, th, rng_seed=self.cfg.seed)
+            if probe is None:
+                v.reason += ("; no probe could be fitted on the images beyond, so nothing is taken (the next scan "
+                             "tests the class again)")
+                continue
+            probes[c] = (0, probe)
+            v.critical_layers = [InputViews.names[0]]
+        self._flag_input_probed(train, st, probes, views)
 
     def _test(self, mine: list[torch.Tensor], theirs: list[torch.Tensor], offset: int, total: int, bar: float,
               inputs: bool) -> DirectionTest | None:

@@ -175,7 +175,10 @@ def test_a_main_direction_in_the_images_stands_whatever_the_model_has_learned():
     assert verdict(**quiet, train_fit=0.01, **found) == Verdict.SEPARATE          # the model has not learned the class
     assert verdict(**quiet, **{**found, "direction_p": np.nextafter(BAR, 0)}) == Verdict.SEPARATE
     assert verdict(**quiet, **{**found, "direction_p": BAR}) == Verdict.CLEAN    # the same bar
-    assert verdict(False, **quiet, **found) != Verdict.SEPARATE                   # a trusted reference only
+    assert verdict(False, **quiet, **{**found, "direction_input": False}) != Verdict.SEPARATE   # model layers: trusted only
+    assert verdict(False, **quiet, **found) == Verdict.SEPARATE                   # trust-free: the images stand too
+    why_tf = decide(ClassStats(**{**CAND, **quiet, "trusted": False, "train_fit": 0.01, **found}), T)[1]
+    assert "beyond every image of the other classes" in why_tf
     assert verdict(**quiet, n_scanned=T.min_class - 1, **found) != Verdict.SEPARATE
     why = decide(ClassStats(**{**CAND, **quiet, "trusted": True, "train_fit": 0.01, **found}), T)[1]
     assert "30% of the class's images lie beyond every trusted image" in why

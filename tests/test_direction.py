@@ -4,7 +4,8 @@ of a class along one direction, and on a clean class its p-value holds its rate.
 import numpy as np
 import torch
 
-from guard.direction import direction_test, top_direction
+from guard.decide import beyond_reference_p
+from guard.direction import across_classes, direction_test, top_direction
 from guard.reference import unit
 
 
@@ -64,3 +65,43 @@ def test_deterministic_and_leaves_the_global_rng_alone():
     assert a.p == b.p and np.array_equal(a.beyond, b.beyond)
     assert direction_test([u[:3] for u in units], ref) is None     # too few to split
     assert direction_test(units, [r[:1] for r in ref]) is None
+
+
+def _classes(rng, own_spread=0.0, poisoned=None):
+    """Ten classes of 150 features sharing one distribution, except that class c varies ``own_spread``
+    times more along its own axis c + 2 (each class a little more like itself than like the rest);
+    in class ``poisoned`` a third is moved along axis 1 (a trigger)."""
+    x, labels, moved = [], [], []
+    for c in range(10):
+        f = rng.standard_normal((150, 24))
+        f[:, 0] += 4.0
+        f[:, c + 2] *= 1.0 + own_spread
+        m = np.zeros(150, bool)
+        if c == poisoned:
+            m[:50] = True
+            f[m, 1] += 5.0
+        x.append(f), labels.append(np.full(150, c)), moved.append(m)
+    return unit(torch.from_numpy(np.concatenate(x))), np.concatenate(labels), np.concatenate(moved)
+
+
+def test_across_classes_finds_the_class_with_a_trigger_against_the_other_classes():
+    units, labels, moved = _classes(np.random.default_rng(4), poisoned=3)
+    tests = across_classes(units, labels)
+    assert sorted(tests) == list(range(10))
+    assert tests[3].p < 1e-6 and moved[labels == 3][tests[3].beyond].mean() > 0.95
+    assert min(t.p for c, t in tests.items() if c != 3) > 1e-3
+
+
+def test_across_classes_does_not_act_on_classes_that_each_look_like_themselves():
+    """Every class spreads wider along its own direction than the others do: each puts more of itself
+    beyond all the other classes' features than the Beta-binomial bound allows a class exchangeable
+    with them, but no more than the other classes put beyond theirs, so none passes; a trigger on top
+    still does."""
+    units, labels, _ = _classes(np.random.default_rng(5), own_spread=1.0)
+    tests = across_classes(units, labels)
+    bound = [beyond_reference_p(int(t.beyond.sum()), len(t.beyond), int((labels != c).sum())) for c, t in tests.items()]
+    assert sum(b < 1e-3 for b in bound) >= 5           # the bound alone would act on most of them
+    assert min(t.p for t in tests.values()) > 1e-3
+    units, labels, _ = _classes(np.random.default_rng(5), own_spread=1.0, poisoned=7)
+    tests = across_classes(units, labels)
+    assert tests[7].p < 1e-6 and min(t.p for c, t in tests.items() if c != 7) > 1e-3

@@ -55,3 +55,21 @@ def test_flag_split_takes_the_same_poison_with_fewer_benign_samples(case, cifar_
         taken[split] = (np.isin(q, data.poisoned).sum(), (~np.isin(q, data.poisoned)).sum())
     assert taken[False][0] == len(data.poisoned) and taken[True][0] == taken[False][0]
     assert taken[False][1] >= 20 and taken[True][1] <= taken[False][1] / 2
+
+
+
+@pytest.mark.cifar
+def test_trust_free_finds_the_blended_poison_in_the_images(cifar_archive):
+    """Without a trusted set the model-based stages miss the Blended checkpoint's poison (its class's
+    trust-free reference is the half the model fits worst); the images, each class held against the
+    other classes' (``guard.direction.across_classes``), show it. What the recorded outputs must keep:
+    every poisoned sample at the first scan, at most 1 % of the benign ones, and nothing in the clean
+    checkpoint."""
+    from tests.golden import _data
+
+    data = _data("blended", cifar_archive)
+    poisoned = set(data.poisoned.tolist())
+    first = set(GOLDEN["blended/trust-free"]["scans"][0]["quarantined"])
+    assert poisoned <= first
+    assert len(first - poisoned) <= 0.01 * (len(data.train) - len(poisoned))
+    assert GOLDEN["clean/trust-free"]["scans"][-1]["quarantined"] == []

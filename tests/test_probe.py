@@ -74,3 +74,16 @@ def test_self_training_declines_without_enough_calls():
     b, p = _blended_like(50, 3, 2, 3.0, d=10)
     seed = np.r_[np.zeros(50), np.full(3, 4.0)]
     assert self_train([torch.cat([b, p])], [b[:20]], seed, Thresholds(window=1, probe_shrinkage=0.5)) is None
+
+
+def test_self_training_splits_a_seed_that_sits_in_one_half():
+    """A seed drawn from a direction test's held-out calls (guard.direction) can put every suspect in
+    one half of the same random split; fitting the other half then had no suspect at all (a crash,
+    ZeroDivisionError, in the second round). The halves are then split evenly by the seed's calls."""
+    screen, trusted, truth, _ = _scan_like(3.0)
+    folds = np.random.default_rng(0).permutation(len(truth)) % 2
+    seed = np.where(truth & (folds == 0), 4.0, 0.0)               # suspects only in half 0
+    probe = self_train([screen], [trusted], seed, Thresholds(window=1), rng_seed=0)
+    assert probe is not None
+    flagged = probe.z([screen]) > 2.0
+    assert flagged[truth].mean() >= 0.95 and flagged[~truth].mean() <= 0.05
