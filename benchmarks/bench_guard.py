@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.no_attack:
         runs.append(("no attack", None, 0.0, False))
     for item in a.trust_free:
-        atk, rate = item.split(":")
+        atk, rate = item.rsplit(":", 1)              # zoo triggers: zoo:SEED:INDEX:RATE
         runs.append((f"{atk} {pct(float(rate))} trust-free" if atk != "none" else "no attack trust-free",
                      None if atk == "none" else atk, float(rate), True))
     if a.seed:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -125,9 +126,9 @@ def guarded_row(key: str, r: dict) -> dict:
     """One whole guarded run of a zoo trigger beside its unguarded twin (``key``: the trigger, with
     ``@SEED`` for a run at another ``--seed``)."""
     g, u = r["guarded"], r["unguarded"]
-    trigger = key.split("@")[0]
+    trigger = key.split("@")[0].split(" ")[0]
     atk = make_attack(trigger)
-    return {"trigger": trigger, "family": atk.name, "target": atk.target, "rate": atk.rate,
+    return {"trigger": trigger, "trust_free": key.endswith("trust-free"), "family": atk.name, "target": atk.target, "rate": atk.rate,
             "seed": r.get("spec", {}).get("seed", 0),
             "tpr": g["tpr"], "fpr": g["fpr"], "asr_unguarded": u["attack_success"], "asr_guarded": g["attack_success"],
             "asr_correct_unguarded": u["attack_success_correct"], "asr_correct_guarded": g["attack_success_correct"],
@@ -237,6 +238,7 @@ def main() -> None:
                     "(for a zoo seed without a table; the twin gives the undefended attack success)")
     ap.add_argument("--plot", nargs="+", metavar="JSON", help="plot TPR against undefended attack success for these "
                     "--guarded result files into --out (a .png)")
+    ap.add_argument("--trust-free", action="store_true", help="with --guarded: no trusted set given to the guard")
     ap.add_argument("--seed", type=int, default=0, help="with --guarded: the runs' subset, poison draw and sample "
                     "order (a replicate of a trigger's run)")
     ap.add_argument("--guard", nargs="*", default=[], metavar="FIELD=VALUE",
@@ -264,11 +266,11 @@ def main() -> None:
         rows, runs = [], {}
         for trigger in learned[k::n]:
             atk = make_attack(trigger)
-            r = run(spec("zoo", trigger, atk.rate, a.seed, guard=fields(a.guard)))
+            r = run(replace(spec("zoo", trigger, atk.rate, a.seed, guard=fields(a.guard)), trust_free=a.trust_free))
             r.pop("report")
             for sc in r["scans"]:
                 sc.pop("reference_scores", None)          # per-sample plot data: not needed here
-            key = f"{trigger}@{a.seed}" if a.seed else trigger
+            key = (f"{trigger}@{a.seed}" if a.seed else trigger) + (" trust-free" if a.trust_free else "")
             runs[key] = r
             rows.append(guarded_row(key, r))
             print(json.dumps(rows[-1]), flush=True)

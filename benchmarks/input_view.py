@@ -16,6 +16,15 @@ of the nine clean classes.
     python benchmarks/input_view.py --harm --out benchmarks/results/input_view_harm.json   # do no harm
     python benchmarks/input_view.py --n 0 --clean 10 --trusted-shift blur                 # ... trusted elsewhere
     python benchmarks/input_view.py --triggers zoo:1:12 zoo:0:12 --clean 2 --crops       # no scan_dataset
+
+Trust-free (``--trust-free``): what a trust-free scan does with the images
+(``guard.scan.Scanner.images_across``): each class's fine view against the other classes' images
+(``guard.direction.across_classes``), and in each class acted on the probe seeded with the images
+beyond, calibrated on the other classes' images, flags the class's images above ``flag_z``: TPR and
+FPR of that flag over the whole data set, and every clean class acted on with what it would lose.
+
+    python benchmarks/input_view.py --trust-free --zoo-seed 0 --out benchmarks/results/input_view_tf_zoo0.json
+    python benchmarks/input_view.py --trust-free --harm --out benchmarks/results/input_view_tf_harm.json
 """
 
 from __future__ import annotations
@@ -35,9 +44,10 @@ sys.path.insert(0, str(HERE.parent))
 from benchmarks import bench_harm as harm  # noqa: E402
 from benchmarks.bench_zoo import spec  # noqa: E402
 from guard.attacks import make_attack  # noqa: E402
-from guard.direction import direction_test  # noqa: E402
+from guard.direction import across_classes, direction_test  # noqa: E402
 from guard.experiment import prepare  # noqa: E402
 from guard.inputs import NAMES, InputViews, coarse, high_pass  # noqa: E402
+from guard.probe import self_train  # noqa: E402
 from guard.thresholds import Thresholds  # noqa: E402
 
 LAYERS = 10          # the probe layers a scan of the zoo's ResNet-18 tests beside the input
@@ -93,6 +103,76 @@ def trigger_row(trigger: str | None, seed: int = 0, make=None) -> dict:
             "family": atk.name if atk else "none", "kind": getattr(atk, "kind", getattr(atk, "style", "")) if atk else "",
             "target": target, "rate": atk.rate if atk else 0.0, "target_row": rows.get(target),
             "clean_min_p": min(clean), "clean_acted": int(sum(p < bar for p in clean)), "bar": bar}
+
+
+def trust_free_row(trigger: str | None, seed: int = 0, make=None) -> dict:
+    """One data set as a trust-free scan sees it in the images: per class the across-classes test, and
+    where it acts the probe's flags over all the class's images."""
+    atk = make_attack(trigger) if trigger else None
+    make = make or (lambda a, r, s: spec("zoo", a, r, s))
+    data = prepare(make(trigger, atk.rate if atk else 0.0, seed))
+    lab, th = data.labels, Thresholds()
+    poison = np.isin(np.arange(len(lab)), data.poisoned)
+    tested = [c for c in range(data.num_classes) if (lab == c).sum() >= th.min_class]
+    bar = th.max_false_alarm / len(tested)
+    rng, n = np.random.default_rng([seed, 3]), th.screen_per_class
+    screen = np.concatenate([np.sort(rng.choice(np.flatnonzero(lab == c), min(int((lab == c).sum()), n), replace=False))
+                             for c in range(data.num_classes)])
+    raw = raw_views(data.scan, screen)
+    fine = InputViews(raw[1], lab[screen]).units(raw)[0]
+    everything = InputViews(raw[1], lab[screen]).units(raw_views(data.scan, np.arange(len(lab))))[0]
+    flagged, rows = np.zeros(len(lab), bool), {}
+    for c, test in across_classes(fine, lab[screen], 0).items():
+        acted = c in tested and test.p < bar
+        rows[c] = {"p": test.p, "share": test.share, "acted": acted, "n": int((lab == c).sum()), "flagged": 0}
+        if not acted:
+            continue
+        mine = torch.from_numpy(lab[screen] == c)
+        z0 = np.where(test.beyond, th.screen_z + 1.0, np.where(test.z < th.benign_z, 0.0, th.benign_z))
+        probe = self_train([fine[mine].double()], [fine[~mine].double()], z0, th, rng_seed=0)
+        if probe is None:
+            rows[c]["no_probe"] = True
+            continue
+        at = np.flatnonzero(lab == c)
+        hit = at[probe.z([everything[torch.from_numpy(at)].double()]) > th.flag_z]
+        flagged[hit] = True
+        rows[c]["flagged"] = len(hit)
+    target = atk.target if atk else None
+    clean = {c: r for c, r in rows.items() if c != target}
+    return {"trigger": trigger or f"none (seed {seed})", "family": atk.name if atk else "none",
+            "kind": getattr(atk, "kind", getattr(atk, "style", "")) if atk else "", "target": target,
+            "rate": atk.rate if atk else 0.0, "bar": bar, "target_row": rows.get(target),
+            "tpr": float(flagged[poison].mean()) if poison.any() else None, "fpr": float(flagged[~poison].mean()),
+            "clean_decisions": len(clean), "clean_acted": {c: r for c, r in clean.items() if r["acted"]},
+            "counts": np.bincount(lab).tolist()}
+
+
+def trust_free_markdown(rows: list[dict], command: str) -> str:
+    lines = [f"`python benchmarks/input_view.py {command}`: what a trust-free scan does with the images (no model, no "
+             "trusted set): each class's fine view (high-passed) against the other classes' images "
+             "(`direction.across_classes`), acted on below `max_false_alarm` / classes; in a class acted on, the probe "
+             "seeded with the images beyond and calibrated on the other classes' images flags those above `flag_z`. TPR "
+             "and FPR of those flags over the whole data set.", "",
+             "| data | trigger | family | target / rate | target p | TPR | FPR | clean classes acted on (class: share "
+             "beyond, flagged of n) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["target_row"]
+        fam = r["family"] + (f" ({r['kind']})" if r["kind"] else "")
+        acted = ", ".join(f"{c}: {a['share']:.1%}, {a['flagged']} of {a['n']}" for c, a in r["clean_acted"].items()) or "-"
+        lines.append(f"| {r.get('variant', 'zoo')} | {r['trigger']} | {fam} | "
+                     f"{r['target'] if r['target'] is not None else '-'} / {r['rate']:.1%} | "
+                     f"{'-' if t is None else format(t['p'], '.0e')} | {'-' if r['tpr'] is None else format(r['tpr'], '.1%')} | "
+                     f"{r['fpr']:.2%} | {acted} |")
+    attacked = [r for r in rows if r["target_row"] is not None]
+    caught = [r for r in attacked if r["tpr"] >= 0.95]
+    n_clean = sum(r["clean_decisions"] for r in rows)
+    n_acted = sum(len(r["clean_acted"]) for r in rows)
+    lost = [a["flagged"] / a["n"] for r in rows for a in r["clean_acted"].values()]
+    lines += ["", f"Triggers caught at TPR >= 95 %: {len(caught)} of {len(attacked)} (FPR {min(r['fpr'] for r in caught):.2%}-"
+              f"{max(r['fpr'] for r in caught):.2%})." if caught else f"Triggers caught: 0 of {len(attacked)}.",
+              f"Clean class decisions acted on: {n_acted} of {n_clean}" + (f"; the most a clean class would lose: "
+                                                                             f"{max(lost):.1%}." if lost else ".")]
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -163,11 +243,25 @@ def main() -> None:
     ap.add_argument("--harm", action="store_true", help="bench_harm's data instead of the zoo's")
     ap.add_argument("--trusted-shift", choices=sorted(SHIFTS), help="trusted images through another pipeline")
     ap.add_argument("--crops", action="store_true", help="read the screen with the training crops (no scan_dataset)")
+    ap.add_argument("--trust-free", action="store_true", help="no trusted set: each class against the other classes")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
     global TRUSTED_SHIFT, CROPS
     TRUSTED_SHIFT, CROPS = a.trusted_shift, a.crops
+    command = " ".join(sys.argv[1:sys.argv.index("--out")] if a.out else sys.argv[1:])
+    if a.trust_free:
+        if a.harm:
+            rows = [{"variant": v, **trust_free_row(atk, seed, lambda x, r, s, v=v: harm.spec(v, x, r if x else 0.0, s, 10))}
+                    for v in harm.VARIANTS for atk, _, seed in harm.ATTACKED + [(None, 0.0, s) for s in harm.CLEAN_SEEDS]]
+        else:
+            rows = ([trust_free_row(t) for t in (a.triggers or [f"zoo:{a.zoo_seed}:{i}" for i in range(a.n)])]
+                    + [trust_free_row(None, s) for s in range(a.clean)])
+        md = trust_free_markdown(rows, command)
+        print(md)
+        if a.out:
+            Path(a.out).write_text(json.dumps({"rows": rows, "markdown": md}, indent=1, default=float))
+        return
     if a.harm:
         rows = harm_rows(len(harm.CLEAN_SEEDS))
         md = harm_markdown(rows)

@@ -36,7 +36,7 @@ class GuardConfig(BaseModel):
     # layers and features
     layers: list[str] | None = Field(None, description="module names to analyse; None discovers them")
     pool_grid: int = Field(4, ge=0, description="feature maps are average-pooled to grid x grid (0: keep all)")
-    scan_inputs: bool = Field(True, description="image inputs: test the images too, fine and coarse (guard.inputs)")
+    scan_inputs: bool = Field(True, description="image inputs: test the images too (guard.inputs; trust-free: against the other classes)")
     critical_rule: Literal["guard", "paper"] = Field(
         "guard", description="'guard': separation-tested layer window; 'paper': Jebreel et al.'s rule")
 
