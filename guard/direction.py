@@ -23,8 +23,7 @@ Without a trusted set, :func:`across_classes` holds each class's images, in an i
 does not depend on the model (:mod:`guard.inputs`), against the images of all the other classes.
 There the Beta-binomial bound assumes that classes look alike in the view, which holds only
 roughly (a class with distinct fine structure, ships on water, puts a few more images beyond the
-rest), so it also asks for more of the class beyond than the other classes put beyond theirs, and
-for more beyond on one side of the direction than on the other.
+rest), so it also asks for more of the class beyond than the other classes put beyond theirs.
 
 Cost: two n x n Gram eigendecompositions per class and layer (n: the screen's half), no D x D
 matrix; deterministic (no random projection), so every rank of a distributed run agrees.
@@ -51,7 +50,6 @@ class DirectionTest:
     share: float          # share of the samples beyond every trusted sample on the significant side
     beyond: np.ndarray    # (n,) bool: held-out projection beyond every trusted one, on that side
     z: np.ndarray         # (n,) held-out projection in trusted standard deviations, that side positive
-    opposite: int = 0     # held-out samples beyond every trusted sample on the other side, same layer
 
 
 def top_direction(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,32 +98,26 @@ def direction_test(units: list[torch.Tensor], ref: list[torch.Tensor], rng_seed:
     best = None
     for li, (x, r) in enumerate(zip(units, ref)):
         proj, ref_proj = _halves(x.float(), r.float(), folds)     # float32: 8x faster than float64 here
-        sides = []
         for side in (1.0, -1.0):
             beyond, z = np.zeros(n, bool), np.zeros(n)
             for out, rp in ref_proj:
                 p_out, rp = side * proj[out], side * rp
                 beyond[out] = p_out > rp.max()
                 z[out] = (p_out - rp.mean()) / max(float(rp.std()), 1e-12)
-            sides.append((beyond, z))
-        for (beyond, z), (other, _) in zip(sides, sides[::-1]):
             p = min(1.0, 2 * len(units) * beyond_reference_p(int(beyond.sum()), n, n_ref))
             if best is None or p < best.p:
-                best = DirectionTest(p, li, float(beyond.mean()), beyond, z, int(other.sum()))
+                best = DirectionTest(p, li, float(beyond.mean()), beyond, z)
     return best
 
 
 def across_classes(units: torch.Tensor, labels: np.ndarray, rng_seed: int = 0) -> dict[int, DirectionTest]:
     """Trust-free: test every class of ``units`` (one view's unit features of a screen, rows labelled
     ``labels``) against the rows of all the other classes as its reference (:func:`direction_test`).
-    Each result's ``p`` is the largest of three p-values, so a class passes only when all do: the
-    Beta-binomial bound of its count beyond every other-class row; the one-sided binomial p of that
-    count against the rate at which the other classes put their own rows beyond theirs (their counts
-    pooled, plus one), which absorbs how much more one class looks like itself than like the rest; and
-    the sign test of that count against the count beyond on the other side of the same direction
-    (``DirectionTest.opposite``; binomial, one half): a class that only spreads wider than the rest
-    along its own direction does so on both sides, a trigger moves its images to one side. A class
-    with fewer than 4 rows, or alone, gets no result."""
+    Each result's ``p`` is the larger of two p-values, so a class passes only when both do: the
+    Beta-binomial bound of its count beyond every other-class row, and the one-sided binomial p of
+    that count against the rate at which the other classes put their own rows beyond theirs (their
+    counts pooled, plus one), which absorbs how much more one class looks like itself than like the
+    rest. A class with fewer than 4 rows, or alone, gets no result."""
     labels = np.asarray(labels)
     tests: dict[int, DirectionTest] = {}
     for c in np.unique(labels).tolist():
@@ -140,6 +132,5 @@ def across_classes(units: torch.Tensor, labels: np.ndarray, rng_seed: int = 0) -
         others = [t for d, t in tests.items() if d != c]
         rate = (sum(int(t.beyond.sum()) for t in others) + 1) / (sum(len(t.beyond) for t in others) + 1)
         p_rate = float(scipy.stats.binom.sf(k - 1, len(test.beyond), rate)) if k else 1.0
-        p_sign = float(scipy.stats.binom.sf(k - 1, k + test.opposite, 0.5)) if k else 1.0
-        out[c] = replace(test, p=max(test.p, p_rate, p_sign))
+        out[c] = replace(test, p=max(test.p, p_rate))
     return out

@@ -105,21 +105,3 @@ def test_across_classes_does_not_act_on_classes_that_each_look_like_themselves()
     units, labels, _ = _classes(np.random.default_rng(5), own_spread=1.0, poisoned=7)
     tests = across_classes(units, labels)
     assert tests[7].p < 1e-6 and min(t.p for c, t in tests.items() if c != 7) > 1e-3
-
-
-def test_across_classes_does_not_act_on_a_class_that_only_spreads_wider_than_the_rest():
-    """One class varies twice as much as the others along a direction of its own, on both sides: more
-    of it lies beyond every other-class feature than the bound and the other classes' rate allow, but
-    as much on one side as on the other, so it is not acted on; a class whose third is moved to one
-    side is."""
-    rng = np.random.default_rng(6)
-    units, labels, _ = _classes(rng, poisoned=2)
-    x = units.numpy().copy()
-    wide = labels == 4
-    x[wide, 6] *= 3.0
-    units = unit(torch.from_numpy(x))
-    tests = across_classes(units, labels)
-    w = tests[4]
-    k = int(w.beyond.sum())
-    assert beyond_reference_p(k, len(w.beyond), int((~wide).sum())) < 1e-6 and w.opposite >= k / 3
-    assert w.p > 1e-3 and tests[2].p < 1e-6 and tests[2].opposite <= 2
