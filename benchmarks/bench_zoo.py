@@ -159,7 +159,8 @@ def guarded_markdown(rows: list[dict], zoo_seed: int, guard: list[str] | None = 
              f"zoo seed {zoo_seed}, the triggers its unguarded runs learned (attack success >= 30 % in "
              f"`zoo_cifar10{f'_seed{zoo_seed}' if zoo_seed else ''}`), each trained again as a whole guarded run ")
     lines = [f"`python benchmarks/bench_zoo.py --guarded`: {which}"
-             f"(`GuardConfig({', '.join(guard or [])})`{'' if guard else ' defaults'}, {TRUSTED} trusted a class, scans "
+             f"(`GuardConfig({', '.join(guard or [])})`{'' if guard else ' defaults'}, "
+             f"{'no trusted set (trust-free)' if rows and all(r.get('trust_free') for r in rows) else f'{TRUSTED} trusted a class'}, scans "
              "at epochs 3, 5, ...) beside its unguarded twin "
              f"in lockstep (same warm-up); {N_TRAIN:,} CIFAR-10 images, crop + flip, width-16 ResNet-18, SGD {LR} cosine, "
              f"{EPOCHS} epochs. ASR: attack success over non-target test images; (correct): over those classified "
