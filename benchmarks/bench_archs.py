@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trust-free", action="store_true", help="no trusted set given to the guard")
     ap.add_argument("--part", default="0/1", help="K/N: run every N-th cell starting at K")
     ap.add_argument("--out", default=str(HERE / "results" / "archs_cifar10.json"))
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge parts into --out")
@@ -140,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     rows, runs, t0 = [], {}, time.time()
     for arch, atk, rate in cells:
         spec = RunSpec(data="cifar10", attack=atk, rate=rate, n_train=a.n_train, epochs=a.epochs, lr=a.lr,
-                       seed=a.seed, augment=True, **ARCHS[arch])
+                       seed=a.seed, augment=True, trust_free=a.trust_free, **ARCHS[arch])
         r = run(spec)
         r.pop("report")
-        runs[f"{arch} / {atk or 'none'}"] = r
-        rows.append(cell_row(arch, r))
+        runs[f"{arch} / {atk or 'none'}" + (" / trust-free" if a.trust_free else "")] = r
+        rows.append(cell_row(arch + (" (trust-free)" if a.trust_free else ""), r))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     meta = {"machine": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "n_train": a.n_train, "epochs": a.epochs, "lr": a.lr, "seed": a.seed, "wall_seconds": time.time() - t0}
