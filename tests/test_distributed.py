@@ -211,6 +211,21 @@ def _disagreeing_worker(rank: int, world: int, folder: str) -> None:
             {"outcome": outcome, "quarantined": len(gds.quarantined), "scans": len(gds.report.scans)}))
 
 
+def _trust_free_images_worker(rank: int, world: int, folder: str, archive: str) -> None:
+    """A trust-free scan of Blended CIFAR-10 on two ranks, the model untrained: only the images, each
+    class held against the other classes' (``Scanner.images_across``), can find the poison."""
+    with _group(rank, world, folder, timeout=300.0):
+        data = prepare(RunSpec(data="cifar10", attack="blended", rate=0.1, n_train=2000, archive=archive))
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(CifarResNet18(width=8))
+        gds = GuardedDataset(data.train, model, GuardConfig(remedy="none", progress=False), scan_dataset=data.scan)
+        gds.scan()
+        c = next(c for c in gds.report.scans[-1].classes if c.cls == data.attack.target)
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(
+            {"quarantined": gds.quarantined.tolist(), "poisoned": data.poisoned.tolist(),
+             "layers": c.critical_layers, "reason": c.reason}))
+
+
 def _spawn(fn, tmp_path, *args) -> list[dict]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(fn, args=(2, str(tmp_path), *args), nprocs=2, join=True)
@@ -288,3 +303,13 @@ def test_a_plain_ddp_training_loop_with_scheduled_scans_and_unlearning(tmp_path)
     q, p = set(r0["quarantined"]), set(r0["poisoned"])
     assert len(q & p) >= 0.95 * len(p) and len(q - p) <= 0.02 * (600 - len(p))
     assert r0["asr"] <= 0.05                                           # the learned trigger is unlearned
+
+
+@pytest.mark.cifar
+def test_a_trust_free_scan_under_ddp_finds_blended_poison_in_the_images_on_both_ranks(cifar_archive, tmp_path):
+    load_cifar10(cifar_archive)
+    r0, r1 = _spawn(_trust_free_images_worker, tmp_path, cifar_archive)
+    assert r0 == r1                                                   # one decision, every rank
+    assert r0["layers"] == ["<input>"] and "other classes" in r0["reason"]
+    q, p = set(r0["quarantined"]), set(r0["poisoned"])
+    assert len(q & p) >= 0.95 * len(p) and len(q - p) <= 0.01 * (2000 - len(p))
