@@ -78,8 +78,7 @@ def _halves(units: torch.Tensor, ref: torch.Tensor, folds: list[tuple[np.ndarray
     proj, ref_proj = np.zeros(len(units)), []
     for out, held, fitted in folds:
         mu, v, xc = _top(units.index_select(0, fitted))
-        p_fit = xc @ v
-        sign = 1.0 if float(((p_fit - p_fit.mean()) ** 3).sum()) >= 0 else -1.0
+        sign = _skew_sign(xc @ v)
         proj[out] = sign * ((units.index_select(0, held) - mu) @ v).numpy()
         ref_proj.append((out, sign * ((ref - mu) @ v).numpy()))
     return proj, ref_proj
@@ -98,15 +97,30 @@ def direction_test(units: list[torch.Tensor], ref: list[torch.Tensor], rng_seed:
     best = None
     for li, (x, r) in enumerate(zip(units, ref)):
         proj, ref_proj = _halves(x.float(), r.float(), folds)     # float32: 8x faster than float64 here
-        for side in (1.0, -1.0):
-            beyond, z = np.zeros(n, bool), np.zeros(n)
-            for out, rp in ref_proj:
-                p_out, rp = side * proj[out], side * rp
-                beyond[out] = p_out > rp.max()
-                z[out] = (p_out - rp.mean()) / max(float(rp.std()), 1e-12)
-            p = min(1.0, 2 * len(units) * beyond_reference_p(int(beyond.sum()), n, n_ref))
-            if best is None or p < best.p:
-                best = DirectionTest(p, li, float(beyond.mean()), beyond, z)
+        best = _best_side(proj, ref_proj, n_ref, li, len(units), best)
+    return best
+
+
+def _skew_sign(p_fit: torch.Tensor) -> float:
+    """The sign that puts the skew of a fit half's projections on the positive side."""
+    return 1.0 if float(((p_fit - p_fit.mean()) ** 3).sum()) >= 0 else -1.0
+
+
+def _best_side(proj: np.ndarray, ref_proj: list, n_ref: int, layer: int, n_layers: int,
+               best: DirectionTest | None) -> DirectionTest | None:
+    """Both sides of one layer's held-out projections ``proj`` against, per half, the reference's
+    ``ref_proj`` (mask, projections): the count beyond every reference sample, its p corrected for the
+    two sides and ``n_layers``; the more significant of that and ``best``."""
+    n = len(proj)
+    for side in (1.0, -1.0):
+        beyond, z = np.zeros(n, bool), np.zeros(n)
+        for out, rp in ref_proj:
+            p_out, rp = side * proj[out], side * rp
+            beyond[out] = p_out > rp.max()
+            z[out] = (p_out - rp.mean()) / max(float(rp.std()), 1e-12)
+        p = min(1.0, 2 * n_layers * beyond_reference_p(int(beyond.sum()), n, n_ref))
+        if best is None or p < best.p:
+            best = DirectionTest(p, layer, float(beyond.mean()), beyond, z)
     return best
 
 
@@ -147,19 +161,7 @@ def _against_the_rest(x: torch.Tensor, mine: np.ndarray, rng_seed: int) -> Direc
     for f in (0, 1):
         out = fold == f
         mu, v, xc = _top(x.index_select(0, torch.from_numpy(rows[~out])))
-        p_fit = xc @ v
-        sign = 1.0 if float(((p_fit - p_fit.mean()) ** 3).sum()) >= 0 else -1.0
-        every = sign * (x @ v - mu @ v).numpy()
+        every = _skew_sign(xc @ v) * (x @ v - mu @ v).numpy()
         proj[out] = every[rows[out]]
         ref_proj.append((out, every[~mine]))
-    best = None
-    for side in (1.0, -1.0):
-        beyond, z = np.zeros(n, bool), np.zeros(n)
-        for out, rp in ref_proj:
-            p_out, rp = side * proj[out], side * rp
-            beyond[out] = p_out > rp.max()
-            z[out] = (p_out - rp.mean()) / max(float(rp.std()), 1e-12)
-        p = min(1.0, 2 * beyond_reference_p(int(beyond.sum()), n, n_ref))
-        if best is None or p < best.p:
-            best = DirectionTest(p, 0, float(beyond.mean()), beyond, z)
-    return best
+    return _best_side(proj, ref_proj, n_ref, 0, 1, None)
