@@ -119,8 +119,8 @@ def trust_free_row(trigger: str | None, seed: int = 0, make=None) -> dict:
     screen = np.concatenate([np.sort(rng.choice(np.flatnonzero(lab == c), min(int((lab == c).sum()), n), replace=False))
                              for c in range(data.num_classes)])
     raw = raw_views(data.scan, screen)
-    fine = InputViews(raw[1], lab[screen]).units(raw)[0]
-    everything = InputViews(raw[1], lab[screen]).units(raw_views(data.scan, np.arange(len(lab))))[0]
+    views = InputViews(raw[1], lab[screen])
+    fine, everything = views.units(raw)[0], views.units(raw_views(data.scan, np.arange(len(lab))))[0]
     flagged, rows = np.zeros(len(lab), bool), {}
     for c, test in across_classes(fine, lab[screen], 0).items():
         acted = c in tested and test.p < bar
