@@ -122,7 +122,7 @@ def trust_free_row(trigger: str | None, seed: int = 0, make=None) -> dict:
     views = InputViews(raw[1], lab[screen])
     fine, everything = views.units(raw)[0], views.units(raw_views(data.scan, np.arange(len(lab))))[0]
     flagged, rows = np.zeros(len(lab), bool), {}
-    for c, test in across_classes(fine, lab[screen], 0).items():
+    for c, test in across_classes(fine, lab[screen], bar, 0).items():
         acted = c in tested and test.p < bar
         rows[c] = {"p": test.p, "share": test.share, "acted": acted, "n": int((lab == c).sum()), "flagged": 0}
         if not acted:

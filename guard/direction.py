@@ -23,7 +23,8 @@ Without a trusted set, :func:`across_classes` holds each class's images, in an i
 does not depend on the model (:mod:`guard.inputs`), against the images of all the other classes.
 There the Beta-binomial bound assumes that classes look alike in the view, which holds only
 roughly (a class with distinct fine structure, ships on water, puts a few more images beyond the
-rest), so it also asks for more of the class beyond than the other classes put beyond theirs.
+rest), so it also asks for more of the class beyond than the other classes put beyond theirs, and
+counts only what lies further out than any class that does not pass reaches.
 
 Cost: two n x n Gram eigendecompositions per class and layer (n: the screen's half), no D x D
 matrix; deterministic (no random projection), so every rank of a distributed run agrees.
@@ -124,14 +125,22 @@ def _best_side(proj: np.ndarray, ref_proj: list, n_ref: int, layer: int, n_layer
     return best
 
 
-def across_classes(units: torch.Tensor, labels: np.ndarray, rng_seed: int = 0) -> dict[int, DirectionTest]:
+def across_classes(units: torch.Tensor, labels: np.ndarray, bar: float, rng_seed: int = 0) -> dict[int, DirectionTest]:
     """Trust-free: test every class of ``units`` (one view's unit features of a screen, rows labelled
     ``labels``) against the rows of all the other classes as its reference (:func:`direction_test`).
-    Each result's ``p`` is the larger of two p-values, so a class passes only when both do: the
-    Beta-binomial bound of its count beyond every other-class row, and the one-sided binomial p of
-    that count against the rate at which the other classes put their own rows beyond theirs (their
-    counts pooled, plus one), which absorbs how much more one class looks like itself than like the
-    rest. A class with fewer than 4 rows, or alone, gets no result."""
+    Each result's ``p`` is the largest of the p-values below, so a class passes (``p < bar``) only when
+    all do:
+
+    * the Beta-binomial bound of its count beyond every other-class row;
+    * the one-sided binomial p of that count against the rate at which the other classes put their
+      own rows beyond theirs (their counts pooled, plus one), which absorbs how much more one class
+      looks like itself than like the rest;
+    * both again, counting only its rows further out (in the rest's standard deviations) than the
+      furthest row of every other class that does not pass: classes differ in how far their tails
+      reach beyond the rest, and a clean class's tail reaches no further than theirs. Its ``beyond``
+      and ``share`` are then those rows.
+
+    A class with fewer than 4 rows, or alone, gets no result."""
     labels = np.asarray(labels)
     x = units.float()
     tests: dict[int, DirectionTest] = {}
@@ -139,13 +148,21 @@ def across_classes(units: torch.Tensor, labels: np.ndarray, rng_seed: int = 0) -
         test = _against_the_rest(x, labels == c, rng_seed)
         if test is not None:
             tests[int(c)] = test
-    out = {}
-    for c, test in tests.items():
-        k = int(test.beyond.sum())
+
+    def p_of(c: int, beyond: np.ndarray) -> float:
+        k, n = int(beyond.sum()), len(beyond)
         others = [t for d, t in tests.items() if d != c]
         rate = (sum(int(t.beyond.sum()) for t in others) + 1) / (sum(len(t.beyond) for t in others) + 1)
-        p_rate = float(scipy.stats.binom.sf(k - 1, len(test.beyond), rate)) if k else 1.0
-        out[c] = replace(test, p=max(test.p, p_rate))
+        p_rate = float(scipy.stats.binom.sf(k - 1, n, rate)) if k else 1.0
+        return max(min(1.0, 2 * beyond_reference_p(k, n, int((labels != c).sum()))), p_rate)
+
+    out = {c: replace(t, p=p_of(c, t.beyond)) for c, t in tests.items()}
+    quiet = [c for c, t in out.items() if t.p >= bar]
+    for c, t in list(out.items()):
+        if t.p < bar:
+            reach = max((float(out[d].z.max()) for d in quiet if d != c), default=-np.inf)
+            beyond = t.beyond & (t.z > reach)
+            out[c] = replace(t, p=p_of(c, beyond), beyond=beyond, share=float(beyond.mean()))
     return out
 
 

@@ -512,7 +512,7 @@ class Scanner:
         fine, labels = views.units(raw)[0], st.labels[rows]
         bar = th.max_false_alarm / max(st.n_tested, 1)
         probes: dict[int, tuple[int, Probe]] = {}
-        for c, test in across_classes(fine, labels, self.cfg.seed).items():
+        for c, test in across_classes(fine, labels, bar, self.cfg.seed).items():
             if c not in todo:
                 continue
             v = st.classes[c]

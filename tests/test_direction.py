@@ -67,26 +67,31 @@ def test_deterministic_and_leaves_the_global_rng_alone():
     assert direction_test(units, [r[:1] for r in ref]) is None
 
 
-def _classes(rng, own_spread=0.0, poisoned=None):
+def _classes(rng, own_spread=0.0, poisoned=None, shift=5.0, n_first=150, tail=0.0):
     """Ten classes of 150 features sharing one distribution, except that class c varies ``own_spread``
     times more along its own axis c + 2 (each class a little more like itself than like the rest);
-    in class ``poisoned`` a third is moved along axis 1 (a trigger)."""
+    in class ``poisoned`` a third is moved ``shift`` along axis 1 (a trigger). Class 0 has ``n_first``
+    features, and with ``tail`` its first 5 % lie ``tail`` further out along its own axis (a clean
+    class with a heavier tail)."""
     x, labels, moved = [], [], []
     for c in range(10):
-        f = rng.standard_normal((150, 24))
+        n = n_first if c == 0 else 150
+        f = rng.standard_normal((n, 24))
         f[:, 0] += 4.0
         f[:, c + 2] *= 1.0 + own_spread
-        m = np.zeros(150, bool)
+        if c == 0 and tail:
+            f[: n // 20, 2] = np.abs(f[: n // 20, 2]) + tail
+        m = np.zeros(n, bool)
         if c == poisoned:
-            m[:50] = True
-            f[m, 1] += 5.0
-        x.append(f), labels.append(np.full(150, c)), moved.append(m)
+            m[: n // 3] = True
+            f[m, 1] += shift
+        x.append(f), labels.append(np.full(n, c)), moved.append(m)
     return unit(torch.from_numpy(np.concatenate(x))), np.concatenate(labels), np.concatenate(moved)
 
 
 def test_across_classes_finds_the_class_with_a_trigger_against_the_other_classes():
     units, labels, moved = _classes(np.random.default_rng(4), poisoned=3)
-    tests = across_classes(units, labels)
+    tests = across_classes(units, labels, 1e-3)
     assert sorted(tests) == list(range(10))
     assert tests[3].p < 1e-6 and moved[labels == 3][tests[3].beyond].mean() > 0.95
     assert min(t.p for c, t in tests.items() if c != 3) > 1e-3
@@ -95,13 +100,34 @@ def test_across_classes_finds_the_class_with_a_trigger_against_the_other_classes
 def test_across_classes_does_not_act_on_classes_that_each_look_like_themselves():
     """Every class spreads wider along its own direction than the others do: each puts more of itself
     beyond all the other classes' features than the Beta-binomial bound allows a class exchangeable
-    with them, but no more than the other classes put beyond theirs, so none passes; a trigger on top
-    still does."""
+    with them, but no more than the other classes put beyond theirs, so none passes. A trigger that
+    moves a third of a class further out than the classes' own tails reach still does; one that moves
+    it no further (5 sd, where these classes reach about 6) is not acted on: trust-free, the images
+    cannot tell that from a class's own tail."""
     units, labels, _ = _classes(np.random.default_rng(5), own_spread=1.0)
-    tests = across_classes(units, labels)
+    tests = across_classes(units, labels, 1e-3)
     bound = [beyond_reference_p(int(t.beyond.sum()), len(t.beyond), int((labels != c).sum())) for c, t in tests.items()]
     assert sum(b < 1e-3 for b in bound) >= 5           # the bound alone would act on most of them
     assert min(t.p for t in tests.values()) > 1e-3
-    units, labels, _ = _classes(np.random.default_rng(5), own_spread=1.0, poisoned=7)
-    tests = across_classes(units, labels)
+    units, labels, moved = _classes(np.random.default_rng(5), own_spread=1.0, poisoned=7, shift=10.0)
+    tests = across_classes(units, labels, 1e-3)
     assert tests[7].p < 1e-6 and min(t.p for c, t in tests.items() if c != 7) > 1e-3
+    assert moved[labels == 7][tests[7].beyond].all()
+    units, labels, _ = _classes(np.random.default_rng(5), own_spread=1.0, poisoned=7, shift=5.0)
+    assert across_classes(units, labels, 0.0)[7].p < 1e-6      # its count alone stands out ...
+    assert across_classes(units, labels, 1e-3)[7].p > 1e-3     # ... but its rows reach no further than the tails
+
+
+def test_across_classes_does_not_act_on_a_larger_class_with_a_heavier_tail():
+    """A class of 500 puts 5 % of itself a little further out along its own direction (a clean class
+    whose fine structure differs, as a long-tailed subset's head class can): its count beyond the rest
+    passes both count tests, but those rows reach no further than the other classes' own tails, so it
+    is not acted on. The same class with a trigger on a third is, and what it takes is the trigger."""
+    units, labels, _ = _classes(np.random.default_rng(6), own_spread=1.0, n_first=500, tail=3.0)
+    assert across_classes(units, labels, 0.0)[0].p < 1e-3    # bar 0: nothing passes, nothing is re-counted
+    assert min(t.p for t in across_classes(units, labels, 1e-3).values()) > 1e-3
+    units, labels, moved = _classes(np.random.default_rng(6), own_spread=1.0, n_first=500, tail=3.0, poisoned=0,
+                                    shift=10.0)
+    tests = across_classes(units, labels, 1e-3)
+    assert tests[0].p < 1e-6 and min(t.p for c, t in tests.items() if c != 0) > 1e-3
+    assert moved[labels == 0][tests[0].beyond].all() and tests[0].share > 0.25
