@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trusted", type=int, default=100, help="trusted samples per class")
     ap.add_argument("--augment", action="store_true", help="random crop + flip in the training Dataset")
+    ap.add_argument("--no-scan-dataset", action="store_true",
+                    help="no scan_dataset given to the guard: it reads its own view (guard.scan_view), as a newcomer's run")
     ap.add_argument("--attack-args", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="further attack fields, e.g. cover_rate=0.05 (JSON values)")
     ap.add_argument("--layer-auroc", action="store_true",
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, atk, rate, tf in runs:
         spec = RunSpec(data="cifar10", attack=atk, rate=rate, n_train=a.n_train or None, epochs=a.epochs,
                        width=a.width, lr=a.lr, seed=a.seed, trust_free=tf, device=a.device,
-                       trusted_per_class=a.trusted, augment=a.augment,
+                       trusted_per_class=a.trusted, augment=a.augment, scan_dataset=not a.no_scan_dataset,
                        attack_kwargs=fields(a.attack_args) if atk else {}, guard=fields(a.guard))
         r = run(spec, compare=not tf, on_scan=layer_auroc if a.layer_auroc and not tf else None,
                 trace_memory=a.trace_memory)
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "seed": a.seed,
             "n_train": next(iter(results.values()))["n_train"] if results else a.n_train, "epochs": a.epochs,
             "width": a.width, "lr": a.lr, "device": a.device, "guard": a.guard, "trusted": a.trusted,
-            "augment": a.augment, "attack_args": a.attack_args,
+            "augment": a.augment, "scan_dataset": not a.no_scan_dataset, "attack_args": a.attack_args,
             "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
             "wall_seconds": time.time() - t0}
     write(Path(a.out), {"meta": meta, "rows": rows, "runs": results})

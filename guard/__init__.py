@@ -17,6 +17,7 @@ Module map (one line each: what it owns)::
     hooks        forward hooks (FeatureTap), scan_mode (eval, no grad, states restored), unwrapping DDP/compile
     extract      Extractor: streams pooled per-layer features over a dataset (the only model forward of a scan)
     batches      reading items and batches (tuples, dicts, unpack=), Feed: device, channels_last, autocast
+    scanview     scan_view: what scans read without scan_dataset (the dataset, its random transforms off)
     scan         Scanner: one scan as named stages over one ScanState; every model pass counted in Passes
     calibrate    stage 1: the benign reference and its spread per class and layer (trusted or trust-free)
     reference    streaming class sums of unit features; cosine and leave-one-out scores
@@ -58,10 +59,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from guard.guarded import GuardedDataset, detect  # noqa: F401
     from guard.report import GuardReport  # noqa: F401
     from guard.sampler import GuardSampler  # noqa: F401
+    from guard.scanview import scan_view  # noqa: F401
 
 _LAZY = {"GuardConfig": "guard.config", "GuardError": "guard.errors", "GuardWarning": "guard.errors",
          "GuardReport": "guard.report", "GuardSampler": "guard.sampler", "GuardedDataset": "guard.guarded",
-         "InputFilter": "guard.filter", "detect": "guard.guarded", "discover_layers": "guard.discover"}
+         "InputFilter": "guard.filter", "detect": "guard.guarded", "discover_layers": "guard.discover",
+         "scan_view": "guard.scanview"}
 __all__ = [*_LAZY, "enable_logging"]
 
 try:

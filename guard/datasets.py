@@ -171,7 +171,8 @@ def load_digits() -> dict[str, ArraySplit]:
 
 class ArrayImageDataset(Dataset):
     """(x, y) items from uint8 (N, H, W, C) images: float CHW tensor, normalised; optional
-    random-crop (pad 4) + horizontal-flip augmentation for training."""
+    random-crop (pad 4, reflected) + horizontal-flip augmentation for training, written as users write
+    it: a torchvision ``transform`` (which :func:`guard.scan_view` switches off)."""
 
     def __init__(self, split: ArraySplit, mean: tuple[float, ...], std: tuple[float, ...],
                  augment: bool = False, seed: int = 0) -> None:
@@ -183,19 +184,20 @@ class ArrayImageDataset(Dataset):
         self.mean = torch.tensor(mean).view(-1, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)
         self.augment = augment
+        self.transform = None
+        if augment:
+            from torchvision.transforms import v2
+
+            self.transform = v2.Compose([v2.RandomCrop(list(self.images.shape[2:]), padding=4, padding_mode="reflect"),
+                                         v2.RandomHorizontalFlip()])
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         x = self.images[i].float().div_(255.0)
-        if self.augment:
-            h, w = x.shape[1:]
-            padded = torch.nn.functional.pad(x[None], (4, 4, 4, 4), mode="reflect")[0]
-            dy, dx = torch.randint(0, 9, (2,)).tolist()
-            x = padded[:, dy:dy + h, dx:dx + w]
-            if torch.rand(()) < 0.5:
-                x = x.flip(2)
+        if self.transform is not None:
+            x = self.transform(x)
         return (x - self.mean) / self.std, int(self.labels[i])
 
 

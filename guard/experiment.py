@@ -51,6 +51,7 @@ class RunSpec:
     batch_size: int = 128
     width: int = 16
     augment: bool = False
+    scan_dataset: bool = True            # hand the guard the data without augmentation (False: it finds its own view)
     seed: int = 0
     archive: str | None = None           # cifar10: the JPEG archive; imagefolder: the root folder
     download: bool = False               # cifar10 through torchvision when no archive is found
@@ -278,7 +279,7 @@ def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None,
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec.epochs)
     gds = GuardedDataset(data.train, model, cfg, trusted=None if spec.trust_free else data.trusted,
-                         scan_dataset=data.scan)
+                         scan_dataset=data.scan if spec.scan_dataset else None)
     loader = DataLoader(gds, batch_size=spec.batch_size, sampler=gds.sampler)
     out: dict[str, Any] = {"spec": asdict(spec), "n_train": len(data.labels), "layers": gds.layers}
     epoch_times: list[float] = []

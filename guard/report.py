@@ -163,6 +163,7 @@ class GuardReport(BaseModel):
     layers: list[str]
     layers_source: Literal["discovered", "named"] = Field(
         "discovered", description="found by guard.discover from the model's structure, or GuardConfig.layers")
+    scan_source: str = Field("dataset", description="what scans read: scan_dataset, the dataset, or its scan view")
     scans: list[ScanReport] = []
     quarantine: list[QuarantineRecord] = Field(default=[], description="currently quarantined samples")
     restores: list[RestoreRecord] = []
@@ -197,7 +198,8 @@ class GuardReport(BaseModel):
         lines = [f"guard: {self.n_samples:,} samples, {self.num_classes} classes, {len(self.layers)} layers, "
                  f"{len(self.scans)} scans, "
                  f"{len(self.quarantine):,} quarantined ({len(self.quarantine) / max(self.n_samples, 1):.2%})",
-                 f"  layers ({self.layers_source}, early to late): {', '.join(self.layers)}"]
+                 f"  layers ({self.layers_source}, early to late): {', '.join(self.layers)}",
+                 f"  scans read: {self.scan_source}"]
         for s in self.scans:
             acted = [c for c in s.classes if c.n_flagged]
             lines.append(f"  scan {s.scan} @ epoch {s.epoch}: {s.seconds:.1f}s, {s.calibration} reference, "
