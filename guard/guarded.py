@@ -7,7 +7,6 @@ import hashlib
 import inspect
 import io
 import time
-import warnings
 from collections.abc import Sequence
 from os import PathLike
 from typing import Any
@@ -21,7 +20,7 @@ from torch.utils.data import Dataset
 from guard.batches import BatchAdapter, Feed, Unpack
 from guard.config import GuardConfig
 from guard.distributed import agree, broadcast_model, broadcast_object, world
-from guard.errors import GuardError, GuardWarning
+from guard.errors import GuardError
 from guard.extract import Extractor
 from guard.hooks import preserve_rng, unwrap_model
 from guard.remedy import (Unlearning, allowed_fit, chance_fit, fit_excess_p, predictions, recalibrate_bn,
@@ -30,7 +29,7 @@ from guard.report import (SAMPLE_COLUMNS, GuardReport, QuarantineRecord, Restore
                           atomic_write, now, quarantined_row)
 from guard.sampler import GuardSampler
 from guard.scan import Scanner, ScanResult
-from guard.scanview import reads_differ, scan_view
+from guard.scanview import what_scans_read
 from guard.schedule import ScanSchedule
 from guard.setup import check_device, check_trusted, dataset_labels, layers_and_classes, length
 from guard.sweep import Sweep, SweepResult
@@ -76,16 +75,8 @@ class GuardedDataset(Dataset):
             raise GuardError(f"scan_dataset has {len(scan_dataset)} samples but dataset has {n}; it must be the "
                              "same samples in the same order (without random augmentation)")
         self._n = n
-        self.scan_source = "scan_dataset" if scan_dataset is not None else "dataset"
-        if scan_dataset is None and cfg.scan_view:
-            view, off = scan_view(dataset)
-            if off:
-                self.scan_dataset = view
-                self.scan_source = f"the dataset with {', '.join(dict.fromkeys(off))} off (guard.scan_view)"
-        if trusted is not None and cfg.scan_view:
-            self.trusted, off = scan_view(trusted)
-            if off:
-                self.scan_source += f"; the trusted set with {', '.join(dict.fromkeys(off))} off"
+        self.scan_dataset, self.trusted, self.scan_source = what_scans_read(dataset, scan_dataset, trusted,
+                                                                             cfg.scan_view)
         logger.info("scans read {}", self.scan_source)
         self.adapter = BatchAdapter(cfg.input_key, cfg.label_key, unpack)
         self.device = check_device(cfg.device, model)
@@ -109,14 +100,6 @@ class GuardedDataset(Dataset):
         self._thresholds = np.full(n, np.nan, dtype=np.float32)
         self._labels = np.full(n, -1, dtype=np.int32)
         self.last_result: ScanResult | None = None
-        if self.scan_dataset is None and reads_differ(dataset, np.linspace(0, n - 1, min(n, 4)).astype(int)):
-            self.scan_source = "the dataset, augmented (it returns different data for the same index)"
-            warnings.warn(
-                "the dataset returns different data for the same index (random augmentation the guard cannot "
-                "switch off), so scans read augmented samples: the input views cannot see a trigger that moves "
-                "between reads, and the layers see noisier features. Pass scan_dataset=<the same samples in the "
-                "same order without random augmentation>; torchvision transforms in a `transform` attribute "
-                "are switched off by guard.scan_view.", GuardWarning, stacklevel=2)
         self.report = GuardReport(config=cfg, n_samples=n, num_classes=self.num_classes, layers=self.layers,
                                   layers_source="discovered" if cfg.layers is None else "named",
                                   scan_source=self.scan_source)

@@ -25,12 +25,15 @@ cannot see (augmentation written inside ``__getitem__``, an unfamiliar library) 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
+
+from guard.errors import GuardWarning
 
 _RANDOM = {"ColorJitter", "RandAugment", "AutoAugment", "TrivialAugmentWide", "AugMix", "GaussianBlur",
            "GaussianNoise", "ElasticTransform", "JPEG", "ScaleJitter", "RandomShortestSize", "RandomResize"}
@@ -117,6 +120,35 @@ def _view(ds: Dataset, off: list[str]) -> Dataset:
 
         view.transforms = StandardTransform(new, getattr(ds, "target_transform", None))
     return view
+
+
+def what_scans_read(dataset: Dataset, scan_dataset: Dataset | None, trusted: Dataset | None, view: bool
+                    ) -> tuple[Dataset | None, Dataset | None, str]:
+    """``(scan_dataset, trusted, description)`` as :class:`~guard.GuardedDataset` scans them: with
+    ``view``, the :func:`scan_view` of ``dataset`` where no ``scan_dataset`` is given, and of the
+    trusted set. What scans read that still returns different data for the same index is a
+    :class:`~guard.GuardWarning` (four samples read twice)."""
+    said = "scan_dataset" if scan_dataset is not None else "dataset"
+    if scan_dataset is None and view:
+        scan_dataset, off = scan_view(dataset)
+        scan_dataset = None if scan_dataset is dataset else scan_dataset
+        if off:
+            said = f"the dataset with {', '.join(dict.fromkeys(off))} off (guard.scan_view)"
+    if trusted is not None and view:
+        trusted, off = scan_view(trusted)
+        if off:
+            said += f"; the trusted set with {', '.join(dict.fromkeys(off))} off"
+    read = ("scan_dataset", scan_dataset) if scan_dataset is not None else ("dataset", dataset)
+    for name, ds in (read, ("trusted set", trusted)):
+        if ds is not None and reads_differ(ds, np.linspace(0, len(ds) - 1, min(len(ds), 4)).astype(int)):
+            said += f"; the {name} augmented (it returns different data for the same index)"
+            warnings.warn(
+                f"the {name} returns different data for the same index (random augmentation the guard cannot "
+                "switch off), so scans read augmented samples: the input views cannot see a trigger that moves "
+                "between reads, and the layers see noisier features. Pass scan_dataset=<the same samples in the "
+                "same order without random augmentation> (and a trusted set without it); torchvision transforms "
+                "in a `transform` attribute are switched off by guard.scan_view.", GuardWarning, stacklevel=3)
+    return scan_dataset, trusted, said
 
 
 def reads_differ(dataset: Dataset, indices: Sequence[int]) -> bool:

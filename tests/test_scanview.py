@@ -170,3 +170,12 @@ def test_the_benchmarks_augmented_data_is_switched_off_like_a_users():
     view, off = scan_view(train)
     assert off == ("RandomCrop", "RandomHorizontalFlip") and reads_differ(train, range(6))
     assert all(torch.equal(view[i][0], plain[i][0]) for i in range(6))
+
+
+def test_a_random_trusted_set_or_scan_dataset_is_a_warning_too():
+    with pytest.warns(GuardWarning, match="the trusted set returns different data"):
+        gds = GuardedDataset(_Images(), _model(), GuardConfig(remedy="none", progress=False, min_trusted_per_class=10),
+                             trusted=_Jittered(n=30))
+    assert gds.report.scan_source.endswith("the trusted set augmented (it returns different data for the same index)")
+    with pytest.warns(GuardWarning, match="the scan_dataset returns different data"):
+        GuardedDataset(_Images(), _model(), GuardConfig(remedy="none", progress=False), scan_dataset=_Jittered())
