@@ -140,7 +140,7 @@ def what_scans_read(dataset: Dataset, scan_dataset: Dataset | None, trusted: Dat
             said += f"; the trusted set with {', '.join(dict.fromkeys(off))} off"
     read = ("scan_dataset", scan_dataset) if scan_dataset is not None else ("dataset", dataset)
     for name, ds in (read, ("trusted set", trusted)):
-        if ds is not None and reads_differ(ds, np.linspace(0, len(ds) - 1, min(len(ds), 4)).astype(int)):
+        if ds is not None and _random(ds):
             said += f"; the {name} augmented (it returns different data for the same index)"
             warnings.warn(
                 f"the {name} returns different data for the same index (random augmentation the guard cannot "
@@ -149,6 +149,13 @@ def what_scans_read(dataset: Dataset, scan_dataset: Dataset | None, trusted: Dat
                 "same order without random augmentation> (and a trusted set without it); torchvision transforms "
                 "in a `transform` attribute are switched off by guard.scan_view.", GuardWarning, stacklevel=3)
     return scan_dataset, trusted, said
+
+
+def _random(ds: Dataset) -> bool:
+    try:
+        return reads_differ(ds, np.linspace(0, len(ds) - 1, min(len(ds), 4)).astype(int))
+    except Exception:  # noqa: BLE001 - data that cannot be read fails the set-up checks next, with their errors
+        return False
 
 
 def reads_differ(dataset: Dataset, indices: Sequence[int]) -> bool:
