@@ -36,7 +36,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from guard.errors import GuardWarning
 
 _RANDOM = {"ColorJitter", "RandAugment", "AutoAugment", "TrivialAugmentWide", "AugMix", "GaussianBlur",
-           "GaussianNoise", "ElasticTransform", "JPEG", "ScaleJitter", "RandomShortestSize", "RandomResize"}
+           "GaussianNoise", "ElasticTransform", "JPEG", "ScaleJitter"}      # and every Random* step
 
 
 def _torchvision(step: Any) -> bool:
@@ -128,7 +128,8 @@ def what_scans_read(dataset: Dataset, scan_dataset: Dataset | None, trusted: Dat
     ``view``, the :func:`scan_view` of ``dataset`` where no ``scan_dataset`` is given, and of the
     trusted set. What scans read that still returns different data for the same index is a
     :class:`~guard.GuardWarning` (four samples read twice)."""
-    said = "scan_dataset" if scan_dataset is not None else "dataset"
+    given = scan_dataset is not None
+    said = "scan_dataset" if given else "dataset"
     if scan_dataset is None and view:
         scan_dataset, off = scan_view(dataset)
         scan_dataset = None if scan_dataset is dataset else scan_dataset
@@ -138,7 +139,7 @@ def what_scans_read(dataset: Dataset, scan_dataset: Dataset | None, trusted: Dat
         trusted, off = scan_view(trusted)
         if off:
             said += f"; the trusted set with {', '.join(dict.fromkeys(off))} off"
-    read = ("scan_dataset", scan_dataset) if scan_dataset is not None else ("dataset", dataset)
+    read = ("scan_dataset" if given else "dataset", scan_dataset if scan_dataset is not None else dataset)
     for name, ds in (read, ("trusted set", trusted)):
         if ds is not None and _random(ds):
             said += f"; the {name} augmented (it returns different data for the same index)"
