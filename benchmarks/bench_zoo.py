@@ -128,7 +128,8 @@ def guarded_row(key: str, r: dict) -> dict:
     g, u = r["guarded"], r["unguarded"]
     trigger = key.split("@")[0].split(" ")[0]
     atk = make_attack(trigger)
-    return {"trigger": trigger, "trust_free": key.endswith("trust-free"), "family": atk.name, "target": atk.target, "rate": atk.rate,
+    return {"trigger": trigger, "trust_free": " trust-free" in key, "scan_dataset": " no scan_dataset" not in key,
+            "family": atk.name, "target": atk.target, "rate": atk.rate,
             "seed": r.get("spec", {}).get("seed", 0),
             "tpr": g["tpr"], "fpr": g["fpr"], "asr_unguarded": u["attack_success"], "asr_guarded": g["attack_success"],
             "asr_correct_unguarded": u["attack_success_correct"], "asr_correct_guarded": g["attack_success_correct"],
@@ -171,6 +172,8 @@ def guarded_markdown(rows: list[dict], zoo_seed: int, guard: list[str] | None = 
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         seed = f" (seed {r['seed']})" if r.get("seed") else ""
+        seed += (" (trust-free)" if r.get("trust_free") and not all(q.get("trust_free") for q in rows) else "")
+        seed += " (no scan_dataset)" if r.get("scan_dataset") is False else ""
         lines.append(f"| {r['trigger']}{seed} | {r['family']} | {r['target']} / {r['rate']:.1%} | {pct(r['tpr'])} | "
                      f"{r['fpr']:.2%} | {pct(r['asr_unguarded'])} | {pct(r['asr_guarded'])} | "
                      f"{pct(r['asr_correct_unguarded'])} | {pct(r['asr_correct_guarded'])} | {pct(r['acc_unguarded'])} | "
