@@ -10,11 +10,11 @@ screen then measures how much of it sits far out along the suspect-vs-benign dis
 the class holds a *separate cluster* when
 
 * trusted reference: the far-out share reaches ``cluster_share``; or
-* the far-out share reaches ``large_share`` with a median z above ``separation_z - large_slack``; or
 * the far-out share reaches ``min_screen_share`` with a median z above ``separation_z``.
 
 A trust-free reference is the hard half of each class, so the easy half sits somewhat apart from
-it in every clean class: there a share alone never counts, only a far-out or a large cluster. And
+it in every clean class: there a share alone never counts, only a far-out cluster (early in
+training a clean class's easy half can lie a third of its screen out at a median z of 5-6). And
 a class whose trust-free reference the model predicts as the label no more often than chance is
 not judged at all: that half is then what the model has not learned of the class, and everything
 it has learned (the easy half) would look like a separate cluster.
@@ -122,8 +122,6 @@ def decide(s: ClassStats, t: Thresholds) -> tuple[Verdict, str]:
     share, sep = s.screen_share, s.separation
     if s.trusted and share >= t.cluster_share:
         verdict, why = Verdict.SEPARATE, f"{share:.0%} of the screen far out (cluster_share {t.cluster_share})"
-    elif share >= t.large_share and sep > t.separation_z - t.large_slack:
-        verdict, why = Verdict.SEPARATE, f"{share:.0%} of the screen far out at a median z of {sep:.1f} (large_share)"
     elif share >= t.min_screen_share and sep > t.separation_z:
         verdict, why = Verdict.SEPARATE, f"{share:.0%} of the screen at a median z of {sep:.1f} (separation_z)"
     else:

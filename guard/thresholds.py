@@ -48,8 +48,6 @@ class Thresholds(BaseModel):
         0.16, gt=0, le=1, description="separate (trusted only): at least this share of the screen far out")
     separation_z: float = Field(6.0, gt=0, description="separate: far-out samples' median z above this ...")
     min_screen_share: float = Field(0.01, gt=0, lt=1, description="... and at least this share of the screen far out")
-    large_share: float = Field(0.3, gt=0, le=1, description="separate: a far-out share this large ...")
-    large_slack: float = Field(1.0, ge=0, description="... needs a median z only above separation_z minus this")
 
 
     # the cluster probe (guard.probe)

@@ -56,15 +56,14 @@ def test_a_far_out_cluster_separates_in_both_modes(trusted):
     assert verdict(trusted, screen_share=np.nextafter(small, 0), separation=50.0) == Verdict.WATCH
 
 
-@pytest.mark.parametrize("trusted", [True, False])
-def test_a_large_cluster_separates_a_little_closer_in(trusted):
-    bar = T.separation_z - T.large_slack
-    share = max(T.large_share, T.cluster_share if not trusted else 0.0)
-    assert verdict(trusted, screen_share=share, separation=np.nextafter(bar, 99)) == Verdict.SEPARATE
-    if not trusted:                         # (trusted, this share already separates on its own)
-        assert verdict(False, screen_share=share, separation=bar) == Verdict.WATCH
-        assert verdict(False, screen_share=np.nextafter(T.large_share, 0),
-                       separation=np.nextafter(bar, 99)) == Verdict.WATCH
+def test_trust_free_a_large_share_short_of_separation_z_is_not_acted_on():
+    """Early in training a clean class's easy half can lie a third of its screen out against the
+    trust-free reference (its hard half) at a median z of 5-6 (two clean classes of the harm grid, 36 %
+    at 5.6-5.7, lost 45-48 % of their samples to a rule that took such a share): a share, however
+    large, separates trust-free only past separation_z."""
+    assert verdict(False, screen_share=0.36, separation=5.7) == Verdict.WATCH
+    assert verdict(False, screen_share=0.9, separation=T.separation_z) == Verdict.WATCH
+    assert verdict(False, screen_share=0.36, separation=np.nextafter(T.separation_z, 99)) == Verdict.SEPARATE
 
 
 def test_each_knob_moves_its_own_decision():
