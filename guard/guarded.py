@@ -75,9 +75,8 @@ class GuardedDataset(Dataset):
             raise GuardError(f"scan_dataset has {len(scan_dataset)} samples but dataset has {n}; it must be the "
                              "same samples in the same order (without random augmentation)")
         self._n = n
-        self.scan_dataset, self.trusted, self.scan_source = what_scans_read(dataset, scan_dataset, trusted,
-                                                                             cfg.scan_view)
-        logger.info("scans read {}", self.scan_source)
+        self.scan_dataset, self.trusted, scan_source = what_scans_read(dataset, scan_dataset, trusted, cfg.scan_view)
+        logger.info("scans read {}", scan_source)
         self.adapter = BatchAdapter(cfg.input_key, cfg.label_key, unpack)
         self.device = check_device(cfg.device, model)
         if cfg.remedy == "unlearn" and not any(p.requires_grad for p in model.parameters()):
@@ -102,7 +101,7 @@ class GuardedDataset(Dataset):
         self.last_result: ScanResult | None = None
         self.report = GuardReport(config=cfg, n_samples=n, num_classes=self.num_classes, layers=self.layers,
                                   layers_source="discovered" if cfg.layers is None else "named",
-                                  scan_source=self.scan_source)
+                                  scan_source=scan_source)
         self.report._samples = self.table
         self.sampler = GuardSampler(self.kept_indices, n, cfg.shuffle, cfg.seed, cfg.pad_epochs, self._epoch_starts)
 

@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from guard.errors import GuardWarning
+from guard.hooks import preserve_rng
 
 _RANDOM = {"ColorJitter", "RandAugment", "AutoAugment", "TrivialAugmentWide", "AugMix", "GaussianBlur",
            "GaussianNoise", "ElasticTransform", "JPEG", "ScaleJitter"}      # and every Random* step
@@ -131,10 +132,9 @@ def what_scans_read(dataset: Dataset, scan_dataset: Dataset | None, trusted: Dat
     given = scan_dataset is not None
     said = "scan_dataset" if given else "dataset"
     if scan_dataset is None and view:
-        scan_dataset, off = scan_view(dataset)
-        scan_dataset = None if scan_dataset is dataset else scan_dataset
+        copy_, off = scan_view(dataset)
         if off:
-            said = f"the dataset with {', '.join(dict.fromkeys(off))} off (guard.scan_view)"
+            scan_dataset, said = copy_, f"the dataset with {', '.join(dict.fromkeys(off))} off (guard.scan_view)"
     if trusted is not None and view:
         trusted, off = scan_view(trusted)
         if off:
@@ -163,8 +163,6 @@ def reads_differ(dataset: Dataset, indices: Sequence[int]) -> bool:
     """Whether reading ``indices`` twice gives different inputs (random augmentation left in). The
     random states of ``torch``, ``random`` and ``numpy`` are restored afterwards, so a training run's
     sample order and augmentation are the same as without the check."""
-    from guard.hooks import preserve_rng
-
     with preserve_rng():
         return any(not _same(dataset[int(i)], dataset[int(i)]) for i in indices)
 
