@@ -36,7 +36,8 @@ class GuardConfig(BaseModel):
     # layers and features
     layers: list[str] | None = Field(None, description="module names to analyse; None discovers them")
     pool_grid: int = Field(4, ge=0, description="feature maps are average-pooled to grid x grid (0: keep all)")
-    scan_inputs: bool = Field(True, description="image inputs: test the images too (guard.inputs; trust-free: against the other classes)")
+    scan_inputs: bool = Field(
+        True, description="image inputs: test the images too (guard.inputs), against trusted and other classes' images")
     scan_view: bool = Field(
         True, description="without scan_dataset, scans read the training data with its random torchvision transforms off")
     critical_rule: Literal["guard", "paper"] = Field(

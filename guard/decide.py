@@ -25,9 +25,9 @@ variation puts more of its samples beyond every trusted sample than a clean clas
 learned trigger that leaves the cosine to the class direction alone (so no out-of-spread excess)
 but moves a sizeable part of the class along one direction is seen there. Found in the images
 themselves (``direction_input``, :mod:`guard.inputs`), it stands even where the model has not
-learned the class: the images do not depend on what the model has learned. Trust-free, only the
-images are tested, each class against the other classes' images
-(:func:`guard.direction.across_classes`).
+learned the class: the images do not depend on what the model has learned. With or without a
+trusted set, each class's images are also tested against the other classes' images
+(:func:`guard.direction.across_classes`; trust-free, the only direction test).
 
 With a trusted reference a separate cluster is acted on only if the screen also puts more of its
 samples beyond *every* reference sample of the class than a clean class could: the

@@ -19,7 +19,7 @@ are tested (x 2), at every layer given (x layers): :attr:`DirectionTest.p` carri
 corrections. Needs a trusted reference: a trust-free one is the hard half of each class, not
 exchangeable with the rest.
 
-Without a trusted set, :func:`across_classes` holds each class's images, in an input view that
+:func:`across_classes` needs no trusted set: it holds each class's images, in an input view that
 does not depend on the model (:mod:`guard.inputs`), against the images of all the other classes.
 There the Beta-binomial bound assumes that classes look alike in the view, which holds only
 roughly (a class with distinct fine structure, ships on water, puts a few more images beyond the

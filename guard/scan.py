@@ -28,8 +28,10 @@ scan/follow-up(-centroid)  classes followed up       look-alikes of what was qua
 =========================  ========================  =================================================
 
 The input views of the direction stage (:mod:`guard.inputs`) read images without the model; they
-are not a pass, and their time is part of ``analysis``. Trust-free, the direction stage tests the
-fine input view only, each class against the other classes' images (:meth:`Scanner.images_across`).
+are not a pass, and their time is part of ``analysis``. With or without a trusted set, the direction
+stage also holds each class's fine input view against the other classes' images
+(:meth:`Scanner.images_across`): that test needs no trusted sample, so it stands where a trusted set
+is too small for the trusted tests' bound.
 
 The scan changes nothing outside its state; :class:`~guard.GuardedDataset` applies its result.
 """
@@ -145,7 +147,7 @@ class ScanResult:
 def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
     t = time.monotonic()
     yield
-    seconds[name] = time.monotonic() - t
+    seconds[name] = seconds.get(name, 0.0) + time.monotonic() - t
 
 
 def _units(batches: Iterator[Batch], n_layers: int, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
@@ -192,12 +194,12 @@ class Scanner:
             if st.windows:
                 with _timed(seconds, "confirm"):
                     self.confirm(train, st)
-            if st.cal.source == "trusted" and self.cfg.critical_rule != "paper":
+            if self.cfg.critical_rule != "paper":
                 with _timed(seconds, "direction"):
-                    self.direction(train, st)
-            elif self.cfg.scan_inputs and self.cfg.critical_rule != "paper":
-                with _timed(seconds, "direction"):
-                    self.images_across(train, st)
+                    if st.cal.source == "trusted":
+                        self.direction(train, st)
+                    if self.cfg.scan_inputs:
+                        self.images_across(train, st)
             separate = {c for c, v in st.classes.items() if v.verdict == Verdict.SEPARATE}
             follow = {c: q for c, q in prior.items() if len(q) >= 2 and c in st.classes and c not in separate}
             if follow and check and self.th.follow_gate:
@@ -494,11 +496,13 @@ class Scanner:
             self._flag_input_probed(train, st, in_probes, views[0])
 
     def images_across(self, train: Dataset, st: ScanState) -> None:
-        """Trust-free: with no trusted images to hold a class against, each class's images in the fine
-        input view (:data:`~guard.inputs.FINE`, read without the model) are tested against the other
-        classes' images (:func:`~guard.direction.across_classes`). A class that passes (:func:`decide`)
-        is separate: the images beyond seed a probe in that view, calibrated on the other classes'
-        images, and every kept image of the class is scored with it."""
+        """Each class not yet separate: its images in the fine input view (:data:`~guard.inputs.FINE`,
+        read without the model) are tested against the other classes' images
+        (:func:`~guard.direction.across_classes`). Trust-free it is the only direction test; with a
+        trusted set it runs after :meth:`direction`, since it needs no trusted sample (10-20 trusted
+        a class are too few for the trusted tests to act on a 10 % cluster). A class that passes
+        (:func:`decide`) is separate: the images beyond seed a probe in that view, calibrated on the
+        other classes' images, and every kept image of the class is scored with it."""
         th = self.th
         todo = {c for c, v in st.classes.items() if v.verdict != Verdict.SEPARATE and v.n_scanned >= th.min_class}
         if not todo:
