@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trace-memory", action="store_true",
                     help="record each run's peak Python allocation (tracemalloc slows the scan's analysis)")
     ap.add_argument("--device", default="cpu", help="where the model trains, e.g. cuda")
+    ap.add_argument("--give-optimizer", action=argparse.BooleanOptionalAction, default=True,
+                    help="GuardedDataset(optimizer=opt): unlearning at the training's current learning rate "
+                         "(--no-give-optimizer: at GuardConfig.unlearn_lr, as before this option)")
     ap.add_argument("--guard", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="GuardConfig fields for every run, e.g. num_workers=8 (JSON values)")
     ap.add_argument("--out", default=str(HERE / "results" / "guard_cifar10.json"))
@@ -188,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = RunSpec(data="cifar10", attack=atk, rate=rate, n_train=a.n_train or None, epochs=a.epochs,
                        width=a.width, lr=a.lr, seed=a.seed, trust_free=tf, device=a.device,
                        trusted_per_class=a.trusted, augment=a.augment, scan_dataset=not a.no_scan_dataset,
-                       attack_kwargs=fields(a.attack_args) if atk else {}, guard=fields(a.guard))
+                       attack_kwargs=fields(a.attack_args) if atk else {}, guard=fields(a.guard),
+                       give_optimizer=a.give_optimizer)
         r = run(spec, compare=not tf, on_scan=layer_auroc if a.layer_auroc and not tf else None,
                 trace_memory=a.trace_memory)
         r.pop("report")
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "seed": a.seed,
             "n_train": next(iter(results.values()))["n_train"] if results else a.n_train, "epochs": a.epochs,
             "width": a.width, "lr": a.lr, "device": a.device, "guard": a.guard, "trusted": a.trusted,
-            "augment": a.augment, "scan_dataset": not a.no_scan_dataset, "attack_args": a.attack_args,
+            "augment": a.augment, "scan_dataset": not a.no_scan_dataset, "give_optimizer": a.give_optimizer, "attack_args": a.attack_args,
             "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
             "wall_seconds": time.time() - t0}
     write(Path(a.out), {"meta": meta, "rows": rows, "runs": results})

@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.bench_archs import cell_row  # noqa: E402
-from benchmarks.bench_guard import fmt, render_benchmarks  # noqa: E402
+from benchmarks.bench_guard import fields, fmt, render_benchmarks  # noqa: E402
 from guard.experiment import RunSpec, prepare, run, trigger_floor  # noqa: E402
 
 TRIGGERS = ["zoo:7:9", "zoo:7:15", "zoo:8:4", "zoo:8:19"]   # the patches of held-out zoo seeds, at RATE
@@ -39,18 +39,20 @@ RATE, N_TRAIN, EPOCHS, LR, TRUSTED = 0.05, 10000, 8, 0.01, 50
 MODEL = dict(model="guard.archs:build", model_kwargs={"name": "cifar_resnet18", "width": 16})
 
 
-def spec(attack: str | None, trust_free: bool, seed: int) -> RunSpec:
+def spec(attack: str | None, trust_free: bool, seed: int, guard: dict | None = None,
+         give_optimizer: bool = False) -> RunSpec:
     return RunSpec(data="cifar10", attack=attack, rate=RATE if attack else 0.0, n_train=N_TRAIN, epochs=EPOCHS,
                    lr=LR, seed=seed, trusted_per_class=TRUSTED, trust_free=trust_free, augment=True,
-                   scan_dataset=False, **MODEL)
+                   scan_dataset=False, guard=guard or {}, give_optimizer=give_optimizer, **MODEL)
 
 
-def cells(seed: int) -> list[tuple[str | None, bool]]:
-    return [(None, False)] + [(t, tf) for t in TRIGGERS for tf in (False, True)]
+def cells(triggers: list[str] = TRIGGERS, clean: bool = True, trust_free: bool = True) -> list[tuple[str | None, bool]]:
+    return [(None, False)] * clean + [(t, tf) for t in triggers for tf in (False, True)[:1 + trust_free]]
 
 
-def one(attack: str | None, trust_free: bool, seed: int) -> tuple[str, dict, dict]:
-    sp = spec(attack, trust_free, seed)
+def one(attack: str | None, trust_free: bool, seed: int, guard: dict | None = None,
+        give_optimizer: bool = False) -> tuple[str, dict, dict]:
+    sp = spec(attack, trust_free, seed, guard, give_optimizer)
     name = f"{attack or 'none'} / {'trust-free' if trust_free else f'{TRUSTED} trusted'}"
     data = prepare(sp)
     with tempfile.TemporaryDirectory() as d:
@@ -77,7 +79,7 @@ def table(rows: list[dict], floors: dict) -> str:
         lines.append("| " + " | ".join([
             r["trigger"], "trust-free" if r["trust_free"] else f"{TRUSTED} trusted", str(len(r["layers"])),
             fmt(r["tpr"]), fmt(r["fpr"]), fmt(r["asr_unguarded"]), fmt(r["asr_guarded"]),
-            fmt(r["asr_correct_unguarded"]), fmt(r["asr_correct_guarded"]), fmt(100 * f),
+            fmt(r["asr_correct_unguarded"]), fmt(r["asr_correct_guarded"]), fmt(f),
             fmt(r["acc_unguarded"]), fmt(r["acc_guarded"]), str(r["first_catch_epoch"] or "-"),
             ", ".join(r["critical_layers"]) or "-"]) + " |")
     return "\n".join(lines)
@@ -89,12 +91,13 @@ def write(out: Path, result: dict) -> None:
     result["markdown"] = (
         f"`python benchmarks/bench_newcomer.py`: a hand-written CIFAR ResNet-18 (own block class, `F.relu`, width "
         f"16), CIFAR-10 {N_TRAIN:,}-image subset, random crop (pad 4) + flip in the Dataset's transform, {EPOCHS} "
-        f"epochs, SGD lr {LR} cosine, seed {m['seed']}; `GuardConfig()` defaults, layers discovered, **no "
+        f"epochs, SGD lr {LR} cosine, seed {m['seed']}; `GuardConfig()` defaults"
+        f"{' except ' + ', '.join(m['guard']) if m.get('guard') else ''}, layers discovered, **no "
         f"`scan_dataset`** (scans read `guard.scan_view`), {TRUSTED} trusted a class or none. Triggers: the patches "
         f"of zoo seeds 7 and 8 (never used to set a threshold) at {RATE:.0%} poisoning, each aimed at its own target. "
         f"ASR: over non-target test images; ASR(correct): over those classified correctly without the trigger; "
         f"floor: ASR(correct) of the trigger on the no-attack run's model, which never saw it. Torch {m['torch']}, "
-        f"{m['machine']}.\n\n{table(result['rows'], floors)}")
+        f"{m['machine']}.{' ' + m['note'] + '.' if m.get('note') else ''}\n\n{table(result['rows'], floors)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=float))
     print(result["markdown"])
@@ -104,12 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--part", default="0/1", help="K/N: run every N-th cell starting at K")
+    ap.add_argument("--triggers", nargs="*", default=TRIGGERS, help="a subset of TRIGGERS (or other zoo triggers)")
+    ap.add_argument("--no-clean", action="store_true", help="skip the no-attack run")
+    ap.add_argument("--give-optimizer", action=argparse.BooleanOptionalAction, default=True,
+                    help="GuardedDataset(optimizer=opt): unlearning at the training's current learning rate "
+                         "(--no-give-optimizer: at GuardConfig.unlearn_lr, as before this option)")
+    ap.add_argument("--no-trust-free", action="store_true", help="skip the trust-free runs")
+    ap.add_argument("--guard", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="GuardConfig fields for every run, e.g. remedy=\"none\" (JSON values)")
     ap.add_argument("--out", default=str(HERE / "results" / "newcomer_cifar10.json"))
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge parts into --out")
     a = ap.parse_args(argv)
     if a.merge:
         parts = [json.loads(Path(p).read_text()) for p in a.merge]
-        order = {(t or "none", tf): i for i, (t, tf) in enumerate(cells(a.seed))}
+        order = {(t or "none", tf): i for i, (t, tf) in enumerate(cells())}
         rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: order.get((r["trigger"], r["trust_free"]), 99))
         meta = {**parts[0]["meta"], "wall_seconds": max(p["meta"]["wall_seconds"] for p in parts)}
         write(Path(a.out), {"meta": meta, "rows": rows, "runs": {k: v for p in parts for k, v in p["runs"].items()}})
@@ -118,12 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     k, n = map(int, a.part.split("/"))
     rows, runs, t0 = [], {}, time.time()
-    for attack, tf in cells(a.seed)[k::n]:
-        name, r, row = one(attack, tf, a.seed)
+    for attack, tf in cells(a.triggers, not a.no_clean, not a.no_trust_free)[k::n]:
+        name, r, row = one(attack, tf, a.seed, fields(a.guard), a.give_optimizer)
         runs[name], rows = r, rows + [row]
         print(json.dumps({key: row[key] for key in ("trigger", "trust_free", "tpr", "fpr", "asr_unguarded",
                                                      "asr_guarded", "acc_unguarded", "acc_guarded")}), flush=True)
-    meta = {"machine": platform.platform(), "torch": torch.__version__, "seed": a.seed,
+    meta = {"machine": platform.platform(), "torch": torch.__version__, "seed": a.seed, "guard": a.guard + ["no optimizer="] * (not a.give_optimizer),
             "wall_seconds": time.time() - t0}
     write(Path(a.out), {"meta": meta, "rows": rows, "runs": runs})
     return 0

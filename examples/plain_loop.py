@@ -25,7 +25,8 @@ trusted_ds = ArrayImageDataset(trusted, (0.3,), (0.35,))
 model = SmallCNN(num_classes=10, in_channels=1, width=16)
 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
-gds = GuardedDataset(train_ds, model, GuardConfig(warmup_epochs=4, scan_every=4), trusted=trusted_ds)
+gds = GuardedDataset(train_ds, model, GuardConfig(warmup_epochs=4, scan_every=4), trusted=trusted_ds,
+                     optimizer=opt)                 # unlearning then steps at opt's current learning rate
 loader = DataLoader(gds, batch_size=64, sampler=gds.sampler)
 for epoch in range(12):
     model.train()

@@ -41,7 +41,7 @@ def main(epochs: int = 40, seed: int = 0, max_false_alarm: float = 0.05) -> dict
     gds = GuardedDataset(as_ds(poison.images, poison.labels), model,
                          GuardConfig(warmup_epochs=10, scan_every=10, batch_size=128,
                                      thresholds={"max_false_alarm": max_false_alarm}),
-                         trusted=as_ds(x[trusted_idx], y[trusted_idx]))
+                         trusted=as_ds(x[trusted_idx], y[trusted_idx]), optimizer=opt)
     loader = DataLoader(gds, batch_size=32, sampler=gds.sampler)
     for _ in range(epochs):
         model.train()

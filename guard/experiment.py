@@ -59,6 +59,7 @@ class RunSpec:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     guard: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"                  # where the model trains ("cuda" on a GPU); the guard follows it
+    give_optimizer: bool = True          # GuardedDataset(optimizer=opt): unlearning steps at its current learning rate
 
 
 @dataclass
@@ -279,7 +280,8 @@ def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None,
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec.epochs)
     gds = GuardedDataset(data.train, model, cfg, trusted=None if spec.trust_free else data.trusted,
-                         scan_dataset=data.scan if spec.scan_dataset else None)
+                         scan_dataset=data.scan if spec.scan_dataset else None,
+                         optimizer=opt if spec.give_optimizer else None)
     loader = DataLoader(gds, batch_size=spec.batch_size, sampler=gds.sampler)
     out: dict[str, Any] = {"spec": asdict(spec), "n_train": len(data.labels), "layers": gds.layers}
     epoch_times: list[float] = []

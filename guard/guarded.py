@@ -7,6 +7,7 @@ import hashlib
 import inspect
 import io
 import time
+import warnings
 from collections.abc import Sequence
 from os import PathLike
 from typing import Any
@@ -20,7 +21,7 @@ from torch.utils.data import Dataset
 from guard.batches import BatchAdapter, Feed, Unpack
 from guard.config import GuardConfig
 from guard.distributed import agree, broadcast_model, broadcast_object, world
-from guard.errors import GuardError
+from guard.errors import GuardError, GuardWarning
 from guard.extract import Extractor
 from guard.hooks import preserve_rng, unwrap_model
 from guard.remedy import (Unlearning, allowed_fit, chance_fit, fit_excess_p, predictions, recalibrate_bn,
@@ -62,10 +63,13 @@ class GuardedDataset(Dataset):
     def __init__(self, dataset: Dataset, model: nn.Module, config: GuardConfig | None = None,
                  trusted: Dataset | None = None, scan_dataset: Dataset | None = None,
                  unpack: Unpack | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """``optimizer``: the one training ``model``; unlearning then uses a fresh optimizer of its type
-        at its current learning rate (its first parameter group's settings) instead of
-        ``SGD(lr=GuardConfig.unlearn_lr, momentum=0.9)``."""
+        """``optimizer``: the one training ``model`` (also settable later as ``gds.optimizer``; the
+        Lightning and HF adapters set it); unlearning then uses a fresh optimizer of its type at its
+        current learning rate (its first parameter group's settings) instead of
+        ``SGD(lr=GuardConfig.unlearn_lr, momentum=0.9)``, whose fixed rate late in a decaying schedule
+        costs accuracy that the rest of training does not win back (a ``GuardWarning`` says so)."""
         self.dataset, self.model, self.optimizer = dataset, model, optimizer
+        self._warned_lr = False
         self.config = cfg = config if config is not None else GuardConfig()
         self.trusted, self.scan_dataset = trusted, scan_dataset
         n = length(dataset, "dataset")
@@ -351,11 +355,22 @@ class GuardedDataset(Dataset):
     def _unlearner(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """The optimizer of the unlearning steps: like the user's, at its current learning rate."""
         if self.optimizer is None:
+            if not self._warned_lr:
+                self._warned_lr = True
+                warnings.warn(
+                    f"guard: unlearning at a fixed learning rate (GuardConfig.unlearn_lr={self.config.unlearn_lr}) "
+                    "because the guard was not given your optimizer; late in a decaying schedule such steps can "
+                    "cost more accuracy than the rest of training wins back. Pass GuardedDataset(..., "
+                    "optimizer=opt) so they follow your learning rate (the Lightning and HF adapters do this).",
+                    GuardWarning, stacklevel=2)
             return torch.optim.SGD(params, lr=self.config.unlearn_lr, momentum=self.config.unlearn_momentum)
-        group = self.optimizer.param_groups[0]
-        accepted = inspect.signature(type(self.optimizer).__init__).parameters
+        user = self.optimizer
+        while isinstance(getattr(user, "optimizer", None), torch.optim.Optimizer):   # accelerate's wrapper
+            user = user.optimizer
+        group = user.param_groups[0]
+        accepted = inspect.signature(type(user).__init__).parameters
         settings = {k: group[k] for k in accepted if k in group and k not in ("self", "params")}
-        return type(self.optimizer)(params, **settings)
+        return type(user)(params, **settings)
 
     def _chance(self, model: nn.Module, targets: np.ndarray) -> float:
         """How often the model predicts ``targets``' labels for benign images of other classes: on the

@@ -58,7 +58,9 @@ class GuardTrainerCallback(TrainerCallback):
     def __init__(self, guarded: GuardedDataset) -> None:
         self.guarded = guarded
 
-    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs) -> None:
+    def on_train_begin(self, args, state, control, train_dataloader=None, optimizer=None, **kwargs) -> None:
+        if optimizer is not None and self.guarded.optimizer is None:
+            self.guarded.optimizer = optimizer    # unlearning then steps at its current learning rate
         if train_dataloader is not None:
             check_loader(self.guarded, train_dataloader, "Trainer's train DataLoader")
         warn_if_never_scans(self.guarded, None if args.max_steps > 0 else args.num_train_epochs)

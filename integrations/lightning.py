@@ -59,6 +59,11 @@ class GuardCallback(pl.Callback):
                              "already shards by rank: pass Trainer(use_distributed_sampler=False)")
         warn_if_never_scans(self.guarded, trainer.max_epochs if trainer.max_epochs not in (None, -1) else None)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # unlearning then steps at the optimizer's current learning rate, not a fixed one
+        if self.guarded.optimizer is None and trainer.optimizers:
+            self.guarded.optimizer = trainer.optimizers[0]
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # checked every epoch: reload_dataloaders_every_n_epochs may have built a new loader
         check_loader(self.guarded, trainer.train_dataloader, "train DataLoader")

@@ -2,13 +2,14 @@
 
 import json
 import random
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from guard import GuardConfig, GuardedDataset, GuardReport
+from guard import GuardConfig, GuardedDataset, GuardReport, GuardWarning
 from tests.conftest import Blobs, mlp, train
 
 
@@ -419,7 +420,8 @@ def test_same_seed_and_data_give_the_same_quarantine(poisoned):
 
 
 def test_unlearning_follows_the_users_optimizer_and_learning_rate():
-    """A fine-tuning user (AdamW at lr 2e-5) gets unlearning steps of that size, not SGD at 0.01."""
+    """A fine-tuning user (AdamW at lr 2e-5) gets unlearning steps of that size, not SGD at 0.01; without
+    the optimizer the fixed rate is used and a GuardWarning says how to hand it over."""
     ds = Blobs(600, poison=0.08, seed=0)
     changes = {}
     for name, make in (("default", lambda m: None),
@@ -427,7 +429,11 @@ def test_unlearning_follows_the_users_optimizer_and_learning_rate():
         model = train(mlp(), ds, epochs=25)
         before = [p.detach().clone() for p in model.parameters()]
         gds = GuardedDataset(ds, model, GuardConfig(), trusted=Blobs(150, seed=7), optimizer=make(model))
-        scan = gds.scan()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            scan = gds.scan()
+        told = [w for w in caught if issubclass(w.category, GuardWarning) and "optimizer=opt" in str(w.message)]
+        assert len(told) == (name == "default"), [str(w.message) for w in caught]
         assert scan.remedy == "unlearn" and scan.remedy_steps > 0
         changes[name] = (max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before)),
                          scan.remedy_steps, scan.remedy_fit_after)

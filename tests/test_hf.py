@@ -67,6 +67,9 @@ def test_hf_trainer_resume_restores_the_quarantine(tmp_path):
     assert [s.epoch for s in gds.report.scans] == [2]
     assert np.intersect1d(gds.quarantined, ds.ds.poisoned).size == len(ds.ds.poisoned)
     assert trainer.state.global_step == 3 * -(-600 // 32)        # pad_epochs kept every epoch full
+    assert gds.optimizer is trainer.optimizer                    # handed over by the callback
+    scan = gds.report.scans[0]                                   # unlearned with it (accelerate's wrapper unwrapped)
+    assert scan.remedy == "unlearn" and scan.remedy_steps > 0, scan.remedy
     last = tmp_path / "out" / f"checkpoint-{trainer.state.global_step}"
     saved = json.loads((last / STATE_FILE).read_text())
     assert len(saved["report"]["quarantine"]) == len(gds.quarantined)

@@ -77,6 +77,7 @@ def test_scans_follow_lightning_epochs_and_resume_restores_the_quarantine(tmp_pa
     assert [s.epoch for s in gds.report.scans] == [2]
     assert np.intersect1d(gds.quarantined, ds.poisoned).size == len(ds.poisoned)
     assert trainer.global_step == 3 * -(-600 // 32)         # pad_epochs: every epoch kept its full length
+    assert gds.optimizer is trainer.optimizers[0]           # unlearning steps at the Trainer's learning rate
 
     # a fresh process: new module, new guard, resume from the checkpoint
     torch.manual_seed(1)
