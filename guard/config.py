@@ -56,7 +56,7 @@ class GuardConfig(BaseModel):
         "unlearn", description="after quarantines: 'unlearn' the trigger, 'restart' from the first weights, 'none'")
     unlearn_steps: int = Field(60, ge=1, description="least unlearning steps (up to 3x, until fitted at chance)")
     unlearn_batch: int = Field(64, ge=2, description="samples per unlearning step, half quarantined and half kept")
-    unlearn_lr: float = Field(0.01, gt=0, description="unlearning SGD learning rate (without optimizer=)")
+    unlearn_lr: float = Field(0.01, gt=0, description="unlearning learning rate: SGD's without optimizer=, the cap with it")
     unlearn_momentum: float = Field(0.9, ge=0, lt=1, description="unlearning SGD momentum (without optimizer=)")
 
     # sampling

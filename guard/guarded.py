@@ -65,7 +65,7 @@ class GuardedDataset(Dataset):
                  unpack: Unpack | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
         """``optimizer``: the one training ``model`` (also settable later as ``gds.optimizer``; the
         Lightning and HF adapters set it); unlearning then uses a fresh optimizer of its type at its
-        current learning rate (its first parameter group's settings) instead of
+        current learning rate, at most ``unlearn_lr`` (its first parameter group's settings) instead of
         ``SGD(lr=GuardConfig.unlearn_lr, momentum=0.9)``, whose fixed rate late in a decaying schedule
         costs accuracy that the rest of training does not win back (a ``GuardWarning`` says so)."""
         self.dataset, self.model, self.optimizer = dataset, model, optimizer
@@ -353,7 +353,8 @@ class GuardedDataset(Dataset):
                      self.last_result.reference_labels, classes)
 
     def _unlearner(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        """The optimizer of the unlearning steps: like the user's, at its current learning rate."""
+        """The optimizer of the unlearning steps: like the user's, at its current learning rate or
+        ``unlearn_lr``, whichever is lower."""
         if self.optimizer is None:
             if not self._warned_lr:
                 self._warned_lr = True
@@ -370,6 +371,8 @@ class GuardedDataset(Dataset):
         group = user.param_groups[0]
         accepted = inspect.signature(type(user).__init__).parameters
         settings = {k: group[k] for k in accepted if k in group and k not in ("self", "params")}
+        if "lr" in settings:       # never faster than the rate the remedy's steps were calibrated at
+            settings["lr"] = min(float(settings["lr"]), self.config.unlearn_lr)
         return type(user)(params, **settings)
 
     def _chance(self, model: nn.Module, targets: np.ndarray) -> float:

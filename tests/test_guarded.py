@@ -437,6 +437,9 @@ def test_unlearning_follows_the_users_optimizer_and_learning_rate():
         assert scan.remedy == "unlearn" and scan.remedy_steps > 0
         changes[name] = (max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before)),
                          scan.remedy_steps, scan.remedy_fit_after)
+    fast = torch.optim.SGD(mlp().parameters(), lr=0.5, momentum=0.9)   # a large rate is capped at unlearn_lr
+    gds = GuardedDataset(ds, mlp(), GuardConfig(unlearn_lr=0.02), optimizer=fast)
+    assert gds._unlearner(list(mlp().parameters())).param_groups[0]["lr"] == 0.02
     step, steps, _ = changes["adamw"]
     assert step <= 3 * steps * 2e-5                       # Adam moves a weight by about lr per step at most
     assert changes["default"][0] > 20 * step, changes      # SGD(lr=0.01, momentum 0.9) moves it far more
