@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "seed": a.seed,
             "n_train": next(iter(results.values()))["n_train"] if results else a.n_train, "epochs": a.epochs,
             "width": a.width, "lr": a.lr, "device": a.device, "guard": a.guard, "trusted": a.trusted,
-            "augment": a.augment, "scan_dataset": not a.no_scan_dataset, "give_optimizer": a.give_optimizer, "attack_args": a.attack_args,
+            "augment": a.augment, "scan_dataset": not a.no_scan_dataset, "give_optimizer": a.give_optimizer,
+            "attack_args": a.attack_args,
             "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
             "wall_seconds": time.time() - t0}
     write(Path(a.out), {"meta": meta, "rows": rows, "runs": results})

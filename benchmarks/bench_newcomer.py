@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.merge:
         parts = [json.loads(Path(p).read_text()) for p in a.merge]
         order = {(t or "none", tf): i for i, (t, tf) in enumerate(cells())}
-        rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: order.get((r["trigger"], r["trust_free"]), 99))
+        rows = sorted((r for p in parts for r in p["rows"]),
+                      key=lambda r: order.get((r["trigger"], r["trust_free"]), 99))
         meta = {**parts[0]["meta"], "wall_seconds": max(p["meta"]["wall_seconds"] for p in parts)}
         write(Path(a.out), {"meta": meta, "rows": rows, "runs": {k: v for p in parts for k, v in p["runs"].items()}})
         render_benchmarks()
@@ -134,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         runs[name], rows = r, rows + [row]
         print(json.dumps({key: row[key] for key in ("trigger", "trust_free", "tpr", "fpr", "asr_unguarded",
                                                      "asr_guarded", "acc_unguarded", "acc_guarded")}), flush=True)
-    meta = {"machine": platform.platform(), "torch": torch.__version__, "seed": a.seed, "guard": a.guard + ["no optimizer="] * (not a.give_optimizer),
-            "wall_seconds": time.time() - t0}
+    meta = {"machine": platform.platform(), "torch": torch.__version__, "seed": a.seed,
+            "guard": a.guard + ["no optimizer="] * (not a.give_optimizer), "wall_seconds": time.time() - t0}
     write(Path(a.out), {"meta": meta, "rows": rows, "runs": runs})
     return 0
 
