@@ -197,6 +197,18 @@ def markdown(summary: list[dict], rows: list[dict]) -> str:
         "cannot show detection.", "", render(summary)])
 
 
+def merge(files: list[str], out: Path, describe=markdown) -> None:
+    """Merge the rows of ``--scan`` parts into ``out`` (summary and ``describe(summary, rows)``'s
+    BENCHMARKS.md section) and re-render BENCHMARKS.md."""
+    parts = [json.loads(Path(p).read_text()) for p in files]
+    rows = [r for p in parts for r in p["rows"]]
+    summary = summarise(rows)
+    out.write_text(json.dumps({"meta": parts[0]["meta"], "summary": summary, "rows": rows,
+                               "markdown": describe(summary, rows)}, separators=(",", ":")))
+    print(render(summary))
+    render_benchmarks()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", action="store_true")
@@ -216,13 +228,7 @@ def main() -> None:
         print(render(json.loads(Path(a.render).read_text())["summary"]))
         return
     if a.merge:
-        parts = [json.loads(Path(p).read_text()) for p in a.merge]
-        rows = [r for p in parts for r in p["rows"]]
-        summary = summarise(rows)
-        Path(a.out).write_text(json.dumps({"meta": parts[0]["meta"], "summary": summary, "rows": rows,
-                                           "markdown": markdown(summary, rows)}, separators=(",", ":")))
-        print(render(summary))
-        render_benchmarks()
+        merge(a.merge, Path(a.out), markdown)
         return
     k, n = (int(x) for x in a.part.split("/"))
     todo = [c for c in cells() if c[0] in a.variants and (c[1] is not None or c[3] < a.seeds)][k::n]
