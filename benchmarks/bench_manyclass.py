@@ -16,7 +16,7 @@ a class and trust-free, and every clean class of every scan is one decision. Att
 8 px binary zoo patch in the bottom-right corner (``zoo:7:9``). Nothing here was used to set a rule.
 
     python benchmarks/bench_manyclass.py --build --root R                 # once (needs the CIFAR-10 archive)
-    python benchmarks/bench_manyclass.py --root R --train --part 0/2 &    # two pinned single-thread processes
+    python benchmarks/bench_manyclass.py --root R --train --part 0/2 &    # two pinned single-thread processes, 40 min
     python benchmarks/bench_manyclass.py --root R --train --part 1/2
     python benchmarks/bench_manyclass.py --root R --scan --part 0/2 --out a.json &
     python benchmarks/bench_manyclass.py --root R --scan --part 1/2 --out b.json
@@ -41,7 +41,7 @@ from benchmarks.bench_harm import merge, render, scan_rows, summarise, train  # 
 from guard.datasets import load_cifar10  # noqa: E402
 from guard.experiment import RunSpec  # noqa: E402
 
-CLASSES, HEAD, IMBALANCE, POOL, TRUSTED_MAX = 30, 350, 1.75, 600, 20
+CLASSES, HEAD, IMBALANCE, POOL = 30, 350, 1.75, 600
 ORIENT = ("0-upright", "1-upside-down", "2-sideways")
 EPOCHS, KEEP, SCANNED, LR = 24, (3, 7, 11, 15, 19, 23), (3, 7, 15), 0.05
 CLEAN_SEEDS = 6
