@@ -228,7 +228,7 @@ def main() -> None:
         print(render(json.loads(Path(a.render).read_text())["summary"]))
         return
     if a.merge:
-        merge(a.merge, Path(a.out), markdown)
+        merge(a.merge, Path(a.out))
         return
     k, n = (int(x) for x in a.part.split("/"))
     todo = [c for c in cells() if c[0] in a.variants and (c[1] is not None or c[3] < a.seeds)][k::n]
