@@ -21,6 +21,14 @@ a class and trust-free, and every clean class of every scan is one decision. Att
     python benchmarks/bench_manyclass.py --root R --scan --part 0/2 --out a.json &
     python benchmarks/bench_manyclass.py --root R --scan --part 1/2 --out b.json
     python benchmarks/bench_manyclass.py --merge a.json b.json     # -> results/harm_manyclass.json, BENCHMARKS.md
+
+``--guarded`` runs whole guarded trainings instead, each beside its unguarded twin in lockstep
+(``guard.experiment.run``, the guard's default schedule: a scan every 2 epochs from epoch 3 to the
+end), for the cells and trusted sizes named, and reports what issue 20 asks of a whole run: the
+share of the data dropped, the worst clean class, TPR, FPR and accuracy against the twin:
+
+    python benchmarks/bench_manyclass.py --root R --guarded none:0:0:10 zoo:7:9:0.02:0:10 --out g.json
+    python benchmarks/bench_manyclass.py --merge-guarded g.json h.json   # -> results/harm_manyclass_guarded.json
 """
 
 from __future__ import annotations
@@ -37,9 +45,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.bench_guard import render_benchmarks, row  # noqa: E402
 from benchmarks.bench_harm import merge, render, scan_rows, summarise, train  # noqa: E402
 from guard.datasets import load_cifar10  # noqa: E402
-from guard.experiment import RunSpec  # noqa: E402
+from guard.experiment import RunSpec, run  # noqa: E402
 
 CLASSES, HEAD, IMBALANCE, POOL = 30, 350, 1.75, 600
 ORIENT = ("0-upright", "1-upside-down", "2-sideways")
@@ -104,6 +113,51 @@ def markdown(summary: list[dict], rows: list[dict]) -> str:
         f"class 0, seed 0), undefended attack success at the end: {attacked}.", "", render(summary)])
 
 
+def guarded(root: Path, item: str) -> dict:
+    """One whole guarded run beside its twin; ``item`` is ``ATTACK:RATE:SEED:TRUSTED`` (ATTACK ``none``
+    for no attack, TRUSTED 0 for trust-free; zoo triggers keep their colons: ``zoo:7:9:0.02:0:10``)."""
+    attack, rate, seed, trusted = item.rsplit(":", 3)
+    attack = None if attack == "none" else attack
+    sp = spec_for(root)("many30", attack, float(rate), int(seed), int(trusted) or 10)
+    if not int(trusted):
+        sp.trust_free = True
+    r = run(sp, compare=True)
+    r.pop("report")
+    out = row(item, r)
+    size = {c["cls"]: c["n_scanned"] for c in r["scans"][0]["classes"]} if r["scans"] else {}
+    dropped: dict[int, int] = {}
+    for s in r["scans"]:
+        for c in s["classes"]:
+            dropped[c["cls"]] = dropped.get(c["cls"], 0) + c["n_flagged"]
+    clean = {c: dropped.get(c, 0) / n for c, n in size.items() if attack is None or c != sp.target}
+    worst = max(clean, key=clean.get) if clean else None
+    out.update(seed=int(seed), trusted=int(trusted), n_train=r["n_train"], scans=len(r["scans"]),
+               dropped_share=r["guarded"]["flagged"] / r["n_train"], worst_clean_class=worst,
+               worst_clean_drop=clean.get(worst, 0.0), clean_classes_over_2pct=sum(v > 0.02 for v in clean.values()),
+               benign_flagged=int(round(r["guarded"]["fpr"] * (r["n_train"] - r["guarded"]["poisoned"]))))
+    return out
+
+
+def guarded_markdown(rows: list[dict]) -> str:
+    pct = lambda v: "-" if v != v else f"{100 * v:.1f}"  # noqa: E731 - nan prints as a dash
+    lines = ["`python benchmarks/bench_manyclass.py --root R --guarded ATTACK:RATE:SEED:TRUSTED ...` (pinned "
+             f"single-thread processes): the 30-class data above, whole runs of {EPOCHS} epochs with the guard's "
+             "defaults (a scan every 2 epochs from epoch 3), each beside its unguarded twin in lockstep. Attacked: "
+             "2 % of the data into class 0. Worst clean class: the largest share one clean class lost over the run.",
+             "", "| run | trusted a class | scans | dropped % | worst clean class % (classes > 2 %) | TPR % | FPR % | "
+             "ASR no guard -> guard % | ASR(correct) no guard -> guard % | acc no guard -> guard % | overhead % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["attack"] or "", r["trusted"], r["seed"])):
+        lines.append(" | ".join([
+            f"| {r['attack'] or 'no attack'}, seed {r['seed']}", str(r["trusted"] or "trust-free"), str(r["scans"]),
+            pct(r["dropped_share"]), f"{pct(r['worst_clean_drop'])} ({r['clean_classes_over_2pct']})",
+            pct(r["tpr"]) if r["poisoned"] else "-", pct(r["fpr"]),
+            f"{pct(r['asr_unguarded'])} -> {pct(r['asr_guarded'])}" if r["poisoned"] else "-",
+            f"{pct(r['asr_correct_unguarded'])} -> {pct(r['asr_correct_guarded'])}" if r["poisoned"] else "-",
+            f"{pct(r['acc_unguarded'])} -> {pct(r['acc_guarded'])}", pct(r["overhead"])]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", help="the built image folder")
@@ -115,16 +169,34 @@ def main() -> None:
     ap.add_argument("--cache", default=str(HERE.parent / "runs" / "manyclass"))
     ap.add_argument("--out", default=str(HERE / "results" / "harm_manyclass.json"))
     ap.add_argument("--merge", nargs="+", metavar="JSON")
+    ap.add_argument("--guarded", nargs="+", metavar="ATTACK:RATE:SEED:TRUSTED",
+                    help="whole guarded runs beside their twins (TRUSTED 0: trust-free)")
+    ap.add_argument("--merge-guarded", nargs="+", metavar="JSON")
     a = ap.parse_args()
     torch.set_num_threads(1)
     if a.merge:
         merge(a.merge, Path(a.out), markdown)
+        return
+    if a.merge_guarded:
+        rows = [r for f in a.merge_guarded for r in json.loads(Path(f).read_text())["rows"]]
+        out = HERE / "results" / "harm_manyclass_guarded.json"
+        out.write_text(json.dumps({"rows": rows, "markdown": guarded_markdown(rows)}, indent=1, default=float))
+        render_benchmarks()
+        print(guarded_markdown(rows))
         return
     if a.root is None:
         ap.error("--root is needed (the folder --build writes)")
     root = Path(a.root)
     if a.build:
         print(json.dumps(build(root)))
+    if a.guarded:
+        rows = []
+        for item in a.guarded:
+            rows.append(guarded(root, item))
+            Path(a.out).write_text(json.dumps({"rows": rows}, indent=1, default=float))
+            print(json.dumps(rows[-1], default=float), flush=True)
+        print(guarded_markdown(rows))
+        return
     k, n = (int(x) for x in a.part.split("/"))
     todo, cache, spec = cells(a.seeds)[k::n], Path(a.cache), spec_for(root)
     if a.train:
