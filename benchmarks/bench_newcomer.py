@@ -40,7 +40,7 @@ MODEL = dict(model="guard.archs:build", model_kwargs={"name": "cifar_resnet18", 
 
 
 def spec(attack: str | None, trust_free: bool, seed: int, guard: dict | None = None,
-         give_optimizer: bool = False) -> RunSpec:
+         give_optimizer: bool = True) -> RunSpec:
     return RunSpec(data="cifar10", attack=attack, rate=RATE if attack else 0.0, n_train=N_TRAIN, epochs=EPOCHS,
                    lr=LR, seed=seed, trusted_per_class=TRUSTED, trust_free=trust_free, augment=True,
                    scan_dataset=False, guard=guard or {}, give_optimizer=give_optimizer, **MODEL)
@@ -51,7 +51,7 @@ def cells(triggers: list[str] = TRIGGERS, clean: bool = True, trust_free: bool =
 
 
 def one(attack: str | None, trust_free: bool, seed: int, guard: dict | None = None,
-        give_optimizer: bool = False) -> tuple[str, dict, dict]:
+        give_optimizer: bool = True) -> tuple[str, dict, dict]:
     sp = spec(attack, trust_free, seed, guard, give_optimizer)
     name = f"{attack or 'none'} / {'trust-free' if trust_free else f'{TRUSTED} trusted'}"
     data = prepare(sp)
