@@ -126,34 +126,66 @@ def guarded(root: Path, item: str) -> dict:
     out = row(item, r)
     size = {c["cls"]: c["n_scanned"] for c in r["scans"][0]["classes"]} if r["scans"] else {}
     dropped: dict[int, int] = {}
+    decisions, acted = 0, []               # clean class decisions: one per clean class and scan
     for s in r["scans"]:
         for c in s["classes"]:
             dropped[c["cls"]] = dropped.get(c["cls"], 0) + c["n_flagged"]
+            if attack is None or c["cls"] != sp.target:
+                decisions += 1
+                if c["n_flagged"]:
+                    acted.append({k: c[k] for k in ("cls", "n_scanned", "n_flagged", "verdict", "reason")}
+                                 | {"epoch": s["epoch"]})
     clean = {c: dropped.get(c, 0) / n for c, n in size.items() if attack is None or c != sp.target}
     worst = max(clean, key=clean.get) if clean else None
     out.update(seed=int(seed), trusted=int(trusted), n_train=r["n_train"], scans=len(r["scans"]),
                dropped_share=r["guarded"]["flagged"] / r["n_train"], worst_clean_class=worst,
                worst_clean_drop=clean.get(worst, 0.0), clean_classes_over_2pct=sum(v > 0.02 for v in clean.values()),
+               clean_decisions=decisions, clean_acted=len(acted), acted=acted,
                benign_flagged=int(round(r["guarded"]["fpr"] * (r["n_train"] - r["guarded"]["poisoned"]))))
     return out
 
 
-def guarded_markdown(rows: list[dict]) -> str:
+def floors(root: Path, cache: Path, seeds: int) -> dict:
+    """Each attacked cell's trigger read by the no-attack runs' models (``--train``'s cache, the model
+    after epoch 23 of 24), which never saw it: the never-poisoned floor of its attack success."""
+    from guard.experiment import measure, prepare
+
+    out = {}
+    for attack, rate, seed in ATTACKED:
+        data = prepare(spec_for(root)("many30", attack, rate, seed))
+        per = []
+        for s in range(seeds):
+            model = data.make_model()
+            model.load_state_dict(torch.load(cache / f"many30-none-0-s{s}" / "epoch23.pt", weights_only=True))
+            m = measure(model, data)
+            per.append({"all": m["attack_success"], "correct": m["attack_success_correct"]})
+        out[attack] = {k: max(p[k] for p in per) for k in ("all", "correct")} | {"seeds": per}
+    return out
+
+
+def guarded_markdown(rows: list[dict], floor: dict | None = None) -> str:
     pct = lambda v: "-" if v != v else f"{100 * v:.1f}"  # noqa: E731 - nan prints as a dash
+    floor = floor or {}
+    at = lambda r, k: f" ({pct(floor[r['attack']][k])})" if r["attack"] in floor else ""  # noqa: E731
     lines = ["`python benchmarks/bench_manyclass.py --root R --guarded ATTACK:RATE:SEED:TRUSTED ...` (pinned "
              f"single-thread processes): the 30-class data above, whole runs of {EPOCHS} epochs with the guard's "
              "defaults (a scan every 2 epochs from epoch 3), each beside its unguarded twin in lockstep. Attacked: "
-             "2 % of the data into class 0. Worst clean class: the largest share one clean class lost over the run.",
-             "", "| run | trusted a class | scans | dropped % | worst clean class % (classes > 2 %) | TPR % | FPR % | "
-             "ASR no guard -> guard % | ASR(correct) no guard -> guard % | acc no guard -> guard % | overhead % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "2 % of the data into class 0. Worst clean class: the largest share one clean class lost over the run. "
+             "Clean class decisions: one per clean class and scan. In brackets: the attack's never-poisoned floor, the "
+             "highest of the six no-attack `--train` models (`--floors`).",
+             "", "| run | trusted a class | scans | clean class decisions acted on | dropped % | worst clean class % "
+             "(classes > 2 %) | TPR % | FPR % | ASR no guard -> guard % | ASR(correct) no guard -> guard % | "
+             "acc no guard -> guard % | overhead % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["attack"] or "", r["trusted"], r["seed"])):
         lines.append(" | ".join([
             f"| {r['attack'] or 'no attack'}, seed {r['seed']}", str(r["trusted"] or "trust-free"), str(r["scans"]),
+            f"{r['clean_acted']} of {r['clean_decisions']}",
             pct(r["dropped_share"]), f"{pct(r['worst_clean_drop'])} ({r['clean_classes_over_2pct']})",
             pct(r["tpr"]) if r["poisoned"] else "-", pct(r["fpr"]),
-            f"{pct(r['asr_unguarded'])} -> {pct(r['asr_guarded'])}" if r["poisoned"] else "-",
-            f"{pct(r['asr_correct_unguarded'])} -> {pct(r['asr_correct_guarded'])}" if r["poisoned"] else "-",
+            f"{pct(r['asr_unguarded'])} -> {pct(r['asr_guarded'])}{at(r, 'all')}" if r["poisoned"] else "-",
+            f"{pct(r['asr_correct_unguarded'])} -> {pct(r['asr_correct_guarded'])}{at(r, 'correct')}"
+            if r["poisoned"] else "-",
             f"{pct(r['acc_unguarded'])} -> {pct(r['acc_guarded'])}", pct(r["overhead"])]) + " |")
     return "\n".join(lines)
 
@@ -172,6 +204,8 @@ def main() -> None:
     ap.add_argument("--guarded", nargs="+", metavar="ATTACK:RATE:SEED:TRUSTED",
                     help="whole guarded runs beside their twins (TRUSTED 0: trust-free)")
     ap.add_argument("--merge-guarded", nargs="+", metavar="JSON")
+    ap.add_argument("--floors", action="store_true", help="the attacks' never-poisoned floors (after --train)")
+    ap.add_argument("--with-floors", metavar="JSON", help="--merge-guarded: the floors --floors wrote")
     a = ap.parse_args()
     torch.set_num_threads(1)
     if a.merge:
@@ -179,16 +213,22 @@ def main() -> None:
         return
     if a.merge_guarded:
         rows = [r for f in a.merge_guarded for r in json.loads(Path(f).read_text())["rows"]]
+        floor = json.loads(Path(a.with_floors).read_text()) if a.with_floors else {}
         out = HERE / "results" / "harm_manyclass_guarded.json"
-        out.write_text(json.dumps({"rows": rows, "markdown": guarded_markdown(rows)}, indent=1, default=float))
+        md = guarded_markdown(rows, floor)
+        out.write_text(json.dumps({"rows": rows, "floors": floor, "markdown": md}, indent=1, default=float))
         render_benchmarks()
-        print(guarded_markdown(rows))
+        print(md)
         return
     if a.root is None:
         ap.error("--root is needed (the folder --build writes)")
     root = Path(a.root)
     if a.build:
         print(json.dumps(build(root)))
+    if a.floors:
+        Path(a.out).write_text(json.dumps(floors(root, Path(a.cache), a.seeds), indent=1))
+        print(Path(a.out).read_text())
+        return
     if a.guarded:
         rows = []
         for item in a.guarded:
