@@ -28,7 +28,9 @@ end), for the cells and trusted sizes named, and reports what issue 20 asks of a
 share of the data dropped, the worst clean class, TPR, FPR and accuracy against the twin:
 
     python benchmarks/bench_manyclass.py --root R --guarded none:0:0:10 zoo:7:9:0.02:0:10 --out g.json
-    python benchmarks/bench_manyclass.py --merge-guarded g.json h.json   # -> results/harm_manyclass_guarded.json
+    python benchmarks/bench_manyclass.py --root R --floors floors.json   # the attacks' floors, from --train's models
+    python benchmarks/bench_manyclass.py --merge-guarded g.json h.json --with-floors floors.json
+                                                        # -> results/harm_manyclass_guarded.json, BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -199,17 +201,19 @@ def main() -> None:
     ap.add_argument("--part", default="0/1", help="K/N: this process takes every N-th cell from K")
     ap.add_argument("--seeds", type=int, default=CLEAN_SEEDS, help="clean seeds")
     ap.add_argument("--cache", default=str(HERE.parent / "runs" / "manyclass"))
-    ap.add_argument("--out", default=str(HERE / "results" / "harm_manyclass.json"))
+    ap.add_argument("--out", help="--scan, --merge: where to write (default results/harm_manyclass.json); "
+                                  "--guarded: the part's JSON (needed)")
     ap.add_argument("--merge", nargs="+", metavar="JSON")
     ap.add_argument("--guarded", nargs="+", metavar="ATTACK:RATE:SEED:TRUSTED",
                     help="whole guarded runs beside their twins (TRUSTED 0: trust-free)")
     ap.add_argument("--merge-guarded", nargs="+", metavar="JSON")
-    ap.add_argument("--floors", action="store_true", help="the attacks' never-poisoned floors (after --train)")
+    ap.add_argument("--floors", metavar="JSON", help="write the attacks' never-poisoned floors here (after --train)")
     ap.add_argument("--with-floors", metavar="JSON", help="--merge-guarded: the floors --floors wrote")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    out = Path(a.out) if a.out else HERE / "results" / "harm_manyclass.json"
     if a.merge:
-        merge(a.merge, Path(a.out), markdown)
+        merge(a.merge, out, markdown)
         return
     if a.merge_guarded:
         rows = [r for f in a.merge_guarded for r in json.loads(Path(f).read_text())["rows"]]
@@ -226,10 +230,12 @@ def main() -> None:
     if a.build:
         print(json.dumps(build(root)))
     if a.floors:
-        Path(a.out).write_text(json.dumps(floors(root, Path(a.cache), a.seeds), indent=1))
-        print(Path(a.out).read_text())
+        Path(a.floors).write_text(json.dumps(floors(root, Path(a.cache), a.seeds), indent=1))
+        print(Path(a.floors).read_text())
         return
     if a.guarded:
+        if not a.out:
+            ap.error("--guarded needs --out PART.json (then merge the parts with --merge-guarded)")
         rows = []
         for item in a.guarded:
             rows.append(guarded(root, item))
@@ -248,8 +254,8 @@ def main() -> None:
                 "epochs": EPOCHS, "scanned": SCANNED, "lr": LR, "classes": CLASSES, "head": HEAD,
                 "imbalance": IMBALANCE}
         summary = summarise(rows)
-        Path(a.out).write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows,
-                                           "markdown": markdown(summary, rows)}, separators=(",", ":")))
+        out.write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows,
+                                   "markdown": markdown(summary, rows)}, separators=(",", ":")))
         print(render(summary))
 
 
