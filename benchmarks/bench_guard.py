@@ -94,16 +94,21 @@ def fields(items: list[str]) -> dict:
     return {k: json.loads(v) for k, v in (item.split("=", 1) for item in items)}
 
 
-def max_class_drop(scans: list[dict]) -> float:
-    """The largest share of one class quarantined over the run (class sizes from the first scan)."""
+def class_drops(scans: list[dict]) -> dict[int, float]:
+    """Per class, the share of it quarantined over the run (class sizes from the first scan)."""
     if not scans:
-        return float("nan")
+        return {}
     size = {c["cls"]: c["n_scanned"] for c in scans[0]["classes"]}
     dropped: dict[int, int] = {}
     for s in scans:
         for c in s["classes"]:
             dropped[c["cls"]] = dropped.get(c["cls"], 0) + c["n_flagged"]
-    return max(dropped.get(c, 0) / n for c, n in size.items())
+    return {c: dropped.get(c, 0) / n for c, n in size.items()}
+
+
+def max_class_drop(scans: list[dict]) -> float:
+    """The largest share of one class quarantined over the run (class sizes from the first scan)."""
+    return max(class_drops(scans).values(), default=float("nan"))
 
 
 def fmt(v: float, pct: bool = True) -> str:

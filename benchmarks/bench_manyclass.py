@@ -47,7 +47,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.bench_guard import render_benchmarks, row  # noqa: E402
+from benchmarks.bench_guard import class_drops, render_benchmarks, row  # noqa: E402
 from benchmarks.bench_harm import merge, render, scan_rows, summarise, train  # noqa: E402
 from guard.datasets import load_cifar10  # noqa: E402
 from guard.experiment import RunSpec, run  # noqa: E402
@@ -126,18 +126,15 @@ def guarded(root: Path, item: str) -> dict:
     r = run(sp, compare=True)
     r.pop("report")
     out = row(item, r)
-    size = {c["cls"]: c["n_scanned"] for c in r["scans"][0]["classes"]} if r["scans"] else {}
-    dropped: dict[int, int] = {}
     decisions, acted = 0, []               # clean class decisions: one per clean class and scan
     for s in r["scans"]:
         for c in s["classes"]:
-            dropped[c["cls"]] = dropped.get(c["cls"], 0) + c["n_flagged"]
             if attack is None or c["cls"] != sp.target:
                 decisions += 1
                 if c["n_flagged"]:
                     acted.append({k: c[k] for k in ("cls", "n_scanned", "n_flagged", "verdict", "reason")}
                                  | {"epoch": s["epoch"]})
-    clean = {c: dropped.get(c, 0) / n for c, n in size.items() if attack is None or c != sp.target}
+    clean = {c: v for c, v in class_drops(r["scans"]).items() if attack is None or c != sp.target}
     worst = max(clean, key=clean.get) if clean else None
     out.update(seed=int(seed), trusted=int(trusted), n_train=r["n_train"], scans=len(r["scans"]),
                dropped_share=r["guarded"]["flagged"] / r["n_train"], worst_clean_class=worst,
