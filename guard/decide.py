@@ -30,11 +30,13 @@ trusted set, each class's images are also tested against the other classes' imag
 (:func:`guard.direction.across_classes`; trust-free, the only direction test).
 
 With a trusted reference a separate cluster is acted on only if the screen also puts more of its
-samples beyond *every* reference sample of the class than a clean class could: the
-:func:`beyond_reference_p` of that count must be below ``max_false_alarm / n_classes`` too. That
-bound needs no model of the features (only that a clean class's training and trusted samples are
-alike), so it holds for any number of classes and any trusted-set size: with few trusted samples
-it asks for a larger cluster, with many it costs nothing.
+samples beyond *every* reference sample of the class than a clean class could: ``beyond_p`` must be
+below ``max_false_alarm / n_classes`` too. The count's bound (:func:`beyond_reference_p`) needs no
+model of the features (only that a clean class's training and trusted samples are alike), so it
+holds for any number of classes and any trusted-set size, for a direction chosen without the samples
+it is held against; the model's discriminant is chosen by the trusted samples, so the scan
+cross-fits it on halves of them (:mod:`guard.gate`). With few trusted samples it asks for a larger
+cluster, with many it costs little.
 
     >>> from guard.decide import ClassStats, Verdict, decide
     >>> from guard.thresholds import Thresholds

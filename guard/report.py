@@ -50,8 +50,9 @@ class ClassReport(BaseModel):
     p_value: float
     separation: float = Field(0.0, description="median discriminant z of the screened far-out samples")
     screen_share: float = Field(0.0, description="share of the screened samples far out")
-    beyond_reference: float = Field(0.0, description="share of the screened samples beyond every reference sample")
-    beyond_p: float = Field(1.0, description="p-value of that share for a clean class (see decide.beyond_reference_p)")
+    beyond_reference: float = Field(
+        0.0, description="share of the screened samples beyond every reference sample (trusted: of a held-out half)")
+    beyond_p: float = Field(1.0, description="p-value of that share for a clean class (guard.gate, decide.beyond_reference_p)")
     direction_p: float = Field(1.0, description="p-value of the class's main direction for a clean class (guard.direction)")
     threshold: float
     n_flagged: int = 0

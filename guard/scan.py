@@ -56,6 +56,7 @@ from guard.direction import DirectionTest, across_classes, direction_test
 from guard.distributed import gather_rows, shard, sum_tensors, world
 from guard.errors import GuardError
 from guard.extract import Batch, Extractor
+from guard.gate import GateTest, split_gate
 from guard.hooks import scan_mode
 from guard.inputs import InputViews, read_views
 from guard.keep import KeptFeatures
@@ -345,11 +346,15 @@ class Scanner:
         ref = self._reference_feats(st, st.windows, names)
         screen_rows = self._screen_rows(st, st.windows, 1)
         z_of, ref_z = cent.reference_z(ref, self.th.screen_z, self.th.std_floor)
-        z1, lab1, screen_units, cent = self._screen(train, st, screen_rows, layer_ids, cent, z_of)
-        separated = self._decide_screened(st, z1, lab1, ref_z, ref.labels)
+        cross_fit = st.cal.source == "trusted" and self.th.gate_cross_fit
+        keep_at = list(range(len(layer_ids))) if cross_fit else at
+        z1, lab1, screen_units, cent = self._screen(train, st, screen_rows, layer_ids, keep_at, cent, z_of)
+        gates = self._gates(st, screen_units, lab1, ref, keep_at, cent.use_of) if cross_fit else {}
+        separated = self._decide_screened(st, z1, lab1, ref_z, ref.labels, gates)
         if not separated:
             return
-        probes = self._fit_probes(st, {c: ([u[torch.from_numpy(lab1 == c)] for u in screen_units], z1[lab1 == c])
+        probe_units = [screen_units[keep_at.index(i)] for i in at]
+        probes = self._fit_probes(st, {c: ([u[torch.from_numpy(lab1 == c)] for u in probe_units], z1[lab1 == c])
                                        for c in separated}, ref, at, names)
         z = cent.calibration(ref, self.th.screen_z, self.th.std_floor)
         if any(c not in probes for c in separated):
@@ -380,13 +385,13 @@ class Scanner:
                                        for r in (np.flatnonzero(st.labels == c) for c in classes)]))
 
     def _screen(self, train: Dataset, st: ScanState, screen_rows: np.ndarray, layer_ids: list[int],
-                cent: Centroids, z: Zscore) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor], Centroids]:
+                keep_at: list[int], cent: Centroids, z: Zscore
+                ) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor], Centroids]:
         """The screen's discriminant z (leave-one-out of the suspect centroid; ``z``: the discriminant's
-        benign calibration), its labels, its unit features at the probe layers, and centroids
-        re-estimated from its confident calls."""
+        benign calibration), its labels, its unit features at positions ``keep_at`` of ``layer_ids``,
+        and centroids re-estimated from its confident calls."""
         th = self.th
         new = Centroids([torch.zeros_like(x) for x in cent.sus], [x.clone() for x in cent.ben], cent.use_of)
-        probe_at = [layer_ids.index(i) for i in self._probe_layers()]
         z1, lab1, feats, done = [], [], [], 0
         for b in self._read(st, train, screen_rows, layer_ids, "scan/screen"):
             bl = b.labels.numpy()
@@ -398,17 +403,31 @@ class Scanner:
             for pos, u in enumerate(units):
                 new.sus[pos].index_add_(0, b.labels[hi], u[hi])
                 new.ben[pos].index_add_(0, b.labels[lo], u[lo])
-            feats.append([units[i] for i in probe_at])
+            feats.append([units[i] for i in keep_at])
             z1.append(zb)
             lab1.append(bl)
-        screen_units = [torch.cat([f[k] for f in feats]) for k in range(len(probe_at))]
+        screen_units = [torch.cat([f[k] for f in feats]) for k in range(len(keep_at))]
         return np.concatenate(z1), np.concatenate(lab1), screen_units, new
 
+    def _gates(self, st: ScanState, screen_units: list[torch.Tensor], lab1: np.ndarray, ref: RefFeats,
+               keep_at: list[int], use_of: dict[int, np.ndarray]) -> dict[int, GateTest]:
+        """Each trusted candidate's cross-fitted reference gate (:func:`guard.gate.split_gate`) over
+        its window's layers; the halves are drawn from ``(seed, 7, class)``."""
+        out = {}
+        for c in st.windows:
+            pos = [keep_at.index(int(i)) for i in np.flatnonzero(use_of[c])]
+            mine = torch.from_numpy(lab1 == c)
+            out[c] = split_gate([screen_units[k][mine] for k in pos], ref.units(c, [keep_at[k] for k in pos]),
+                                np.random.default_rng([self.cfg.seed, 7, c]), self.th.out_z, self.th.std_floor)
+        return out
+
     def _decide_screened(self, st: ScanState, z1: np.ndarray, lab1: np.ndarray, ref_z: np.ndarray,
-                         ref_labels: np.ndarray) -> list[int]:
+                         ref_labels: np.ndarray, gates: dict[int, GateTest]) -> list[int]:
         """The second step of :func:`decide` for every candidate; returns those that separate.
-        ``ref_z``: the benign reference samples' discriminant z (leave-one-out), for the
-        reference gate (:func:`~guard.decide.beyond_reference_p`)."""
+        ``ref_z``: the benign reference samples' discriminant z (leave-one-out); ``gates``: the trusted
+        candidates' cross-fitted reference gates (:mod:`guard.gate`); without one (trust-free, or
+        ``gate_cross_fit`` off) a class's screen is counted beyond every reference sample
+        (:func:`~guard.decide.beyond_reference_p`)."""
         separated = []
         for c in st.windows:
             z = z1[lab1 == c]
@@ -416,10 +435,13 @@ class Scanner:
             v = st.classes[c]
             v.separation = float(np.median(z[hit])) if hit.any() else 0.0
             v.screen_share = float(hit.mean())
-            mine = ref_z[ref_labels == c]
-            beyond = int((z > mine.max()).sum()) if len(mine) else 0
-            v.beyond_reference = beyond / max(len(z), 1)
-            v.beyond_p = beyond_reference_p(beyond, len(z), len(mine))
+            if c in gates:
+                v.beyond_reference, v.beyond_p = gates[c].share, gates[c].p
+            else:
+                mine = ref_z[ref_labels == c]
+                beyond = int((z > mine.max()).sum()) if len(mine) else 0
+                v.beyond_reference = beyond / max(len(z), 1)
+                v.beyond_p = beyond_reference_p(beyond, len(z), len(mine))
             verdict, v.reason = decide(ClassStats(v.n_scanned, v.excess, v.p_value, st.cal.source == "trusted",
                                                   st.n_tested, v.screen_share, v.separation, v.train_fit,
                                                   v.beyond_p, v.reference_fit), self.th)

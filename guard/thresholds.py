@@ -48,6 +48,9 @@ class Thresholds(BaseModel):
         0.16, gt=0, le=1, description="separate (trusted only): at least this share of the screen far out")
     separation_z: float = Field(6.0, gt=0, description="separate: far-out samples' median z above this ...")
     min_screen_share: float = Field(0.01, gt=0, lt=1, description="... and at least this share of the screen far out")
+    gate_cross_fit: bool = Field(
+        True, description="trusted: hold the screen against trusted samples that did not choose its direction "
+                          "(guard.gate); False: against all of them, more power without the false-alarm bound")
 
 
     # the cluster probe (guard.probe)

@@ -25,8 +25,11 @@ from torch.utils.data import DataLoader
 FOLDER = Path(__file__).parent / "golden"
 CASES = {"badnets": "badnets", "blended": "blended", "clean": None}
 MODES = {"trusted": {}, "trust-free": {}, "paper": {"critical_rule": "paper"},
-         # a screen too small to fit the probe (the centroid fall-back) and a per-class cap that binds
-         "small-screen": {"thresholds": {"screen_per_class": 16, "class_drop_cap": 0.05, "class_drop_warn": 0.05}}}
+         # a screen too small to fit the probe (the centroid fall-back) and a per-class cap that binds;
+         # with a trusted set a 16-sample screen cannot pass the cross-fitted reference gate, trust-free it can
+         "small-screen": {"thresholds": {"screen_per_class": 16, "class_drop_cap": 0.05, "class_drop_warn": 0.05}},
+         "small-screen-trust-free": {"thresholds": {"screen_per_class": 16, "class_drop_cap": 0.05,
+                                                    "class_drop_warn": 0.05}}}
 _FLOATS = ("excess", "benign_rate", "separation", "screen_share", "threshold")
 
 
@@ -71,7 +74,7 @@ def outputs(case: str, mode: str, archive: str) -> dict[str, Any]:
     model = _model()
     model.load_state_dict(torch.load(FOLDER / f"{case}.pt", weights_only=True))
     cfg = GuardConfig(remedy="none", progress=False, **MODES[mode])
-    gds = GuardedDataset(data.train, model, cfg, trusted=None if mode == "trust-free" else data.trusted)
+    gds = GuardedDataset(data.train, model, cfg, trusted=None if mode.endswith("trust-free") else data.trusted)
     scans = []
     for epoch in (0, 1):
         gds.scan(epoch)

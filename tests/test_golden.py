@@ -73,3 +73,26 @@ def test_trust_free_finds_the_blended_poison_in_the_images(cifar_archive):
     assert poisoned <= first
     assert len(first - poisoned) <= 0.01 * (len(data.train) - len(poisoned))
     assert GOLDEN["clean/trust-free"]["scans"][-1]["quarantined"] == []
+
+
+@pytest.mark.cifar
+def test_a_small_screen_passes_the_gate_held_against_all_trusted_samples_and_not_the_cross_fitted_one(cifar_archive):
+    """A 16-sample screen of the BadNets checkpoint's poisoned class: held against all 30 trusted samples
+    (``gate_cross_fit=False``, the gate before cross-fitting) it is acted on, 30 taken under the cap;
+    held against a half that did not choose the direction, 16 samples cannot beat the bar, and
+    nothing is taken by that route (the recorded outputs: none at either scan)."""
+    import torch
+
+    from guard import GuardConfig, GuardedDataset
+    from tests.golden import _data, _model
+
+    data = _data("badnets", cifar_archive)
+    model = _model()
+    model.load_state_dict(torch.load(FOLDER / "badnets.pt", weights_only=True))
+    th = {**MODES["small-screen"]["thresholds"], "gate_cross_fit": False}
+    gds = GuardedDataset(data.train, model, GuardConfig(remedy="none", progress=False, thresholds=th),
+                         trusted=data.trusted)
+    gds.scan(0)
+    c = gds.report.scans[-1].classes[0]
+    assert c.verdict == "separate cluster" and c.n_flagged == 30 and c.beyond_p < 1e-4
+    assert GOLDEN["badnets/small-screen"]["scans"][0]["quarantined"] == []

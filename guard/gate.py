@@ -1,0 +1,107 @@
+"""The reference gate of a trusted class's cluster: its direction chosen by one half of the class's
+trusted samples, held against the other.
+
+A trusted class's discriminant (:mod:`guard.cluster`) points from its trusted samples towards the
+training samples that leave their spread. Held against the same trusted samples, it is not a fixed
+direction: a draw of trusted samples that happens to sit in one corner of a clean class makes the
+rest of the class "out of spread", and the direction chosen by that draw then puts most of the
+class beyond every one of them (measured: 10 trusted images of a clean class of 294, 69 % of the
+class beyond all ten, where the Beta-binomial bound for a fixed direction gives p = 1e-5; ten
+other images of the class make it not even a candidate; cross-fitted, 60 % beyond a held-out half
+of 5, p = 0.02). The bound of
+:func:`~guard.decide.beyond_reference_p` holds only for a direction chosen without the samples it
+is held against.
+
+So the gate cross-fits: the trusted samples are split in two halves at random; one half's spread
+selects the screened samples out of it and their centroid, and that half's discriminant is held
+against the *other* half's samples, which had no part in it: the count of screened samples beyond
+every one of them is Beta-binomial with the held-out half's size, whatever the features. Both halves
+take each role; the smaller of the two p-values, doubled (Bonferroni), is the gate's. The price is
+the bound's size: with 100 trusted a class (ten classes, defaults) the gate asks for 19 % of the
+class beyond every sample of a half instead of 10 % beyond all 100; with 50, 34 % of 25; with 20,
+64 % of 10. A smaller share for the direction does not buy much: its spread is widened for small
+samples (:func:`~guard.calibrate.small_sample`), so a quarter of 30 trusted samples leaves nothing
+out of it where a half finds the cluster (a BadNets class of the golden tests). With 10 or 20 trusted
+a class the model's route in effect cannot act on what an all-to-one attack plants; a class is then
+acted on through the tests that need no cross-fitting, :mod:`guard.direction` and :mod:`guard.inputs`.
+
+Deterministic for a given seed and class, so every rank of a distributed run agrees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from guard.calibrate import small_sample
+from guard.decide import beyond_reference_p
+from guard.reference import _EPS
+
+
+@dataclass(frozen=True)
+class GateTest:
+    """The cross-fitted gate of one class."""
+
+    p: float          # 2 x the smaller half's p-value (at most 1)
+    share: float      # share of the screen beyond every held-out trusted sample, in the half with that p-value
+    n_held: int       # trusted samples held out in that half
+
+
+def _cos(u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """cos(u_i, s) for unit rows ``u`` and one (unnormalised) centroid sum ``s``."""
+    return (u @ s) / s.norm().clamp_min(_EPS)
+
+
+def _held_out_scores(fit: list[torch.Tensor], held: list[torch.Tensor], screen: list[torch.Tensor],
+                     out_z: float, floor: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """The discriminant of one half (``fit``: its unit features per layer) for the screen (each
+    sample left out of the suspect centroid it is part of) and for the held-out half; None when no
+    screened sample leaves the fitted half's spread at any layer."""
+    n_s, n_h = len(screen[0]), len(held[0])
+    d_s, d_h = torch.zeros(n_s, dtype=torch.float64), torch.zeros(n_h, dtype=torch.float64)
+    any_out = False
+    for f, h, s in zip(fit, held, screen):
+        total = f.sum(0)
+        loo = (f * (total[None] - f)).sum(1) / (total[None] - f).norm(dim=1).clamp_min(_EPS)
+        sd = max(float(loo.std(unbiased=False)), floor) * small_sample(len(f), out_z)
+        cos_s = _cos(s, total)
+        out = (cos_s - loo.mean()) / sd < -out_z
+        if not out.any():
+            continue
+        any_out = True
+        sus = s[out].sum(0)
+        own = out.double()
+        dot = s @ sus                                     # |sus - o s|^2 = |sus|^2 - 2 o s.sus + o
+        sq = (sus @ sus) - 2 * own * dot + own
+        cos_sus = torch.where(sq > 1e-10, (dot - own) / sq.clamp_min(0).sqrt().clamp_min(_EPS), torch.zeros_like(dot))
+        d_s += cos_sus - cos_s
+        d_h += _cos(h, sus) - _cos(h, total)
+    return (d_s.numpy(), d_h.numpy()) if any_out else None
+
+
+def split_gate(screen: list[torch.Tensor], reference: list[torch.Tensor], rng: np.random.Generator,
+               out_z: float, floor: float) -> GateTest:
+    """The cross-fitted reference gate of one class.
+
+    ``screen``, ``reference``: the class's screened and trusted samples' unit features (float64),
+    one tensor per layer of its window; ``out_z``, ``floor``: the out-of-spread cut and the spread's
+    numerical floor (:class:`~guard.thresholds.Thresholds`). With fewer than 4 trusted samples no
+    half has a spread: p is 1."""
+    n = len(reference[0])
+    if n < 4 or len(screen[0]) == 0:
+        return GateTest(1.0, 0.0, n // 2)
+    perm = rng.permutation(n)
+    halves = (np.sort(perm[: n // 2]), np.sort(perm[n // 2:]))
+    best = GateTest(1.0, 0.0, n // 2)
+    for fit, held in (halves, halves[::-1]):
+        scores = _held_out_scores([r[fit] for r in reference], [r[held] for r in reference], screen, out_z, floor)
+        if scores is None:
+            continue
+        d_s, d_h = scores
+        beyond = int((d_s > d_h.max()).sum())
+        test = GateTest(min(2.0 * beyond_reference_p(beyond, len(d_s), len(held)), 1.0), beyond / len(d_s), len(held))
+        if (test.p, -test.share) < (best.p, -best.share):
+            best = test
+    return best
