@@ -119,7 +119,7 @@ def scan_rows(cell: tuple, cache: Path, configs: dict[str, dict], make=spec, tru
                 report = detect(model, data.train, None if trusted is None else data.trusted, cfg, data.scan)
                 q = np.array([r.index for r in report.quarantine], dtype=np.int64)
                 classes = [{"cls": c.cls, "verdict": str(c.verdict), "n": c.n_scanned, "reason": c.reason,
-                            "candidate": c.verdict == "separate cluster" or c.reason.startswith("screened"),
+                            "candidate": is_candidate(str(c.verdict), c.reason),
                             "dropped": int(np.isin(q, np.flatnonzero(data.labels == c.cls)).sum()),
                             "poison_dropped": int(np.isin(q, data.poisoned[data.labels[data.poisoned] == c.cls]).sum()),
                             "poisoned": int((data.labels[data.poisoned] == c.cls).sum())}
@@ -130,6 +130,13 @@ def scan_rows(cell: tuple, cache: Path, configs: dict[str, dict], make=spec, tru
                              "asr_unguarded_final": done.get("attack_success", float("nan")),
                              "acc_unguarded_final": done["clean_acc"]})
     return rows
+
+
+def is_candidate(verdict: str, reason: str) -> bool:
+    """Whether a class passed the first step of the decision and was screened: separate, screened and
+    not separate, or separate but held back by the reference gate."""
+    return (verdict == "separate cluster" or reason.startswith("screened")
+            or "lies beyond every reference sample than" in reason)
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -143,7 +150,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         sel = [r for r in rows if (r["variant"], r["trusted"], r["config"]) == (v, t, c)]
         clean = [(r, k) for r in sel for k in r["classes"] if k["poisoned"] == 0]
         acted = sum(k["dropped"] > 0 for _, k in clean)
-        cand = sum(k["candidate"] for _, k in clean)
+        cand = sum(k["candidate"] or is_candidate(k["verdict"], k["reason"]) for _, k in clean)
         ci = binomtest(acted, max(len(clean), 1)).proportion_ci(0.95, method="exact")
         cci = binomtest(cand, max(len(clean), 1)).proportion_ci(0.95, method="exact")
         none_runs = [r for r in sel if r["attack"] == "none"]
