@@ -20,6 +20,13 @@ the unguarded trajectory measures exactly what the guarded run would do up to it
     python benchmarks/bench_harm.py --scan --part 1/2 --out b.json
     python benchmarks/bench_harm.py --merge a.json b.json --out benchmarks/results/harm_cifar10.json
     python benchmarks/bench_harm.py --render benchmarks/results/harm_cifar10.json
+
+Part 3, ``--guarded``: whole guarded runs beside their unguarded twins (what a scan that acts does to
+the rest of the run: the share dropped, the worst clean class, accuracy against the twin):
+
+    python benchmarks/bench_harm.py --guarded lt50:none:0:0:10 lt50:badnets:0.1:0:10 --out g.json
+    python benchmarks/bench_harm.py --floors floors.json --variants lt50 --seeds 3   # after --train
+    python benchmarks/bench_harm.py --merge-guarded g.json --with-floors floors.json
 """
 
 from __future__ import annotations
@@ -204,6 +211,70 @@ def markdown(summary: list[dict], rows: list[dict]) -> str:
         "cannot show detection.", "", render(summary)])
 
 
+def guarded_row(item: str, make) -> dict:
+    """One whole guarded run beside its twin (``experiment.run``), with what issue 20 asks of it: the
+    share dropped, the worst clean class, each clean class acted on. ``item``: ``ATTACK:RATE:SEED:TRUSTED``
+    (ATTACK ``none`` for no attack, TRUSTED 0 for trust-free); ``make(attack, rate, seed, trusted)``
+    gives its ``RunSpec``."""
+    from benchmarks.bench_guard import class_drops, row
+    from guard.experiment import run
+
+    attack, rate, seed, trusted = item.rsplit(":", 3)
+    attack = None if attack == "none" else attack
+    sp = make(attack, float(rate), int(seed), int(trusted) or 10)
+    if not int(trusted):
+        sp.trust_free = True
+    r = run(sp, compare=True)
+    r.pop("report")
+    out = row(item, r)
+    decisions, acted = 0, []               # clean class decisions: one per clean class and scan
+    for s in r["scans"]:
+        for c in s["classes"]:
+            if attack is None or c["cls"] != sp.target:
+                decisions += 1
+                if c["n_flagged"]:
+                    acted.append({k: c[k] for k in ("cls", "n_scanned", "n_flagged", "verdict", "reason")}
+                                 | {"epoch": s["epoch"]})
+    clean = {c: v for c, v in class_drops(r["scans"]).items() if attack is None or c != sp.target}
+    worst = max(clean, key=clean.get) if clean else None
+    out.update(seed=int(seed), trusted=int(trusted), n_train=r["n_train"], scans=len(r["scans"]),
+               dropped_share=r["guarded"]["flagged"] / r["n_train"], worst_clean_class=worst,
+               worst_clean_drop=clean.get(worst, 0.0), clean_classes_over_2pct=sum(v > 0.02 for v in clean.values()),
+               clean_decisions=decisions, clean_acted=len(acted), acted=acted,
+               benign_flagged=int(round(r["guarded"]["fpr"] * (r["n_train"] - r["guarded"]["poisoned"]))))
+    return out
+
+
+def guarded_table(rows: list[dict], floor: dict | None, intro: str) -> str:
+    """The markdown of :func:`guarded_row` rows under ``intro``; ``floor``: per attack, its never-poisoned
+    attack success (all / correctly classified images), shown in brackets."""
+    pct = lambda v: "-" if v != v else f"{100 * v:.1f}"  # noqa: E731 - nan prints as a dash
+    floor = floor or {}
+    key = lambda r: f"{r['variant']}:{r['attack']}" if "variant" in r else r["attack"]  # noqa: E731
+    at = lambda r, k: f" ({pct(floor[key(r)][k])})" if key(r) in floor else ""  # noqa: E731
+    lines = [intro + " Worst clean class: the largest share one clean class lost over the run. Clean class "
+             "decisions: one per clean class and scan." + (" In brackets: the attack's never-poisoned floor." if floor
+                                                            else "") + (" [code]: the commit a row ran at, where "
+                                                                        "rows differ." if any("code" in r for r in rows)
+                                                                        else ""),
+             "", "| run | trusted a class | scans | clean class decisions acted on | dropped % | worst clean class % "
+             "(classes > 2 %) | TPR % | FPR % | ASR no guard -> guard % | ASR(correct) no guard -> guard % | "
+             "acc no guard -> guard % | overhead % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r.get("variant", ""), r["attack"] or "", r["trusted"], r["seed"])):
+        lines.append(" | ".join([
+            f"| {(r['variant'] + ', ') if 'variant' in r else ''}{r['attack'] or 'no attack'}, seed {r['seed']}"
+            + (f" [{r['code']}]" if "code" in r else ""),
+            str(r["trusted"] or "trust-free"), str(r["scans"]), f"{r['clean_acted']} of {r['clean_decisions']}",
+            pct(r["dropped_share"]), f"{pct(r['worst_clean_drop'])} ({r['clean_classes_over_2pct']})",
+            pct(r["tpr"]) if r["poisoned"] else "-", pct(r["fpr"]),
+            f"{pct(r['asr_unguarded'])} -> {pct(r['asr_guarded'])}{at(r, 'all')}" if r["poisoned"] else "-",
+            f"{pct(r['asr_correct_unguarded'])} -> {pct(r['asr_correct_guarded'])}{at(r, 'correct')}"
+            if r["poisoned"] else "-",
+            f"{pct(r['acc_unguarded'])} -> {pct(r['acc_guarded'])}", pct(r["overhead"])]) + " |")
+    return "\n".join(lines)
+
+
 def merge(files: list[str], out: Path, describe=markdown) -> None:
     """Merge the rows of ``--scan`` parts into ``out`` (summary and ``describe(summary, rows)``'s
     BENCHMARKS.md section) and re-render BENCHMARKS.md."""
@@ -216,6 +287,31 @@ def merge(files: list[str], out: Path, describe=markdown) -> None:
     render_benchmarks()
 
 
+GUARDED_INTRO = ("`python benchmarks/bench_harm.py --guarded VARIANT:ATTACK:RATE:SEED:TRUSTED ... --out PART.json` "
+                 f"(pinned single-thread processes): whole runs of {EPOCHS} epochs on the subsets above (crop + flip, "
+                 f"SGD {LR} cosine, width-16 ResNet-18) with the guard's defaults (a scan every 2 epochs from epoch 3), "
+                 "each beside its unguarded twin in lockstep. Attacked: 10 % of the data into class 0, the head class "
+                 "(floors: the variant's no-attack `--train` models after epoch 23, the highest).")
+
+
+def floors(cache: Path, variants: list[str], seeds: int) -> dict:
+    """Each attack read by the no-attack models of ``--train``'s cache (after epoch 23 of 24), which never
+    saw it: the never-poisoned floor of its attack success per ``VARIANT:ATTACK``, the highest over seeds.
+    (A long-tailed model sends many images to the head class, the target, without any trigger.)"""
+    out = {}
+    for attack, rate, seed in ATTACKED:
+        for v in variants:
+            data = prepare(spec(v, attack, rate, seed))
+            per = []
+            for s in range(seeds):
+                model = data.make_model()
+                model.load_state_dict(torch.load(cache / name(v, None, 0.0, s) / "epoch23.pt", weights_only=True))
+                m = measure(model, data)
+                per.append({"seed": s, "all": m["attack_success"], "correct": m["attack_success_correct"]})
+            out[f"{v}:{attack}"] = {k: max(p[k] for p in per) for k in ("all", "correct")} | {"seeds": per}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", action="store_true")
@@ -226,16 +322,47 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=len(CLEAN_SEEDS), help="clean seeds per variant")
     ap.add_argument("--config", nargs="*", default=["defaults"], metavar="LABEL[:JSON]",
                     help="guard configs to scan with, e.g. 'defaults' or 'strict:{\"thresholds\": {...}}'")
-    ap.add_argument("--out", default=str(HERE / "results" / "harm_cifar10.json"))
+    ap.add_argument("--out", help="--scan, --merge: where to write (default results/harm_cifar10.json); "
+                                  "--guarded: the part's JSON (needed)")
     ap.add_argument("--render", metavar="JSON")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge the rows of --scan parts into --out")
+    ap.add_argument("--guarded", nargs="+", metavar="VARIANT:ATTACK:RATE:SEED:TRUSTED",
+                    help="whole guarded runs beside their twins (TRUSTED 0: trust-free); --out: the part's JSON")
+    ap.add_argument("--floors", metavar="JSON", help="write the attacks' never-poisoned floors here (after --train)")
+    ap.add_argument("--merge-guarded", nargs="+", metavar="JSON",
+                    help="merge --guarded parts into results/harm_cifar10_guarded.json")
+    ap.add_argument("--with-floors", metavar="JSON", help="--merge-guarded: the floors --floors wrote")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.guarded:
+        if not a.out:
+            ap.error("--guarded needs --out PART.json (then merge the parts with --merge-guarded)")
+        rows = []
+        for item in a.guarded:
+            variant, rest = item.split(":", 1)
+            rows.append({"variant": variant, **guarded_row(rest, lambda *x, v=variant: spec(v, *x))})
+            Path(a.out).write_text(json.dumps({"rows": rows}, indent=1, default=float))
+            print(json.dumps(rows[-1], default=float), flush=True)
+        return
+    if a.floors:
+        Path(a.floors).write_text(json.dumps(floors(Path(a.cache), a.variants, a.seeds), indent=1))
+        print(Path(a.floors).read_text())
+        return
+    if a.merge_guarded:
+        rows = [r for f in a.merge_guarded for r in json.loads(Path(f).read_text())["rows"]]
+        floor = json.loads(Path(a.with_floors).read_text()) if a.with_floors else {}
+        md = guarded_table(rows, floor, GUARDED_INTRO)
+        (HERE / "results" / "harm_cifar10_guarded.json").write_text(
+            json.dumps({"rows": rows, "floors": floor, "markdown": md}, indent=1, default=float))
+        render_benchmarks()
+        print(md)
+        return
     if a.render:
         print(render(json.loads(Path(a.render).read_text())["summary"]))
         return
+    out = Path(a.out) if a.out else HERE / "results" / "harm_cifar10.json"
     if a.merge:
-        merge(a.merge, Path(a.out))
+        merge(a.merge, out)
         return
     k, n = (int(x) for x in a.part.split("/"))
     todo = [c for c in cells() if c[0] in a.variants and (c[1] is not None or c[3] < a.seeds)][k::n]
@@ -250,8 +377,8 @@ def main() -> None:
         summary = summarise(rows)
         meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                 "epochs": EPOCHS, "scan_epochs": SCAN_EPOCHS, "lr": LR, "variants": VARIANTS}
-        Path(a.out).write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows,
-                                           "markdown": markdown(summary, rows)}, separators=(",", ":")))
+        out.write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows,
+                                   "markdown": markdown(summary, rows)}, separators=(",", ":")))
         print(render(summary))
 
 

@@ -47,10 +47,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.bench_guard import class_drops, render_benchmarks, row  # noqa: E402
-from benchmarks.bench_harm import merge, render, scan_rows, summarise, train  # noqa: E402
+from benchmarks.bench_guard import render_benchmarks  # noqa: E402
+from benchmarks.bench_harm import guarded_row, guarded_table, merge, render, scan_rows, summarise, train  # noqa: E402
 from guard.datasets import load_cifar10  # noqa: E402
-from guard.experiment import RunSpec, run  # noqa: E402
+from guard.experiment import RunSpec  # noqa: E402
 
 CLASSES, HEAD, IMBALANCE, POOL = 30, 350, 1.75, 600
 ORIENT = ("0-upright", "1-upside-down", "2-sideways")
@@ -116,32 +116,10 @@ def markdown(summary: list[dict], rows: list[dict]) -> str:
 
 
 def guarded(root: Path, item: str) -> dict:
-    """One whole guarded run beside its twin; ``item`` is ``ATTACK:RATE:SEED:TRUSTED`` (ATTACK ``none``
-    for no attack, TRUSTED 0 for trust-free; zoo triggers keep their colons: ``zoo:7:9:0.02:0:10``)."""
-    attack, rate, seed, trusted = item.rsplit(":", 3)
-    attack = None if attack == "none" else attack
-    sp = spec_for(root)("many30", attack, float(rate), int(seed), int(trusted) or 10)
-    if not int(trusted):
-        sp.trust_free = True
-    r = run(sp, compare=True)
-    r.pop("report")
-    out = row(item, r)
-    decisions, acted = 0, []               # clean class decisions: one per clean class and scan
-    for s in r["scans"]:
-        for c in s["classes"]:
-            if attack is None or c["cls"] != sp.target:
-                decisions += 1
-                if c["n_flagged"]:
-                    acted.append({k: c[k] for k in ("cls", "n_scanned", "n_flagged", "verdict", "reason")}
-                                 | {"epoch": s["epoch"]})
-    clean = {c: v for c, v in class_drops(r["scans"]).items() if attack is None or c != sp.target}
-    worst = max(clean, key=clean.get) if clean else None
-    out.update(seed=int(seed), trusted=int(trusted), n_train=r["n_train"], scans=len(r["scans"]),
-               dropped_share=r["guarded"]["flagged"] / r["n_train"], worst_clean_class=worst,
-               worst_clean_drop=clean.get(worst, 0.0), clean_classes_over_2pct=sum(v > 0.02 for v in clean.values()),
-               clean_decisions=decisions, clean_acted=len(acted), acted=acted,
-               benign_flagged=int(round(r["guarded"]["fpr"] * (r["n_train"] - r["guarded"]["poisoned"]))))
-    return out
+    """One whole guarded run beside its twin (:func:`bench_harm.guarded_row`); ``item`` is
+    ``ATTACK:RATE:SEED:TRUSTED`` (ATTACK ``none`` for no attack, TRUSTED 0 for trust-free; zoo triggers
+    keep their colons: ``zoo:7:9:0.02:0:10``)."""
+    return guarded_row(item, lambda attack, rate, seed, trusted: spec_for(root)("many30", attack, rate, seed, trusted))
 
 
 def floors(root: Path, cache: Path, seeds: int) -> dict:
@@ -163,30 +141,11 @@ def floors(root: Path, cache: Path, seeds: int) -> dict:
 
 
 def guarded_markdown(rows: list[dict], floor: dict | None = None) -> str:
-    pct = lambda v: "-" if v != v else f"{100 * v:.1f}"  # noqa: E731 - nan prints as a dash
-    floor = floor or {}
-    at = lambda r, k: f" ({pct(floor[r['attack']][k])})" if r["attack"] in floor else ""  # noqa: E731
-    lines = ["`python benchmarks/bench_manyclass.py --root R --guarded ATTACK:RATE:SEED:TRUSTED ...` (pinned "
-             f"single-thread processes): the 30-class data above, whole runs of {EPOCHS} epochs with the guard's "
-             "defaults (a scan every 2 epochs from epoch 3), each beside its unguarded twin in lockstep. Attacked: "
-             "2 % of the data into class 0. Worst clean class: the largest share one clean class lost over the run. "
-             "Clean class decisions: one per clean class and scan. In brackets: the attack's never-poisoned floor, the "
-             "highest of the six no-attack `--train` models (`--floors`).",
-             "", "| run | trusted a class | scans | clean class decisions acted on | dropped % | worst clean class % "
-             "(classes > 2 %) | TPR % | FPR % | ASR no guard -> guard % | ASR(correct) no guard -> guard % | "
-             "acc no guard -> guard % | overhead % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["attack"] or "", r["trusted"], r["seed"])):
-        lines.append(" | ".join([
-            f"| {r['attack'] or 'no attack'}, seed {r['seed']}", str(r["trusted"] or "trust-free"), str(r["scans"]),
-            f"{r['clean_acted']} of {r['clean_decisions']}",
-            pct(r["dropped_share"]), f"{pct(r['worst_clean_drop'])} ({r['clean_classes_over_2pct']})",
-            pct(r["tpr"]) if r["poisoned"] else "-", pct(r["fpr"]),
-            f"{pct(r['asr_unguarded'])} -> {pct(r['asr_guarded'])}{at(r, 'all')}" if r["poisoned"] else "-",
-            f"{pct(r['asr_correct_unguarded'])} -> {pct(r['asr_correct_guarded'])}{at(r, 'correct')}"
-            if r["poisoned"] else "-",
-            f"{pct(r['acc_unguarded'])} -> {pct(r['acc_guarded'])}", pct(r["overhead"])]) + " |")
-    return "\n".join(lines)
+    return guarded_table(rows, floor, "`python benchmarks/bench_manyclass.py --root R --guarded ATTACK:RATE:SEED:TRUSTED "
+                         f"...` (pinned single-thread processes): the 30-class data above, whole runs of {EPOCHS} epochs "
+                         "with the guard's defaults (a scan every 2 epochs from epoch 3), each beside its unguarded twin "
+                         "in lockstep. Attacked: 2 % of the data into class 0 (floors: the six no-attack `--train` "
+                         "models, the highest).")
 
 
 def main() -> None:
