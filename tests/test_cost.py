@@ -95,8 +95,8 @@ def poisoned():
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x[i]), y[i]).backward()
             opt.step()
-    trusted_x = torch.rand(90, 3, 16, 16, generator=g) * 0.5
-    trusted_y = torch.arange(90) % 3
+    trusted_x = torch.rand(300, 3, 16, 16, generator=g) * 0.5      # 100 a class: the model's route can act
+    trusted_y = torch.arange(300) % 3                               # on a 23 % cluster (guard.gate)
     trusted_x[trusted_y == 1, 1] += 0.4
     trusted_x[trusted_y == 2, 2] += 0.4
     return model.eval(), TensorDataset(x, y), TensorDataset(trusted_x, trusted_y), poison

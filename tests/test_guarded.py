@@ -79,7 +79,9 @@ def test_a_cluster_found_again_in_a_class_with_quarantined_samples_is_cut_at_fol
     # class's prior odds of poison are lower now, so its new cut is the follow-up's (benign taken: 9 at
     # flag_z, 2 at follow_z), and every poisoned sample left is still taken
     ds, model = poisoned
-    gds = GuardedDataset(ds, model, GuardConfig(remedy="none"), trusted=Blobs(150, seed=7))
+    # 200 trusted a class: the model's route, its gate held against a half of them (guard.gate), acts on
+    # a cluster of 18 % of the class
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="none"), trusted=Blobs(600, seed=7))
     gds.quarantine(ds.poisoned[:5])
     scan = gds.scan()
     v = next(v for v in scan.classes if v.cls == 0)
@@ -110,7 +112,7 @@ def test_a_class_found_separate_again_gives_back_what_its_new_probe_calls_benign
     # back, unless the probe does not recognise the earlier catch (more of it below flag_z than above
     # follow_z) or a person quarantined them
     ds, model = poisoned
-    gds = GuardedDataset(ds, model, GuardConfig(remedy="none"), trusted=Blobs(150, seed=7))
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="none"), trusted=Blobs(600, seed=7))   # as above
     caught, benign0 = _first_catch(gds, ds, 5, benign, by_hand)
     scan = gds.scan()
     v = next(v for v in scan.classes if v.cls == 0)
