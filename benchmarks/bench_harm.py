@@ -157,7 +157,8 @@ def summarise(rows: list[dict]) -> list[dict]:
         sel = [r for r in rows if (r["variant"], r["trusted"], r["config"]) == (v, t, c)]
         clean = [(r, k) for r in sel for k in r["classes"] if k["poisoned"] == 0]
         acted = sum(k["dropped"] > 0 for _, k in clean)
-        cand = sum(k["candidate"] or is_candidate(k["verdict"], k["reason"]) for _, k in clean)
+        # older rows have no reason, and their "candidate" left out the classes the gate held back
+        cand = sum(k["candidate"] or is_candidate(k["verdict"], k.get("reason", "")) for _, k in clean)
         ci = binomtest(acted, max(len(clean), 1)).proportion_ci(0.95, method="exact")
         cci = binomtest(cand, max(len(clean), 1)).proportion_ci(0.95, method="exact")
         none_runs = [r for r in sel if r["attack"] == "none"]

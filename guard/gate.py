@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from guard.calibrate import small_sample
+from guard.cluster import _cosine_without
 from guard.decide import beyond_reference_p
-from guard.reference import _EPS
 
 
 @dataclass(frozen=True)
@@ -49,35 +49,28 @@ class GateTest:
     n_held: int       # trusted samples held out in that half
 
 
-def _cos(u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """cos(u_i, s) for unit rows ``u`` and one (unnormalised) centroid sum ``s``."""
-    return (u @ s) / s.norm().clamp_min(_EPS)
-
-
 def _held_out_scores(fit: list[torch.Tensor], held: list[torch.Tensor], screen: list[torch.Tensor],
                      out_z: float, floor: float) -> tuple[np.ndarray, np.ndarray] | None:
     """The discriminant of one half (``fit``: its unit features per layer) for the screen (each
     sample left out of the suspect centroid it is part of) and for the held-out half; None when no
-    screened sample leaves the fitted half's spread at any layer."""
+    screened sample leaves the fitted half's spread at any layer. The cosines are the discriminant's
+    own (:func:`guard.cluster._cosine_without`), with one class."""
+    one = lambda u: torch.zeros(len(u), dtype=torch.long)  # noqa: E731 - every row is the class's
     n_s, n_h = len(screen[0]), len(held[0])
     d_s, d_h = torch.zeros(n_s, dtype=torch.float64), torch.zeros(n_h, dtype=torch.float64)
     any_out = False
     for f, h, s in zip(fit, held, screen):
-        total = f.sum(0)
-        loo = (f * (total[None] - f)).sum(1) / (total[None] - f).norm(dim=1).clamp_min(_EPS)
+        total = f.sum(0)[None]
+        loo = _cosine_without(f, total, one(f), 1.0)
         sd = max(float(loo.std(unbiased=False)), floor) * small_sample(len(f), out_z)
-        cos_s = _cos(s, total)
+        cos_s = _cosine_without(s, total, one(s), None)
         out = (cos_s - loo.mean()) / sd < -out_z
         if not out.any():
             continue
         any_out = True
-        sus = s[out].sum(0)
-        own = out.double()
-        dot = s @ sus                                     # |sus - o s|^2 = |sus|^2 - 2 o s.sus + o
-        sq = (sus @ sus) - 2 * own * dot + own
-        cos_sus = torch.where(sq > 1e-10, (dot - own) / sq.clamp_min(0).sqrt().clamp_min(_EPS), torch.zeros_like(dot))
-        d_s += cos_sus - cos_s
-        d_h += _cos(h, sus) - _cos(h, total)
+        sus = s[out].sum(0)[None]
+        d_s += _cosine_without(s, sus, one(s), out.double()) - cos_s
+        d_h += _cosine_without(h, sus, one(h), None) - _cosine_without(h, total, one(h), None)
     return (d_s.numpy(), d_h.numpy()) if any_out else None
 
 

@@ -349,7 +349,7 @@ class Scanner:
         cross_fit = st.cal.source == "trusted" and self.th.gate_cross_fit
         keep_at = list(range(len(layer_ids))) if cross_fit else at
         z1, lab1, screen_units, cent = self._screen(train, st, screen_rows, layer_ids, keep_at, cent, z_of)
-        gates = self._gates(st, screen_units, lab1, ref, keep_at, cent.use_of) if cross_fit else {}
+        gates = self._gates(st, screen_units, lab1, ref, cent.use_of) if cross_fit else {}
         separated = self._decide_screened(st, z1, lab1, ref_z, ref.labels, gates)
         if not separated:
             return
@@ -410,14 +410,15 @@ class Scanner:
         return np.concatenate(z1), np.concatenate(lab1), screen_units, new
 
     def _gates(self, st: ScanState, screen_units: list[torch.Tensor], lab1: np.ndarray, ref: RefFeats,
-               keep_at: list[int], use_of: dict[int, np.ndarray]) -> dict[int, GateTest]:
+               use_of: dict[int, np.ndarray]) -> dict[int, GateTest]:
         """Each trusted candidate's cross-fitted reference gate (:func:`guard.gate.split_gate`) over
-        its window's layers; the halves are drawn from ``(seed, 7, class)``."""
+        its window's layers (``screen_units`` and ``ref`` hold every layer the confirm stage reads);
+        the halves are drawn from ``(seed, 7, class)``."""
         out = {}
         for c in st.windows:
-            pos = [keep_at.index(int(i)) for i in np.flatnonzero(use_of[c])]
+            pos = np.flatnonzero(use_of[c]).tolist()
             mine = torch.from_numpy(lab1 == c)
-            out[c] = split_gate([screen_units[k][mine] for k in pos], ref.units(c, [keep_at[k] for k in pos]),
+            out[c] = split_gate([screen_units[k][mine] for k in pos], ref.units(c, pos),
                                 np.random.default_rng([self.cfg.seed, 7, c]), self.th.out_z, self.th.std_floor)
         return out
 
