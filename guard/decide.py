@@ -92,6 +92,9 @@ class ClassStats:
     direction_p: float | None = None       # guard.direction's p-value (corrected for sides and layers; trust-free: images only)
     direction_share: float = 0.0           # ... and the share of the class beyond every reference sample there
     direction_input: bool = False          # ... in an input view (guard.inputs), which does not depend on the model
+    caught_p: float | None = None          # guard.elsewhere's p-value along the other classes' catches
+    caught_share: float = 0.0              # ... the share of the class beyond every trusted sample there
+    caught_from: tuple[int, ...] = ()      # ... the classes whose catches they were
 
 
 def decide(s: ClassStats, t: Thresholds) -> tuple[Verdict, str]:
@@ -114,6 +117,11 @@ def decide(s: ClassStats, t: Thresholds) -> tuple[Verdict, str]:
     if direction:
         return Verdict.SEPARATE, (f"{s.direction_share:.0%} of the class lies beyond every trusted sample along its main "
                                   f"direction of variation (p={s.direction_p:.2g} < {bar:.2g})")
+    if s.trusted and s.caught_p is not None and s.caught_p < bar and s.n_scanned >= t.min_class:
+        along = (f"the probe of class {s.caught_from[0]}'s catch" if len(s.caught_from) == 1
+                 else f"the mean of the probes of the catches in classes {', '.join(map(str, s.caught_from))}")
+        return Verdict.SEPARATE, (f"{s.caught_share:.0%} of the class lies beyond every trusted sample along {along} "
+                                  f"(p={s.caught_p:.2g} < {bar:.2g})")
     candidate = s.excess >= t.min_excess and s.p_value < bar and s.n_scanned >= t.min_class
     if not candidate:
         if s.excess > 0 and s.p_value < t.watch_p:

@@ -60,6 +60,8 @@ class RunSpec:
     guard: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"                  # where the model trains ("cuda" on a GPU); the guard follows it
     give_optimizer: bool = True          # GuardedDataset(optimizer=opt): unlearning steps at its current learning rate
+    label_noise: float = 0.0             # share of training labels set to another class at random (before poisoning)
+    train_jpeg: int | None = None        # re-encode the training images as JPEG at this quality (the trusted set stays)
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Prepared:
     num_classes: int
     make_model: Any
     cover: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))   # triggered, label kept
+    noisy: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))   # label_noise: labels changed
 
 
 def prepare(spec: RunSpec) -> Prepared:
@@ -110,6 +113,7 @@ def prepare(spec: RunSpec) -> Prepared:
                                             for c in range(C)]))
     trusted_idx = stratified_indices(full.labels, spec.trusted_per_class, seed=spec.seed + 1, exclude=train_idx)
     train, trusted = full.subset(train_idx), full.subset(trusted_idx)
+    train, noisy = _degrade(train, spec, C)
     poisoned = cover = np.empty(0, np.int64)
     triggered = atk = None
     if spec.attack:
@@ -119,7 +123,33 @@ def prepare(spec: RunSpec) -> Prepared:
         triggered = ArrayImageDataset(ArraySplit(*atk.triggered_test(test.images, test.labels)), mean, std)
     mk = lambda s, a=False: ArrayImageDataset(s, mean, std, augment=a)  # noqa: E731
     return Prepared(mk(train, spec.augment), mk(train), mk(trusted), mk(test), triggered, atk, poisoned,
-                    train.labels, C, make_model, cover)
+                    train.labels, C, make_model, cover, noisy)
+
+
+def _degrade(train: ArraySplit, spec: RunSpec, num_classes: int) -> tuple[ArraySplit, np.ndarray]:
+    """The training split as data from a less careful source than the trusted set: ``train_jpeg``
+    re-encodes every image (PIL, that quality); ``label_noise`` gives that share of the samples another
+    class's label, uniformly among the others. Returns the split and the indices whose label changed."""
+    images, labels = train.images, train.labels.copy()
+    if spec.train_jpeg is not None:
+        import io
+
+        from PIL import Image
+
+        def jpeg(img: np.ndarray) -> np.ndarray:
+            buf = io.BytesIO()
+            Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(buf, "JPEG", quality=spec.train_jpeg)
+            out = np.asarray(Image.open(buf), dtype=np.uint8)
+            return out.reshape(img.shape)
+        images = np.stack([jpeg(im) for im in images])
+    noisy = np.empty(0, np.int64)
+    if spec.label_noise:
+        if not 0 < spec.label_noise < 1:
+            raise ValueError(f"label_noise must be in [0, 1), got {spec.label_noise}")
+        rng = np.random.default_rng([spec.seed, 11])
+        noisy = np.sort(rng.choice(len(labels), int(round(spec.label_noise * len(labels))), replace=False))
+        labels[noisy] = (labels[noisy] + rng.integers(1, num_classes, len(noisy))) % num_classes
+    return ArraySplit(images, labels), noisy
 
 
 def build_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:

@@ -54,6 +54,7 @@ class ClassReport(BaseModel):
         0.0, description="share of the screened samples beyond every reference sample (trusted: of a held-out half)")
     beyond_p: float = Field(1.0, description="p-value of that share for a clean class (guard.gate, decide.beyond_reference_p)")
     direction_p: float = Field(1.0, description="p-value of the class's main direction for a clean class (guard.direction)")
+    caught_p: float = Field(1.0, description="p-value along another class's catch for a clean class (guard.elsewhere)")
     threshold: float
     n_flagged: int = 0
     n_paper_flagged: int = Field(0, description="what the paper's rule would flag (baseline)")

@@ -1,6 +1,6 @@
 """One scan: named stages over one per-scan state; the decision itself is :func:`guard.decide.decide`.
 
-    calibrate -> score -> locate -> confirm -> direction -> follow up -> result
+    calibrate -> score -> locate -> confirm -> direction -> follow up -> elsewhere -> result
 
 Every model pass goes through :meth:`Passes.stream`, which counts the samples each pass forwards
 (``ScanResult.passes``) and adds up where its time goes (``ScanResult.seconds_by_part``). The
@@ -25,6 +25,8 @@ scan/quarantined           <= screen_per_class       follow-up: the quarantined 
 scan/follow-screen         <= screen_per_class       follow-up: the kept side of its probe
 scan/quarantined-centroid  quarantined               follow-up fall-back: their centroid
 scan/follow-up(-centroid)  classes followed up       look-alikes of what was quarantined
+scan/elsewhere             <= screen_per_class       trusted, after a catch: the other classes along its probe
+scan/elsewhere-confirm     classes that separate     ... the probe's z of every sample of those
 =========================  ========================  =================================================
 
 The input views of the direction stage (:mod:`guard.inputs`) read images without the model; they
@@ -53,6 +55,7 @@ from guard.cluster import Centroids, RefFeats, Zscore
 from guard.config import GuardConfig
 from guard.decide import ClassStats, Verdict, beyond_reference_p, binomial_p, decide, flag_cut, give_back, take
 from guard.direction import DirectionTest, across_classes, direction_test
+from guard.elsewhere import along_catches
 from guard.distributed import gather_rows, shard, sum_tensors, world
 from guard.errors import GuardError
 from guard.extract import Batch, Extractor
@@ -113,6 +116,9 @@ class ScanState:
     store: KeptFeatures | None = None   # the scoring pass's features, when they fit (guard.keep)
     releasable: dict[int, np.ndarray] = field(default_factory=dict)   # class -> quarantined indices it may give back
     released: list[np.ndarray] = field(default_factory=list)
+    probes: dict[int, Probe] = field(default_factory=dict)   # class -> this scan's probe at the probe layers
+    input_probes: dict[int, tuple[int, Probe]] = field(default_factory=dict)   # class -> (input view, its probe)
+    input_views: InputViews | None = None   # the direction stage's views (the coarse view's whitening)
 
     def rows_of(self, classes) -> np.ndarray:
         return np.flatnonzero(np.isin(self.labels, list(classes)))
@@ -208,6 +214,9 @@ class Scanner:
             if follow:
                 with _timed(seconds, "follow_up"):
                     self.follow_up(train, st, follow)
+            if (st.probes or st.input_probes) and st.cal.source == "trusted" and self.th.catch_elsewhere:
+                with _timed(seconds, "elsewhere"):
+                    self.elsewhere(train, st)
         return self.result(st, passes.split(time.monotonic() - t0))
 
     # ---- stage 1: calibrate ---------------------------------------------------------------
@@ -479,6 +488,7 @@ class Scanner:
                  if len(mrows) else [])
         ref = self._reference_feats(st, todo, names)
         views = self._input_views(train, st, rows, ref) if self.cfg.scan_inputs else None
+        st.input_views = views[0] if views is not None else None
         n_views = len(names) + (len(InputViews.names) if views is not None else 0)
         bar = th.max_false_alarm / max(st.n_tested, 1)
         at, seeds, in_seeds = list(range(len(names))), {}, {}
@@ -557,7 +567,7 @@ class Scanner:
                 v.reason += ("; no probe could be fitted on the images beyond, so nothing is taken (the next scan "
                              "tests the class again)")
                 continue
-            probes[c] = (0, probe)
+            probes[c] = st.input_probes[c] = (0, probe)
             v.critical_layers = [InputViews.names[0]]
         self._flag_input_probed(train, st, probes, views)
 
@@ -601,7 +611,7 @@ class Scanner:
         for c, (k, screen, seed, benign) in seeds.items():
             probe = self_train(screen, benign, seed, self.th, rng_seed=self.cfg.seed)
             if probe is not None:
-                probes[c] = (k, probe)
+                probes[c] = st.input_probes[c] = (k, probe)
                 st.classes[c].critical_layers = [InputViews.names[k]]
                 st.ref_susp[ref.rows[ref.labels == c]] = probe.z(benign)
         return probes
@@ -675,6 +685,90 @@ class Scanner:
         if len(probes) < len(follow):
             self._follow_centroid(train, st, {c: follow[c] for c in follow if c not in probes})
         self._flag_probed(train, st, probes, probe_ids, "scan/follow-up", Verdict.LIKE_QUARANTINED)
+
+    def elsewhere(self, train: Dataset, st: ScanState) -> None:
+        """Trusted reference only: every class this scan did not act on is held against the probes of
+        this scan's catches and follow-ups (:mod:`guard.elsewhere`): the model's (classes the model has
+        learned) and each input view's (any class), the catches of each averaged into one direction, the
+        p-value corrected for the directions tried. A class with more of a screen of it beyond every
+        one of its trusted samples along one of them than a clean class could (:func:`decide`) is
+        separate: the samples beyond seed its own probe there, and a pass over the class scores every
+        sample with it."""
+        th, chance = self.th, self.th.min_class_fit / max(self.C, 1)
+        done = (Verdict.SEPARATE, Verdict.LIKE_QUARANTINED)
+        todo = [c for c, v in st.classes.items() if v.verdict not in done and v.n_scanned >= th.min_class
+                and c not in st.probes and c not in st.input_probes]
+        if not todo:
+            return
+        probe_ids = self._probe_layers()
+        names = [self.layers[i] for i in probe_ids]
+        at = list(range(len(names)))
+        rows = self._screen_rows(st, todo, 5)
+        ref = self._reference_feats(st, todo, names)
+        learned = [c for c in todo if not st.classes[c].train_fit < chance]
+        families: list[tuple[str, list[torch.Tensor], list[torch.Tensor], dict[int, Probe], np.ndarray]] = []
+        if st.probes and learned:
+            mrows = np.isin(st.labels[rows], learned)
+            units = _units(self._read(st, train, rows[mrows], probe_ids, "scan/elsewhere"), len(probe_ids))
+            theirs = [unit(ref.feats[i].double()) for i in at]
+            families.append(("model", units, theirs, st.probes, st.labels[rows][mrows]))
+        views = self._elsewhere_views(train, st, rows, ref)
+        for k, (mine_k, theirs_k) in enumerate(views):
+            sources = {c: p for c, (view, p) in st.input_probes.items() if view == k}
+            if sources:
+                families.append((InputViews.names[k], [mine_k.double()], [theirs_k.double()], sources, st.labels[rows]))
+        seeds, in_seeds = {}, {}
+        for c in todo:
+            tests = []
+            for fam, mine, theirs, sources, labels in families:
+                if fam == "model" and c not in learned:
+                    continue
+                sel, mask = torch.from_numpy(labels == c), torch.from_numpy(ref.labels == c)
+                m, t = [u[sel] for u in mine], [u[mask] for u in theirs]
+                test = along_catches(m, t, {s: p for s, p in sources.items() if s != c})
+                if test is not None:
+                    tests.append((test.p, fam, test, m, t))
+            if not tests:
+                continue
+            p, fam, test, m, t = min(tests, key=lambda x: x[0])
+            p = min(1.0, p * len(tests))
+            v = st.classes[c]
+            v.caught_p = p
+            verdict, reason = decide(ClassStats(v.n_scanned, v.excess, v.p_value, True, st.n_tested,
+                                                train_fit=v.train_fit, caught_p=p, caught_share=test.share,
+                                                caught_from=tuple(test.sources)), th)
+            if verdict != Verdict.SEPARATE:
+                continue
+            v.reason = reason if fam == "model" else f"{reason}, at {fam}"
+            seed = np.where(test.beyond, th.screen_z + 1.0, np.where(test.z < th.benign_z, 0.0, th.benign_z))
+            if fam == "model":
+                seeds[c] = (m, seed)
+            else:
+                in_seeds[c] = (InputViews.names.index(fam), m, seed, t)
+        probes = self._fit_probes(st, seeds, ref, at, names)
+        in_probes = self._fit_input_probes(st, in_seeds, ref)
+        for c in (*seeds, *in_seeds):
+            if c not in probes and c not in in_probes:
+                st.classes[c].reason += ("; no probe could be fitted on the samples beyond, so nothing is taken "
+                                         "(the next scan tests the class again)")
+        self._flag_probed(train, st, probes, probe_ids, "scan/elsewhere-confirm", Verdict.SEPARATE)
+        if in_probes:
+            self._flag_input_probed(train, st, in_probes, st.input_views)
+
+    def _elsewhere_views(self, train: Dataset, st: ScanState, rows: np.ndarray,
+                         ref: RefFeats) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The screen's and the reference's unit features in the input views that hold a catch: the
+        direction stage's views (its coarse view's whitening, which its probes were fitted in)."""
+        wanted = {k for k, _ in st.input_probes.values()}
+        if not wanted or st.input_views is None:
+            return []
+        ex = self.extractor
+        mine = read_views(train, st.kept[rows], ex.adapter, ex.batch_size, ex.num_workers)
+        theirs = read_views(st.cal.dataset, st.cal.positions(ref.rows), ex.adapter, ex.batch_size, ex.num_workers)
+        if mine is None or theirs is None:
+            return []
+        mu, tu = st.input_views.units(mine), st.input_views.units(theirs)
+        return [(mu[k], tu[k]) for k in range(len(mu))]
 
     def _follow_screens(self, train: Dataset, st: ScanState, follow: dict[int, np.ndarray],
                         layer_ids: list[int]) -> dict[int, tuple[list[torch.Tensor], np.ndarray]]:
@@ -776,7 +870,7 @@ class Scanner:
             t_units = ref.units(c, at)
             probe = self_train(units, t_units, seed, self.th, rng_seed=self.cfg.seed)
             if probe is not None:
-                probes[c] = probe
+                probes[c] = st.probes[c] = probe
                 st.classes[c].critical_layers = [names[at[k]] for k in probe.layers]
                 st.ref_susp[ref.rows[ref.labels == c]] = probe.z(t_units)
         return probes

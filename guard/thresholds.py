@@ -51,7 +51,8 @@ class Thresholds(BaseModel):
     gate_cross_fit: bool = Field(
         True, description="trusted: hold the screen against trusted samples that did not choose its direction "
                           "(guard.gate); False: against all of them, more power without the false-alarm bound")
-
+    catch_elsewhere: bool = Field(
+        True, description="trusted: hold every other class against the probes of a scan's catches (guard.elsewhere)")
 
     # the cluster probe (guard.probe)
     probe_shrinkage: float = Field(0.8, gt=0, le=1, description="the probe's LDA shrinkage (1: mean difference)")

@@ -43,3 +43,20 @@ def test_with_10_trusted_a_class_the_images_still_catch_a_10_percent_trigger(cas
     assert d["tpr"] >= 0.95 and d["fpr"] <= 0.01, d
     target = next(c for c in report.scans[-1].classes if c.cls == 0)
     assert "image of the other classes" in target.reason, target.reason
+
+
+def test_a_noisier_source_changes_the_training_split_only_and_says_which_labels():
+    # RunSpec.label_noise / train_jpeg: the training data from a less careful source than the trusted set
+    from guard.experiment import RunSpec, prepare
+
+    base = prepare(RunSpec(data="digits", attack=None))
+    data = prepare(RunSpec(data="digits", attack=None, label_noise=0.1, train_jpeg=30))
+    changed = np.flatnonzero(data.labels != base.labels)
+    assert len(changed) == round(0.1 * len(base.labels)) and np.array_equal(changed, data.noisy)
+    assert torch.equal(data.trusted.images, base.trusted.images) and torch.equal(data.test.images, base.test.images)
+    diff = (data.train.images.float() - base.train.images.float()).abs()
+    assert diff.mean() > 0.5 and data.train.images.shape == base.train.images.shape
+    again = prepare(RunSpec(data="digits", attack=None, label_noise=0.1, train_jpeg=30))
+    assert np.array_equal(again.labels, data.labels) and torch.equal(again.train.images, data.train.images)
+    with pytest.raises(ValueError, match="label_noise"):
+        prepare(RunSpec(data="digits", attack=None, label_noise=1.5))
