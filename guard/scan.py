@@ -518,15 +518,7 @@ class Scanner:
                     in_seeds[c] = (test.layer - len(names), [mine[k].double()], seed, [theirs[k].double()])
                 else:
                     seeds[c] = ([u.double() for u in mine[:len(names)]], seed)
-        probes = self._fit_probes(st, seeds, ref, at, names)
-        in_probes = self._fit_input_probes(st, in_seeds, ref)
-        for c in (*seeds, *in_seeds):
-            if c not in probes and c not in in_probes:
-                st.classes[c].reason += ("; no probe could be fitted on the samples beyond, so nothing is taken "
-                                         "(the next scan tests the class again)")
-        self._flag_probed(train, st, probes, probe_ids, "scan/direction-confirm", Verdict.SEPARATE)
-        if views is not None:
-            self._flag_input_probed(train, st, in_probes, views[0])
+        self._take_beyond(train, st, seeds, in_seeds, ref, names, "scan/direction-confirm")
 
     def images_across(self, train: Dataset, st: ScanState) -> None:
         """Each class not yet separate: its images in the fine input view (:data:`~guard.inputs.FINE`,
@@ -745,13 +737,20 @@ class Scanner:
                 seeds[c] = (m, seed)
             else:
                 in_seeds[c] = (InputViews.names.index(fam), m, seed, t)
-        probes = self._fit_probes(st, seeds, ref, at, names)
+        self._take_beyond(train, st, seeds, in_seeds, ref, names, "scan/elsewhere-confirm")
+
+    def _take_beyond(self, train: Dataset, st: ScanState, seeds: dict, in_seeds: dict, ref: RefFeats,
+                     names: list[str], desc: str) -> None:
+        """Classes found separate by a count beyond every trusted sample: a probe seeded with the samples
+        beyond, at the probe layers (``seeds``) or in an input view (``in_seeds``, read in the direction
+        stage's views), scores every sample of its class (pass ``desc``) and the class is flagged."""
+        probes = self._fit_probes(st, seeds, ref, list(range(len(names))), names)
         in_probes = self._fit_input_probes(st, in_seeds, ref)
         for c in (*seeds, *in_seeds):
             if c not in probes and c not in in_probes:
                 st.classes[c].reason += ("; no probe could be fitted on the samples beyond, so nothing is taken "
                                          "(the next scan tests the class again)")
-        self._flag_probed(train, st, probes, probe_ids, "scan/elsewhere-confirm", Verdict.SEPARATE)
+        self._flag_probed(train, st, probes, self._probe_layers(), desc, Verdict.SEPARATE)
         if in_probes:
             self._flag_input_probed(train, st, in_probes, st.input_views)
 
