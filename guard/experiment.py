@@ -142,10 +142,10 @@ def _degrade(train: ArraySplit, spec: RunSpec, num_classes: int) -> tuple[ArrayS
             out = np.asarray(Image.open(buf), dtype=np.uint8)
             return out.reshape(img.shape)
         images = np.stack([jpeg(im) for im in images])
+    if not 0 <= spec.label_noise < 1:
+        raise ValueError(f"label_noise is a share of the training labels, in [0, 1); got {spec.label_noise}")
     noisy = np.empty(0, np.int64)
     if spec.label_noise:
-        if not 0 < spec.label_noise < 1:
-            raise ValueError(f"label_noise must be in [0, 1), got {spec.label_noise}")
         rng = np.random.default_rng([spec.seed, 11])
         noisy = np.sort(rng.choice(len(labels), int(round(spec.label_noise * len(labels))), replace=False))
         labels[noisy] = (labels[noisy] + rng.integers(1, num_classes, len(noisy))) % num_classes

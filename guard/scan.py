@@ -55,8 +55,8 @@ from guard.cluster import Centroids, RefFeats, Zscore
 from guard.config import GuardConfig
 from guard.decide import ClassStats, Verdict, beyond_reference_p, binomial_p, decide, flag_cut, give_back, take
 from guard.direction import DirectionTest, across_classes, direction_test
-from guard.elsewhere import along_catches
 from guard.distributed import gather_rows, shard, sum_tensors, world
+from guard.elsewhere import along_catches
 from guard.errors import GuardError
 from guard.extract import Batch, Extractor
 from guard.gate import GateTest, split_gate
@@ -756,8 +756,9 @@ class Scanner:
 
     def _elsewhere_views(self, train: Dataset, st: ScanState, rows: np.ndarray,
                          ref: RefFeats) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The screen's and the reference's unit features in the input views that hold a catch: the
-        direction stage's views (its coarse view's whitening, which its probes were fitted in)."""
+        """The screen's and the reference's unit features in both input views, read when a catch was made
+        in one, through the direction stage's views (its coarse view's whitening, which the catches'
+        probes were fitted in); empty otherwise."""
         wanted = {k for k, _ in st.input_probes.values()}
         if not wanted or st.input_views is None:
             return []
