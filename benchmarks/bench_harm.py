@@ -217,7 +217,7 @@ def guarded_row(item: str, make) -> dict:
     share dropped, the worst clean class, each clean class acted on. ``item``: ``ATTACK:RATE:SEED:TRUSTED``
     (ATTACK ``none`` for no attack, TRUSTED 0 for trust-free); ``make(attack, rate, seed, trusted)``
     gives its ``RunSpec``."""
-    from benchmarks.bench_guard import class_drops, row
+    from benchmarks.bench_guard import row
     from guard.experiment import run
 
     attack, rate, seed, trusted = item.rsplit(":", 3)
@@ -228,22 +228,27 @@ def guarded_row(item: str, make) -> dict:
     r = run(sp, compare=True)
     r.pop("report")
     out = row(item, r)
-    decisions, acted = 0, []               # clean class decisions: one per clean class and scan
-    for s in r["scans"]:
-        for c in s["classes"]:
-            if attack is None or c["cls"] != sp.target:
-                decisions += 1
-                if c["n_flagged"]:
-                    acted.append({k: c[k] for k in ("cls", "n_scanned", "n_flagged", "verdict", "reason")}
-                                 | {"epoch": s["epoch"]})
-    clean = {c: v for c, v in class_drops(r["scans"]).items() if attack is None or c != sp.target}
-    worst = max(clean, key=clean.get) if clean else None
     out.update(seed=int(seed), trusted=int(trusted), n_train=r["n_train"], scans=len(r["scans"]),
-               dropped_share=r["guarded"]["flagged"] / r["n_train"], worst_clean_class=worst,
-               worst_clean_drop=clean.get(worst, 0.0), clean_classes_over_2pct=sum(v > 0.02 for v in clean.values()),
-               clean_decisions=decisions, clean_acted=len(acted), acted=acted,
+               dropped_share=r["guarded"]["flagged"] / r["n_train"],
+               **clean_classes(r["scans"], None if attack is None else sp.target),
                benign_flagged=int(round(r["guarded"]["fpr"] * (r["n_train"] - r["guarded"]["poisoned"]))))
     return out
+
+
+def clean_classes(scans: list[dict], target: int | None) -> dict:
+    """What a whole run's scans did to its clean classes (every class but ``target``; all of them
+    without an attack, ``target`` None): the clean class decisions (one per class and scan), each one
+    that took samples, and the clean class that lost the largest share over the run."""
+    from benchmarks.bench_guard import class_drops
+
+    acted = [{k: c[k] for k in ("cls", "n_scanned", "n_flagged", "verdict", "reason")} | {"epoch": s["epoch"]}
+             for s in scans for c in s["classes"] if c["cls"] != target and c["n_flagged"]]
+    drops = {c: v for c, v in class_drops(scans).items() if c != target}
+    worst = max(drops, key=drops.get) if drops else None
+    return {"worst_clean_class": worst, "worst_clean_drop": drops.get(worst, 0.0),
+            "clean_classes_over_2pct": sum(v > 0.02 for v in drops.values()),
+            "clean_decisions": sum(c["cls"] != target for s in scans for c in s["classes"]),
+            "clean_acted": len(acted), "acted": acted}
 
 
 def guarded_table(rows: list[dict], floor: dict | None, intro: str) -> str:

@@ -29,7 +29,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.bench_guard import class_drops, fmt, render_benchmarks, row  # noqa: E402
+from benchmarks.bench_guard import fmt, render_benchmarks, row  # noqa: E402
+from benchmarks.bench_harm import clean_classes  # noqa: E402
 from benchmarks.bench_zoo import spec as zoo_spec  # noqa: E402
 from guard.experiment import prepare, run  # noqa: E402
 
@@ -59,17 +60,10 @@ def guarded(item: str) -> dict:
     poison[data.poisoned] = True
     rest = ~noisy & ~poison
     out = row(item, r)
-    drops = {c: v for c, v in class_drops(r["scans"]).items() if attack is None or c != sp.target}
-    acted = [{"epoch": s["epoch"], "cls": c["cls"], "n_flagged": c["n_flagged"], "reason": c["reason"]}
-             for s in r["scans"] for c in s["classes"] if c["n_flagged"] and (attack is None or c["cls"] != sp.target)]
     out.update(condition=cond, seed=int(seed), n_train=len(data.labels), scans=len(r["scans"]),
                dropped_share=float(taken.mean()), noisy=int(noisy.sum()),
                noisy_taken=float(taken[noisy].mean()) if noisy.any() else float("nan"),
-               rest_taken=float(taken[rest].mean()), worst_clean_drop=max(drops.values(), default=0.0),
-               clean_classes_over_2pct=sum(v > 0.02 for v in drops.values()), acted=acted,
-               clean_decisions=sum(1 for s in r["scans"] for c in s["classes"]
-                                   if attack is None or c["cls"] != sp.target),
-               clean_acted=len({(a["epoch"], a["cls"]) for a in acted}))
+               rest_taken=float(taken[rest].mean()), **clean_classes(r["scans"], None if attack is None else sp.target))
     return out
 
 
