@@ -48,6 +48,7 @@ sys.path.insert(0, str(HERE.parent))
 from benchmarks.bench_guard import render_benchmarks  # noqa: E402
 from guard import GuardConfig, detect  # noqa: E402
 from guard.experiment import Prepared, RunSpec, _epoch, detection, measure, prepare  # noqa: E402
+from guard.thresholds import Thresholds  # noqa: E402
 
 VARIANTS = {"small": dict(n_train=2500), "lt10": dict(n_train=5000, imbalance=10.0),
             "lt50": dict(n_train=5000, imbalance=50.0)}
@@ -134,6 +135,7 @@ def scan_rows(cell: tuple, cache: Path, configs: dict[str, dict], make=spec, tru
                 rows.append({"cell": folder.name, "variant": cell[0], "attack": cell[1] or "none", "seed": cell[3],
                              "epoch": epoch, "trusted": trusted or 0, "config": label, "classes": classes,
                              **detection(q, data.poisoned, len(data.labels)),
+                             "mismatch_p": report.scans[-1].trusted_mismatch_p,
                              "asr_unguarded_final": done.get("attack_success", float("nan")),
                              "acc_unguarded_final": done["clean_acc"]})
     return rows
@@ -169,6 +171,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "worst_clean_class": max((k["dropped"] / k["n"] for _, k in clean), default=0.0),
                     "worst_clean_run": max((r["flagged"] / sum(k["n"] for k in r["classes"]) for r in none_runs),
                                            default=0.0),
+                    "mismatch": _mismatch(sel),
                     "attacked": {r2: {"tpr_by_epoch": [r["tpr"] for r in att if r["cell"] == r2],
                                       "fpr_by_epoch": [r["fpr"] for r in att if r["cell"] == r2],
                                       "asr_unguarded": next(r["asr_unguarded_final"] for r in att if r["cell"] == r2)}
@@ -176,19 +179,31 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _mismatch(rows: list[dict]) -> dict | None:
+    """The scans' trusted-mismatch check (``ScanReport.trusted_mismatch_p``): how many warned, of how many
+    reported one, and the smallest p; None for rows that predate it or ran trust-free."""
+    ps = [r["mismatch_p"] for r in rows if r.get("mismatch_p") is not None]
+    if not ps:
+        return None
+    return {"scans": len(ps), "warned": sum(p < Thresholds().max_false_alarm for p in ps), "min_p": min(ps)}
+
+
 def render(summary: list[dict]) -> str:
     lines = ["| data | trusted / class | config | clean class decisions | candidates (95 % CI) | acted on (95 % CI) | "
-             "worst clean class | worst clean run | attacked: TPR by scan (FPR worst) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "worst clean class | worst clean run | attacked: TPR by scan (FPR worst) | trusted mismatch: scans warned "
+             "(smallest p) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         att = "; ".join(f"{k.split('-')[1]} (ASR {v['asr_unguarded']:.0%}): "
                         + "/".join(f"{x:.0%}" for x in v["tpr_by_epoch"]) + f" ({max(v['fpr_by_epoch']):.1%})"
                         for k, v in s["attacked"].items())
+        m = s.get("mismatch")
+        mm = "-" if m is None else f"{m['warned']} of {m['scans']} ({m['min_p']:.0e})"
         lines.append(f"| {s['variant']} | {s['trusted'] or 'trust-free'} | {s['config']} | {s['clean_decisions']} | "
                      f"{s['candidates']}: {s['candidate_rate']:.1%} ({s['candidate_ci'][0]:.1%}-"
                      f"{s['candidate_ci'][1]:.1%}) | "
                      f"{s['acted']}: {s['rate']:.1%} ({s['ci'][0]:.1%}-{s['ci'][1]:.1%}) | "
-                     f"{s['worst_clean_class']:.1%} | {s['worst_clean_run']:.2%} | {att} |")
+                     f"{s['worst_clean_class']:.1%} | {s['worst_clean_run']:.2%} | {att} | {mm} |")
     return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ from benchmarks.bench_guard import fmt, render_benchmarks, row  # noqa: E402
 from benchmarks.bench_harm import clean_classes  # noqa: E402
 from benchmarks.bench_zoo import spec as zoo_spec  # noqa: E402
 from guard.experiment import prepare, run  # noqa: E402
+from guard.thresholds import Thresholds  # noqa: E402
 
 CONDITIONS = {
     "clean": {},
@@ -63,7 +64,8 @@ def guarded(item: str) -> dict:
     out.update(condition=cond, seed=int(seed), n_train=len(data.labels), scans=len(r["scans"]),
                dropped_share=float(taken.mean()), noisy=int(noisy.sum()),
                noisy_taken=float(taken[noisy].mean()) if noisy.any() else float("nan"),
-               rest_taken=float(taken[rest].mean()), **clean_classes(r["scans"], None if attack is None else sp.target))
+               rest_taken=float(taken[rest].mean()), **clean_classes(r["scans"], None if attack is None else sp.target),
+               mismatch_p=[s.get("trusted_mismatch_p") for s in r["scans"]])
     return out
 
 
@@ -78,7 +80,8 @@ INTRO = ("`python benchmarks/bench_sources.py --guarded CONDITION:ATTACK:RATE:SE
 def markdown(rows: list[dict]) -> str:
     head = ("| code | condition | attack | seed | dropped % | mislabelled taken % | rest taken % | "
             "worst clean class % | "
-            "clean decisions acted on | TPR % | ASR(correct) no guard -> guard % | accuracy no guard -> guard % |")
+            "clean decisions acted on | TPR % | ASR(correct) no guard -> guard % | accuracy no guard -> guard % | "
+            "trusted mismatch: scans warned (smallest p) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(rows, key=lambda r: (r["condition"], str(r["attack"]), r["seed"])):
         lines.append(
@@ -87,8 +90,19 @@ def markdown(rows: list[dict]) -> str:
             f"{fmt(r['noisy_taken'])} | {fmt(r['rest_taken'])} | {fmt(r['worst_clean_drop'])} | "
             f"{r['clean_acted']} of {r['clean_decisions']} | {fmt(r['tpr'])} | "
             f"{fmt(r['asr_correct_unguarded'])} -> {fmt(r['asr_correct_guarded'])} | "
-            f"{fmt(r['acc_unguarded'])} -> {fmt(r['acc_guarded'])} |")
+            f"{fmt(r['acc_unguarded'])} -> {fmt(r['acc_guarded'])} | {_mismatch(r)} |")
     return "\n".join(lines)
+
+
+def _mismatch(r: dict) -> str:
+    """How many scans of the row warned that the trusted samples do not look like the training data
+    (``ScanReport.trusted_mismatch_p`` below ``max_false_alarm``), and the smallest p; '-' for rows that
+    predate the check."""
+    ps = [p for p in r.get("mismatch_p") or [] if p is not None]
+    if "mismatch_p" not in r:
+        return "-"
+    warned = sum(p < Thresholds().max_false_alarm for p in ps)
+    return f"{warned} of {len(r['mismatch_p'])} ({min(ps):.0e})" if ps else f"0 of {len(r['mismatch_p'])}"
 
 
 def main() -> None:

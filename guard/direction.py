@@ -51,6 +51,7 @@ class DirectionTest:
     share: float          # share of the samples beyond every trusted sample on the significant side
     beyond: np.ndarray    # (n,) bool: held-out projection beyond every trusted one, on that side
     z: np.ndarray         # (n,) held-out projection in trusted standard deviations, that side positive
+    layer_p: tuple[float, ...] = ()   # per layer given: its own p, corrected for the two sides only
 
 
 def top_direction(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,11 +96,12 @@ def direction_test(units: list[torch.Tensor], ref: list[torch.Tensor], rng_seed:
     fold = np.random.default_rng(rng_seed).permutation(n) % 2
     folds = [(fold == f, torch.from_numpy(np.flatnonzero(fold == f)), torch.from_numpy(np.flatnonzero(fold != f)))
              for f in (0, 1)]
-    best = None
+    best, layer_p = None, []
     for li, (x, r) in enumerate(zip(units, ref)):
         proj, ref_proj = _halves(x.float(), r.float(), folds)     # float32: 8x faster than float64 here
-        best = _best_side(proj, ref_proj, n_ref, li, len(units), best)
-    return best
+        best, p = _best_side(proj, ref_proj, n_ref, li, len(units), best)
+        layer_p.append(p)
+    return replace(best, layer_p=tuple(layer_p))
 
 
 def _skew_sign(p_fit: torch.Tensor) -> float:
@@ -108,21 +110,23 @@ def _skew_sign(p_fit: torch.Tensor) -> float:
 
 
 def _best_side(proj: np.ndarray, ref_proj: list, n_ref: int, layer: int, n_layers: int,
-               best: DirectionTest | None) -> DirectionTest | None:
+               best: DirectionTest | None) -> tuple[DirectionTest, float]:
     """Both sides of one layer's held-out projections ``proj`` against, per half, the reference's
     ``ref_proj`` (mask, projections): the count beyond every reference sample, its p corrected for the
-    two sides and ``n_layers``; the more significant of that and ``best``."""
-    n = len(proj)
+    two sides and ``n_layers``; the more significant of that and ``best``, and this layer's p corrected
+    for the two sides only."""
+    n, side_p = len(proj), 1.0
     for side in (1.0, -1.0):
         beyond, z = np.zeros(n, bool), np.zeros(n)
         for out, rp in ref_proj:
             p_out, rp = side * proj[out], side * rp
             beyond[out] = p_out > rp.max()
             z[out] = (p_out - rp.mean()) / max(float(rp.std()), 1e-12)
-        p = min(1.0, 2 * n_layers * beyond_reference_p(int(beyond.sum()), n, n_ref))
+        tail = beyond_reference_p(int(beyond.sum()), n, n_ref)
+        p, side_p = min(1.0, 2 * n_layers * tail), min(side_p, 1.0, 2 * tail)
         if best is None or p < best.p:
             best = DirectionTest(p, layer, float(beyond.mean()), beyond, z)
-    return best
+    return best, side_p
 
 
 def across_classes(units: torch.Tensor, labels: np.ndarray, bar: float, rng_seed: int = 0) -> dict[int, DirectionTest]:
@@ -181,4 +185,4 @@ def _against_the_rest(x: torch.Tensor, mine: np.ndarray, rng_seed: int) -> Direc
         every = _skew_sign(xc @ v) * (x @ v - mu @ v).numpy()
         proj[out] = every[rows[out]]
         ref_proj.append((out, every[~mine]))
-    return _best_side(proj, ref_proj, n_ref, 0, 1, None)
+    return _best_side(proj, ref_proj, n_ref, 0, 1, None)[0]

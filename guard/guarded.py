@@ -70,6 +70,7 @@ class GuardedDataset(Dataset):
         costs accuracy that the rest of training does not win back (a ``GuardWarning`` says so)."""
         self.dataset, self.model, self.optimizer = dataset, model, optimizer
         self._warned_lr = False
+        self._warned_mismatch = False
         self.config = cfg = config if config is not None else GuardConfig()
         self.trusted, self.scan_dataset = trusted, scan_dataset
         n = length(dataset, "dataset")
@@ -255,8 +256,18 @@ class GuardedDataset(Dataset):
             paper_flagged=len(res.paper_flagged),
             memory_bytes=res.memory_bytes,
             classes=res.classes, warnings=res.warnings, passes=res.passes, seconds_by_part=res.seconds_by_part,
+            trusted_mismatch_p=res.mismatch_p, trusted_mismatch_at=res.mismatch_at,
             reference_scores=[] if res.reference_suspicion is None
             else np.round(res.reference_suspicion, 3).tolist())
+        if (res.mismatch_p is not None and res.mismatch_p < self.config.thresholds.max_false_alarm
+                and not self._warned_mismatch):
+            self._warned_mismatch = True
+            warnings.warn(
+                f"guard: at scan {scan_no} the trusted samples do not look like the training data in the classes "
+                "the scan did not act on (report.scans[i].trusted_mismatch_p): either the training data come from "
+                "another source (compression, camera, resizing; many wrong labels), where the trusted tests' "
+                "false-alarm bound does not hold, or poison sits in many classes. The scan's warnings say more.",
+                GuardWarning, stacklevel=2)
         if self._records and (new or self.config.remedy == "unlearn"):
             swept: list[SweepResult] = []
             if world()[0] == 0:                    # distributed: rank 0 changes the model, the others copy it

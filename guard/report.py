@@ -99,6 +99,10 @@ class ScanReport(BaseModel):
     seconds_by_part: dict[str, float] = Field(
         default={}, description="the scan's time: data loading, model forward, hooks, transfer, analysis")
     classes: list[ClassReport]
+    trusted_mismatch_p: float | None = Field(
+        None, description="the classes the scan did not act on, their direction tests combined (guard.mismatch): "
+                          "below max_false_alarm the trusted samples do not look like the training data")
+    trusted_mismatch_at: str | None = Field(None, description="the layer or input view of that combination")
     warnings: list[str] = []
     remedy: str | None = None
     remedy_seconds: float = 0.0

@@ -1,6 +1,6 @@
 """One scan: named stages over one per-scan state; the decision itself is :func:`guard.decide.decide`.
 
-    calibrate -> score -> locate -> confirm -> direction -> follow up -> elsewhere -> result
+    calibrate -> score -> locate -> confirm -> direction -> follow up -> elsewhere -> mismatch -> result
 
 Every model pass goes through :meth:`Passes.stream`, which counts the samples each pass forwards
 (``ScanResult.passes``) and adds up where its time goes (``ScanResult.seconds_by_part``). The
@@ -64,6 +64,7 @@ from guard.hooks import scan_mode
 from guard.inputs import InputViews, read_views
 from guard.keep import KeptFeatures
 from guard.locate import excess_share, guard_layers, paper_window
+from guard.mismatch import Mismatch, mismatch
 from guard.probe import Probe, self_train
 from guard.reference import Reference, unit
 from guard.report import ClassReport
@@ -119,6 +120,9 @@ class ScanState:
     probes: dict[int, Probe] = field(default_factory=dict)   # class -> this scan's probe at the probe layers
     input_probes: dict[int, tuple[int, Probe]] = field(default_factory=dict)   # class -> (input view, its probe)
     input_views: InputViews | None = None   # the direction stage's views (the coarse view's whitening)
+    layer_p: dict[int, dict[int, float]] = field(default_factory=dict)   # class -> direction p per layer position
+    layer_names: list[str] = field(default_factory=list)   # the direction stage's layers, then input views
+    mismatch: Mismatch | None = None    # the classes not acted on, combined (guard.mismatch)
 
     def rows_of(self, classes) -> np.ndarray:
         return np.flatnonzero(np.isin(self.labels, list(classes)))
@@ -148,6 +152,8 @@ class ScanResult:
     reference_predicted: np.ndarray | None = None    # the same for the trusted reference samples (None: trust-free)
     reference_labels: np.ndarray | None = None
     released: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))   # indices given back
+    mismatch_p: float | None = None              # guard.mismatch: the classes not acted on, combined
+    mismatch_at: str | None = None               # ... at this layer or input view
 
 
 @contextmanager
@@ -217,6 +223,7 @@ class Scanner:
             if (st.probes or st.input_probes) and st.cal.source == "trusted" and self.th.catch_elsewhere:
                 with _timed(seconds, "elsewhere"):
                     self.elsewhere(train, st)
+            self.trusted_mismatch(st)
         return self.result(st, passes.split(time.monotonic() - t0))
 
     # ---- stage 1: calibrate ---------------------------------------------------------------
@@ -489,6 +496,7 @@ class Scanner:
         ref = self._reference_feats(st, todo, names)
         views = self._input_views(train, st, rows, ref) if self.cfg.scan_inputs else None
         st.input_views = views[0] if views is not None else None
+        st.layer_names = names + (list(InputViews.names) if views is not None else [])
         n_views = len(names) + (len(InputViews.names) if views is not None else 0)
         bar = th.max_false_alarm / max(st.n_tested, 1)
         at, seeds, in_seeds = list(range(len(names))), {}, {}
@@ -507,6 +515,7 @@ class Scanner:
             if test is None:
                 continue
             v.direction_p = test.p
+            st.layer_p[c] = {offset + i: p for i, p in enumerate(test.layer_p)}
             verdict, reason = decide(ClassStats(v.n_scanned, v.excess, v.p_value, True, st.n_tested, train_fit=v.train_fit,
                                                 direction_p=test.p, direction_share=test.share,
                                                 direction_input=test.layer >= len(names)), th)
@@ -577,7 +586,7 @@ class Scanner:
         if test is not None and inputs and len(mine) > 1 and test.layer == offset + len(mine) - 1:
             finer = run(mine[:-1], theirs[:-1])
             if finer is not None and finer.p < bar:
-                return finer
+                return replace(finer, layer_p=test.layer_p)
         return test
 
     def _input_views(self, train: Dataset, st: ScanState, rows: np.ndarray,
@@ -953,6 +962,28 @@ class Scanner:
         v.n_flagged = len(out.indices)
         st.flagged.append(out.indices)
 
+    def trusted_mismatch(self, st: ScanState) -> None:
+        """The classes this scan did not act on, read together (:mod:`guard.mismatch`): where their
+        direction tests combined say that the trusted samples do not look like the training data, the
+        trusted tests' false-alarm bound does not hold here, and the scan warns."""
+        quiet = {c: ps for c, ps in st.layer_p.items()
+                 if st.classes[c].n_flagged == 0 and st.classes[c].verdict not in (Verdict.SEPARATE,
+                                                                                   Verdict.LIKE_QUARANTINED)}
+        st.mismatch = mismatch(quiet)
+        m = st.mismatch
+        if m is None or m.p >= self.th.max_false_alarm:
+            return
+        acted = sorted(c for c, v in st.classes.items() if v.n_flagged)
+        st.warn(f"the trusted samples do not look like the training data: at {st.layer_names[m.layer]}, the "
+                f"{m.classes} classes this scan did not act on together hold more samples beyond their trusted "
+                f"samples than clean classes could (Fisher's combination p = {m.p:.1e}, corrected for the layers; "
+                f"max_false_alarm = {self.th.max_false_alarm}). Either the training data come from another source "
+                "than the trusted samples (another compression, camera or resizing; many wrong labels), where the "
+                "trusted tests' false-alarm bound does not hold"
+                + (f" and the classes acted on ({', '.join(map(str, acted))}) may be clean" if acted else "")
+                + ", or poison sits in many classes (all-to-all, cover samples). Trusted samples drawn from the "
+                  "training data's own source rule out the first.")
+
     # ---- result --------------------------------------------------------------------------------
     def result(self, st: ScanState, split: dict[str, float]) -> ScanResult:
         cal = st.cal
@@ -964,4 +995,6 @@ class Scanner:
         return ScanResult(st.kept, st.suspicion, st.threshold, st.labels, _flat(st.flagged), _flat(st.paper_flagged),
                           [st.classes[c] for c in sorted(st.classes)], cal.source, st.seconds, st.warnings, memory,
                           st.ref_susp, dict(st.passes.samples), split, st.predicted,
-                          cal.predicted if cal.source == "trusted" else None, cal.labels, _flat(st.released))
+                          cal.predicted if cal.source == "trusted" else None, cal.labels, _flat(st.released),
+                          None if st.mismatch is None else st.mismatch.p,
+                          None if st.mismatch is None else st.layer_names[st.mismatch.layer])
