@@ -15,6 +15,7 @@ of the nine clean classes.
     python benchmarks/input_view.py --triggers zoo:4:3 zoo:4:11 --out F.json              # chosen triggers
     python benchmarks/input_view.py --harm --out benchmarks/results/input_view_harm.json   # do no harm
     python benchmarks/input_view.py --n 0 --clean 10 --trusted-shift blur                 # ... trusted elsewhere
+    python benchmarks/input_view.py --triggers zoo:2:1 --clean 4 --train-shift resized    # ... training elsewhere
     python benchmarks/input_view.py --triggers zoo:1:12 zoo:0:12 --clean 2 --crops       # no scan_dataset
 
 Trust-free (``--trust-free``): what a trust-free scan does with the images
@@ -47,6 +48,7 @@ from guard.attacks import make_attack  # noqa: E402
 from guard.direction import across_classes, direction_test  # noqa: E402
 from guard.experiment import prepare  # noqa: E402
 from guard.inputs import NAMES, InputViews, coarse, high_pass  # noqa: E402
+from guard.mismatch import mismatch  # noqa: E402
 from guard.probe import self_train  # noqa: E402
 from guard.thresholds import Thresholds  # noqa: E402
 
@@ -61,6 +63,7 @@ SHIFTS = {"blur": lambda x: 0.5 * (x + _blur(x)), "brighter": lambda x: x + 0.3,
               size=x.shape[2:], mode="bilinear"),
           "noise": lambda x: x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))}
 TRUSTED_SHIFT: str | None = None
+TRAIN_SHIFT: str | None = None    # --train-shift: the training images through it, the trusted ones not
 CROPS = False           # --crops: the screen read through the training Dataset's random crop + flip
 
 
@@ -83,13 +86,14 @@ def trigger_row(trigger: str | None, seed: int = 0, make=None) -> dict:
     screen = np.concatenate([np.sort(rng.choice(np.flatnonzero(lab == c), min(int((lab == c).sum()), n), replace=False))
                              for c in range(data.num_classes)])
     torch.manual_seed(seed)
-    raw = raw_views(data.train if CROPS else data.scan, screen)
+    raw = raw_views(data.train if CROPS else data.scan, screen, TRAIN_SHIFT)
     views = InputViews(raw[1], lab[screen])
     x, t = views.units(raw), views.units(raw_views(data.trusted, np.arange(len(tlab)), TRUSTED_SHIFT))
-    rows = {}
+    rows, layer_p = {}, {}
     for c in range(data.num_classes):
         sel, tsel = torch.from_numpy(lab[screen] == c), torch.from_numpy(tlab == c)
         tests = [direction_test([u[sel]], [r[tsel]], 0) for u, r in zip(x, t)]
+        layer_p[c] = {k: te.layer_p[0] for k, te in enumerate(tests)}
         p = [min(1.0, te.p * (LAYERS + len(NAMES))) for te in tests]     # each p holds x 2 (sides) already
         k = 0 if p[0] < bar or p[0] <= p[1] else 1                      # the coarse view is the last resort
         test, pc = tests[k], poison[screen][sel.numpy()]
@@ -98,7 +102,9 @@ def trigger_row(trigger: str | None, seed: int = 0, make=None) -> dict:
                    "auroc": float(roc_auc_score(pc, test.z)) if 0 < pc.sum() < len(pc) else None}
     target = atk.target if atk else None
     clean = [r["p"] for c, r in rows.items() if c != target]
+    check = mismatch({c: ps for c, ps in layer_p.items() if not rows[c]["acted"]})   # the scan's trusted-set check
     return {"trigger": trigger or f"none (seed {seed})", "counts": np.bincount(lab).tolist(),
+            "mismatch_p": None if check is None else check.p,
             "trusted_per_class": int(np.bincount(tlab).min()), "attack": repr(atk) if atk else "none",
             "family": atk.name if atk else "none", "kind": getattr(atk, "kind", getattr(atk, "style", "")) if atk else "",
             "target": target, "rate": atk.rate if atk else 0.0, "target_row": rows.get(target),
@@ -181,8 +187,9 @@ def markdown(rows: list[dict], command: str) -> str:
              f"class), p corrected as beside {LAYERS} model layers, the coarse view standing only where the fine one does "
              f"not act; acted on below {rows[0]['bar']:.0e}. TPR: share of the poison beyond every trusted "
              "image on the held-out projection (the probe's seed); a screen of up to 512 a class, as a scan takes.", "",
-             "| trigger | family | target / rate | p | view | acted | share beyond | TPR | AUROC | clean classes: min p, acted |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| trigger | family | target / rate | p | view | acted | share beyond | TPR | AUROC | clean classes: min p, acted "
+             "| trusted-set check p |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["target_row"]
         cells = (["-"] * 6 if t is None else
@@ -190,10 +197,15 @@ def markdown(rows: list[dict], command: str) -> str:
                   f"{t['auroc']:.2f}"])
         fam = r["family"] + (f" ({r['kind']})" if r["kind"] else "")
         lines.append(f"| {r['trigger']} | {fam} | {r['target'] if r['target'] is not None else '-'} / {r['rate']:.1%} | "
-                     + " | ".join(cells) + f" | {r['clean_min_p']:.0e}, {r['clean_acted']} |")
+                     + " | ".join(cells) + f" | {r['clean_min_p']:.0e}, {r['clean_acted']} | "
+                     + ("-" if r.get("mismatch_p") is None else f"{r['mismatch_p']:.0e}") + " |")
     acted = [r for r in rows if r["target_row"] and r["target_row"]["acted"]]
+    checked = [r["mismatch_p"] for r in rows if r.get("mismatch_p") is not None]
     lines += ["", f"Acted on: {len(acted)} of {sum(r['target_row'] is not None for r in rows)} triggers; clean classes "
-              f"acted on: {sum(r['clean_acted'] for r in rows)} of {sum(9 if r['target_row'] else 10 for r in rows)}."]
+              f"acted on: {sum(r['clean_acted'] for r in rows)} of {sum(9 if r['target_row'] else 10 for r in rows)}."
+              + (f" The trusted-set check (`guard.mismatch` over the two views, the classes not acted on) below "
+                 f"{Thresholds().max_false_alarm:g}: {sum(p < Thresholds().max_false_alarm for p in checked)} of "
+                 f"{len(checked)} data sets." if checked else "")]
     return "\n".join(lines)
 
 
@@ -242,13 +254,14 @@ def main() -> None:
     ap.add_argument("--clean", type=int, default=2, help="no-attack data seeds")
     ap.add_argument("--harm", action="store_true", help="bench_harm's data instead of the zoo's")
     ap.add_argument("--trusted-shift", choices=sorted(SHIFTS), help="trusted images through another pipeline")
+    ap.add_argument("--train-shift", choices=sorted(SHIFTS), help="training images through another pipeline")
     ap.add_argument("--crops", action="store_true", help="read the screen with the training crops (no scan_dataset)")
     ap.add_argument("--trust-free", action="store_true", help="no trusted set: each class against the other classes")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    global TRUSTED_SHIFT, CROPS
-    TRUSTED_SHIFT, CROPS = a.trusted_shift, a.crops
+    global TRUSTED_SHIFT, TRAIN_SHIFT, CROPS
+    TRUSTED_SHIFT, TRAIN_SHIFT, CROPS = a.trusted_shift, a.train_shift, a.crops
     command = " ".join(sys.argv[1:sys.argv.index("--out")] if a.out else sys.argv[1:])
     if a.trust_free:
         if a.harm:
