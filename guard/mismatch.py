@@ -14,7 +14,9 @@ by Fisher's method; the smallest combined p, times the layers combined, is the s
 
 Calibrated without a model of the features: were the classes clean and exchangeable with their
 trusted samples, each class's p-value is uniform or larger (:func:`guard.decide.beyond_reference_p`),
-the classes are separate samples, and Fisher's combination holds its level. The scan cannot tell a
+the classes are separate samples, and Fisher's combination holds its level (as far as the classes
+are independent: they share the model and the coarse view's whitening; BENCHMARKS.md measures the
+check on clean data, where it is conservative). The scan cannot tell a
 source shift from poison everywhere, so it acts on neither; below ``max_false_alarm`` it says that its
 bound does not hold here (:attr:`guard.report.ScanReport.trusted_mismatch_p`, and a warning).
 """
