@@ -46,6 +46,16 @@ def _model():
     return SmallCNN(in_channels=3, width=16)
 
 
+def detect_checkpoint(case: str, archive: str):
+    """``guard.detect`` of the recorded checkpoint of ``case`` with its trusted set, defaults."""
+    from guard import GuardConfig, detect
+
+    data = _data(case, archive)
+    model = _model()
+    model.load_state_dict(torch.load(FOLDER / f"{case}.pt", weights_only=True))
+    return detect(model, data.train, data.trusted, GuardConfig(progress=False))
+
+
 def fit(dataset, epochs: int) -> torch.nn.Module:
     """The small CNN, trained from seed 0 with SGD (lr 0.05, momentum 0.9, batch 64) for ``epochs``."""
     torch.manual_seed(0)

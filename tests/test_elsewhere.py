@@ -63,13 +63,9 @@ def test_it_needs_a_catch_and_two_trusted_samples():
 def test_after_an_all_to_one_catch_the_clean_classes_are_held_against_it_and_kept(case, cifar_archive):
     # the golden checkpoints (real CIFAR-10, 10 % all-to-one): the target is caught, and every other class
     # is tested along its probe, with its own trusted samples as the extreme; none of them is acted on
-    from guard import GuardConfig, detect
-    from tests.golden import FOLDER, _data, _model
+    from tests.golden import detect_checkpoint
 
-    data = _data(case, cifar_archive)
-    model = _model()
-    model.load_state_dict(torch.load(FOLDER / f"{case}.pt", weights_only=True))
-    report = detect(model, data.train, data.trusted, GuardConfig(progress=False))
+    report = detect_checkpoint(case, cifar_archive)
     classes = report.scans[-1].classes
     assert classes[0].verdict == "separate cluster" and classes[0].n_flagged > 0
     others = [c for c in classes if c.cls != 0]

@@ -68,15 +68,11 @@ def test_on_real_data_with_its_own_trusted_set_the_scan_reports_no_mismatch(case
     # nine clean classes, combined, are far from the bar, and the scan does not warn
     import warnings
 
-    from guard import GuardConfig, detect
-    from tests.golden import FOLDER, _data, _model
+    from tests.golden import detect_checkpoint
 
-    data = _data(case, cifar_archive)
-    model = _model()
-    model.load_state_dict(torch.load(FOLDER / f"{case}.pt", weights_only=True))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        report = detect(model, data.train, data.trusted, GuardConfig(progress=False))
+        report = detect_checkpoint(case, cifar_archive)
     scan = report.scans[-1]
     assert scan.trusted_mismatch_p is not None and scan.trusted_mismatch_p > 1e-2, scan.trusted_mismatch_p
     assert scan.trusted_mismatch_at is not None
