@@ -77,3 +77,35 @@ def test_on_real_data_with_its_own_trusted_set_the_scan_reports_no_mismatch(case
     assert scan.trusted_mismatch_p is not None and scan.trusted_mismatch_p > 1e-2, scan.trusted_mismatch_p
     assert scan.trusted_mismatch_at is not None
     assert not any("do not look like" in w for w in scan.warnings)
+
+
+@pytest.mark.cifar
+def test_training_images_from_another_source_make_the_scan_say_so_once(cifar_archive):
+    # real CIFAR-10: the 3,000 training images re-encoded as JPEG quality 10, the 30 trusted a class not.
+    # No class's own test acts, the classes together do: the report carries the p, the scan warns, and the
+    # run raises one GuardWarning however many scans see it. The same images unre-encoded: no warning.
+    import warnings
+
+    from guard import GuardConfig, GuardedDataset, GuardWarning
+    from guard.experiment import RunSpec, prepare
+    from tests.golden import _model
+
+    def scans(jpeg: int | None) -> tuple[GuardedDataset, list]:
+        data = prepare(RunSpec(data="cifar10", attack=None, rate=0.0, n_train=3000, trusted_per_class=30,
+                               train_jpeg=jpeg, archive=cifar_archive))
+        torch.manual_seed(0)                         # an untrained model: the input views decide alone
+        gds = GuardedDataset(data.train, _model(), GuardConfig(remedy="none", progress=False), trusted=data.trusted)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gds.scan(0)
+            gds.scan(1)
+        return gds, [w for w in caught if issubclass(w.category, GuardWarning)]
+
+    gds, caught = scans(10)
+    assert all(s.trusted_mismatch_p < 1e-3 for s in gds.report.scans), [s.trusted_mismatch_p for s in gds.report.scans]
+    assert all(any("do not look like the training data" in w for w in s.warnings) for s in gds.report.scans)
+    assert len(gds.quarantined) == 0
+    assert len(caught) == 1 and "trusted_mismatch_p" in str(caught[0].message)
+
+    gds, caught = scans(None)
+    assert all(s.trusted_mismatch_p > 1e-2 for s in gds.report.scans) and not caught
