@@ -171,7 +171,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "worst_clean_class": max((k["dropped"] / k["n"] for _, k in clean), default=0.0),
                     "worst_clean_run": max((r["flagged"] / sum(k["n"] for k in r["classes"]) for r in none_runs),
                                            default=0.0),
-                    "mismatch": _mismatch(sel),
+                    "mismatch": mismatch_summary([r.get("mismatch_p") for r in sel]),
                     "attacked": {r2: {"tpr_by_epoch": [r["tpr"] for r in att if r["cell"] == r2],
                                       "fpr_by_epoch": [r["fpr"] for r in att if r["cell"] == r2],
                                       "asr_unguarded": next(r["asr_unguarded_final"] for r in att if r["cell"] == r2)}
@@ -179,13 +179,19 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _mismatch(rows: list[dict]) -> dict | None:
-    """The scans' trusted-mismatch check (``ScanReport.trusted_mismatch_p``): how many warned, of how many
-    reported one, and the smallest p; None for rows that predate it or ran trust-free."""
-    ps = [r["mismatch_p"] for r in rows if r.get("mismatch_p") is not None]
+def mismatch_summary(ps: list[float | None]) -> dict | None:
+    """Scans' trusted-set checks (``ScanReport.trusted_mismatch_p``, None where a scan had none): how many
+    warned (p below ``max_false_alarm``), of how many reported one, and the smallest p; None when none did
+    (rows that predate the check, trust-free scans)."""
+    ps = [p for p in ps if p is not None]
     if not ps:
         return None
     return {"scans": len(ps), "warned": sum(p < Thresholds().max_false_alarm for p in ps), "min_p": min(ps)}
+
+
+def mismatch_cell(m: dict | None) -> str:
+    """:func:`mismatch_summary` as a table cell."""
+    return "-" if m is None else f"{m['warned']} of {m['scans']} ({m['min_p']:.0e})"
 
 
 def render(summary: list[dict]) -> str:
@@ -197,13 +203,11 @@ def render(summary: list[dict]) -> str:
         att = "; ".join(f"{k.split('-')[1]} (ASR {v['asr_unguarded']:.0%}): "
                         + "/".join(f"{x:.0%}" for x in v["tpr_by_epoch"]) + f" ({max(v['fpr_by_epoch']):.1%})"
                         for k, v in s["attacked"].items())
-        m = s.get("mismatch")
-        mm = "-" if m is None else f"{m['warned']} of {m['scans']} ({m['min_p']:.0e})"
         lines.append(f"| {s['variant']} | {s['trusted'] or 'trust-free'} | {s['config']} | {s['clean_decisions']} | "
                      f"{s['candidates']}: {s['candidate_rate']:.1%} ({s['candidate_ci'][0]:.1%}-"
                      f"{s['candidate_ci'][1]:.1%}) | "
                      f"{s['acted']}: {s['rate']:.1%} ({s['ci'][0]:.1%}-{s['ci'][1]:.1%}) | "
-                     f"{s['worst_clean_class']:.1%} | {s['worst_clean_run']:.2%} | {att} | {mm} |")
+                     f"{s['worst_clean_class']:.1%} | {s['worst_clean_run']:.2%} | {att} | {mismatch_cell(s.get('mismatch'))} |")
     return "\n".join(lines)
 
 

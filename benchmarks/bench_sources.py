@@ -30,10 +30,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.bench_guard import fmt, render_benchmarks, row  # noqa: E402
-from benchmarks.bench_harm import clean_classes  # noqa: E402
+from benchmarks.bench_harm import clean_classes, mismatch_cell, mismatch_summary  # noqa: E402
 from benchmarks.bench_zoo import spec as zoo_spec  # noqa: E402
 from guard.experiment import prepare, run  # noqa: E402
-from guard.thresholds import Thresholds  # noqa: E402
 
 CONDITIONS = {
     "clean": {},
@@ -95,14 +94,12 @@ def markdown(rows: list[dict]) -> str:
 
 
 def _mismatch(r: dict) -> str:
-    """How many scans of the row warned that the trusted samples do not look like the training data
-    (``ScanReport.trusted_mismatch_p`` below ``max_false_alarm``), and the smallest p; '-' for rows that
-    predate the check."""
-    ps = [p for p in r.get("mismatch_p") or [] if p is not None]
+    """How many scans of the row warned that the trusted samples do not look like the training data,
+    and the smallest p; '-' for rows that predate the check."""
     if "mismatch_p" not in r:
         return "-"
-    warned = sum(p < Thresholds().max_false_alarm for p in ps)
-    return f"{warned} of {len(r['mismatch_p'])} ({min(ps):.0e})" if ps else f"0 of {len(r['mismatch_p'])}"
+    m = mismatch_summary(r["mismatch_p"])
+    return mismatch_cell(m) if m else f"0 of {len(r['mismatch_p'])}"
 
 
 def main() -> None:

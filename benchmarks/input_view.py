@@ -200,12 +200,12 @@ def markdown(rows: list[dict], command: str) -> str:
                      + " | ".join(cells) + f" | {r['clean_min_p']:.0e}, {r['clean_acted']} | "
                      + ("-" if r.get("mismatch_p") is None else f"{r['mismatch_p']:.0e}") + " |")
     acted = [r for r in rows if r["target_row"] and r["target_row"]["acted"]]
-    checked = [r["mismatch_p"] for r in rows if r.get("mismatch_p") is not None]
+    checked = harm.mismatch_summary([r.get("mismatch_p") for r in rows])
     lines += ["", f"Acted on: {len(acted)} of {sum(r['target_row'] is not None for r in rows)} triggers; clean classes "
               f"acted on: {sum(r['clean_acted'] for r in rows)} of {sum(9 if r['target_row'] else 10 for r in rows)}."
               + (f" The trusted-set check (`guard.mismatch` over the two views, the classes not acted on) below "
-                 f"{Thresholds().max_false_alarm:g}: {sum(p < Thresholds().max_false_alarm for p in checked)} of "
-                 f"{len(checked)} data sets." if checked else "")]
+                 f"{Thresholds().max_false_alarm:g}: {checked['warned']} of {checked['scans']} data sets."
+                 if checked else "")]
     return "\n".join(lines)
 
 

@@ -130,6 +130,8 @@ def _degrade(train: ArraySplit, spec: RunSpec, num_classes: int) -> tuple[ArrayS
     """The training split as data from a less careful source than the trusted set: ``train_jpeg``
     re-encodes every image (PIL, that quality); ``label_noise`` gives that share of the samples another
     class's label, uniformly among the others. Returns the split and the indices whose label changed."""
+    if not 0 <= spec.label_noise < 1:
+        raise ValueError(f"label_noise is a share of the training labels, in [0, 1); got {spec.label_noise}")
     images, labels = train.images, train.labels.copy()
     if spec.train_jpeg is not None:
         import io
@@ -142,8 +144,6 @@ def _degrade(train: ArraySplit, spec: RunSpec, num_classes: int) -> tuple[ArrayS
             out = np.asarray(Image.open(buf), dtype=np.uint8)
             return out.reshape(img.shape)
         images = np.stack([jpeg(im) for im in images])
-    if not 0 <= spec.label_noise < 1:
-        raise ValueError(f"label_noise is a share of the training labels, in [0, 1); got {spec.label_noise}")
     noisy = np.empty(0, np.int64)
     if spec.label_noise:
         rng = np.random.default_rng([spec.seed, 11])

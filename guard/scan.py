@@ -132,6 +132,9 @@ class ScanState:
         self.warnings.append(msg)
 
 
+_ACTED = (Verdict.SEPARATE, Verdict.LIKE_QUARANTINED)   # the verdicts under which a scan acts on a class
+
+
 @dataclass
 class ScanResult:
     scanned: np.ndarray          # dataset indices scanned (the kept ones)
@@ -527,7 +530,7 @@ class Scanner:
                     in_seeds[c] = (test.layer - len(names), [mine[k].double()], seed, [theirs[k].double()])
                 else:
                     seeds[c] = ([u.double() for u in mine[:len(names)]], seed)
-        self._take_beyond(train, st, seeds, in_seeds, ref, names, "scan/direction-confirm")
+        self._take_beyond(train, st, seeds, in_seeds, ref, probe_ids, "scan/direction-confirm")
 
     def images_across(self, train: Dataset, st: ScanState) -> None:
         """Each class not yet separate: its images in the fine input view (:data:`~guard.inputs.FINE`,
@@ -696,8 +699,7 @@ class Scanner:
         separate: the samples beyond seed its own probe there, and a pass over the class scores every
         sample with it."""
         th, chance = self.th, self.th.min_class_fit / max(self.C, 1)
-        done = (Verdict.SEPARATE, Verdict.LIKE_QUARANTINED)
-        todo = [c for c, v in st.classes.items() if v.verdict not in done and v.n_scanned >= th.min_class
+        todo = [c for c, v in st.classes.items() if v.verdict not in _ACTED and v.n_scanned >= th.min_class
                 and c not in st.probes and c not in st.input_probes]
         if not todo:
             return
@@ -746,20 +748,21 @@ class Scanner:
                 seeds[c] = (m, seed)
             else:
                 in_seeds[c] = (InputViews.names.index(fam), m, seed, t)
-        self._take_beyond(train, st, seeds, in_seeds, ref, names, "scan/elsewhere-confirm")
+        self._take_beyond(train, st, seeds, in_seeds, ref, probe_ids, "scan/elsewhere-confirm")
 
     def _take_beyond(self, train: Dataset, st: ScanState, seeds: dict, in_seeds: dict, ref: RefFeats,
-                     names: list[str], desc: str) -> None:
+                     probe_ids: list[int], desc: str) -> None:
         """Classes found separate by a count beyond every trusted sample: a probe seeded with the samples
         beyond, at the probe layers (``seeds``) or in an input view (``in_seeds``, read in the direction
         stage's views), scores every sample of its class (pass ``desc``) and the class is flagged."""
+        names = [self.layers[i] for i in probe_ids]
         probes = self._fit_probes(st, seeds, ref, list(range(len(names))), names)
         in_probes = self._fit_input_probes(st, in_seeds, ref)
         for c in (*seeds, *in_seeds):
             if c not in probes and c not in in_probes:
                 st.classes[c].reason += ("; no probe could be fitted on the samples beyond, so nothing is taken "
                                          "(the next scan tests the class again)")
-        self._flag_probed(train, st, probes, self._probe_layers(), desc, Verdict.SEPARATE)
+        self._flag_probed(train, st, probes, probe_ids, desc, Verdict.SEPARATE)
         if in_probes:
             self._flag_input_probed(train, st, in_probes, st.input_views)
 
@@ -967,8 +970,7 @@ class Scanner:
         direction tests combined say that the trusted samples do not look like the training data, the
         trusted tests' false-alarm bound does not hold here, and the scan warns."""
         quiet = {c: ps for c, ps in st.layer_p.items()
-                 if st.classes[c].n_flagged == 0 and st.classes[c].verdict not in (Verdict.SEPARATE,
-                                                                                   Verdict.LIKE_QUARANTINED)}
+                 if st.classes[c].n_flagged == 0 and st.classes[c].verdict not in _ACTED}
         st.mismatch = mismatch(quiet)
         m = st.mismatch
         if m is None or m.p >= self.th.max_false_alarm:
