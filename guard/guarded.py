@@ -36,7 +36,7 @@ from guard.setup import check_device, check_trusted, dataset_labels, layers_and_
 from guard.sweep import Sweep, SweepResult
 
 _REMEDY_FIELDS = ("remedy", "remedy_seconds", "remedy_fit_before", "remedy_fit_after", "remedy_fit_allowed",
-                  "remedy_steps", "sweep")
+                  "remedy_steps", "remedy_stopped", "sweep")
 
 
 class GuardedDataset(Dataset):
@@ -344,7 +344,9 @@ class GuardedDataset(Dataset):
             scan.remedy = cfg.remedy
             sweep = self._sweep(model, sorted({r.label for r in recs}))
             job = Unlearning(self.dataset, self.kept_indices(), train, check, fit, allowed, cfg.seed + scan_no)
-            scan.remedy_fit_after, scan.remedy_steps, settled = unlearn(model, job, self.feed, cfg, self._unlearner)
+            done = unlearn(model, job, self.feed, cfg, self._unlearner)
+            scan.remedy_fit_after, scan.remedy_steps, scan.remedy_stopped, settled = (done.fit, done.steps, done.stopped,
+                                                                                      done.settled)
             # the model kept reads kept samples' BatchNorm statistics; the sweep measures that model
             scan.remedy_bn_samples = settled or recalibrate_bn(model, self.dataset, job.kept, self.feed, cfg, job.seed)
             if sweep is not None:

@@ -14,7 +14,13 @@ model sends 3-4 % of other images to any one class): pushing the check samples b
 least ``unlearn_steps`` steps (fewer leave the check samples unlearned before the trigger itself
 is) and stops, at most ``unlearn_max_factor`` times as many, once the check samples are fitted
 no more than benign images of other classes are predicted as their label, plus ``fit_se``
-binomial standard errors (``allowed_fit``; the numbers are :class:`~guard.thresholds.Thresholds`).
+binomial standard errors (``allowed_fit``; the numbers are :class:`~guard.thresholds.Thresholds`),
+or once ``unlearn_patience`` checks in a row have not lowered their fit by more than its binomial
+standard error (early stopping, as Lightning's ``EarlyStopping`` with its default patience of 3, with
+the check's own noise as ``min_delta``): what the away loss still has not
+moved is fitted through the images' content, not a trigger. Quarantined images that keep their true
+label (a false alarm, or an attack's *cover* images, which carry the trigger under their own label)
+stay fitted as well as their class is, and would otherwise hold every unlearning to its cap.
 It *starts* only where the fit is above that and more than chance explains (:func:`fit_excess_p`
 below ``max_false_alarm``): right after a catch, and at any later scan where a suppressed backdoor
 creeps back, but not on the one or two check samples that chance fits now and then. The check
@@ -28,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.stats
@@ -127,6 +133,18 @@ def fit_excess_p(fitted: int, n: int, chance: float, t: Thresholds) -> float:
     return float(scipy.stats.binom.sf(fitted - 1, n, max(chance, t.fit_floor))) if n else 1.0
 
 
+class Unlearned(NamedTuple):
+    """What :func:`unlearn` did: the check samples' fit after, the steps, the kept samples that
+    re-estimated the returned model's BatchNorm statistics (0: none, or steps ran after the last check),
+    and why it stopped: ``"chance"`` (fitted no more than chance allows), ``"no progress"``
+    (``unlearn_patience`` checks without a lower fit) or ``"cap"`` (``unlearn_max_factor x unlearn_steps``)."""
+
+    fit: float
+    steps: int
+    settled: int
+    stopped: str
+
+
 @dataclass(frozen=True)
 class Unlearning:
     """One unlearning job: what the ``quarantined`` samples of ``dataset`` taught is unlearned while
@@ -143,23 +161,24 @@ class Unlearning:
 
 
 def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
-            optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None) -> tuple[float, int, int]:
+            optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None) -> Unlearned:
     """Run ``job``. ``optimizer`` builds the optimizer of the steps from the parameters (default
     ``SGD(lr=cfg.unlearn_lr, momentum=cfg.unlearn_momentum)``). Each step mixes ``cfg.unlearn_batch``
     samples, half quarantined and half kept. Each check first re-estimates the BatchNorm statistics on
-    kept samples (:func:`recalibrate_bn`), so it judges the model that would be kept. Returns the check
-    samples' fit after, the steps, and the samples that re-estimated the returned model's statistics
-    (0: no BatchNorm, or steps ran after the last check: call :func:`recalibrate_bn`)."""
+    kept samples (:func:`recalibrate_bn`), so it judges the model that would be kept. It stops at chance,
+    after ``unlearn_patience`` checks without a new lowest fit, or at the cap (:class:`Unlearned`; where
+    its ``settled`` is 0, call :func:`recalibrate_bn`)."""
     dataset, kept, quarantined, check = job.dataset, job.kept, job.quarantined, job.check
     adapter, device = feed.adapter, feed.device
     params = [p for p in model.parameters() if p.requires_grad]
     if not params or len(quarantined) == 0 or len(kept) == 0:
-        return float("nan"), 0, 0
+        return Unlearned(float("nan"), 0, 0, "nothing to unlearn")
     opt = (optimizer or (lambda p: torch.optim.SGD(p, lr=cfg.unlearn_lr, momentum=cfg.unlearn_momentum)))(params)
     t = cfg.thresholds
     rng = np.random.default_rng(job.seed)
     half = cfg.unlearn_batch // 2             # unlearn_batch >= 2
-    last, settled = job.fit_before, 0
+    last, settled, stopped = job.fit_before, 0, "cap"
+    best, stale = job.fit_before, 0           # the lowest check so far, and the checks since
     accs: list[float] = []
     try:
         # train mode throughout: fit_share's scan_mode hands it back after each check
@@ -182,14 +201,18 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
                 if step + 1 >= cfg.unlearn_steps and (step + 1) % t.check_every == 0:
                     settled = recalibrate_bn(model, dataset, kept, feed, cfg, job.seed)
                     last = fit_share(model, dataset, check, feed)
-                    if last <= job.allowed:
+                    # a new low counts once it is beyond the check's own binomial noise around the best
+                    lower = last < best - float(np.sqrt(best * (1.0 - best) / max(len(check), 1)))
+                    best, stale = (last, 0) if lower else (best, stale + 1)
+                    if last <= job.allowed or stale >= t.unlearn_patience:
+                        stopped = "chance" if last <= job.allowed else "no progress"
                         break
     finally:
         opt.zero_grad(set_to_none=True)
-    logger.info("unlearn: {} steps, held-out quarantined samples predicted as their label {:.1%} -> {:.1%} (by "
-                "chance: up to {:.1%}), kept batch accuracy {:.1%} -> {:.1%}", step + 1, job.fit_before, last, job.allowed,
-                np.mean(accs[:4]), np.mean(accs[-4:]))
-    return last, step + 1, settled
+    logger.info("unlearn: {} steps (stopped: {}), held-out quarantined samples predicted as their label {:.1%} -> "
+                "{:.1%} (by chance: up to {:.1%}), kept batch accuracy {:.1%} -> {:.1%}", step + 1, stopped, job.fit_before,
+                last, job.allowed, np.mean(accs[:4]), np.mean(accs[-4:]))
+    return Unlearned(last, step + 1, settled, stopped)
 
 
 def recalibrate_bn(model: nn.Module, dataset: Dataset, kept: np.ndarray, feed: Feed, cfg: GuardConfig,

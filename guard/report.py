@@ -115,6 +115,8 @@ class ScanReport(BaseModel):
         None, description="the fit that counts as unlearned: how often benign images of other classes are "
                           "predicted as those labels, plus two standard errors")
     remedy_steps: int = 0
+    remedy_stopped: str | None = Field(
+        None, description="why unlearning stopped: chance, no progress (unlearn_patience checks) or cap")
     remedy_bn_samples: int = Field(
         0, description="kept samples that re-estimated the BatchNorm running statistics after unlearning")
     sweep: list[SweepReport] = Field(

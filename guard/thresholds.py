@@ -89,5 +89,8 @@ class Thresholds(BaseModel):
     check_min: int = Field(10, ge=1, description="with fewer quarantined samples, all of them both unlearn and check")
     check_every: int = Field(10, ge=1, description="unlearning checks the held-out samples every this many steps")
     unlearn_max_factor: int = Field(3, ge=1, description="unlearning stops after this many times unlearn_steps")
+    unlearn_patience: int = Field(
+        3, ge=1, description="unlearning also stops after this many checks in a row that do not lower the held-out fit "
+                             "by more than its binomial standard error")
     bn_samples: int = Field(
         640, ge=0, description="kept samples that re-estimate BatchNorm running statistics after unlearning (0: off)")

@@ -318,6 +318,31 @@ def test_unlearning_stops_at_the_chance_rate_and_records_it():
     assert scan.remedy == "unlearn" and scan.remedy_fit_allowed is not None
     assert scan.remedy_fit_after <= scan.remedy_fit_allowed < 0.5
     assert gds.config.unlearn_steps <= scan.remedy_steps <= 3 * gds.config.unlearn_steps
+    assert scan.remedy_stopped == "chance"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_unlearning_stops_where_only_correctly_labelled_images_stay_fitted(seed):
+    """A quarantine that holds correctly labelled images (a false alarm, an attack's cover images) keeps
+    its held-out check above chance however long unlearning runs: those images are fitted through what
+    they show. The trigger is unlearned all the same, and unlearning stops once the check stops falling
+    (``unlearn_patience``), not at the cap, leaving the correctly labelled images classified as their class."""
+    from guard.remedy import Unlearning, allowed_fit, fit_share, predictions, unlearn
+    ds = Blobs(600, poison=0.08, seed=seed)
+    clean = np.random.default_rng(seed).choice(np.setdiff1d(np.flatnonzero(ds.y != 0), ds.poisoned), 48, replace=False)
+    model = train(mlp(), ds, epochs=25)
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="none"), trusted=Blobs(150, seed=7))   # for its feed
+    quarantined = np.sort(np.concatenate([ds.poisoned, clean]))
+    check = quarantined[::4]
+    job = Unlearning(ds, np.setdiff1d(np.arange(len(ds)), quarantined), np.setdiff1d(quarantined, check), check,
+                     fit_share(model, ds, check, gds.feed), allowed_fit(0.0, len(check), gds.config.thresholds), seed=0)
+    done = unlearn(model, job, gds.feed, gds.config)
+    pred, lab = predictions(model, ds, check, gds.feed)
+    poison = np.isin(check, ds.poisoned)
+    assert job.fit_before == 1.0 and done.fit > job.allowed
+    assert done.stopped == "no progress" and done.steps < 3 * gds.config.unlearn_steps
+    assert (pred == lab)[poison].mean() == 0.0                   # the trigger is unlearned
+    assert (pred == lab)[~poison].mean() >= 0.7                  # the clean images keep their class
 
 
 @pytest.mark.parametrize("unlearn_batch", [64, 24])
@@ -384,20 +409,25 @@ def test_unlearning_hands_back_batchnorm_statistics_of_kept_data():
 def test_unlearning_is_judged_on_the_model_it_hands_back():
     """The stop reads the model that is kept (BatchNorm statistics re-estimated on kept samples), not
     the running statistics the half-triggered unlearning batches leave: with steps that change no
-    weight (lr 0) nothing is unlearned, so no check may pass, and the fit reported is the kept model's."""
+    weight (lr 0) nothing is unlearned, so no check may pass, and the fit reported is the kept model's.
+    Nothing moves, so unlearning stops after ``unlearn_patience`` checks (the first at ``unlearn_steps``,
+    then every ``check_every``) that do not lower the fit; with a patience longer than the cap allows,
+    at the cap."""
     from guard.remedy import fit_share
     ds = Blobs(600, poison=0.08, seed=0)
     model = train(_bn_mlp(), ds, epochs=25)
-    still = torch.optim.SGD(model.parameters(), lr=0.0)
-    gds = GuardedDataset(ds, model, GuardConfig(thresholds={"bn_samples": 200}), trusted=Blobs(150, seed=7),
-                         optimizer=still)
-    scan = gds.scan()
-    _, check = gds._split_records()
-    assert scan.remedy == "unlearn" and len(check) > 0
-    assert scan.remedy_steps == gds.config.thresholds.unlearn_max_factor * gds.config.unlearn_steps
-    assert scan.remedy_fit_after > scan.remedy_fit_allowed
-    assert fit_share(model, ds, check, gds.feed) == scan.remedy_fit_after
-    assert scan.remedy_bn_samples == 200
+    th = {"bn_samples": 200}
+    for patience, steps, stopped in ((None, 60 + (3 - 1) * 10, "no progress"), (100, 3 * 60, "cap")):
+        still = torch.optim.SGD(model.parameters(), lr=0.0)
+        cfg = GuardConfig(thresholds=th if patience is None else {**th, "unlearn_patience": patience})
+        gds = GuardedDataset(ds, model, cfg, trusted=Blobs(150, seed=7), optimizer=still)
+        scan = gds.scan()
+        _, check = gds._split_records()
+        assert scan.remedy == "unlearn" and len(check) > 0
+        assert (scan.remedy_steps, scan.remedy_stopped) == (steps, stopped)
+        assert scan.remedy_fit_after > scan.remedy_fit_allowed
+        assert fit_share(model, ds, check, gds.feed) == scan.remedy_fit_after
+        assert scan.remedy_bn_samples == 200
 
 
 def test_restart_remedy_restores_initial_weights():
