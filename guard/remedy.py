@@ -137,7 +137,9 @@ class Unlearned(NamedTuple):
     """What :func:`unlearn` did: the check samples' fit after, the steps, the kept samples that
     re-estimated the returned model's BatchNorm statistics (0: none, or steps ran after the last check),
     and why it stopped: ``"chance"`` (fitted no more than chance allows), ``"no progress"``
-    (``unlearn_patience`` checks without a lower fit) or ``"cap"`` (``unlearn_max_factor x unlearn_steps``)."""
+    (``unlearn_patience`` checks without a fit lower by more than its standard error), ``"cap"``
+    (``unlearn_max_factor x unlearn_steps``) or ``"nothing to unlearn"`` (no quarantined, kept or
+    trainable parameters)."""
 
     fit: float
     steps: int

@@ -106,6 +106,7 @@ class ScanState:
     suspicion: np.ndarray = None        # (N,) higher = more suspicious
     threshold: np.ndarray = None        # (N,) the threshold each sample's suspicion was held to
     ref_susp: np.ndarray = None         # the reference samples' suspicion on the same scale
+    ref_scored: set[int] = field(default_factory=set)   # classes whose ref_susp is their flagging probe's z
     classes: dict[int, ClassReport] = field(default_factory=dict)
     windows: dict[int, list[int]] = field(default_factory=dict)   # candidates -> layer window
     n_tested: int = 0                   # classes with at least min_class samples (the multiple-test count)
@@ -381,6 +382,7 @@ class Scanner:
             for c in separated:
                 if c not in probes:
                     st.ref_susp[ref.rows[ref.labels == c]] = t_z[ref.labels == c]
+                    st.ref_scored.add(c)
         rows = st.rows_of(separated)
         z_all, done = np.zeros(len(rows)), 0
         for b in self._read(st, train, rows, layer_ids, "scan/confirm"):
@@ -618,6 +620,7 @@ class Scanner:
                 probes[c] = st.input_probes[c] = (k, probe)
                 st.classes[c].critical_layers = [InputViews.names[k]]
                 st.ref_susp[ref.rows[ref.labels == c]] = probe.z(benign)
+                st.ref_scored.add(c)
         return probes
 
     def _flag_input_probed(self, train: Dataset, st: ScanState, probes: dict[int, tuple[int, Probe]],
@@ -885,6 +888,7 @@ class Scanner:
                 probes[c] = st.probes[c] = probe
                 st.classes[c].critical_layers = [names[at[k]] for k in probe.layers]
                 st.ref_susp[ref.rows[ref.labels == c]] = probe.z(t_units)
+                st.ref_scored.add(c)
         return probes
 
     @staticmethod
@@ -939,13 +943,29 @@ class Scanner:
             v.reason += (f"; {v.n_released} of its {len(idx)} earlier-quarantined samples given back (below "
                          f"flag_z={self.th.flag_z} on this probe, which puts most of them above follow_z)")
 
+    def _first_bar(self, st: ScanState, c: int) -> float:
+        """What a first catch of class ``c`` takes above: ``flag_z``, or, with a trusted set
+        (``flag_beyond_trusted``), the class's highest trusted sample on the same score where that is
+        higher. A clean training sample exchangeable with the class's ``n`` trusted ones lies beyond all
+        of them with probability at most ``1 / (n + 1)``, whatever the score's distribution: the share of
+        the class's benign samples taken is bounded by the data, not by a z that assumes a bell curve.
+        Trust-free, and where the class's reference was not scored by the flagging probe (its images
+        against the other classes'), ``flag_z``."""
+        bar = self.th.flag_z
+        if self.th.flag_beyond_trusted and st.cal.source == "trusted" and c in st.ref_scored:
+            ref = st.ref_susp[st.cal.labels == c]
+            if len(ref):
+                bar = max(bar, float(ref.max()))
+        return bar
+
     def _flag(self, st: ScanState, c: int, rows: np.ndarray, z: np.ndarray, verdict: Verdict) -> None:
-        """A confirmed class: its samples' suspicion is ``z``, held to ``flag_z`` (a separate cluster in a
-        class with nothing quarantined yet) or to the stricter ``follow_z`` (in a class with quarantined
-        samples, by either route: what a catch left is few, benign samples many); with ``flag_split``,
-        to where ``z`` splits in two (:func:`~guard.decide.flag_cut`) if higher."""
+        """A confirmed class: its samples' suspicion is ``z``, held to ``flag_z`` or above the class's
+        highest trusted sample (:meth:`_first_bar`: a separate cluster in a class with nothing quarantined
+        yet) or to the stricter ``follow_z`` (in a class with quarantined samples, by either route: what a
+        catch left is few, benign samples many); with ``flag_split``, to where ``z`` splits in two
+        (:func:`~guard.decide.flag_cut`) if higher."""
         first = verdict == Verdict.SEPARATE and st.classes[c].n_quarantined_before == 0
-        floor = self.th.flag_z if first else self.th.follow_z
+        floor = self._first_bar(st, c) if first else self.th.follow_z
         bar = flag_cut(z, floor) if self.th.flag_split else floor
         st.suspicion[rows], st.threshold[rows] = z, bar
         st.classes[c].verdict, st.classes[c].threshold = verdict, bar
