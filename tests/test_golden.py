@@ -35,8 +35,9 @@ def test_scan_decisions_match_the_golden_outputs(case, cifar_archive):
 @pytest.mark.parametrize("case", ["badnets", "blended"])
 def test_flag_split_takes_the_same_poison_with_fewer_benign_samples(case, cifar_archive):
     """The opt-in two-group cut (``Thresholds.flag_split``) on the golden checkpoints, whose poisoned
-    clusters stand apart: every poisoned sample the fixed cut takes is still taken, with at most half
-    of the benign samples (recorded: 47 -> 17 for BadNets, 39 -> 4 for Blended)."""
+    clusters stand apart: every poisoned sample the fixed cut at ``flag_z`` takes is still taken, with at
+    most half of the benign samples (recorded: 47 -> 17 for BadNets, 39 -> 4 for Blended); and no more
+    than the default cut beyond the trusted extreme (``flag_beyond_trusted``: 28 and 19)."""
     import numpy as np
     import torch
 
@@ -47,14 +48,16 @@ def test_flag_split_takes_the_same_poison_with_fewer_benign_samples(case, cifar_
     model = _model()
     model.load_state_dict(torch.load(FOLDER / f"{case}.pt", weights_only=True))
     taken = {}
-    for split in (False, True):
-        cfg = GuardConfig(remedy="none", progress=False, thresholds={"flag_split": split})
+    for split, beyond in ((False, False), (True, False), (False, True)):
+        cfg = GuardConfig(remedy="none", progress=False,
+                          thresholds={"flag_split": split, "flag_beyond_trusted": beyond})
         gds = GuardedDataset(data.train, model, cfg, trusted=data.trusted)
         gds.scan(0)
         q = gds.quarantined
-        taken[split] = (np.isin(q, data.poisoned).sum(), (~np.isin(q, data.poisoned)).sum())
-    assert taken[False][0] == len(data.poisoned) and taken[True][0] == taken[False][0]
-    assert taken[False][1] >= 20 and taken[True][1] <= taken[False][1] / 2
+        taken[split, beyond] = (np.isin(q, data.poisoned).sum(), (~np.isin(q, data.poisoned)).sum())
+    fixed, split, default = taken[False, False], taken[True, False], taken[False, True]
+    assert fixed[0] == split[0] == default[0] == len(data.poisoned)
+    assert fixed[1] >= 20 and split[1] <= fixed[1] / 2 and split[1] <= default[1] < fixed[1]
 
 
 
