@@ -72,12 +72,18 @@ def split_check(indices: np.ndarray, scores: np.ndarray, seed: int, t: Threshold
     """(unlearn, check): the check set is a fixed 1 in ``check_share`` (by a hash of the index, so it
     does not move between scans) of the more suspicious half, at most ``check_max``; benign
     look-alikes sit near the threshold, and the model rightly fits them, which must not read as a
-    backdoor. Fewer than ``check_min`` samples both unlearn and check."""
+    backdoor. It holds at least ``check_min`` samples (the first of that half in the hash's order) or,
+    where the half is smaller, the whole half: one or two check samples can never show a fit beyond
+    chance (``fit_excess_p``), so unlearning would never start. Fewer than ``check_min`` quarantined
+    samples both unlearn and check."""
     indices = np.asarray(indices, dtype=np.int64)
     if len(indices) < t.check_min:
         return indices, indices
     top = indices[np.argsort(-np.asarray(scores), kind="stable")[:len(indices) // 2]]
-    chosen = top[((top * 2654435761 + seed) % 2**32) % t.check_share == 0][:t.check_max]
+    keys = (top * 2654435761 + seed) % 2**32
+    chosen = top[keys % t.check_share == 0][:t.check_max]
+    if len(chosen) < t.check_min:
+        chosen = top[np.argsort(keys, kind="stable")[:t.check_min]]
     if len(chosen) == 0:
         return indices, indices
     return np.setdiff1d(indices, chosen), np.sort(chosen)

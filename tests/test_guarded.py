@@ -296,6 +296,26 @@ def test_chance_fit_is_the_rate_other_classes_are_predicted_as_the_label():
     assert allowed_fit(0.0, 5, t) == allowed_fit(0.001, 10**6, t) == 0.01            # never below the floor
 
 
+def test_the_check_set_is_large_enough_to_start_unlearning():
+    """The held-out check set is 1 in ``check_share`` of the more suspicious half, but never fewer than
+    ``check_min`` (or the whole half where it is smaller): one or two check samples cannot show a fit
+    beyond chance, so a learned backdoor with a small quarantine would never be unlearned."""
+    from guard.remedy import fit_excess_p, split_check
+    from guard.thresholds import Thresholds
+    t = Thresholds()
+    for n in (12, 30, 51, 80):
+        for seed in range(5):
+            idx = np.arange(1000, 1000 + n)
+            scores = -np.arange(n, dtype=float)                # the first half is the more suspicious
+            unlearn, check = split_check(idx, scores, seed, t)
+            assert len(check) >= min(t.check_min, n // 2) and set(check) <= set(idx[:n // 2])
+            assert len(np.intersect1d(unlearn, check)) == 0 and len(unlearn) + len(check) == n
+            assert fit_excess_p(len(check), len(check), 0.03, t) < t.max_false_alarm    # all fitted: it starts
+    big = np.arange(2000)
+    _, check = split_check(big, -big.astype(float), 0, t)
+    assert t.check_min <= len(check) < 1000 // t.check_share * 1.3 and check.max() < 1000   # 1 in 5 of the top half
+
+
 def test_unlearning_starts_only_on_a_fit_chance_does_not_explain():
     from guard.remedy import allowed_fit, fit_excess_p
     from guard.thresholds import Thresholds
