@@ -345,8 +345,8 @@ class GuardedDataset(Dataset):
             sweep = self._sweep(model, sorted({r.label for r in recs}))
             job = Unlearning(self.dataset, self.kept_indices(), train, check, fit, allowed, cfg.seed + scan_no)
             done = unlearn(model, job, self.feed, cfg, self._unlearner)
-            scan.remedy_fit_after, scan.remedy_steps, scan.remedy_stopped, settled = (done.fit, done.steps, done.stopped,
-                                                                                      done.settled)
+            scan.remedy_fit_after, scan.remedy_steps, scan.remedy_stopped = done.fit, done.steps, done.stopped
+            settled = done.settled
             # the model kept reads kept samples' BatchNorm statistics; the sweep measures that model
             scan.remedy_bn_samples = settled or recalibrate_bn(model, self.dataset, job.kept, self.feed, cfg, job.seed)
             if sweep is not None:

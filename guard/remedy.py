@@ -174,7 +174,7 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
     ``SGD(lr=cfg.unlearn_lr, momentum=cfg.unlearn_momentum)``). Each step mixes ``cfg.unlearn_batch``
     samples, half quarantined and half kept. Each check first re-estimates the BatchNorm statistics on
     kept samples (:func:`recalibrate_bn`), so it judges the model that would be kept. It stops at chance,
-    after ``unlearn_patience`` checks without a new lowest fit, or at the cap (:class:`Unlearned`; where
+    after ``unlearn_patience`` checks that do not lower the fit beyond its standard error, or at the cap (:class:`Unlearned`; where
     its ``settled`` is 0, call :func:`recalibrate_bn`)."""
     dataset, kept, quarantined, check = job.dataset, job.kept, job.quarantined, job.check
     adapter, device = feed.adapter, feed.device
@@ -212,8 +212,11 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
                     # a new low counts once it is beyond the check's own binomial noise around the best
                     lower = last < best - float(np.sqrt(best * (1.0 - best) / max(len(check), 1)))
                     best, stale = (last, 0) if lower else (best, stale + 1)
-                    if last <= job.allowed or stale >= t.unlearn_patience:
-                        stopped = "chance" if last <= job.allowed else "no progress"
+                    if last <= job.allowed:
+                        stopped = "chance"
+                        break
+                    if stale >= t.unlearn_patience:
+                        stopped = "no progress"
                         break
     finally:
         opt.zero_grad(set_to_none=True)

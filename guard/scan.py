@@ -106,7 +106,7 @@ class ScanState:
     suspicion: np.ndarray = None        # (N,) higher = more suspicious
     threshold: np.ndarray = None        # (N,) the threshold each sample's suspicion was held to
     ref_susp: np.ndarray = None         # the reference samples' suspicion on the same scale
-    ref_scored: set[int] = field(default_factory=set)   # classes whose ref_susp is their flagging probe's z
+    ref_scored: set[int] = field(default_factory=set)   # classes whose ref_susp is on the score flagging them
     classes: dict[int, ClassReport] = field(default_factory=dict)
     windows: dict[int, list[int]] = field(default_factory=dict)   # candidates -> layer window
     n_tested: int = 0                   # classes with at least min_class samples (the multiple-test count)
@@ -131,6 +131,11 @@ class ScanState:
     def warn(self, msg: str) -> None:
         logger.warning(msg)
         self.warnings.append(msg)
+
+    def score_reference(self, c: int, rows: np.ndarray, z: np.ndarray) -> None:
+        """Class ``c``'s reference samples ``rows`` on the score that flags the class in this scan."""
+        self.ref_susp[rows] = z
+        self.ref_scored.add(c)
 
 
 _ACTED = (Verdict.SEPARATE, Verdict.LIKE_QUARANTINED)   # the verdicts under which a scan acts on a class
@@ -381,8 +386,7 @@ class Scanner:
             t_z = z(cent.discriminant(ref.feats, ref.labels, loo=True), ref.labels)
             for c in separated:
                 if c not in probes:
-                    st.ref_susp[ref.rows[ref.labels == c]] = t_z[ref.labels == c]
-                    st.ref_scored.add(c)
+                    st.score_reference(c, ref.rows[ref.labels == c], t_z[ref.labels == c])
         rows = st.rows_of(separated)
         z_all, done = np.zeros(len(rows)), 0
         for b in self._read(st, train, rows, layer_ids, "scan/confirm"):
@@ -619,8 +623,7 @@ class Scanner:
             if probe is not None:
                 probes[c] = st.input_probes[c] = (k, probe)
                 st.classes[c].critical_layers = [InputViews.names[k]]
-                st.ref_susp[ref.rows[ref.labels == c]] = probe.z(benign)
-                st.ref_scored.add(c)
+                st.score_reference(c, ref.rows[ref.labels == c], probe.z(benign))
         return probes
 
     def _flag_input_probed(self, train: Dataset, st: ScanState, probes: dict[int, tuple[int, Probe]],
@@ -839,7 +842,7 @@ class Scanner:
             tc, sel = t_d[ref.labels == c], st.labels[rows] == c
             st.classes[c].critical_layers = [self.layers[i] for i in windows[c]]
             sd = max(tc.std(), th.std_floor)
-            st.ref_susp[ref.rows[ref.labels == c]] = (tc - tc.mean()) / sd
+            st.score_reference(c, ref.rows[ref.labels == c], (tc - tc.mean()) / sd)
             self._flag(st, c, rows[sel], (d[sel] - tc.mean()) / sd, Verdict.LIKE_QUARANTINED)
 
     # ---- shared steps --------------------------------------------------------------------------
@@ -887,8 +890,7 @@ class Scanner:
             if probe is not None:
                 probes[c] = st.probes[c] = probe
                 st.classes[c].critical_layers = [names[at[k]] for k in probe.layers]
-                st.ref_susp[ref.rows[ref.labels == c]] = probe.z(t_units)
-                st.ref_scored.add(c)
+                st.score_reference(c, ref.rows[ref.labels == c], probe.z(t_units))
         return probes
 
     @staticmethod
