@@ -86,22 +86,41 @@ def _halves(units: torch.Tensor, ref: torch.Tensor, folds: list[tuple[np.ndarray
     return proj, ref_proj
 
 
-def direction_test(units: list[torch.Tensor], ref: list[torch.Tensor], rng_seed: int = 0) -> DirectionTest | None:
-    """Test one class: ``units`` are its screened samples' unit features per layer, ``ref`` its
-    trusted samples' at the same layers. None when either has too few samples to split and fit
-    (fewer than 4 screened, fewer than 2 trusted)."""
+Projections = list[tuple[np.ndarray, list]]
+"""Per layer, :func:`project`'s held-out projections of the samples and, per half, the trusted ones'."""
+
+
+def project(units: list[torch.Tensor], ref: list[torch.Tensor], rng_seed: int = 0) -> Projections | None:
+    """The costly half of :func:`direction_test`, layer by layer: each half's top direction fitted on
+    the other half, the held-out samples and the trusted ones projected on it. None when either has
+    too few samples to split and fit (fewer than 4 screened, fewer than 2 trusted). Each layer's
+    entry depends on that layer alone, so a test of the first ``k`` layers reads ``projections[:k]``."""
     n, n_ref = len(units[0]), len(ref[0])
     if n < 4 or n_ref < 2:
         return None
     fold = np.random.default_rng(rng_seed).permutation(n) % 2
     folds = [(fold == f, torch.from_numpy(np.flatnonzero(fold == f)), torch.from_numpy(np.flatnonzero(fold != f)))
              for f in (0, 1)]
+    return [_halves(x.float(), r.float(), folds) for x, r in zip(units, ref)]   # float32: 8x faster than float64 here
+
+
+def most_significant(projections: Projections, n_ref: int) -> DirectionTest:
+    """The test of :func:`direction_test` over ``projections`` (:func:`project`'s, or its first layers)
+    against ``n_ref`` trusted samples, corrected for both sides and every layer given."""
     best, layer_p = None, []
-    for li, (x, r) in enumerate(zip(units, ref)):
-        proj, ref_proj = _halves(x.float(), r.float(), folds)     # float32: 8x faster than float64 here
-        best, p = _best_side(proj, ref_proj, n_ref, li, len(units), best)
+    for li, (proj, ref_proj) in enumerate(projections):
+        best, p = _best_side(proj, ref_proj, n_ref, li, len(projections), best)
         layer_p.append(p)
+    assert best is not None
     return replace(best, layer_p=tuple(layer_p))
+
+
+def direction_test(units: list[torch.Tensor], ref: list[torch.Tensor], rng_seed: int = 0) -> DirectionTest | None:
+    """Test one class: ``units`` are its screened samples' unit features per layer, ``ref`` its
+    trusted samples' at the same layers. None when either has too few samples to split and fit
+    (fewer than 4 screened, fewer than 2 trusted)."""
+    projections = project(units, ref, rng_seed)
+    return None if projections is None else most_significant(projections, len(ref[0]))
 
 
 def _skew_sign(p_fit: torch.Tensor) -> float:

@@ -54,7 +54,7 @@ from guard.calibrate import Calibration, calibrate, class_fit, is_logits, trust_
 from guard.cluster import Centroids, RefFeats, Zscore
 from guard.config import GuardConfig
 from guard.decide import ClassStats, Verdict, beyond_reference_p, binomial_p, decide, flag_cut, give_back, take
-from guard.direction import DirectionTest, across_classes, direction_test
+from guard.direction import DirectionTest, across_classes, most_significant, project
 from guard.distributed import gather_rows, shard, sum_tensors, world
 from guard.elsewhere import along_catches
 from guard.errors import GuardError
@@ -583,18 +583,22 @@ class Scanner:
 
     def _test(self, mine: list[torch.Tensor], theirs: list[torch.Tensor], offset: int, total: int, bar: float,
               inputs: bool) -> DirectionTest | None:
-        """:func:`direction_test` over ``mine`` (views ``offset`` on of ``total``), its p corrected for
-        all ``total`` and its layer counted among them. With the input views (``inputs``) the coarse
+        """:func:`~guard.direction.direction_test` over ``mine`` (views ``offset`` on of ``total``), its p
+        corrected for all ``total`` and its layer counted among them. With the input views (``inputs``) the coarse
         one, last, is the last resort: where the test without it is below ``bar`` too, that result
         stands, since a probe in the coarse view takes more benign look-alikes (:mod:`guard.inputs`)."""
-        def run(m: list[torch.Tensor], t: list[torch.Tensor]) -> DirectionTest | None:
-            r = direction_test(m, t, self.cfg.seed)
-            return None if r is None else replace(r, p=min(1.0, r.p * total / len(m)), layer=r.layer + offset)
+        projections = project(mine, theirs, self.cfg.seed)     # the finer test below reads the same layers
+        if projections is None:
+            return None
 
-        test = run(mine, theirs)
-        if test is not None and inputs and len(mine) > 1 and test.layer == offset + len(mine) - 1:
-            finer = run(mine[:-1], theirs[:-1])
-            if finer is not None and finer.p < bar:
+        def run(k: int) -> DirectionTest:
+            r = most_significant(projections[:k], len(theirs[0]))
+            return replace(r, p=min(1.0, r.p * total / k), layer=r.layer + offset)
+
+        test = run(len(mine))
+        if inputs and len(mine) > 1 and test.layer == offset + len(mine) - 1:
+            finer = run(len(mine) - 1)
+            if finer.p < bar:
                 return replace(finer, layer_p=test.layer_p)
         return test
 

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from guard.decide import beyond_reference_p
-from guard.direction import across_classes, direction_test, top_direction
+from guard.direction import across_classes, direction_test, most_significant, project, top_direction
 from guard.reference import unit
 
 
@@ -65,6 +65,22 @@ def test_deterministic_and_leaves_the_global_rng_alone():
     assert a.p == b.p and np.array_equal(a.beyond, b.beyond)
     assert direction_test([u[:3] for u in units], ref) is None     # too few to split
     assert direction_test(units, [r[:1] for r in ref]) is None
+
+
+def test_a_test_of_the_first_layers_reads_the_projections_of_all_of_them():
+    # the scan projects once and tests without its last view where that view is the most significant
+    rng = np.random.default_rng(4)
+    units, _ = _class(200, 16, rng, shift=3.0, share=0.25)
+    ref, _ = _class(30, 16, rng)
+    units += [_class(200, 8, rng)[0][0], _class(200, 12, rng, shift=6.0, share=0.3)[0][0]]
+    ref += [_class(30, 8, rng)[0][0], _class(30, 12, rng)[0][0]]
+    projections = project(units, ref, rng_seed=7)
+    for k in (1, 2, 3):
+        alone, prefix = direction_test(units[:k], ref[:k], rng_seed=7), most_significant(projections[:k], 30)
+        assert (alone.p, alone.layer, alone.layer_p) == (prefix.p, prefix.layer, prefix.layer_p)
+        assert np.array_equal(alone.beyond, prefix.beyond) and np.array_equal(alone.z, prefix.z)
+    assert direction_test(units, ref, rng_seed=7).layer == 2 and most_significant(projections[:2], 30).layer == 0
+    assert project([u[:3] for u in units], ref) is None
 
 
 def _classes(rng, own_spread=0.0, poisoned=None, shift=5.0, n_first=150, tail=0.0):
