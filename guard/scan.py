@@ -123,6 +123,7 @@ class ScanState:
     input_views: InputViews | None = None   # the direction stage's views (the coarse view's whitening)
     layer_p: dict[int, dict[int, float]] = field(default_factory=dict)   # class -> direction p per layer position
     layer_names: list[str] = field(default_factory=list)   # the direction stage's layers, then input views
+    last_views: dict[int, tuple[np.ndarray, list[torch.Tensor] | None]] = field(default_factory=dict)   # Scanner._views
     mismatch: Mismatch | None = None    # the classes not acted on, combined (guard.mismatch)
 
     def rows_of(self, classes) -> np.ndarray:
@@ -551,8 +552,7 @@ class Scanner:
         if not todo:
             return
         rows = self._screen_rows(st, sorted(st.classes), 3)
-        ex = self.extractor
-        raw = read_views(train, st.kept[rows], ex.adapter, ex.batch_size, ex.num_workers)
+        raw = self._views(st, train, st.kept[rows])
         if raw is None:
             return
         views = InputViews(raw[1], st.labels[rows])
@@ -602,16 +602,27 @@ class Scanner:
                 return replace(finer, layer_p=test.layer_p)
         return test
 
+    def _views(self, st: ScanState, dataset: Dataset, positions: np.ndarray) -> list[torch.Tensor] | None:
+        """:func:`~guard.inputs.read_views` of ``dataset[positions]``; the stages that read the same
+        samples of the same dataset in a row (a clean scan's direction and image stages read one screen)
+        share one read: the last read of each dataset is kept until the scan ends."""
+        last = st.last_views.get(id(dataset))
+        if last is not None and np.array_equal(last[0], positions):
+            return last[1]
+        ex = self.extractor
+        raw = read_views(dataset, positions, ex.adapter, ex.batch_size, ex.num_workers)
+        st.last_views[id(dataset)] = (np.array(positions, copy=True), raw)
+        return raw
+
     def _input_views(self, train: Dataset, st: ScanState, rows: np.ndarray,
                      ref: RefFeats) -> tuple[InputViews, list[torch.Tensor], list[torch.Tensor]] | None:
         """The input views (:mod:`guard.inputs`), fitted on the screen ``rows``, and the unit features
         of the screen and of the reference samples ``ref.rows`` in each (read without the model, so
         not a pass: its time is part of ``analysis``); None where the inputs are not images."""
-        ex = self.extractor
-        mine = read_views(train, st.kept[rows], ex.adapter, ex.batch_size, ex.num_workers)
+        mine = self._views(st, train, st.kept[rows])
         if mine is None:
             return None
-        theirs = read_views(st.cal.dataset, st.cal.positions(ref.rows), ex.adapter, ex.batch_size, ex.num_workers)
+        theirs = self._views(st, st.cal.dataset, st.cal.positions(ref.rows))
         if theirs is None:
             return None
         views = InputViews(mine[1], st.labels[rows])
@@ -638,7 +649,7 @@ class Scanner:
             return
         ex = self.extractor
         rows = st.rows_of(probes)
-        units = views.units(read_views(train, st.kept[rows], ex.adapter, ex.batch_size, ex.num_workers))
+        units = views.units(self._views(st, train, st.kept[rows]))
         labels, z_all = st.labels[rows], np.zeros(len(rows))
         for c, (k, probe) in probes.items():
             self._apply_probes({c: probe}, [units[k].double()], labels, z_all)
@@ -784,9 +795,8 @@ class Scanner:
         wanted = {k for k, _ in st.input_probes.values()}
         if not wanted or st.input_views is None:
             return []
-        ex = self.extractor
-        mine = read_views(train, st.kept[rows], ex.adapter, ex.batch_size, ex.num_workers)
-        theirs = read_views(st.cal.dataset, st.cal.positions(ref.rows), ex.adapter, ex.batch_size, ex.num_workers)
+        mine = self._views(st, train, st.kept[rows])
+        theirs = self._views(st, st.cal.dataset, st.cal.positions(ref.rows))
         if mine is None or theirs is None:
             return []
         mu, tu = st.input_views.units(mine), st.input_views.units(theirs)
