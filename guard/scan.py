@@ -584,9 +584,9 @@ class Scanner:
     def _test(self, mine: list[torch.Tensor], theirs: list[torch.Tensor], offset: int, total: int, bar: float,
               inputs: bool) -> DirectionTest | None:
         """:func:`~guard.direction.direction_test` over ``mine`` (views ``offset`` on of ``total``), its p
-        corrected for all ``total`` and its layer counted among them. With the input views (``inputs``) the coarse
-        one, last, is the last resort: where the test without it is below ``bar`` too, that result
-        stands, since a probe in the coarse view takes more benign look-alikes (:mod:`guard.inputs`)."""
+        corrected for all ``total`` and its layer counted among them. With the input views (``inputs``)
+        the coarse one, last, is the last resort: where the test without it is below ``bar`` too, that
+        result stands, since a probe in the coarse view takes more benign look-alikes (:mod:`guard.inputs`)."""
         projections = project(mine, theirs, self.cfg.seed)     # the finer test below reads the same layers
         if projections is None:
             return None
