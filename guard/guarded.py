@@ -39,6 +39,52 @@ _REMEDY_FIELDS = ("remedy", "remedy_seconds", "remedy_fit_before", "remedy_fit_a
                   "remedy_steps", "remedy_stopped", "sweep")
 
 
+def _inner(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``."""
+    while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt
+
+
+def second_moments(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
+    """Per parameter, ``opt``'s estimate of its squared gradient, bias-corrected (Adam's family:
+    ``exp_avg_sq``; RMSprop: ``square_avg``), on the CPU; None where it keeps none."""
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    out: list[torch.Tensor | None] = []
+    for p in params:
+        st, g = opt.state.get(p) or {}, group_of.get(id(p))
+        if "exp_avg_sq" in st and g is not None and "betas" in g:
+            out.append(st["exp_avg_sq"].detach().cpu() / (1.0 - g["betas"][1] ** float(st["step"])))
+        elif "square_avg" in st:
+            out.append(st["square_avg"].detach().cpu().clone())
+        else:
+            out.append(None)
+    return out
+
+
+def raise_second_moments(opt: torch.optim.Optimizer, params: list[nn.Parameter],
+                         floors: list[torch.Tensor | None]) -> int:
+    """Raise ``opt``'s squared-gradient estimate of each of ``params`` to at least ``floors`` (as
+    :func:`second_moments` gives them, bias-corrected), element by element. Returns the parameters
+    whose state was there to raise."""
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    raised = 0
+    with torch.no_grad():
+        for p, floor in zip(params, floors):
+            st, g = opt.state.get(p) or {}, group_of.get(id(p))
+            if floor is None:
+                continue
+            if "exp_avg_sq" in st and g is not None and "betas" in g:
+                v, scale = st["exp_avg_sq"], 1.0 - g["betas"][1] ** float(st["step"])
+            elif "square_avg" in st:
+                v, scale = st["square_avg"], 1.0
+            else:
+                continue
+            torch.maximum(v, floor.to(v.device, v.dtype) * scale, out=v)
+            raised += 1
+    return raised
+
+
 class GuardedDataset(Dataset):
     """Wraps a training dataset; scans the model during training and quarantines poisoned samples.
 
@@ -71,6 +117,7 @@ class GuardedDataset(Dataset):
         self.dataset, self.model, self.optimizer = dataset, model, optimizer
         self._warned_lr = False
         self._warned_mismatch = False
+        self._floors: list[torch.Tensor | None] | None = None   # the last unlearning's second moments (_apply)
         self.config = cfg = config if config is not None else GuardConfig()
         self.trusted, self.scan_dataset = trusted, scan_dataset
         n = length(dataset, "dataset")
@@ -270,16 +317,22 @@ class GuardedDataset(Dataset):
                 GuardWarning, stacklevel=2)
         if self._records and (new or self.config.remedy == "unlearn"):
             swept: list[SweepResult] = []
+            self._floors = None
             if world()[0] == 0:                    # distributed: rank 0 changes the model, the others copy it
                 with preserve_rng():
                     swept = self._remedy(scan, scan_no, bool(new))
             if world()[1] > 1:
-                done = broadcast_object({**{k: getattr(scan, k) for k in _REMEDY_FIELDS}, "swept": swept},
-                                        "broadcast of rank 0's remedy")
-                swept = done.pop("swept")
+                done = broadcast_object({**{k: getattr(scan, k) for k in _REMEDY_FIELDS}, "swept": swept,
+                                         "floors": self._floors}, "broadcast of rank 0's remedy")
+                swept, self._floors = done.pop("swept"), done.pop("floors")
                 for k, v in done.items():
                     setattr(scan, k, v)
                 broadcast_model(unwrap_model(self.model))
+            if self._floors is not None and self.optimizer is not None:
+                # the unlearning's gradient scale joins the user's optimizer (see _remedy)
+                scan.remedy_scale_raised = raise_second_moments(_inner(self.optimizer), self._user_params(),
+                                                                self._floors)
+            self._floors = None
             self._take_swept(swept, scan, epoch)
         self.report.scans.append(scan)
         said = ", ".join(f"class {v.cls}: {v.verdict} ({v.n_flagged})" for v in res.classes if v.n_flagged)
@@ -313,7 +366,12 @@ class GuardedDataset(Dataset):
         learned, and at any later scan if a suppressed backdoor creeps back. Nothing is unlearned
         while the model does not know what they teach. With a trusted set, each unlearning is swept
         (see :mod:`guard.sweep`); afterwards kept samples re-estimate the BatchNorm statistics.
-        Returns what the sweep found, for :meth:`_take_swept`."""
+        With the user's adaptive optimizer (Adam's family, RMSprop), the unlearning's own estimate of
+        each parameter's squared gradient is kept (``self._floors``) and :meth:`_apply` raises the
+        user's to it: the user's estimate, small late in training, would let the next clean steps move
+        the parameters the unlearning set by far more than their gradients justify, and teach the
+        trigger back within an epoch (benchmarks/NOTES.md). Returns what the sweep found, for
+        :meth:`_take_swept`."""
         cfg = self.config
         if cfg.remedy == "none":
             return []
@@ -344,7 +402,15 @@ class GuardedDataset(Dataset):
             scan.remedy = cfg.remedy
             sweep = self._sweep(model, sorted({r.label for r in recs}))
             job = Unlearning(self.dataset, self.kept_indices(), train, check, fit, allowed, cfg.seed + scan_no)
-            done = unlearn(model, job, self.feed, cfg, self._unlearner)
+            made: list[torch.optim.Optimizer] = []
+
+            def unlearner(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+                made.append(self._unlearner(params))
+                return made[-1]
+
+            done = unlearn(model, job, self.feed, cfg, unlearner)
+            if made and self.optimizer is not None:
+                self._floors = second_moments(made[0], self._user_params())
             scan.remedy_fit_after, scan.remedy_steps, scan.remedy_stopped = done.fit, done.steps, done.stopped
             settled = done.settled
             # the model kept reads kept samples' BatchNorm statistics; the sweep measures that model
@@ -355,6 +421,11 @@ class GuardedDataset(Dataset):
                               for r in found]
         scan.remedy_seconds = time.monotonic() - t
         return found
+
+    def _user_params(self) -> list[nn.Parameter]:
+        """The parameters of the user's optimizer, in its order (the same on every rank)."""
+        assert self.optimizer is not None
+        return [p for g in _inner(self.optimizer).param_groups for p in g["params"]]
 
     def _sweep(self, model: nn.Module, classes: list[int]) -> Sweep | None:
         """The margins before unlearning of ``classes``' kept and trusted samples (trusted set only)."""
@@ -378,9 +449,7 @@ class GuardedDataset(Dataset):
                     "optimizer=opt) so they follow your learning rate (the Lightning and HF adapters do this).",
                     GuardWarning, stacklevel=2)
             return torch.optim.SGD(params, lr=self.config.unlearn_lr, momentum=self.config.unlearn_momentum)
-        user = self.optimizer
-        while isinstance(getattr(user, "optimizer", None), torch.optim.Optimizer):   # accelerate's wrapper
-            user = user.optimizer
+        user = _inner(self.optimizer)
         group = user.param_groups[0]
         accepted = inspect.signature(type(user).__init__).parameters
         settings = {k: group[k] for k in accepted if k in group and k not in ("self", "params")}

@@ -117,6 +117,9 @@ class ScanReport(BaseModel):
     remedy_steps: int = 0
     remedy_stopped: str | None = Field(
         None, description="why unlearning stopped: chance, no progress (unlearn_patience checks) or cap")
+    remedy_scale_raised: int = Field(
+        0, description="parameters whose squared-gradient estimate in your adaptive optimizer (Adam, RMSprop) was "
+                       "raised to the unlearning's, so training does not at once undo it")
     remedy_bn_samples: int = Field(
         0, description="kept samples that re-estimated the BatchNorm running statistics after unlearning")
     sweep: list[SweepReport] = Field(

@@ -497,6 +497,40 @@ def test_unlearning_follows_the_users_optimizer_and_learning_rate():
     assert changes["default"][0] > 20 * step, changes      # SGD(lr=0.01, momentum 0.9) moves it far more
 
 
+def test_unlearning_hands_its_gradient_scale_to_an_adaptive_optimizer():
+    """After unlearning, the user's Adam keeps at least the unlearning's estimate of each parameter's
+    squared gradient (bias-corrected), so its next clean steps do not undo the unlearning; SGD, which
+    keeps no such estimate, is left as it was."""
+    from guard.guarded import second_moments
+    ds = Blobs(600, poison=0.08, seed=0)
+    for name in ("adamw", "sgd"):
+        model = train(mlp(), ds, epochs=25)
+        opt = (torch.optim.AdamW(model.parameters(), lr=1e-3) if name == "adamw"
+               else torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
+        for x, y in torch.utils.data.DataLoader(ds, batch_size=64):     # the user's optimizer has state
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        params = list(model.parameters())
+        key = "exp_avg_sq" if name == "adamw" else "momentum_buffer"
+        before = [opt.state[p][key].clone() for p in params]
+        gds = GuardedDataset(ds, model, GuardConfig(), trusted=Blobs(150, seed=7), optimizer=opt)
+        made = []
+        plain = gds._unlearner
+        gds._unlearner = lambda ps: made.append(plain(ps)) or made[-1]
+        scan = gds.scan()
+        assert scan.remedy == "unlearn" and scan.remedy_steps > 0 and len(made) == 1
+        if name == "sgd":
+            assert scan.remedy_scale_raised == 0
+            assert all(torch.equal(opt.state[p][key], b) for p, b in zip(params, before))
+            continue
+        assert scan.remedy_scale_raised == len(params)
+        floors, now = second_moments(made[0], params), second_moments(opt, params)
+        assert all(bool((n >= f * (1 - 1e-6) - 1e-30).all()) for n, f in zip(now, floors))   # float32 rounding
+        assert all(bool((opt.state[p][key] >= b).all()) for p, b in zip(params, before))
+        assert any(bool((opt.state[p][key] > b).any()) for p, b in zip(params, before))
+
+
 def test_a_compiled_model_is_scanned_through_its_original_module(poisoned):
     ds, model = poisoned
     cfg = GuardConfig(remedy="none")
