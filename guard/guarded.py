@@ -46,20 +46,27 @@ def _inner(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return opt
 
 
-def second_moments(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
-    """Per parameter, ``opt``'s estimate of its squared gradient, bias-corrected (Adam's family:
-    ``exp_avg_sq``; RMSprop: ``square_avg``), on the CPU; None where it keeps none."""
+def _squared_gradients(opt: torch.optim.Optimizer, params: list[nn.Parameter]
+                       ) -> list[tuple[torch.Tensor, float] | None]:
+    """Per parameter, ``opt``'s state tensor estimating its squared gradient (Adam's family:
+    ``exp_avg_sq``; RMSprop: ``square_avg``) and its bias correction (the tensor over it is the
+    estimate); None where it keeps none."""
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
-    out: list[torch.Tensor | None] = []
-    for p in params:
-        st, g = opt.state.get(p) or {}, group_of.get(id(p))
-        if "exp_avg_sq" in st and g is not None and "betas" in g:
-            out.append(st["exp_avg_sq"].detach().cpu() / (1.0 - g["betas"][1] ** float(st["step"])))
-        elif "square_avg" in st:
-            out.append(st["square_avg"].detach().cpu().clone())
-        else:
-            out.append(None)
-    return out
+    return [_squared_gradient(opt.state.get(p) or {}, group_of.get(id(p))) for p in params]
+
+
+def _squared_gradient(st: dict, group: dict | None) -> tuple[torch.Tensor, float] | None:
+    if "exp_avg_sq" in st and group is not None and "betas" in group:
+        return st["exp_avg_sq"], 1.0 - group["betas"][1] ** float(st["step"])
+    if "square_avg" in st:
+        return st["square_avg"], 1.0
+    return None
+
+
+def second_moments(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
+    """Per parameter, ``opt``'s estimate of its squared gradient, bias-corrected, on the CPU; None
+    where it keeps none (:func:`_squared_gradients`)."""
+    return [None if held is None else held[0].detach().cpu() / held[1] for held in _squared_gradients(opt, params)]
 
 
 def raise_second_moments(opt: torch.optim.Optimizer, params: list[nn.Parameter],
@@ -67,21 +74,13 @@ def raise_second_moments(opt: torch.optim.Optimizer, params: list[nn.Parameter],
     """Raise ``opt``'s squared-gradient estimate of each of ``params`` to at least ``floors`` (as
     :func:`second_moments` gives them, bias-corrected), element by element. Returns the parameters
     whose state was there to raise."""
-    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
     raised = 0
     with torch.no_grad():
-        for p, floor in zip(params, floors):
-            st, g = opt.state.get(p) or {}, group_of.get(id(p))
-            if floor is None:
-                continue
-            if "exp_avg_sq" in st and g is not None and "betas" in g:
-                v, scale = st["exp_avg_sq"], 1.0 - g["betas"][1] ** float(st["step"])
-            elif "square_avg" in st:
-                v, scale = st["square_avg"], 1.0
-            else:
-                continue
-            torch.maximum(v, floor.to(v.device, v.dtype) * scale, out=v)
-            raised += 1
+        for held, floor in zip(_squared_gradients(opt, params), floors):
+            if held is not None and floor is not None:
+                v, scale = held
+                torch.maximum(v, floor.to(v.device, v.dtype) * scale, out=v)
+                raised += 1
     return raised
 
 

@@ -174,8 +174,8 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
     ``SGD(lr=cfg.unlearn_lr, momentum=cfg.unlearn_momentum)``). Each step mixes ``cfg.unlearn_batch``
     samples, half quarantined and half kept. Each check first re-estimates the BatchNorm statistics on
     kept samples (:func:`recalibrate_bn`), so it judges the model that would be kept. It stops at chance,
-    after ``unlearn_patience`` checks that do not lower the fit beyond its standard error, or at the cap (:class:`Unlearned`; where
-    its ``settled`` is 0, call :func:`recalibrate_bn`)."""
+    after ``unlearn_patience`` checks that do not lower the fit beyond its standard error, or at the cap
+    (:class:`Unlearned`; where its ``settled`` is 0, call :func:`recalibrate_bn`)."""
     dataset, kept, quarantined, check = job.dataset, job.kept, job.quarantined, job.check
     adapter, device = feed.adapter, feed.device
     params = [p for p in model.parameters() if p.requires_grad]
