@@ -32,35 +32,3 @@ def test_a_first_catch_takes_only_beyond_the_highest_trusted_sample(case, cifar_
     # every poisoned sample is still taken; the benign ones between flag_z and the trusted extreme are not
     assert taken[True][0] == taken[False][0] == len(data.poisoned)
     assert taken[True][1] <= taken[False][1] - 15, taken
-
-
-@pytest.mark.cifar
-def test_a_follow_up_beyond_the_trusted_extreme_takes_a_subset_of_what_follow_z_takes(cifar_archive):
-    """``follow_beyond_trusted`` (opt-in): the second scan of the BadNets checkpoint follows up the caught
-    class, whose poison the first scan took whole. With ``follow_z`` lowered to 1 the plain cut takes
-    dozens of benign samples (recorded: 42); held beyond the class's highest trusted sample on the
-    follow-up probe (recorded: z 2.56) it takes a few of them (4), a subset."""
-    from guard import GuardedDataset
-    from tests.golden import FOLDER, _data, _model
-
-    data = _data("badnets", cifar_archive)
-    added = {}
-    for beyond in (False, True):
-        model = _model()
-        model.load_state_dict(torch.load(FOLDER / "badnets.pt", weights_only=True))
-        cfg = GuardConfig(remedy="none", progress=False,
-                          thresholds={"follow_z": 1.0, "follow_beyond_trusted": beyond})
-        gds = GuardedDataset(data.train, model, cfg, trusted=data.trusted)
-        gds.scan(0)
-        first = set(gds.quarantined.tolist())
-        assert set(data.poisoned.tolist()) <= first
-        gds.scan(1)
-        follow = gds.report.scans[-1].classes[0]
-        assert follow.verdict == "like quarantined" and follow.n_quarantined_before > 0
-        ref = np.array(gds.report.scans[-1].reference_scores)[np.asarray(data.trusted.labels) == 0]
-        if beyond:
-            assert follow.threshold == pytest.approx(float(ref.max()), abs=1e-3) and follow.threshold > 1.0
-        else:
-            assert follow.threshold == 1.0 and (ref > 1.0).any()
-        added[beyond] = set(gds.quarantined.tolist()) - first
-    assert added[True] < added[False] and len(added[True]) <= len(added[False]) / 4, added
