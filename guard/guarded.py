@@ -116,7 +116,6 @@ class GuardedDataset(Dataset):
         self.dataset, self.model, self.optimizer = dataset, model, optimizer
         self._warned_lr = False
         self._warned_mismatch = False
-        self._floors: list[torch.Tensor | None] | None = None   # the last unlearning's second moments (_apply)
         self.config = cfg = config if config is not None else GuardConfig()
         self.trusted, self.scan_dataset = trusted, scan_dataset
         n = length(dataset, "dataset")
@@ -316,22 +315,20 @@ class GuardedDataset(Dataset):
                 GuardWarning, stacklevel=2)
         if self._records and (new or self.config.remedy == "unlearn"):
             swept: list[SweepResult] = []
-            self._floors = None
+            floors: list[torch.Tensor | None] | None = None
             if world()[0] == 0:                    # distributed: rank 0 changes the model, the others copy it
                 with preserve_rng():
-                    swept = self._remedy(scan, scan_no, bool(new))
+                    swept, floors = self._remedy(scan, scan_no, bool(new))
             if world()[1] > 1:
                 done = broadcast_object({**{k: getattr(scan, k) for k in _REMEDY_FIELDS}, "swept": swept,
-                                         "floors": self._floors}, "broadcast of rank 0's remedy")
-                swept, self._floors = done.pop("swept"), done.pop("floors")
+                                         "floors": floors}, "broadcast of rank 0's remedy")
+                swept, floors = done.pop("swept"), done.pop("floors")
                 for k, v in done.items():
                     setattr(scan, k, v)
                 broadcast_model(unwrap_model(self.model))
-            if self._floors is not None and self.optimizer is not None:
+            if floors is not None and self.optimizer is not None:
                 # the unlearning's gradient scale joins the user's optimizer (see _remedy)
-                scan.remedy_scale_raised = raise_second_moments(_inner(self.optimizer), self._user_params(),
-                                                                self._floors)
-            self._floors = None
+                scan.remedy_scale_raised = raise_second_moments(_inner(self.optimizer), self._user_params(), floors)
             self._take_swept(swept, scan, epoch)
         self.report.scans.append(scan)
         said = ", ".join(f"class {v.cls}: {v.verdict} ({v.n_flagged})" for v in res.classes if v.n_flagged)
@@ -358,7 +355,8 @@ class GuardedDataset(Dataset):
             logger.info("guard: unlearning exposed {} more samples ({})", added,
                         ", ".join(f"class {r.cls}: {len(r.taken)}" for r in swept if len(r.taken)))
 
-    def _remedy(self, scan: ScanReport, scan_no: int, new: bool) -> list[SweepResult]:
+    def _remedy(self, scan: ScanReport, scan_no: int, new: bool
+                ) -> tuple[list[SweepResult], list[torch.Tensor | None] | None]:
         """``restart`` after new quarantines. ``unlearn`` whenever the model fits the held-out check
         set of quarantined samples (predicts the label they carry) more than chance allows and
         explains (see :mod:`guard.remedy`): right after they are found if the backdoor was already
@@ -366,17 +364,19 @@ class GuardedDataset(Dataset):
         while the model does not know what they teach. With a trusted set, each unlearning is swept
         (see :mod:`guard.sweep`); afterwards kept samples re-estimate the BatchNorm statistics.
         With the user's adaptive optimizer (Adam's family, RMSprop), the unlearning's own estimate of
-        each parameter's squared gradient is kept (``self._floors``) and :meth:`_apply` raises the
-        user's to it: the user's estimate, small late in training, would let the next clean steps move
-        the parameters the unlearning set by far more than their gradients justify, and teach the
+        each parameter's squared gradient (:func:`second_moments`) is returned and :meth:`_apply` raises
+        the user's to it: the user's estimate, small late in training, would let the next clean steps
+        move the parameters the unlearning set by far more than their gradients justify, and teach the
         trigger back within an epoch (benchmarks/NOTES.md). Returns what the sweep found, for
-        :meth:`_take_swept`."""
+        :meth:`_take_swept`, and those estimates (None where nothing was unlearned or no optimizer was
+        handed over)."""
         cfg = self.config
         if cfg.remedy == "none":
-            return []
+            return [], None
         model = unwrap_model(self.model)           # DDP's own forward would wait for the other ranks
         t = time.monotonic()
         found: list[SweepResult] = []
+        floors: list[torch.Tensor | None] | None = None
         if cfg.remedy == "restart":
             assert self._initial_state is not None
             scan.remedy = cfg.remedy
@@ -394,7 +394,7 @@ class GuardedDataset(Dataset):
             if fit <= allowed or p >= cfg.thresholds.max_false_alarm:
                 logger.info("guard: the model predicts {:.1%} of the {} held-out quarantined samples as their label "
                             "(chance: up to {:.1%}, p = {:.2g}): nothing to unlearn", fit, len(lab), allowed, p)
-                return []
+                return [], None
             logger.info("guard: the model predicts {:.1%} of the {} held-out quarantined samples as their label "
                         "(chance: up to {:.1%}, p = {:.2g}){}: unlearning", fit, len(lab), allowed, p,
                         "" if new else " again")
@@ -409,7 +409,7 @@ class GuardedDataset(Dataset):
 
             done = unlearn(model, job, self.feed, cfg, unlearner)
             if made and self.optimizer is not None:
-                self._floors = second_moments(made[0], self._user_params())
+                floors = second_moments(made[0], self._user_params())
             scan.remedy_fit_after, scan.remedy_steps, scan.remedy_stopped = done.fit, done.steps, done.stopped
             settled = done.settled
             # the model kept reads kept samples' BatchNorm statistics; the sweep measures that model
@@ -419,7 +419,7 @@ class GuardedDataset(Dataset):
                 scan.sweep = [SweepReport(cls=r.cls, n=r.n, n_ref=r.n_ref, beyond=r.beyond, p=r.p, taken=len(r.taken))
                               for r in found]
         scan.remedy_seconds = time.monotonic() - t
-        return found
+        return found, floors
 
     def _user_params(self) -> list[nn.Parameter]:
         """The parameters of the user's optimizer, in its order (the same on every rank)."""
