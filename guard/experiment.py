@@ -30,6 +30,7 @@ from guard.config import GuardConfig
 from guard.datasets import (CIFAR10_MEAN, CIFAR10_STD, ArrayImageDataset, ArraySplit, load_cifar10, load_digits,
                             load_image_folder, stratified_indices)
 from guard.guarded import GuardedDataset
+from guard.hooks import preserve_rng, rng_state, set_rng_state
 from guard.models import CifarResNet18, SmallCNN
 from guard.progress import Progress
 from guard.remedy import predictions
@@ -275,11 +276,16 @@ def detection(flagged: np.ndarray, poisoned: np.ndarray, n: int, cover: np.ndarr
 class _Twin:
     """The unguarded run, branched from the guarded one when the warm-up ends (same weights, optimizer
     and schedule state, same sample order) and trained in lockstep with it, one epoch after each
-    guarded epoch, so that both see the same machine load: their wall times compare."""
+    guarded epoch, so that both see the same machine load: their wall times compare. It draws its
+    random augmentation from its own copy of the global RNG states taken at the branch, so while the
+    guard has quarantined nothing the two runs see the same crops and stay identical (the guard's
+    scans leave the RNGs as they were): a difference between them is the guard's doing."""
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, data: Prepared, spec: RunSpec,
                  cfg: GuardConfig) -> None:
-        self.model = data.make_model()
+        self.rng = rng_state()
+        with preserve_rng():                  # a fresh model's initialisation draws from the RNG
+            self.model = data.make_model()
         self.model.load_state_dict(copy.deepcopy(model.state_dict()))
         self.opt = torch.optim.SGD(self.model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=5e-4)
         self.opt.load_state_dict(copy.deepcopy(opt.state_dict()))
@@ -291,7 +297,10 @@ class _Twin:
         self.times: list[float] = []
 
     def epoch(self, desc: str) -> None:
-        self.times.append(_epoch(self.model, self.opt, self.loader, desc))
+        with preserve_rng():
+            set_rng_state(self.rng)
+            self.times.append(_epoch(self.model, self.opt, self.loader, desc))
+            self.rng = rng_state()
         self.sched.step()
 
 
@@ -322,7 +331,8 @@ def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None,
     for epoch in range(spec.epochs):
         if epoch == cfg.warmup_epochs and compare:
             twin = _Twin(model, opt, sched, data, spec, cfg)
-            out["warmup"] = measure(model, data)
+            with preserve_rng():
+                out["warmup"] = measure(model, data)
         t0 = time.perf_counter()
         gds.sampler.set_epoch(epoch)
         n_scans = len(gds.report.scans)
@@ -334,7 +344,8 @@ def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None,
         if scanned:
             paper.append(detection(gds.last_result.paper_flagged, data.poisoned, len(data.labels)))
             if on_scan is not None:
-                out.setdefault("on_scan", []).append(on_scan(gds, data))
+                with preserve_rng():
+                    out.setdefault("on_scan", []).append(on_scan(gds, data))
         logger.info("epoch {}/{}: {:.1f}s{}, {:,} samples quarantined", epoch + 1, spec.epochs, epoch_times[-1],
                     f" after a {scan_time:.1f}s scan" if scanned else "", len(gds.quarantined))
         if twin is not None:

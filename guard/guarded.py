@@ -133,9 +133,10 @@ class GuardedDataset(Dataset):
             raise GuardError(f"every parameter of {type(model).__name__} is frozen (requires_grad=False), so "
                              "remedy='unlearn' cannot change it; unfreeze the trained layers, or set "
                              "GuardConfig(remedy='none') to only quarantine")
-        self.layers, self.num_classes = layers_and_classes(model, self._source, self.adapter, cfg, self.device)
-        if trusted is not None:
-            check_trusted(trusted, self.adapter, self.num_classes, cfg.min_trusted_per_class, n)
+        with preserve_rng():            # the set-up reads items: a random transform must not shift the user's stream
+            self.layers, self.num_classes = layers_and_classes(model, self._source, self.adapter, cfg, self.device)
+            if trusted is not None:
+                check_trusted(trusted, self.adapter, self.num_classes, cfg.min_trusted_per_class, n)
         self.feed = Feed(self.adapter, self.device, cfg.channels_last, cfg.amp)
         self.extractor = Extractor(model, self.feed, self.num_classes, cfg)
         self.scanner = Scanner(model, self.layers, self.extractor, cfg)

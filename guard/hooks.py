@@ -112,19 +112,32 @@ def check_layers(model: nn.Module, names: Sequence[str]) -> list[str]:
     return list(names)
 
 
+RngState = tuple[torch.Tensor, Any, Any, "list[torch.Tensor] | None"]
+
+
+def rng_state() -> RngState:
+    """The global torch/CUDA, NumPy and Python RNG states (for :func:`set_rng_state`)."""
+    return (torch.get_rng_state(), np.random.get_state(), random.getstate(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+
+
+def set_rng_state(state: RngState) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state[0])
+    np.random.set_state(state[1])
+    random.setstate(state[2])
+    if state[3] is not None:
+        torch.cuda.set_rng_state_all(state[3])
+
+
 @contextlib.contextmanager
 def preserve_rng() -> Iterator[None]:
     """The global torch/CUDA, NumPy and Python RNG states are restored on exit."""
-    rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
-           torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+    state = rng_state()
     try:
         yield
     finally:
-        torch.set_rng_state(rng[0])
-        np.random.set_state(rng[1])
-        random.setstate(rng[2])
-        if rng[3] is not None:
-            torch.cuda.set_rng_state_all(rng[3])
+        set_rng_state(state)
 
 
 @contextlib.contextmanager

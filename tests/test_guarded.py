@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from guard import GuardConfig, GuardedDataset, GuardReport, GuardWarning
+from guard.sampler import GuardSampler
 from tests.conftest import Blobs, mlp, train
 
 
@@ -182,6 +183,55 @@ def test_scan_and_remedy_leave_training_state_untouched():
     random.seed(11)
     assert after == (torch.rand(1).item(), np.random.rand(), random.random())
     assert model.training and torch.is_grad_enabled()
+
+
+class _Jittered(Dataset):
+    """Blobs with a random jitter drawn from the global torch RNG per item, as torchvision's random
+    transforms draw theirs."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        x, y = self.ds[i]
+        return x + 0.3 * torch.randn_like(x), y
+
+
+def test_a_run_whose_scans_take_nothing_trains_exactly_as_without_the_guard():
+    # the promise behind "nothing changes until something is quarantined": scans read the model in eval
+    # mode and leave the RNGs, BatchNorm statistics and gradients as they were, so the training that
+    # follows draws the same augmentations and reaches the same weights, bit for bit
+    ds = _Jittered(Blobs(600, seed=0))
+
+    def fresh():
+        torch.manual_seed(3)
+        return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(),
+                                   torch.nn.Dropout(0.2), torch.nn.Linear(64, 3))
+
+    def fit(model, loader, epochs=5):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        model.train()
+        for epoch in range(epochs):
+            for x, y in loader:
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+        return model
+
+    cfg = GuardConfig(warmup_epochs=1, scan_every=1, seed=5)
+    guarded = fresh()
+    with pytest.warns(GuardWarning, match="different data for the same index"):     # no scan_dataset
+        gds = GuardedDataset(ds, guarded, cfg, trusted=Blobs(150, seed=7))
+    fit(guarded, DataLoader(gds, batch_size=32, sampler=gds.sampler))
+    plain = fresh()
+    order = GuardSampler(lambda: np.arange(len(ds)), len(ds), seed=cfg.seed)     # the guard's order, no guard
+    fit(plain, DataLoader(ds, batch_size=32, sampler=order))
+    assert len(gds.report.scans) == 4 and len(gds.quarantined) == 0
+    a, b = guarded.state_dict(), plain.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
 
 
 class _Interrupt(torch.nn.Module):
