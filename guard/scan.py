@@ -59,7 +59,7 @@ from guard.distributed import gather_rows, shard, sum_tensors, world
 from guard.elsewhere import along_catches
 from guard.errors import GuardError
 from guard.extract import Batch, Extractor
-from guard.gate import GateTest, split_gate
+from guard.gate import GateTest, split_follow, split_gate
 from guard.hooks import scan_mode
 from guard.inputs import InputViews, read_views
 from guard.keep import KeptFeatures
@@ -706,10 +706,31 @@ class Scanner:
         names = [self.layers[i] for i in probe_ids]
         screens = self._follow_screens(train, st, follow, probe_ids)
         ref = self._reference_feats(st, follow, names)
+        if self.th.follow_held_out and st.cal.source == "trusted":
+            screens = self._held_out_follow(st, screens, ref, len(names))
+            follow = {c: follow[c] for c in screens}
         probes = self._fit_probes(st, screens, ref, list(range(len(names))), names)
         if len(probes) < len(follow):
             self._follow_centroid(train, st, {c: follow[c] for c in follow if c not in probes})
         self._flag_probed(train, st, probes, probe_ids, "scan/follow-up", Verdict.LIKE_QUARANTINED)
+
+    def _held_out_follow(self, st: ScanState, screens: dict[int, tuple[list[torch.Tensor], np.ndarray]],
+                         ref: RefFeats, n_layers: int) -> dict[int, tuple[list[torch.Tensor], np.ndarray]]:
+        """The follow-up screens of the classes whose kept samples, on a probe fitted without them, put
+        more beyond every trusted sample than a clean class does (:func:`~guard.gate.split_follow`, below
+        ``max_false_alarm / classes``); the others are not followed up, and their reason says so."""
+        bar = self.th.max_false_alarm / max(st.n_tested, 1)
+        out = {}
+        for c, (units, seed) in screens.items():
+            test = split_follow(units, seed, ref.units(c, list(range(n_layers))), self.th,
+                                np.random.default_rng([self.cfg.seed, 8, c]), rng_seed=self.cfg.seed)
+            if test.p < bar:
+                out[c] = (units, seed)
+            else:
+                st.classes[c].reason += (f"; not followed up: on a probe fitted without them, {test.share:.1%} of half "
+                                         f"its kept screen lies beyond every one of its {test.n_held} trusted samples, "
+                                         f"no more than a clean class puts there (p = {test.p:.2g}, bar {bar:.2g})")
+        return out
 
     def elsewhere(self, train: Dataset, st: ScanState) -> None:
         """Trusted reference only: every class this scan did not act on is held against the probes of
