@@ -355,7 +355,7 @@ def main() -> None:
                     help="whole guarded runs beside their twins (TRUSTED 0: trust-free); --out: the part's JSON")
     ap.add_argument("--floors", metavar="JSON", help="write the attacks' never-poisoned floors here (after --train)")
     ap.add_argument("--merge-guarded", nargs="+", metavar="JSON",
-                    help="merge --guarded parts into results/harm_cifar10_guarded.json")
+                    help="merge --guarded parts into --out (default results/harm_cifar10_guarded.json)")
     ap.add_argument("--with-floors", metavar="JSON", help="--merge-guarded: the floors --floors wrote")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -377,7 +377,7 @@ def main() -> None:
         rows = [r for f in a.merge_guarded for r in json.loads(Path(f).read_text())["rows"]]
         floor = json.loads(Path(a.with_floors).read_text()) if a.with_floors else {}
         md = guarded_table(rows, floor, GUARDED_INTRO)
-        (HERE / "results" / "harm_cifar10_guarded.json").write_text(
+        (Path(a.out) if a.out else HERE / "results" / "harm_cifar10_guarded.json").write_text(
             json.dumps({"rows": rows, "floors": floor, "markdown": md}, indent=1, default=float))
         render_benchmarks()
         print(md)

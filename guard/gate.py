@@ -25,6 +25,13 @@ out of it where a half finds the cluster (a BadNets class of the golden tests). 
 a class the model's route in effect cannot act on what an all-to-one attack plants; a class is then
 acted on through the tests that need no cross-fitting, :mod:`guard.direction` and :mod:`guard.inputs`.
 
+A follow-up meets the same problem from the other side (:func:`split_follow`, opt-in with
+``thresholds={"follow_held_out": True}``): its probe is self-trained on the quarantined samples and
+the class's kept ones, so it moves the kept samples most like the quarantined ones to their side,
+and along it a class whose poison was all caught still has a few kept samples beyond its trusted
+ones. Cross-fitted over halves of the kept screen, the count beyond every trusted sample is again
+Beta-binomial when nothing is left, and a follow-up runs only where it is past the same bar.
+
 Deterministic for a given seed and class, so every rank of a distributed run agrees.
 """
 
