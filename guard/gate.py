@@ -25,6 +25,13 @@ out of it where a half finds the cluster (a BadNets class of the golden tests). 
 a class the model's route in effect cannot act on what an all-to-one attack plants; a class is then
 acted on through the tests that need no cross-fitting, :mod:`guard.direction` and :mod:`guard.inputs`.
 
+A follow-up meets the same problem from the other side (:func:`split_follow`, opt-in with
+``thresholds={"follow_held_out": True}``): its probe is self-trained on the quarantined samples and
+the class's kept ones, so it moves the kept samples most like the quarantined ones to their side,
+and along it a class whose poison was all caught still has a few kept samples beyond its trusted
+ones. Cross-fitted over halves of the kept screen, the count beyond every trusted sample is again
+Beta-binomial when nothing is left, and a follow-up runs only where it is past the same bar.
+
 Deterministic for a given seed and class, so every rank of a distributed run agrees.
 """
 
@@ -38,6 +45,8 @@ import torch
 from guard.calibrate import small_sample
 from guard.cluster import _cosine_without
 from guard.decide import beyond_reference_p
+from guard.probe import self_train
+from guard.thresholds import Thresholds
 
 
 @dataclass(frozen=True)
@@ -99,3 +108,38 @@ def split_gate(screen: list[torch.Tensor], reference: list[torch.Tensor], rng: n
             best = test
     return best
 
+
+def split_follow(units: list[torch.Tensor], seed: np.ndarray, reference: list[torch.Tensor], t: Thresholds,
+                 rng: np.random.Generator, rng_seed: int = 0) -> GateTest:
+    """The held-out count of a follow-up: whether a class that already holds quarantined samples
+    still holds kept samples like them, more than a clean class would.
+
+    ``units``: unit features per probe layer of the class's quarantined samples (``seed`` above
+    ``t.screen_z``) then of a screen of its kept ones (``seed`` 0), as the follow-up fits its probe
+    on them; ``reference``: the class's trusted samples' at the same layers. The follow-up's own
+    probe moves the kept samples most like the quarantined ones to their side as it fits, so along
+    it a clean class's kept samples lie beyond its trusted samples more often than chance: its count
+    there tells nothing. Here the kept screen is split in halves at random; a probe self-trained on
+    the quarantined samples and one half (:func:`~guard.probe.self_train`) scores the other half and
+    the trusted samples, neither of which it saw, so the count of that half beyond every trusted
+    sample is Beta-binomial (:func:`~guard.decide.beyond_reference_p`) when no poison is left. Both
+    halves take each role; the smaller p-value, doubled, is returned (1 where no half's probe fits)."""
+    nq = int((seed > t.screen_z).sum())
+    kept = np.arange(nq, len(seed))
+    n_ref = len(reference[0])
+    best = GateTest(1.0, 0.0, n_ref)
+    if len(kept) < 4 or n_ref < 1:
+        return best
+    perm = kept[rng.permutation(len(kept))]
+    halves = (np.sort(perm[: len(kept) // 2]), np.sort(perm[len(kept) // 2:]))
+    for fit, held in (halves, halves[::-1]):
+        rows = torch.from_numpy(np.concatenate([np.arange(nq), fit]))
+        probe = self_train([u[rows] for u in units], reference, seed[rows.numpy()], t, rng_seed=rng_seed)
+        if probe is None:
+            continue
+        z_held = probe.z([u[torch.from_numpy(held)] for u in units])
+        beyond = int((z_held > probe.z(reference).max()).sum())
+        test = GateTest(min(2.0 * beyond_reference_p(beyond, len(held), n_ref), 1.0), beyond / len(held), n_ref)
+        if (test.p, -test.share) < (best.p, -best.share):
+            best = test
+    return best

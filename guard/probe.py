@@ -134,29 +134,3 @@ def self_train(screen: list[torch.Tensor], benign: list[torch.Tensor], seed: np.
     probe = Probe(chosen, weights, mus, sds, 0.0, 1.0)
     probe.mu, probe.sd = _calibrate(torch.from_numpy(probe.raw(benign)))
     return probe
-
-
-def held_out_pair(units: list[torch.Tensor], seed: np.ndarray, benign: list[torch.Tensor], t: Thresholds,
-                  rng: np.random.Generator, rng_seed: int = 0) -> tuple[Probe, Probe, np.ndarray] | None:
-    """Two probes for one class, each blind to half of its screen: ``(probe_0, probe_1, half)``.
-
-    ``units``/``seed`` as for :func:`self_train`, where the samples seeded above ``t.screen_z`` are
-    the class's certain suspects (a follow-up's quarantined samples) and the rest its screen; the
-    screen is split in halves at random (``half``: 0 or 1 per screen sample, -1 for the suspects)
-    and ``probe_h`` is self-trained on the suspects and half ``h`` only. A screen sample scored by
-    the other half's probe had no part in the fit, no more than the ``benign`` reference samples
-    that calibrate it: were it benign, it would land above them as often as they do. (A probe
-    self-trained on the whole screen moves the screened samples most like the suspects to their
-    side, benign ones too, and then scores them.) None where either half's probe cannot be fitted."""
-    sus = np.flatnonzero(seed > t.screen_z)
-    rest = np.setdiff1d(np.arange(len(seed)), sus)
-    half = np.full(len(seed), -1, dtype=np.int64)
-    half[rest] = rng.permutation(len(rest)) % 2
-    pair = []
-    for h in (0, 1):
-        rows = np.concatenate([sus, np.flatnonzero(half == h)])
-        probe = self_train([u[torch.from_numpy(rows)] for u in units], benign, seed[rows], t, rng_seed=rng_seed)
-        if probe is None:
-            return None
-        pair.append(probe)
-    return pair[0], pair[1], half[rest]

@@ -59,13 +59,13 @@ from guard.distributed import gather_rows, shard, sum_tensors, world
 from guard.elsewhere import along_catches
 from guard.errors import GuardError
 from guard.extract import Batch, Extractor
-from guard.gate import GateTest, split_gate
+from guard.gate import GateTest, split_follow, split_gate
 from guard.hooks import scan_mode
 from guard.inputs import InputViews, read_views
 from guard.keep import KeptFeatures
 from guard.locate import excess_share, guard_layers, paper_window
 from guard.mismatch import Mismatch, mismatch
-from guard.probe import Probe, held_out_pair, self_train
+from guard.probe import Probe, self_train
 from guard.reference import Reference, unit
 from guard.report import ClassReport
 from guard.score import DeviceScores
@@ -704,59 +704,33 @@ class Scanner:
         by themselves. Where no probe can be fitted, :meth:`_follow_centroid` takes over."""
         probe_ids = self._probe_layers()
         names = [self.layers[i] for i in probe_ids]
-        screens, screened = self._follow_screens(train, st, follow, probe_ids)
+        screens = self._follow_screens(train, st, follow, probe_ids)
         ref = self._reference_feats(st, follow, names)
-        held = {}
         if self.th.follow_held_out and st.cal.source == "trusted":
-            held = self._held_out_probes(st, screens, screened, ref, names)
-        probes = self._fit_probes(st, {c: v for c, v in screens.items() if c not in held}, ref,
-                                  list(range(len(names))), names)
-        if len(probes) + len(held) < len(follow):
-            self._follow_centroid(train, st, {c: follow[c] for c in follow if c not in probes and c not in held})
+            screens = self._held_out_follow(st, screens, ref, len(names))
+            follow = {c: follow[c] for c in screens}
+        probes = self._fit_probes(st, screens, ref, list(range(len(names))), names)
+        if len(probes) < len(follow):
+            self._follow_centroid(train, st, {c: follow[c] for c in follow if c not in probes})
         self._flag_probed(train, st, probes, probe_ids, "scan/follow-up", Verdict.LIKE_QUARANTINED)
-        self._flag_held_out(train, st, held, probe_ids)
 
-    def _held_out_probes(self, st: ScanState, screens: dict[int, tuple[list[torch.Tensor], np.ndarray]],
-                         screened: dict[int, np.ndarray], ref: RefFeats, names: list[str]
-                         ) -> dict[int, tuple[Probe, Probe, np.ndarray, np.ndarray]]:
-        """``thresholds.follow_held_out``: per class, the two probes of :func:`~guard.probe.held_out_pair`
-        and the rows of the screen each is blind to, ``(probe_0, probe_1, rows_1, rows_0)`` (``probe_0``
-        scores ``rows_1``). A class where either half's probe cannot be fitted is left to the
-        follow-up's own probe."""
-        at = list(range(len(names)))
+    def _held_out_follow(self, st: ScanState, screens: dict[int, tuple[list[torch.Tensor], np.ndarray]],
+                         ref: RefFeats, n_layers: int) -> dict[int, tuple[list[torch.Tensor], np.ndarray]]:
+        """The follow-up screens of the classes whose kept samples, on a probe fitted without them, put
+        more beyond every trusted sample than a clean class does (:func:`~guard.gate.split_follow`, below
+        ``max_false_alarm / classes``); the others are not followed up, and their reason says so."""
+        bar = self.th.max_false_alarm / max(st.n_tested, 1)
         out = {}
         for c, (units, seed) in screens.items():
-            t_units = ref.units(c, at)
-            pair = held_out_pair(units, seed, t_units, self.th, np.random.default_rng([self.cfg.seed, 8, c]),
-                                 rng_seed=self.cfg.seed)
-            if pair is None:
-                continue
-            p0, p1, half = pair
-            out[c] = (p0, p1, screened[c][half == 1], screened[c][half == 0])
-            st.probes[c] = p0
-            st.classes[c].critical_layers = [names[k] for k in p0.layers]
-            st.score_reference(c, ref.rows[ref.labels == c], p0.z(t_units))
+            test = split_follow(units, seed, ref.units(c, list(range(n_layers))), self.th,
+                                np.random.default_rng([self.cfg.seed, 8, c]), rng_seed=self.cfg.seed)
+            if test.p < bar:
+                out[c] = (units, seed)
+            else:
+                st.classes[c].reason += (f"; not followed up: on a probe fitted without them, {test.share:.1%} of half "
+                                         f"its kept screen lies beyond every one of its {test.n_held} trusted samples, "
+                                         f"no more than a clean class puts there (p = {test.p:.2g}, bar {bar:.2g})")
         return out
-
-    def _flag_held_out(self, train: Dataset, st: ScanState, held: dict[int, tuple[Probe, Probe, np.ndarray, np.ndarray]],
-                       probe_ids: list[int]) -> None:
-        """Score each kept sample of the ``held`` classes with the probe blind to it (the mean of both
-        for samples outside the screen, which neither saw) and flag them as look-alikes."""
-        if not held:
-            return
-        rows = st.rows_of(held)
-        z0, z1, done = np.zeros(len(rows)), np.zeros(len(rows)), 0
-        for b in self._read(st, train, rows, probe_ids, "scan/follow-up"):
-            units, bl = [unit(f.double()) for f in b.feats], b.labels.numpy()
-            self._apply_probes({c: v[0] for c, v in held.items()}, units, bl, z0[done:])
-            self._apply_probes({c: v[1] for c, v in held.items()}, units, bl, z1[done:])
-            done += len(bl)
-        for c, (_, _, blind0, blind1) in held.items():
-            sel = st.labels[rows] == c
-            r, z = rows[sel], (z0[sel] + z1[sel]) / 2
-            z[np.isin(r, blind0)] = z0[sel][np.isin(r, blind0)]
-            z[np.isin(r, blind1)] = z1[sel][np.isin(r, blind1)]
-            self._flag(st, c, r, z, Verdict.LIKE_QUARANTINED)
 
     def elsewhere(self, train: Dataset, st: ScanState) -> None:
         """Trusted reference only: every class this scan did not act on is held against the probes of
@@ -850,11 +824,10 @@ class Scanner:
         return [(mu[k], tu[k]) for k in range(len(mu))]
 
     def _follow_screens(self, train: Dataset, st: ScanState, follow: dict[int, np.ndarray],
-                        layer_ids: list[int]) -> tuple[dict[int, tuple[list[torch.Tensor], np.ndarray]],
-                                                       dict[int, np.ndarray]]:
+                        layer_ids: list[int]) -> dict[int, tuple[list[torch.Tensor], np.ndarray]]:
         """Per class: unit features of (a sample of) its quarantined samples then of a screen of its kept
-        ones, and the probe's seed: certain suspects (above ``screen_z``) and benign (0); and the
-        screen's rows. The quarantined samples are not in the scan: a model pass reads them."""
+        ones, and the probe's seed: certain suspects (above ``screen_z``) and benign (0). The
+        quarantined samples are not in the scan: a model pass reads them."""
         n = self.th.screen_per_class
         rng = np.random.default_rng([self.cfg.seed, 2])
         q_take = {c: np.sort(rng.choice(q, min(len(q), n), replace=False)) for c, q in follow.items()}
@@ -871,7 +844,7 @@ class Scanner:
             units = [torch.cat([q[q0:q0 + nq], k[s0:s0 + ns]]) for q, k in zip(q_units, s_units)]
             q0, s0 = q0 + nq, s0 + ns
             screens[c] = (units, np.concatenate([np.full(nq, self.th.screen_z + 1.0), np.zeros(ns)]))
-        return screens, s_take
+        return screens
 
     def _follow_centroid(self, train: Dataset, st: ScanState, follow: dict[int, np.ndarray]) -> None:
         """Fall-back of the follow-up: the quarantined samples, seen through the current model, are the

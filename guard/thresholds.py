@@ -70,8 +70,8 @@ class Thresholds(BaseModel):
     follow_gate: bool = Field(
         True, description="follow up a class only while the model fits its held-out quarantined samples above chance")
     follow_held_out: bool = Field(
-        False, description="trusted: a follow-up scores each kept sample with a probe fitted without it "
-                           "(guard.probe.held_out_pair)")
+        False, description="trusted: follow up only where, on a probe fitted without them, more kept samples lie beyond "
+                           "every trusted sample than a clean class puts there (guard.gate.split_follow)")
     flag_split: bool = Field(
         False, description="cut instead where the class's z splits in two (decide.flag_cut), never below the two above")
     give_back: bool = Field(
