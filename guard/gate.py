@@ -27,10 +27,10 @@ acted on through the tests that need no cross-fitting, :mod:`guard.direction` an
 
 A follow-up meets the same problem from the other side (:func:`split_follow`, opt-in with
 ``thresholds={"follow_held_out": True}``): its probe is self-trained on the quarantined samples and
-the class's kept ones, so it moves the kept samples most like the quarantined ones to their side,
-and along it a class whose poison was all caught still has a few kept samples beyond its trusted
-ones. Cross-fitted over halves of the kept screen, the count beyond every trusted sample is again
-Beta-binomial when nothing is left, and a follow-up runs only where it is past the same bar.
+the class's kept ones, so a count of kept samples beyond the trusted ones along it has no known
+null: the fit chose the direction with those samples. Cross-fitted over halves of the kept screen,
+the count beyond every trusted sample is again Beta-binomial when nothing is left, and a follow-up
+runs only where it is past the same bar.
 
 Deterministic for a given seed and class, so every rank of a distributed run agrees.
 """
@@ -117,13 +117,13 @@ def split_follow(units: list[torch.Tensor], seed: np.ndarray, reference: list[to
     ``units``: unit features per probe layer of the class's quarantined samples (``seed`` above
     ``t.screen_z``) then of a screen of its kept ones (``seed`` 0), as the follow-up fits its probe
     on them; ``reference``: the class's trusted samples' at the same layers. The follow-up's own
-    probe moves the kept samples most like the quarantined ones to their side as it fits, so along
-    it a clean class's kept samples lie beyond its trusted samples more often than chance: its count
-    there tells nothing. Here the kept screen is split in halves at random; a probe self-trained on
-    the quarantined samples and one half (:func:`~guard.probe.self_train`) scores the other half and
-    the trusted samples, neither of which it saw, so the count of that half beyond every trusted
-    sample is Beta-binomial (:func:`~guard.decide.beyond_reference_p`) when no poison is left. Both
-    halves take each role; the smaller p-value, doubled, is returned (1 where no half's probe fits)."""
+    probe is self-trained on the kept samples it would count, so their count beyond the trusted
+    samples along it has no known null. Here the kept screen is split in halves at random; a probe
+    self-trained on the quarantined samples and one half (:func:`~guard.probe.self_train`) scores
+    the other half and the trusted samples, neither of which it saw, so the count of that half beyond
+    every trusted sample is Beta-binomial (:func:`~guard.decide.beyond_reference_p`) when no poison
+    is left. Both halves take each role; the smaller p-value, doubled, is returned (1 where no
+    half's probe fits)."""
     nq = int((seed > t.screen_z).sum())
     kept = np.arange(nq, len(seed))
     n_ref = len(reference[0])
