@@ -1,5 +1,6 @@
-"""What a first catch takes: with a trusted set, only above the class's highest trusted sample on the
-same score (where that is above ``flag_z``), so the benign share taken is bounded by the trusted set's size."""
+"""What a catch takes: a first catch, with a trusted set, only above the class's highest trusted sample on
+the same score (where that is above ``flag_z``), so the benign share taken is bounded by the trusted set's
+size; a follow-up held out (``follow_held_out``), only where poison is left."""
 
 import numpy as np
 import pytest
@@ -8,14 +9,19 @@ import torch
 from guard import GuardConfig, detect
 
 
+def _golden(case, archive):
+    from tests.golden import FOLDER, _data, _model
+
+    data = _data(case, archive)
+    model = _model()
+    model.load_state_dict(torch.load(FOLDER / f"{case}.pt", weights_only=True))
+    return data, model
+
+
 @pytest.mark.cifar
 @pytest.mark.parametrize("case", ["badnets", "blended"])
 def test_a_first_catch_takes_only_beyond_the_highest_trusted_sample(case, cifar_archive):
-    from tests.golden import FOLDER, _data, _model
-
-    data = _data(case, cifar_archive)
-    model = _model()
-    model.load_state_dict(torch.load(FOLDER / f"{case}.pt", weights_only=True))
+    data, model = _golden(case, cifar_archive)
     taken = {}
     for beyond in (True, False):
         cfg = GuardConfig(progress=False, thresholds={"flag_beyond_trusted": beyond})
@@ -32,15 +38,6 @@ def test_a_first_catch_takes_only_beyond_the_highest_trusted_sample(case, cifar_
     # every poisoned sample is still taken; the benign ones between flag_z and the trusted extreme are not
     assert taken[True][0] == taken[False][0] == len(data.poisoned)
     assert taken[True][1] <= taken[False][1] - 15, taken
-
-
-def _golden(case, archive):
-    from tests.golden import FOLDER, _data, _model
-
-    data = _data(case, archive)
-    model = _model()
-    model.load_state_dict(torch.load(FOLDER / f"{case}.pt", weights_only=True))
-    return data, model
 
 
 @pytest.mark.cifar
