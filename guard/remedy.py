@@ -100,12 +100,13 @@ def eval_logits(model: nn.Module, dataset: Dataset, indices: np.ndarray, feed: F
 
 
 def predictions(model: nn.Module, dataset: Dataset, indices: np.ndarray, feed: Feed) -> tuple[np.ndarray, np.ndarray]:
-    """The eval-mode predicted class and the carried label of each of ``indices``."""
-    preds, labels = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    """The eval-mode predicted class and the carried label of each of ``indices``. The predictions
+    stay on the model's device until the pass ends (one host wait, not one per batch)."""
+    preds, labels = [], [np.empty(0, np.int64)]
     for logits, lab in eval_logits(model, dataset, indices, feed):
-        preds.append(logits.argmax(1).cpu().numpy())
+        preds.append(logits.argmax(1))
         labels.append(lab.numpy())
-    return np.concatenate(preds), np.concatenate(labels)
+    return (torch.cat(preds).cpu().numpy() if preds else np.empty(0, np.int64)), np.concatenate(labels)
 
 
 def fit_share(model: nn.Module, dataset: Dataset, indices: np.ndarray, feed: Feed) -> float:
@@ -187,7 +188,7 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
     half = cfg.unlearn_batch // 2             # unlearn_batch >= 2
     last, settled, stopped = job.fit_before, 0, "cap"
     best, stale = job.fit_before, 0           # the lowest check so far, and the checks since
-    accs: list[float] = []
+    accs: list[torch.Tensor] = []          # kept-half accuracy per step, on the device
     try:
         # train mode throughout: fit_share's scan_mode hands it back after each check
         with train_alone(model), torch.enable_grad():
@@ -204,7 +205,7 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
                 loss.backward()
                 opt.step()
                 settled = 0                       # the step's own batch statistics are in the running ones
-                accs.append(float((k_logits.argmax(1) == k_labels).float().mean()))
+                accs.append((k_logits.argmax(1) == k_labels).float().mean().detach())   # read once, at the end
                 # stop once the held-out quarantined samples are fitted no more than by chance
                 if step + 1 >= cfg.unlearn_steps and (step + 1) % t.check_every == 0:
                     settled = recalibrate_bn(model, dataset, kept, feed, cfg, job.seed)
@@ -220,9 +221,10 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
                         break
     finally:
         opt.zero_grad(set_to_none=True)
+    acc = torch.stack(accs).cpu().numpy() if accs else np.full(1, np.nan)   # one host wait, not one per step
     logger.info("unlearn: {} steps (stopped: {}), held-out quarantined samples predicted as their label {:.1%} -> "
                 "{:.1%} (by chance: up to {:.1%}), kept batch accuracy {:.1%} -> {:.1%}", step + 1, stopped, job.fit_before,
-                last, job.allowed, np.mean(accs[:4]), np.mean(accs[-4:]))
+                last, job.allowed, acc[:4].mean(), acc[-4:].mean())
     return Unlearned(last, step + 1, settled, stopped)
 
 
@@ -244,9 +246,10 @@ def recalibrate_bn(model: nn.Module, dataset: Dataset, kept: np.ndarray, feed: F
     try:
         for m in norms:
             m.reset_running_stats()
-            m.momentum = None                     # cumulative average over the batches below
         with train_alone(model), torch.no_grad():
-            for start in range(0, n, cfg.unlearn_batch):
+            for k, start in enumerate(range(0, n, cfg.unlearn_batch)):
+                for m in norms:                   # cumulative average over the batches: the factor that
+                    m.momentum = 1.0 / (k + 1)    # momentum=None takes, without reading a device counter
                 inputs, _ = feed.adapter.split(_batch(dataset, idx[start:start + cfg.unlearn_batch]))
                 with autocast(feed.device, cfg.amp, training=True):
                     feed.adapter.forward(model, feed.adapter.move(inputs, feed.device, feed.channels_last))

@@ -41,7 +41,7 @@ The scan changes nothing outside its state; :class:`~guard.GuardedDataset` appli
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -418,22 +418,20 @@ class Scanner:
         and centroids re-estimated from its confident calls."""
         th = self.th
         new = Centroids([torch.zeros_like(x) for x in cent.sus], [x.clone() for x in cent.ben], cent.use_of)
-        z1, lab1, feats, done = [], [], [], 0
-        for b in self._read(st, train, screen_rows, layer_ids, "scan/screen"):
-            bl = b.labels.numpy()
-            own = st.out_of_spread[screen_rows[done:done + len(bl)]][:, layer_ids]
-            done += len(bl)
-            units = [unit(f.double()) for f in b.feats]
-            zb = z(cent.discriminant(units, bl, own_suspect=own, normalised=True), bl)
-            hi, lo = torch.from_numpy(zb > th.screen_z), torch.from_numpy(zb < th.benign_z)
+        every = self._read_units(st, train, screen_rows, layer_ids, "scan/screen")
+        lab1 = st.labels[screen_rows].astype(np.int64)
+        z1 = []
+        for at in range(0, len(screen_rows), self.cfg.batch_size):     # the scan's batches: the same sums
+            r = slice(at, at + self.cfg.batch_size)
+            bl, units = lab1[r], [u[r] for u in every]
+            zb = z(cent.discriminant(units, bl, own_suspect=st.out_of_spread[screen_rows[r]][:, layer_ids],
+                                     normalised=True), bl)
+            hi, lo, bt = torch.from_numpy(zb > th.screen_z), torch.from_numpy(zb < th.benign_z), torch.from_numpy(bl)
             for pos, u in enumerate(units):
-                new.sus[pos].index_add_(0, b.labels[hi], u[hi])
-                new.ben[pos].index_add_(0, b.labels[lo], u[lo])
-            feats.append([units[i] for i in keep_at])
+                new.sus[pos].index_add_(0, bt[hi], u[hi])
+                new.ben[pos].index_add_(0, bt[lo], u[lo])
             z1.append(zb)
-            lab1.append(bl)
-        screen_units = [torch.cat([f[k] for f in feats]) for k in range(len(keep_at))]
-        return np.concatenate(z1), np.concatenate(lab1), screen_units, new
+        return np.concatenate(z1), lab1, [every[i] for i in keep_at], new
 
     def _gates(self, st: ScanState, screen_units: list[torch.Tensor], lab1: np.ndarray, ref: RefFeats,
                use_of: dict[int, np.ndarray]) -> dict[int, GateTest]:
@@ -501,8 +499,7 @@ class Scanner:
         rows = self._screen_rows(st, todo, 3)
         learned = [c for c in todo if not st.classes[c].train_fit < chance]
         mrows = rows[np.isin(st.labels[rows], learned)]           # the model's features: learned classes only
-        units = (_units(self._read(st, train, mrows, probe_ids, "scan/direction"), len(probe_ids), torch.float32)
-                 if len(mrows) else [])
+        units = self._class_units(st, train, mrows, probe_ids, "scan/direction", torch.float32)
         ref = self._reference_feats(st, todo, names)
         views = self._input_views(train, st, rows, ref) if self.cfg.scan_inputs else None
         st.input_views = views[0] if views is not None else None
@@ -514,8 +511,7 @@ class Scanner:
             v = st.classes[c]
             mine, theirs, offset = [], [], len(names)
             if c in learned:
-                msel = torch.from_numpy(st.labels[mrows] == c)
-                mine, theirs, offset = [u[msel] for u in units], ref.units(c, at), 0
+                mine, theirs, offset = units(c), ref.units(c, at), 0
             if views is not None:
                 sel, mask = torch.from_numpy(st.labels[rows] == c), torch.from_numpy(ref.labels == c)
                 mine, theirs = mine + [u[sel] for u in views[1]], theirs + [u[mask] for u in views[2]]
@@ -751,10 +747,11 @@ class Scanner:
         rows = self._screen_rows(st, todo, 5)
         ref = self._reference_feats(st, todo, names)
         learned = [c for c in todo if not st.classes[c].train_fit < chance]
-        families: list[tuple[str, list[torch.Tensor], list[torch.Tensor], dict[int, Probe], np.ndarray]] = []
+        Mine = list[torch.Tensor] | Callable[[int], list[torch.Tensor]]   # the screen's rows, or class -> its rows
+        families: list[tuple[str, Mine, list[torch.Tensor], dict[int, Probe], np.ndarray]] = []
         if st.probes and learned:
             mrows = np.isin(st.labels[rows], learned)
-            units = _units(self._read(st, train, rows[mrows], probe_ids, "scan/elsewhere"), len(probe_ids))
+            units = self._class_units(st, train, rows[mrows], probe_ids, "scan/elsewhere")
             theirs = [unit(ref.feats[i].double()) for i in at]
             families.append(("model", units, theirs, st.probes, st.labels[rows][mrows]))
         views = self._elsewhere_views(train, st, rows, ref)
@@ -769,7 +766,7 @@ class Scanner:
                 if fam == "model" and c not in learned:
                     continue
                 sel, mask = torch.from_numpy(labels == c), torch.from_numpy(ref.labels == c)
-                m, t = [u[sel] for u in mine], [u[mask] for u in theirs]
+                m, t = mine(c) if callable(mine) else [u[sel] for u in mine], [u[mask] for u in theirs]
                 test = along_catches(m, t, {s: p for s, p in sources.items() if s != c})
                 if test is not None:
                     tests.append((test.p, fam, test, m, t))
@@ -836,8 +833,7 @@ class Scanner:
         names = [self.layers[i] for i in layer_ids]
         q_units = _units(st.passes.stream(train, names, np.concatenate(list(q_take.values())), "scan/quarantined",
                                           stop_early=True), len(names))
-        s_units = _units(self._read(st, train, np.concatenate(list(s_take.values())), layer_ids, "scan/follow-screen"),
-                         len(names))
+        s_units = self._read_units(st, train, np.concatenate(list(s_take.values())), layer_ids, "scan/follow-screen")
         screens, q0, s0 = {}, 0, 0
         for c in follow:
             nq, ns = len(q_take[c]), len(s_take[c])
@@ -894,6 +890,27 @@ class Scanner:
         for at in range(0, len(rows), self.cfg.batch_size):
             r = rows[at:at + self.cfg.batch_size]
             yield Batch(st.kept[r], torch.from_numpy(st.labels[r].astype(np.int64)), st.store.rows(r, layer_ids), None)
+
+    def _read_units(self, st: ScanState, train: Dataset, rows: np.ndarray, layer_ids: list[int], desc: str,
+                    dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+        """:func:`_units` of :meth:`_read`: the unit features (``dtype``) of the kept samples at ``rows``
+        (sorted) at ``layer_ids``, gathered from the kept features in one step per layer where the
+        scoring pass kept them (the same values: rows are normalised one by one), else by a pass."""
+        if st.store is None:
+            return _units(self._read(st, train, rows, layer_ids, desc), len(layer_ids), dtype)
+        key = f"{desc} (kept)"
+        st.passes.samples[key] = st.passes.samples.get(key, 0) + len(rows)
+        idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        return [unit(st.store.layers[i][idx].to(dtype)) for i in layer_ids]
+
+    def _class_units(self, st: ScanState, train: Dataset, rows: np.ndarray, layer_ids: list[int], desc: str,
+                     dtype: torch.dtype = torch.float64) -> Callable[[int], list[torch.Tensor]]:
+        """Class ``c`` -> :meth:`_read_units` of its samples among ``rows`` (sorted): read class by class
+        from the kept features (no array of every class's rows in ``dtype``), or all at once by a pass."""
+        if st.store is not None:
+            return lambda c: self._read_units(st, train, rows[st.labels[rows] == c], layer_ids, desc, dtype)
+        every = self._read_units(st, train, rows, layer_ids, desc, dtype) if len(rows) else []
+        return lambda c: [u[torch.from_numpy(st.labels[rows] == c)] for u in every]
 
     def _probe_layers(self) -> list[int]:
         """Layers the linear probe may use: all but the first (input-like) and the last (logits,

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -37,14 +38,14 @@ from guard.remedy import eval_logits
 def label_margins(model: nn.Module, dataset: Dataset, indices: np.ndarray, feed: Feed,
                   batch_size: int = 256) -> np.ndarray:
     """Eval-mode margin of each sample's carried label: its logit minus the largest other logit
-    (positive: predicted as its label); float64 (n,)."""
-    out = [np.empty(0)]
+    (positive: predicted as its label); float64 (n,), moved to the host once, when the pass ends."""
+    out = []
     for logits, labels in eval_logits(model, dataset, indices, feed, batch_size):
-        logits, labels = logits.float(), labels.to(logits.device)
+        logits, labels = logits.float(), labels.to(logits.device, non_blocking=True)
         own = logits.gather(1, labels[:, None])[:, 0]
         other = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
-        out.append((own - other).double().cpu().numpy())
-    return np.concatenate(out)
+        out.append(own - other)
+    return torch.cat(out).double().cpu().numpy() if out else np.empty(0)
 
 
 @dataclass(frozen=True)

@@ -132,3 +132,27 @@ def test_the_guards_passes_load_with_the_train_loaders_workers_unless_told(poiso
     fixed = GuardedDataset(train, model, GuardConfig(progress=False, num_workers=0), trusted=trusted)
     check_loader(fixed, DataLoader(fixed, batch_size=50, sampler=fixed.sampler, num_workers=2), "train DataLoader")
     assert fixed.extractor.num_workers == 0                 # set by the user: kept
+
+
+def test_unlearning_waits_for_the_device_per_check_not_per_step(poisoned):
+    """The accelerator path run on the CPU: unlearning steps and the BatchNorm re-estimation never
+    read a device value back (the kept-batch accuracy is read once, at the end; the cumulative
+    BatchNorm average takes its factor from the batch count, not from the device's counter), so three
+    times the steps make the host wait no more often."""
+    from guard.batches import BatchAdapter, Feed
+    from guard.remedy import Unlearning, unlearn
+
+    model, train, _, poison = poisoned
+    kept = np.setdiff1d(np.arange(len(train)), poison)
+    job = Unlearning(train, kept, poison[:40], poison[40:], fit_before=1.0, allowed=1.0, seed=0)  # first check stops
+    feed = Feed(BatchAdapter(), torch.device("cpu"))
+    calls, states = {}, {}
+    for steps in (10, 30):
+        m = SmallCNN(num_classes=3, in_channels=3, width=8)
+        m.load_state_dict(model.state_dict())
+        with _Syncs() as syncs:
+            done = unlearn(m, job, feed, GuardConfig(unlearn_steps=steps, unlearn_batch=16))
+        assert (done.steps, done.stopped) == (steps, "chance") and done.settled > 0
+        calls[steps], states[steps] = sorted(syncs.calls), m.state_dict()
+    assert calls[10] == calls[30] and len(calls[10]) <= 8, calls         # was 149 with per-step reads
+    assert not all(torch.equal(states[10][k], states[30][k]) for k in states[10])   # the steps did run
