@@ -1,0 +1,119 @@
+"""Where one scan's time goes, stage by stage: the same checkpoint scanned again and again, medians.
+
+Whole runs (``cost_table.py``) measure what users pay, but their scans differ from run to run by
+more than a small change saves. This scans one fixed checkpoint of the main recipe (CIFAR-10 10k,
+width-16 ResNet-18, no augmentation, 100 trusted a class, at the first scan: after epoch 3) ``--repeats``
+times with ``remedy="none"`` and reports the median of each stage (``ScanReport.seconds_by_step``)
+and part (``seconds_by_part``). Run it at two commits side by side (one pinned thread each, then
+swap the cores) to compare code:
+
+    OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/scan_stages.py --attack badnets --out a.json
+    python benchmarks/scan_stages.py --render a.json b.json --labels before after
+
+The checkpoint is trained once (``--checkpoint``; three epochs, about two minutes on this CPU) and
+reused; the data needs ``GUARD_CIFAR10_ARCHIVE`` (or ``--archive``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from guard import GuardConfig, GuardedDataset  # noqa: E402
+from guard.experiment import RunSpec, _epoch, prepare  # noqa: E402
+
+
+def checkpoint(spec: RunSpec, path: Path, epochs: int = 3) -> None:
+    """Train the main recipe's guarded run up to its first scan (nothing is scanned before it) and save it."""
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(spec.seed)
+    data = prepare(spec)
+    model = data.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec.epochs)
+    gds = GuardedDataset(data.train, model, GuardConfig(seed=spec.seed), trusted=data.trusted, scan_dataset=data.scan)
+    loader = DataLoader(gds, batch_size=spec.batch_size, sampler=gds.sampler)
+    for e in range(epochs):
+        gds.sampler.set_epoch(e)
+        _epoch(model, opt, loader, f"train epoch {e + 1}/{epochs}")
+        sched.step()
+    torch.save(model.state_dict(), path)
+
+
+def stages(spec: RunSpec, path: Path, repeats: int) -> dict:
+    data = prepare(spec)
+    model = data.make_model()
+    state = torch.load(path, weights_only=True)
+    runs = []
+    for _ in range(repeats + 1):                       # the first is a warm-up, not counted
+        model.load_state_dict(state)
+        gds = GuardedDataset(data.train, model, GuardConfig(seed=spec.seed, remedy="none", progress=False),
+                             trusted=data.trusted, scan_dataset=data.scan)
+        t = time.perf_counter()
+        rep = gds.scan(3)
+        runs.append({"wall": time.perf_counter() - t, "seconds": rep.seconds, "steps": rep.seconds_by_step,
+                     "parts": rep.seconds_by_part, "quarantined": len(gds.quarantined)})
+    runs = runs[1:]
+    med = {"scan": float(np.median([r["seconds"] for r in runs]))}
+    for key in ("steps", "parts"):
+        for name in runs[0][key]:
+            med[f"{key}:{name}"] = float(np.median([r[key].get(name, 0.0) for r in runs]))
+    parts = {k: v for k, v in med.items() if k.startswith("parts:")}
+    med["non_forward"] = 1 - med["parts:forward"] / sum(parts.values())
+    return {"median": med, "runs": runs}
+
+
+def render(results: list[tuple[str, dict]]) -> str:
+    keys = [k for k in results[0][1]["median"] if k != "non_forward"]
+    head = "| code | attack | " + " | ".join(k.split(":")[-1] for k in keys) + " | non-forward |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for label, r in results:
+        m = r["median"]
+        lines.append(f"| {label} | {r['meta']['attack']} | " + " | ".join(f"{m.get(k, 0.0):.2f}" for k in keys)
+                     + f" | {m['non_forward']:.0%} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--attack", default="badnets", help="a guard.attacks name, or none")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--archive", default=os.environ.get("GUARD_CIFAR10_ARCHIVE"))
+    ap.add_argument("--checkpoint", help="where the epoch-3 model is kept (default: /tmp/guard_stages_ATTACK.pt)")
+    ap.add_argument("--out")
+    ap.add_argument("--render", nargs="+", metavar="JSON", help="only tabulate earlier result files")
+    ap.add_argument("--labels", nargs="+")
+    a = ap.parse_args()
+    if a.render:
+        labels = a.labels or [Path(p).stem for p in a.render]
+        print(render([(lab, json.loads(Path(p).read_text())) for lab, p in zip(labels, a.render)]))
+        return
+    attack = None if a.attack == "none" else a.attack
+    spec = RunSpec(data="cifar10", attack=attack, rate=0.1, n_train=10000, epochs=8, width=16, lr=0.01, seed=0,
+                   archive=a.archive)
+    path = Path(a.checkpoint or f"/tmp/guard_stages_{a.attack}.pt")
+    if not path.exists():
+        checkpoint(spec, path)
+    out = stages(spec, path, a.repeats)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
+    out["meta"] = {"attack": a.attack, "repeats": a.repeats, "threads": torch.get_num_threads(), "commit": commit.strip(),
+                   "torch": torch.__version__}
+    print(json.dumps(out["median"], indent=1))
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
