@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--batch-size", type=int, default=128, help="training batch size (the guard's scans use its own)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trusted", type=int, default=100, help="trusted samples per class")
     ap.add_argument("--augment", action="store_true", help="random crop + flip in the training Dataset")
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                        width=a.width, lr=a.lr, seed=a.seed, trust_free=tf, device=a.device,
                        trusted_per_class=a.trusted, augment=a.augment, scan_dataset=not a.no_scan_dataset,
                        attack_kwargs=fields(a.attack_args) if atk else {}, guard=fields(a.guard),
-                       give_optimizer=a.give_optimizer)
+                       give_optimizer=a.give_optimizer, batch_size=a.batch_size)
         r = run(spec, compare=not tf, on_scan=layer_auroc if a.layer_auroc and not tf else None,
                 trace_memory=a.trace_memory)
         r.pop("report")
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             "n_train": next(iter(results.values()))["n_train"] if results else a.n_train, "epochs": a.epochs,
             "width": a.width, "lr": a.lr, "device": a.device, "guard": a.guard, "trusted": a.trusted,
             "augment": a.augment, "scan_dataset": not a.no_scan_dataset, "give_optimizer": a.give_optimizer,
-            "attack_args": a.attack_args,
+            "attack_args": a.attack_args, "batch_size": a.batch_size,
             "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
             "wall_seconds": time.time() - t0}
     write(Path(a.out), {"meta": meta, "rows": rows, "runs": results})

@@ -11,7 +11,9 @@ swap the cores) to compare code:
     python benchmarks/scan_stages.py --render a.json b.json --labels before after
 
 The checkpoint is trained once (``--checkpoint``; three epochs, about two minutes on this CPU) and
-reused; the data needs ``GUARD_CIFAR10_ARCHIVE`` (or ``--archive``).
+reused; the data needs ``GUARD_CIFAR10_ARCHIVE`` (or ``--archive``). On a GPU, at full size:
+``--device cuda --n-train 0 --width 64`` (a scan's device work shows where the host first waits for it,
+mostly ``transfer``: read forward + transfer there).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def checkpoint(spec: RunSpec, path: Path, epochs: int = 3) -> None:
 def stages(spec: RunSpec, path: Path, repeats: int) -> dict:
     data = prepare(spec)
     model = data.make_model()
-    state = torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True, map_location=spec.device)
     runs = []
     for _ in range(repeats + 1):                       # the first is a warm-up, not counted
         model.load_state_dict(state)
@@ -90,6 +92,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--attack", default="badnets", help="a guard.attacks name, or none")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (the guard follows it)")
+    ap.add_argument("--n-train", type=int, default=10000, help="training subset size (0: all of CIFAR-10's train split)")
+    ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--archive", default=os.environ.get("GUARD_CIFAR10_ARCHIVE"))
     ap.add_argument("--checkpoint", help="where the epoch-3 model is kept (default: /tmp/guard_stages_ATTACK.pt)")
     ap.add_argument("--out")
@@ -101,15 +106,17 @@ def main() -> None:
         print(render([(lab, json.loads(Path(p).read_text())) for lab, p in zip(labels, a.render)]))
         return
     attack = None if a.attack == "none" else a.attack
-    spec = RunSpec(data="cifar10", attack=attack, rate=0.1, n_train=10000, epochs=8, width=16, lr=0.01, seed=0,
-                   archive=a.archive)
-    path = Path(a.checkpoint or f"/tmp/guard_stages_{a.attack}.pt")
+    spec = RunSpec(data="cifar10", attack=attack, rate=0.1, n_train=a.n_train or None, epochs=8, width=a.width, lr=0.01,
+                   seed=0, archive=a.archive, device=a.device)
+    size = "" if (a.n_train, a.width) == (10000, 16) else f"_{a.n_train}_w{a.width}"
+    path = Path(a.checkpoint or f"/tmp/guard_stages_{a.attack}{size}.pt")
     if not path.exists():
         checkpoint(spec, path)
     out = stages(spec, path, a.repeats)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
     out["meta"] = {"attack": a.attack, "repeats": a.repeats, "threads": torch.get_num_threads(), "commit": commit.strip(),
-                   "torch": torch.__version__}
+                   "torch": torch.__version__, "device": a.device, "n_train": a.n_train, "width": a.width,
+                   "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None}
     print(json.dumps(out["median"], indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1))
