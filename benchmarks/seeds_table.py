@@ -25,12 +25,15 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.bench_guard import render_benchmarks, row, with_floors  # noqa: E402
 
+epochs: set[int] = set()          # the runs' epochs, for the table's description
+
 WORST = {"tpr": min, "fpr": max, "asr_unguarded": min, "asr_guarded": max, "asr_correct_guarded": max,
          "acc_delta": min, "scan_over_epoch": max, "overhead": max}
 
 
 def rows_of(path: str) -> tuple[int, dict[str, dict]]:
     saved = json.loads(Path(path).read_text())
+    epochs.update(p.get("epochs", 8) for p in saved["meta"].get("parts", [saved["meta"]]))
     rows = with_floors({"runs": saved["runs"], "rows": [row(n, r) for n, r in saved["runs"].items()]})["rows"]
     seeds = {p.get("seed", 0) for p in saved["meta"].get("parts", [saved["meta"]])}
     out = {}
@@ -45,7 +48,7 @@ def markdown(per_seed: list[tuple[int, dict[str, dict]]], note: str = "") -> str
     pct = lambda v: "-" if v != v else f"{100 * v:.1f}"  # noqa: E731 - nan prints as '-'
     lines = ["`python benchmarks/seeds_table.py` over `bench_guard.py` runs of seeds "
              + ", ".join(str(s) for s, _ in per_seed) + " (the main table's recipe: CIFAR-10 10k, no augmentation, "
-             "8 epochs, 100 trusted a class). Each cell: mean (worst) over the seeds that ran the row. "
+             f"{'/'.join(str(e) for e in sorted(epochs)) or 8} epochs, 100 trusted a class). Each cell: mean (worst) over the seeds that ran the row. "
              "Accuracy delta = guarded - unguarded twin, in points." + (f" {note}" if note else ""), "",
              "| run | seeds | TPR % | FPR % | ASR no guard % | ASR guard % | ASR(correct) guard % | accuracy delta | "
              "scan / epoch | overhead % |", "|---|---|---|---|---|---|---|---|---|---|"]
