@@ -53,8 +53,9 @@ class KeptFeatures:
     def nbytes(self) -> int:
         return 0 if self.layers is None else sum(x.numel() * x.element_size() for x in self.layers)
 
-    def rows(self, rows: np.ndarray, layer_ids: Sequence[int]) -> list[torch.Tensor]:
-        """float32 features of ``rows`` at the layers ``layer_ids``."""
+    def rows(self, rows: np.ndarray, layer_ids: Sequence[int],
+             dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """Features of ``rows`` at the layers ``layer_ids``, in ``dtype`` (float32 or wider: exact)."""
         idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-        return [self.layers[i][idx].float() for i in layer_ids]
+        return [self.layers[i][idx].to(dtype) for i in layer_ids]
 

@@ -84,6 +84,10 @@ class Passes:
             self.samples[desc] = self.samples.get(desc, 0) + len(b.labels)
             yield b
 
+    def count_kept(self, desc: str, n: int) -> None:
+        """``n`` samples of pass ``desc`` read from kept features instead of the model (``desc (kept)``)."""
+        self.samples[f"{desc} (kept)"] = self.samples.get(f"{desc} (kept)", 0) + n
+
     def split(self, total: float) -> dict[str, float]:
         """The scan's ``total`` seconds split into the model passes' parts and ``analysis`` (the rest:
         scoring, deciding, fitting probes on the host)."""
@@ -747,26 +751,26 @@ class Scanner:
         rows = self._screen_rows(st, todo, 5)
         ref = self._reference_feats(st, todo, names)
         learned = [c for c in todo if not st.classes[c].train_fit < chance]
-        Mine = list[torch.Tensor] | Callable[[int], list[torch.Tensor]]   # the screen's rows, or class -> its rows
-        families: list[tuple[str, Mine, list[torch.Tensor], dict[int, Probe], np.ndarray]] = []
+        # per family: its name, class -> the screen's unit features of the class, the trusted ones, its probes
+        families: list[tuple[str, Callable[[int], list[torch.Tensor]], list[torch.Tensor], dict[int, Probe]]] = []
         if st.probes and learned:
-            mrows = np.isin(st.labels[rows], learned)
-            units = self._class_units(st, train, rows[mrows], probe_ids, "scan/elsewhere")
-            theirs = [unit(ref.feats[i].double()) for i in at]
-            families.append(("model", units, theirs, st.probes, st.labels[rows][mrows]))
+            units = self._class_units(st, train, rows[np.isin(st.labels[rows], learned)], probe_ids, "scan/elsewhere")
+            families.append(("model", units, [unit(ref.feats[i].double()) for i in at], st.probes))
         views = self._elsewhere_views(train, st, rows, ref)
         for k, (mine_k, theirs_k) in enumerate(views):
             sources = {c: p for c, (view, p) in st.input_probes.items() if view == k}
             if sources:
-                families.append((InputViews.names[k], [mine_k.double()], [theirs_k.double()], sources, st.labels[rows]))
+                families.append((InputViews.names[k],
+                                 lambda c, u=mine_k.double(): [u[torch.from_numpy(st.labels[rows] == c)]],
+                                 [theirs_k.double()], sources))
         seeds, in_seeds = {}, {}
         for c in todo:
             tests = []
-            for fam, mine, theirs, sources, labels in families:
+            for fam, mine, theirs, sources in families:
                 if fam == "model" and c not in learned:
                     continue
-                sel, mask = torch.from_numpy(labels == c), torch.from_numpy(ref.labels == c)
-                m, t = mine(c) if callable(mine) else [u[sel] for u in mine], [u[mask] for u in theirs]
+                mask = torch.from_numpy(ref.labels == c)
+                m, t = mine(c), [u[mask] for u in theirs]
                 test = along_catches(m, t, {s: p for s, p in sources.items() if s != c})
                 if test is not None:
                     tests.append((test.p, fam, test, m, t))
@@ -885,8 +889,7 @@ class Scanner:
             yield from st.passes.stream(train, [self.layers[i] for i in layer_ids], st.kept[rows], desc,
                                         stop_early=True)
             return
-        key = f"{desc} (kept)"
-        st.passes.samples[key] = st.passes.samples.get(key, 0) + len(rows)
+        st.passes.count_kept(desc, len(rows))
         for at in range(0, len(rows), self.cfg.batch_size):
             r = rows[at:at + self.cfg.batch_size]
             yield Batch(st.kept[r], torch.from_numpy(st.labels[r].astype(np.int64)), st.store.rows(r, layer_ids), None)
@@ -898,10 +901,8 @@ class Scanner:
         scoring pass kept them (the same values: rows are normalised one by one), else by a pass."""
         if st.store is None:
             return _units(self._read(st, train, rows, layer_ids, desc), len(layer_ids), dtype)
-        key = f"{desc} (kept)"
-        st.passes.samples[key] = st.passes.samples.get(key, 0) + len(rows)
-        idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-        return [unit(st.store.layers[i][idx].to(dtype)) for i in layer_ids]
+        st.passes.count_kept(desc, len(rows))
+        return [unit(f) for f in st.store.rows(rows, layer_ids, dtype)]
 
     def _class_units(self, st: ScanState, train: Dataset, rows: np.ndarray, layer_ids: list[int], desc: str,
                      dtype: torch.dtype = torch.float64) -> Callable[[int], list[torch.Tensor]]:
