@@ -362,8 +362,9 @@ class GuardedDataset(Dataset):
         set of quarantined samples (predicts the label they carry) more than chance allows and
         explains (see :mod:`guard.remedy`): right after they are found if the backdoor was already
         learned, and at any later scan if a suppressed backdoor creeps back. Nothing is unlearned
-        while the model does not know what they teach. With a trusted set, each unlearning is swept
-        (see :mod:`guard.sweep`); afterwards kept samples re-estimate the BatchNorm statistics.
+        while the model does not know what they teach. With a trusted set and ``unlearn_sweep``, each
+        unlearning is swept (see :mod:`guard.sweep`); afterwards kept samples re-estimate the BatchNorm
+        statistics.
         With the user's adaptive optimizer (Adam's family, RMSprop), the unlearning's own estimate of
         each parameter's squared gradient (:func:`second_moments`) is returned and :meth:`_apply` raises
         the user's to it: the user's estimate, small late in training, would let the next clean steps
@@ -428,8 +429,9 @@ class GuardedDataset(Dataset):
         return [p for g in _inner(self.optimizer).param_groups for p in g["params"]]
 
     def _sweep(self, model: nn.Module, classes: list[int]) -> Sweep | None:
-        """The margins before unlearning of ``classes``' kept and trusted samples (trusted set only)."""
-        if self.trusted is None:
+        """The margins before unlearning of ``classes``' kept and trusted samples (trusted set and
+        ``thresholds.unlearn_sweep`` only)."""
+        if self.trusted is None or not self.config.thresholds.unlearn_sweep:
             return None
         kept = self.kept_indices()
         assert self.last_result is not None       # a remedy follows the scan that read every trusted label, in order

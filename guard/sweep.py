@@ -17,6 +17,13 @@ samples beyond the trusted extreme; a class whose poison was all caught keeps th
 excess to find). Needs a trusted set: a trust-free reference is drawn from the training samples
 being judged.
 
+Off by default (``thresholds.unlearn_sweep``): the bound needs a clean class's *trained* samples to
+lose margin like its trusted ones, which the model never fitted, and once the model fits its
+training data they do not. In all-to-all BadNets runs (10k CIFAR-10, epochs 5-15 of 16), every
+poisoned sample already quarantined, 24 class sweeps found 1-136 clean kept samples beyond every
+trusted one where about 9 were due, and took 136 of one class (benchmarks/NOTES.md, "The unlearning
+sweep, off by default"). The scan's follow-ups take a partial catch's leftovers instead.
+
 Cost: two eval-mode passes over the kept samples of the quarantined classes and their trusted
 samples (before and after unlearning), only when the guard unlearns.
 """

@@ -97,5 +97,8 @@ class Thresholds(BaseModel):
     unlearn_patience: int = Field(
         3, ge=1, description="unlearning also stops after this many checks in a row that do not lower the held-out fit "
                              "by more than its binomial standard error")
+    unlearn_sweep: bool = Field(
+        False, description="trusted: after each unlearning, take kept samples whose label margin fell further than every "
+                           "trusted sample's (guard.sweep)")
     bn_samples: int = Field(
         640, ge=0, description="kept samples that re-estimate BatchNorm running statistics after unlearning (0: off)")

@@ -85,7 +85,7 @@ def test_a_class_whose_poison_was_all_caught_keeps_its_samples(poisoned):
 def test_the_guard_reports_its_sweep_and_quarantines_what_it_exposed(poisoned):
     ds, fresh = poisoned
     model = fresh()
-    gds = GuardedDataset(ds, model, GuardConfig(), trusted=Blobs(300, seed=7))
+    gds = GuardedDataset(ds, model, GuardConfig(thresholds={"unlearn_sweep": True}), trusted=Blobs(300, seed=7))
     gds.quarantine(ds.poisoned[::2], reason="known bad")
     scan = gds.scan()
     assert scan.remedy == "unlearn"
@@ -96,3 +96,15 @@ def test_the_guard_reports_its_sweep_and_quarantines_what_it_exposed(poisoned):
     assert len(exposed) == scan.sweep[0].taken
     if exposed:
         assert "exposed by unlearning" in gds.report.summary()
+
+
+def test_the_sweep_is_off_by_default(poisoned):
+    """Without ``unlearn_sweep`` an unlearning measures no margins and takes nothing beyond what the scan took."""
+    ds, fresh = poisoned
+    model = fresh()
+    gds = GuardedDataset(ds, model, GuardConfig(), trusted=Blobs(300, seed=7))
+    gds.quarantine(ds.poisoned[::2], reason="known bad")
+    scan = gds.scan()
+    assert scan.remedy == "unlearn" and scan.remedy_steps > 0
+    assert scan.sweep == []
+    assert not any(r.reason.startswith("exposed by unlearning") for r in gds.report.quarantine)
