@@ -998,39 +998,36 @@ class Scanner:
             v.reason += (f"; {v.n_released} of its {len(idx)} earlier-quarantined samples given back (below "
                          f"flag_z={self.th.flag_z} on this probe, which puts most of them above follow_z)")
 
-    def _bar(self, st: ScanState, c: int, first: bool) -> float:
-        """What a catch of class ``c`` takes above: ``flag_z`` for a first catch (a separate cluster in a
-        class with nothing quarantined yet), the stricter ``follow_z`` for a follow-up or a class found
-        separate again (what a catch left is few, benign samples many); with a trusted set
-        (``flag_beyond_trusted``, ``follow_beyond_trusted``), the class's highest trusted sample on the
-        same score where that is higher. A clean training sample exchangeable with the class's ``n``
-        trusted ones lies beyond all of them with probability at most ``1 / (n + 1)``, whatever the
-        score's distribution: the share of the class's benign samples taken is bounded by the data, not
-        by a z that assumes a bell curve. Trust-free, and where the class's reference was not scored by
-        the flagging probe (its images against the other classes'), the z alone."""
-        bar, bound = (self.th.flag_z, self.th.flag_beyond_trusted) if first else (self.th.follow_z,
-                                                                                   self.th.follow_beyond_trusted)
-        if bound and st.cal.source == "trusted" and c in st.ref_scored:
+    def _first_bar(self, st: ScanState, c: int) -> float:
+        """What a first catch of class ``c`` takes above: ``flag_z``, or, with a trusted set
+        (``flag_beyond_trusted``), the class's highest trusted sample on the same score where that is
+        higher. A clean training sample exchangeable with the class's ``n`` trusted ones lies beyond all
+        of them with probability at most ``1 / (n + 1)``, whatever the score's distribution: the share of
+        the class's benign samples taken is bounded by the data, not by a z that assumes a bell curve.
+        Trust-free, and where the class's reference was not scored by the flagging probe (its images
+        against the other classes'), ``flag_z``."""
+        bar = self.th.flag_z
+        if self.th.flag_beyond_trusted and st.cal.source == "trusted" and c in st.ref_scored:
             ref = st.ref_susp[st.cal.labels == c]
             if len(ref):
                 bar = max(bar, float(ref.max()))
         return bar
 
     def _flag(self, st: ScanState, c: int, rows: np.ndarray, z: np.ndarray, verdict: Verdict) -> None:
-        """A confirmed class: its samples' suspicion is ``z``, held to :meth:`_bar` (a first catch's or a
-        follow-up's); with ``flag_split``, to where ``z`` splits in two (:func:`~guard.decide.flag_cut`)
-        if higher."""
+        """A confirmed class: its samples' suspicion is ``z``, held to ``flag_z`` or above the class's
+        highest trusted sample (:meth:`_first_bar`: a separate cluster in a class with nothing quarantined
+        yet) or to the stricter ``follow_z`` (in a class with quarantined samples, by either route: what a
+        catch left is few, benign samples many); with ``flag_split``, to where ``z`` splits in two
+        (:func:`~guard.decide.flag_cut`) if higher."""
         first = verdict == Verdict.SEPARATE and st.classes[c].n_quarantined_before == 0
-        floor = self._bar(st, c, first)
+        floor = self._first_bar(st, c) if first else self.th.follow_z
         bar = flag_cut(z, floor) if self.th.flag_split else floor
         st.suspicion[rows], st.threshold[rows] = z, bar
         st.classes[c].verdict, st.classes[c].threshold = verdict, bar
         hit = z > bar
         if verdict == Verdict.LIKE_QUARANTINED:
-            where = (f"{bar:.2f}, the class's highest trusted sample (follow_z={self.th.follow_z})"
-                     if bar == floor and bar != self.th.follow_z
-                     else f"follow_z={bar}" if bar == floor
-                     else f"{bar:.2f}, where the class's scores split in two; at least {floor:.2f}")
+            where = (f"follow_z={bar}" if bar == floor
+                     else f"{bar:.2f}, where the class's scores split in two; follow_z={floor}")
             st.classes[c].reason = f"{int(hit.sum())} samples like the quarantined ones (z above {where})"
         self._take(st, c, rows[hit], z[hit])
 
