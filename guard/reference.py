@@ -20,6 +20,12 @@ def unit(f: torch.Tensor) -> torch.Tensor:
     return f / f.norm(dim=1, keepdim=True).clamp_min(_EPS)
 
 
+def unit_(f: torch.Tensor) -> torch.Tensor:
+    """:func:`unit` in place (the same values), for a tensor nothing else holds: a large row block's
+    second allocation costs more than the division."""
+    return f.div_(f.norm(dim=1, keepdim=True).clamp_min(_EPS))
+
+
 class Reference:
     """Per-layer, per-class sums of unit-normalised benign features (float64)."""
 

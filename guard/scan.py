@@ -66,7 +66,7 @@ from guard.keep import KeptFeatures
 from guard.locate import excess_share, guard_layers, paper_window
 from guard.mismatch import Mismatch, mismatch
 from guard.probe import Probe, self_train
-from guard.reference import Reference, unit
+from guard.reference import Reference, unit, unit_
 from guard.report import ClassReport
 from guard.score import DeviceScores
 
@@ -902,7 +902,7 @@ class Scanner:
         if st.store is None:
             return _units(self._read(st, train, rows, layer_ids, desc), len(layer_ids), dtype)
         st.passes.count_kept(desc, len(rows))
-        return [unit(f) for f in st.store.rows(rows, layer_ids, dtype)]
+        return [unit_(f) for f in st.store.rows(rows, layer_ids, dtype)]   # rows() returns fresh copies
 
     def _class_units(self, st: ScanState, train: Dataset, rows: np.ndarray, layer_ids: list[int], desc: str,
                      dtype: torch.dtype = torch.float64) -> Callable[[int], list[torch.Tensor]]:
