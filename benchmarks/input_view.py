@@ -19,13 +19,15 @@ of the nine clean classes.
     python benchmarks/input_view.py --triggers zoo:1:12 zoo:0:12 --clean 2 --crops       # no scan_dataset
 
 Trust-free (``--trust-free``): what a trust-free scan does with the images
-(``guard.scan.Scanner.images_across``): each class's fine view against the other classes' images
-(``guard.direction.across_classes``), and in each class acted on the probe seeded with the images
+(``guard.scan.Scanner.images_across``): each class's images against the other classes' images
+(``guard.direction.across_classes``) in the fine view, then in the coarse view where the fine one
+does not act (each p doubled for the two views), and in each class acted on the probe seeded with the images
 beyond, calibrated on the other classes' images, flags the class's images above ``flag_z``: TPR and
 FPR of that flag over the whole data set, and every clean class acted on with what it would lose.
 
     python benchmarks/input_view.py --trust-free --zoo-seed 0 --out benchmarks/results/input_view_tf_zoo0.json
     python benchmarks/input_view.py --trust-free --harm --out benchmarks/results/input_view_tf_harm.json
+    python benchmarks/input_view.py --trust-free --triggers zoo:0:18 zoo:1:8 --clean 5 --out F.json   # smooth blends
 """
 
 from __future__ import annotations
@@ -126,21 +128,25 @@ def trust_free_row(trigger: str | None, seed: int = 0, make=None) -> dict:
                              for c in range(data.num_classes)])
     raw = raw_views(data.scan, screen)
     views = InputViews(raw[1], lab[screen])
-    fine, everything = views.units(raw)[0], views.units(raw_views(data.scan, np.arange(len(lab))))[0]
+    units, everything = views.units(raw), views.units(raw_views(data.scan, np.arange(len(lab))))
+    tests = [across_classes(u, lab[screen], bar / len(units), 0) for u in units]   # as Scanner.images_across
     flagged, rows = np.zeros(len(lab), bool), {}
-    for c, test in across_classes(fine, lab[screen], bar, 0).items():
-        acted = c in tested and test.p < bar
-        rows[c] = {"p": test.p, "share": test.share, "acted": acted, "n": int((lab == c).sum()), "flagged": 0}
+    for c in sorted(set(tests[0]) | set(tests[1])):
+        found = [(k, t[c].p * len(units), t[c]) for k, t in enumerate(tests) if c in t]
+        k, p, test = found[0] if found[0][1] < bar else min(found, key=lambda f: f[1])
+        acted = c in tested and p < bar
+        rows[c] = {"p": min(1.0, p), "view": NAMES[k], "share": test.share, "acted": acted, "n": int((lab == c).sum()),
+                   "flagged": 0}
         if not acted:
             continue
         mine = torch.from_numpy(lab[screen] == c)
         z0 = np.where(test.beyond, th.screen_z + 1.0, np.where(test.z < th.benign_z, 0.0, th.benign_z))
-        probe = self_train([fine[mine].double()], [fine[~mine].double()], z0, th, rng_seed=0)
+        probe = self_train([units[k][mine].double()], [units[k][~mine].double()], z0, th, rng_seed=0)
         if probe is None:
             rows[c]["no_probe"] = True
             continue
         at = np.flatnonzero(lab == c)
-        hit = at[probe.z([everything[torch.from_numpy(at)].double()]) > th.flag_z]
+        hit = at[probe.z([everything[k][torch.from_numpy(at)].double()]) > th.flag_z]
         flagged[hit] = True
         rows[c]["flagged"] = len(hit)
     target = atk.target if atk else None
@@ -156,10 +162,11 @@ def trust_free_row(trigger: str | None, seed: int = 0, make=None) -> dict:
 def trust_free_markdown(rows: list[dict], command: str) -> str:
     lines = [f"`python benchmarks/input_view.py {command}`: what a trust-free scan does with the images (no model, no "
              "trusted set): each class's fine view (high-passed) against the other classes' images "
-             "(`direction.across_classes`), acted on below `max_false_alarm` / classes; in a class acted on, the probe "
+             "(`direction.across_classes`), then the coarse view (whitened thumbnails) where the fine one does not act, "
+             "each p doubled for the two views, acted on below `max_false_alarm` / classes; in a class acted on, the probe "
              "seeded with the images beyond and calibrated on the other classes' images flags those above `flag_z`. TPR "
              "and FPR of those flags over the whole data set.", "",
-             "| data | trigger | family | target / rate | target p | TPR | FPR | clean classes acted on (class: share "
+             "| data | trigger | family | target / rate | target p (view) | TPR | FPR | clean classes acted on (class: share "
              "beyond, flagged of n) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["target_row"]
@@ -167,7 +174,8 @@ def trust_free_markdown(rows: list[dict], command: str) -> str:
         acted = ", ".join(f"{c}: {a['share']:.1%}, {a['flagged']} of {a['n']}" for c, a in r["clean_acted"].items()) or "-"
         lines.append(f"| {r.get('variant', 'zoo')} | {r['trigger']} | {fam} | "
                      f"{r['target'] if r['target'] is not None else '-'} / {r['rate']:.1%} | "
-                     f"{'-' if t is None else format(t['p'], '.0e')} | {'-' if r['tpr'] is None else format(r['tpr'], '.1%')} | "
+                     f"{'-' if t is None else format(t['p'], '.0e') + ' (' + t.get('view', NAMES[0]) + ')'} | "
+                     f"{'-' if r['tpr'] is None else format(r['tpr'], '.1%')} | "
                      f"{r['fpr']:.2%} | {acted} |")
     attacked = [r for r in rows if r["target_row"] is not None]
     caught = [r for r in attacked if r["tpr"] >= 0.95]

@@ -540,12 +540,15 @@ class Scanner:
         self._take_beyond(train, st, seeds, in_seeds, ref, probe_ids, "scan/direction-confirm")
 
     def images_across(self, train: Dataset, st: ScanState) -> None:
-        """Each class not yet separate: its images in the fine input view (:data:`~guard.inputs.FINE`,
-        read without the model) are tested against the other classes' images
-        (:func:`~guard.direction.across_classes`). Trust-free it is the only direction test; with a
-        trusted set it runs after :meth:`direction`, since it needs no trusted sample (10-20 trusted
-        a class are too few for the trusted tests to act on a 10 % cluster). A class that passes
-        (:func:`decide`) is separate: the images beyond seed a probe in that view, calibrated on the
+        """Each class not yet separate: its images, read without the model, are tested against the other
+        classes' images (:func:`~guard.direction.across_classes`) in the fine input view
+        (:data:`~guard.inputs.FINE`) and, trust-free, in the coarse one too (:data:`~guard.inputs.COARSE`:
+        a smooth blend shows only there), each p corrected for the views tested. Trust-free it is the
+        only direction test; with a trusted set it runs after :meth:`direction`, since it needs no
+        trusted sample (10-20 trusted a class are too few for the trusted tests to act on a 10 %
+        cluster), in the fine view only (the trusted tests read the coarse one). A class that passes
+        (:func:`decide`) is separate, in the fine view where it passes there (the coarse view is the last
+        resort, as in :meth:`direction`): the images beyond seed a probe in that view, calibrated on the
         other classes' images, and every kept image of the class is scored with it."""
         th = self.th
         todo = {c for c, v in st.classes.items() if v.verdict != Verdict.SEPARATE and v.n_scanned >= th.min_class}
@@ -556,12 +559,16 @@ class Scanner:
         if raw is None:
             return
         views = InputViews(raw[1], st.labels[rows])
-        fine, labels = views.units(raw)[0], st.labels[rows]
+        labels = st.labels[rows]
+        units = views.units(raw)[:1 if st.cal.source == "trusted" else len(InputViews.names)]
         bar = th.max_false_alarm / max(st.n_tested, 1)
+        tests = [across_classes(u, labels, bar / len(units), self.cfg.seed) for u in units]
         probes: dict[int, tuple[int, Probe]] = {}
-        for c, test in across_classes(fine, labels, bar, self.cfg.seed).items():
-            if c not in todo:
+        for c in sorted(todo):
+            found = [(k, replace(t[c], p=min(1.0, t[c].p * len(units)))) for k, t in enumerate(tests) if c in t]
+            if not found:
                 continue
+            k, test = found[0] if found[0][1].p < bar else min(found, key=lambda kt: kt[1].p)
             v = st.classes[c]
             v.direction_p = test.p
             verdict, reason = decide(ClassStats(v.n_scanned, v.excess, v.p_value, False, st.n_tested,
@@ -569,16 +576,16 @@ class Scanner:
                                                 direction_p=test.p, direction_share=test.share, direction_input=True), th)
             if verdict != Verdict.SEPARATE:
                 continue
-            v.reason = f"{reason}, at {InputViews.names[0]}"
+            v.reason = f"{reason}, at {InputViews.names[k]}"
             seed = np.where(test.beyond, th.screen_z + 1.0, np.where(test.z < th.benign_z, 0.0, th.benign_z))
             mine = torch.from_numpy(labels == c)
-            probe = self_train([fine[mine].double()], [fine[~mine].double()], seed, th, rng_seed=self.cfg.seed)
+            probe = self_train([units[k][mine].double()], [units[k][~mine].double()], seed, th, rng_seed=self.cfg.seed)
             if probe is None:
                 v.reason += ("; no probe could be fitted on the images beyond, so nothing is taken (the next scan "
                              "tests the class again)")
                 continue
-            probes[c] = st.input_probes[c] = (0, probe)
-            v.critical_layers = [InputViews.names[0]]
+            probes[c] = st.input_probes[c] = (k, probe)
+            v.critical_layers = [InputViews.names[k]]
         self._flag_input_probed(train, st, probes, views)
 
     def _test(self, mine: list[torch.Tensor], theirs: list[torch.Tensor], offset: int, total: int, bar: float,

@@ -117,6 +117,26 @@ def test_a_smooth_blend_a_model_never_learned_is_found_in_the_coarse_view(cifar_
 
 
 @pytest.mark.cifar
+def test_trust_free_a_smooth_blend_is_found_against_the_other_classes_coarse_view(cifar_archive):
+    """Trust-free, the images are held against the other classes' images in both views; the smooth
+    blend of the test above shows only in the coarse one. Without poison nothing is taken."""
+    from guard import GuardConfig, GuardedDataset
+
+    for name in ("zoo:1:12", None):
+        data = _data(name, cifar_archive)
+        gds = GuardedDataset(data.train, _clean_model(), GuardConfig(remedy="none", progress=False))
+        gds.scan(0)
+        q = gds.quarantined
+        if name is None:
+            assert len(q) == 0
+            continue
+        v = next(c for c in gds.report.scans[-1].classes if c.cls == 1)
+        assert np.isin(data.poisoned, q).mean() >= 0.95
+        assert (~np.isin(q, data.poisoned)).sum() <= 28              # under 1 % of the 2,850 benign
+        assert v.critical_layers == [COARSE] and "image of the other classes" in v.reason and COARSE in v.reason
+
+
+@pytest.mark.cifar
 def test_a_class_the_model_has_not_learned_is_still_tested_in_the_images(cifar_archive):
     """A model at initialisation predicts almost no class (``min_class_fit``: nothing it could have
     learned, trigger included, so its layers are not tested), but the images do not depend on the
