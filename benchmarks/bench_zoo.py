@@ -243,6 +243,7 @@ def main() -> None:
     ap.add_argument("--plot", nargs="+", metavar="JSON", help="plot TPR against undefended attack success for these "
                     "--guarded result files into --out (a .png)")
     ap.add_argument("--trust-free", action="store_true", help="with --guarded: no trusted set given to the guard")
+    ap.add_argument("--trusted", type=int, default=TRUSTED, help="with --guarded: trusted samples per class")
     ap.add_argument("--no-scan-dataset", action="store_true",
                     help="with --guarded: no scan_dataset given to the guard (it reads its own view, guard.scan_view)")
     ap.add_argument("--seed", type=int, default=0, help="with --guarded: the runs' subset, poison draw and sample "
@@ -272,13 +273,14 @@ def main() -> None:
         rows, runs = [], {}
         for trigger in learned[k::n]:
             atk = make_attack(trigger)
-            r = run(replace(spec("zoo", trigger, atk.rate, a.seed, guard=fields(a.guard)), trust_free=a.trust_free,
-                            scan_dataset=not a.no_scan_dataset))
+            r = run(replace(spec("zoo", trigger, atk.rate, a.seed, trusted=a.trusted, guard=fields(a.guard)),
+                            trust_free=a.trust_free, scan_dataset=not a.no_scan_dataset))
             r.pop("report")
             for sc in r["scans"]:
                 sc.pop("reference_scores", None)          # per-sample plot data: not needed here
             key = ((f"{trigger}@{a.seed}" if a.seed else trigger) + (" trust-free" if a.trust_free else "")
-                   + (" no scan_dataset" if a.no_scan_dataset else ""))
+                   + (" no scan_dataset" if a.no_scan_dataset else "")
+                   + (f" {a.trusted} trusted" if a.trusted != TRUSTED and not a.trust_free else ""))
             runs[key] = r
             rows.append(guarded_row(key, r))
             print(json.dumps(rows[-1]), flush=True)

@@ -541,15 +541,14 @@ class Scanner:
 
     def images_across(self, train: Dataset, st: ScanState) -> None:
         """Each class not yet separate: its images, read without the model, are tested against the other
-        classes' images (:func:`~guard.direction.across_classes`) in the fine input view
-        (:data:`~guard.inputs.FINE`) and, trust-free, in the coarse one too (:data:`~guard.inputs.COARSE`:
-        a smooth blend shows only there), each p corrected for the views tested. Trust-free it is the
-        only direction test; with a trusted set it runs after :meth:`direction`, since it needs no
-        trusted sample (10-20 trusted a class are too few for the trusted tests to act on a 10 %
-        cluster), in the fine view only (the trusted tests read the coarse one). A class that passes
-        (:func:`decide`) is separate, in the fine view where it passes there (the coarse view is the last
-        resort, as in :meth:`direction`): the images beyond seed a probe in that view, calibrated on the
-        other classes' images, and every kept image of the class is scored with it."""
+        classes' images (:func:`~guard.direction.across_classes`) in both input views (a smooth blend
+        shows only in the coarse one), each p doubled for the two views. Trust-free it is the only
+        direction test; with a trusted set it runs after :meth:`direction` (whose coarse-view whitening
+        it reuses), since it needs no trusted sample (10-20 trusted a class are too few for the trusted
+        tests to act on a 10 % cluster). A class that passes (:func:`decide`) is separate, in the fine
+        view where it passes there (the coarse view is the last resort, as in :meth:`direction`): the
+        images beyond seed a probe in that view, calibrated on the other classes' images, and every kept
+        image of the class is scored with it."""
         th = self.th
         todo = {c for c, v in st.classes.items() if v.verdict != Verdict.SEPARATE and v.n_scanned >= th.min_class}
         if not todo:
@@ -558,9 +557,9 @@ class Scanner:
         raw = self._views(st, train, st.kept[rows])
         if raw is None:
             return
-        views = InputViews(raw[1], st.labels[rows])
+        views = st.input_views = st.input_views or InputViews(raw[1], st.labels[rows])
         labels = st.labels[rows]
-        units = views.units(raw)[:1 if st.cal.source == "trusted" else len(InputViews.names)]
+        units = views.units(raw)
         bar = th.max_false_alarm / max(st.n_tested, 1)
         tests = [across_classes(u, labels, bar / len(units), self.cfg.seed) for u in units]
         probes: dict[int, tuple[int, Probe]] = {}

@@ -137,6 +137,20 @@ def test_trust_free_a_smooth_blend_is_found_against_the_other_classes_coarse_vie
 
 
 @pytest.mark.cifar
+def test_with_ten_trusted_a_class_a_smooth_blend_is_found_against_the_other_classes(cifar_archive):
+    """10 trusted images a class (the least allowed) are too few for the trusted tests to act on 150 of
+    3,000 (a 5 % cluster); the coarse view against the other classes' images needs none of them."""
+    from guard.experiment import RunSpec, prepare
+
+    data = prepare(RunSpec(data="cifar10", attack="zoo:1:12", rate=0.05, target=1, n_train=3000, trusted_per_class=10,
+                           archive=cifar_archive))
+    q, v = _scan(_clean_model(), data)
+    assert np.isin(data.poisoned, q).mean() >= 0.95
+    assert (~np.isin(q, data.poisoned)).sum() <= 28              # under 1 % of the 2,850 benign
+    assert v.critical_layers == [COARSE] and "image of the other classes" in v.reason
+
+
+@pytest.mark.cifar
 def test_a_class_the_model_has_not_learned_is_still_tested_in_the_images(cifar_archive):
     """A model at initialisation predicts almost no class (``min_class_fit``: nothing it could have
     learned, trigger included, so its layers are not tested), but the images do not depend on the
