@@ -47,7 +47,7 @@ sys.path.insert(0, str(HERE.parent))
 from benchmarks import bench_harm as harm  # noqa: E402
 from benchmarks.bench_zoo import spec  # noqa: E402
 from guard.attacks import make_attack  # noqa: E402
-from guard.direction import across_classes, direction_test  # noqa: E402
+from guard.direction import across_views, direction_test  # noqa: E402
 from guard.experiment import prepare  # noqa: E402
 from guard.inputs import NAMES, InputViews, coarse, high_pass  # noqa: E402
 from guard.mismatch import mismatch  # noqa: E402
@@ -129,13 +129,10 @@ def trust_free_row(trigger: str | None, seed: int = 0, make=None) -> dict:
     raw = raw_views(data.scan, screen)
     views = InputViews(raw[1], lab[screen])
     units, everything = views.units(raw), views.units(raw_views(data.scan, np.arange(len(lab))))
-    tests = [across_classes(u, lab[screen], bar / len(units), 0) for u in units]   # as Scanner.images_across
     flagged, rows = np.zeros(len(lab), bool), {}
-    for c in sorted(set(tests[0]) | set(tests[1])):
-        found = [(k, t[c].p * len(units), t[c]) for k, t in enumerate(tests) if c in t]
-        k, p, test = found[0] if found[0][1] < bar else min(found, key=lambda f: f[1])
-        acted = c in tested and p < bar
-        rows[c] = {"p": min(1.0, p), "view": NAMES[k], "share": test.share, "acted": acted, "n": int((lab == c).sum()),
+    for c, (k, test) in across_views(units, lab[screen], bar, 0).items():   # as Scanner.images_across
+        acted = c in tested and test.p < bar
+        rows[c] = {"p": test.p, "view": NAMES[k], "share": test.share, "acted": acted, "n": int((lab == c).sum()),
                    "flagged": 0}
         if not acted:
             continue

@@ -54,7 +54,7 @@ from guard.calibrate import Calibration, calibrate, class_fit, is_logits, trust_
 from guard.cluster import Centroids, RefFeats, Zscore
 from guard.config import GuardConfig
 from guard.decide import ClassStats, Verdict, beyond_reference_p, binomial_p, decide, flag_cut, give_back, take
-from guard.direction import DirectionTest, across_classes, most_significant, project
+from guard.direction import DirectionTest, across_views, most_significant, project
 from guard.distributed import gather_rows, shard, sum_tensors, world
 from guard.elsewhere import along_catches
 from guard.errors import GuardError
@@ -541,7 +541,7 @@ class Scanner:
 
     def images_across(self, train: Dataset, st: ScanState) -> None:
         """Each class not yet separate: its images, read without the model, are tested against the other
-        classes' images (:func:`~guard.direction.across_classes`) in both input views (a smooth blend
+        classes' images (:func:`~guard.direction.across_views`) in both input views (a smooth blend
         shows only in the coarse one), each p doubled for the two views. Trust-free it is the only
         direction test; with a trusted set it runs after :meth:`direction` (whose coarse-view whitening
         it reuses), since it needs no trusted sample (10-20 trusted a class are too few for the trusted
@@ -561,13 +561,10 @@ class Scanner:
         labels = st.labels[rows]
         units = views.units(raw)
         bar = th.max_false_alarm / max(st.n_tested, 1)
-        tests = [across_classes(u, labels, bar / len(units), self.cfg.seed) for u in units]
         probes: dict[int, tuple[int, Probe]] = {}
-        for c in sorted(todo):
-            found = [(k, replace(t[c], p=min(1.0, t[c].p * len(units)))) for k, t in enumerate(tests) if c in t]
-            if not found:
+        for c, (k, test) in across_views(units, labels, bar, self.cfg.seed).items():
+            if c not in todo:
                 continue
-            k, test = found[0] if found[0][1].p < bar else min(found, key=lambda kt: kt[1].p)
             v = st.classes[c]
             v.direction_p = test.p
             verdict, reason = decide(ClassStats(v.n_scanned, v.excess, v.p_value, False, st.n_tested,
