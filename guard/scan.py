@@ -123,6 +123,7 @@ class ScanState:
     releasable: dict[int, np.ndarray] = field(default_factory=dict)   # class -> quarantined indices it may give back
     released: list[np.ndarray] = field(default_factory=list)
     probes: dict[int, Probe] = field(default_factory=dict)   # class -> this scan's probe at the probe layers
+    probe_only: set[int] = field(default_factory=set)   # follow-ups fitted for guard.elsewhere, taking nothing
     input_probes: dict[int, tuple[int, Probe]] = field(default_factory=dict)   # class -> (input view, its probe)
     input_views: InputViews | None = None   # the direction stage's views (the coarse view's whitening)
     layer_p: dict[int, dict[int, float]] = field(default_factory=dict)   # class -> direction p per layer position
@@ -670,14 +671,27 @@ class Scanner:
         never unlearned on) as their label more often than it predicts that label for the reference
         samples of other classes, plus ``fit_se`` binomial errors (:func:`~guard.remedy.allowed_fit`,
         the unlearning stop's rule). Where it does not, nothing left behind is teaching the trigger and
-        a follow-up could only take look-alikes from the benign tail. Classes without check samples,
-        or a model without class scores, are followed up as before."""
+        a follow-up could only take look-alikes from the benign tail. A class none of whose quarantined
+        samples is held out (the check set is drawn from the more suspicious half of the whole
+        quarantine, so a class caught with lower scores than another can hold none) shows no such
+        evidence either: its follow-up probe is still fitted, since :meth:`elsewhere` holds the other
+        classes against it, but it takes nothing (``ScanState.probe_only``). Without a check set at all,
+        or a model without class scores, every class is followed up."""
         from guard.remedy import allowed_fit, chance_fit
 
         ref_pred, ref_lab = st.cal.predicted, st.cal.labels
-        todo = {c: np.sort(check[c]) for c in follow if len(check.get(c, ())) and ref_pred is not None}
-        if not todo:
+        if ref_pred is None or not any(len(v) for v in check.values()):
             return follow
+        todo = {c: np.sort(check[c]) for c in follow if len(check.get(c, ()))}
+        out = dict(follow)
+        for c in follow:
+            if c not in todo:
+                st.probe_only.add(c)
+                st.classes[c].reason += ("; its look-alikes are not taken: none of its quarantined samples is held "
+                                         "out to show whether what they carry is still taught (its follow-up probe "
+                                         "is fitted for the other classes only)")
+        if not todo:
+            return out
         idx = np.concatenate(list(todo.values()))
         order = np.argsort(idx, kind="stable")
         pred = np.empty(len(idx), np.int64)
@@ -687,7 +701,7 @@ class Scanner:
                 return follow
             pred[order[done:done + len(b.labels)]] = b.logits.argmax(1).numpy()
             done += len(b.labels)
-        out, at = dict(follow), 0
+        at = 0
         for c, rows in todo.items():
             fit = float((pred[at:at + len(rows)] == c).mean())
             at += len(rows)
@@ -713,9 +727,11 @@ class Scanner:
             screens = self._held_out_follow(st, screens, ref, len(names))
             follow = {c: follow[c] for c in screens}
         probes = self._fit_probes(st, screens, ref, list(range(len(names))), names)
+        follow = {c: q for c, q in follow.items() if c not in st.probe_only}
         if len(probes) < len(follow):
             self._follow_centroid(train, st, {c: follow[c] for c in follow if c not in probes})
-        self._flag_probed(train, st, probes, probe_ids, "scan/follow-up", Verdict.LIKE_QUARANTINED)
+        self._flag_probed(train, st, {c: p for c, p in probes.items() if c in follow}, probe_ids, "scan/follow-up",
+                          Verdict.LIKE_QUARANTINED)
 
     def _held_out_follow(self, st: ScanState, screens: dict[int, tuple[list[torch.Tensor], np.ndarray]],
                          ref: RefFeats, n_layers: int) -> dict[int, tuple[list[torch.Tensor], np.ndarray]]:

@@ -72,3 +72,30 @@ def test_a_held_out_follow_up_takes_what_was_left_behind_and_nothing_once_all_is
         if held_out:
             assert "not followed up" in second.reason and second.n_flagged == 0
     assert taken[False] > 0 and taken[True] == 0, taken
+
+
+@pytest.mark.cifar
+def test_a_class_with_no_held_out_quarantined_sample_takes_no_look_alikes(cifar_archive):
+    """The follow-up gate reads each class's held-out check samples (``guard.remedy.split_check``: the
+    more suspicious half of the whole quarantine). A class caught with lower scores than another can
+    hold none; it used to be followed up with no gate, and in all-to-all runs those follow-ups took
+    clean samples only (60 of 71 takes in one run, 31 of 32 in another). Now its follow-up probe is
+    fitted (the other classes are held against it) but takes nothing, and its reason says why; the
+    class that holds check samples is gated as before."""
+    from guard import GuardedDataset
+
+    data, model = _golden("badnets", cifar_archive)
+    labels = np.asarray(data.train.labels)
+    poison = np.sort(data.poisoned)
+    clean5 = np.flatnonzero(labels == 5)[:30]
+    gds = GuardedDataset(data.train, model, GuardConfig(remedy="none", progress=False, scan_inputs=False),
+                         trusted=data.trusted)
+    gds.quarantine(poison[:200])                 # first in the quarantine: the check set's half is theirs
+    gds.quarantine(clean5)
+    assert set(np.asarray(data.train.labels)[gds._check_by_class()[0]]) == {0} and 5 not in gds._check_by_class()
+    scan = gds.scan(0)
+    five = scan.classes[5]
+    assert "look-alikes are not taken: none of its quarantined samples is held out" in five.reason
+    assert five.n_flagged == 0 and five.verdict != "like quarantined"
+    target = scan.classes[0]                      # gated on its check samples: the model fits them, followed up
+    assert "none of its quarantined samples is held out" not in target.reason
