@@ -683,16 +683,7 @@ class Scanner:
         if ref_pred is None or not any(len(v) for v in check.values()):
             return follow
         todo = {c: np.sort(check[c]) for c in follow if len(check.get(c, ()))}
-        out = dict(follow)
-        for c in follow:
-            if c not in todo:
-                st.probe_only.add(c)
-                st.classes[c].reason += ("; its look-alikes are not taken: none of its quarantined samples is held "
-                                         "out to show whether what they carry is still taught (its follow-up probe "
-                                         "is fitted for the other classes only)")
-        if not todo:
-            return out
-        idx = np.concatenate(list(todo.values()))
+        idx = np.concatenate(list(todo.values())) if todo else np.empty(0, np.int64)
         order = np.argsort(idx, kind="stable")
         pred = np.empty(len(idx), np.int64)
         done = 0
@@ -701,6 +692,13 @@ class Scanner:
                 return follow
             pred[order[done:done + len(b.labels)]] = b.logits.argmax(1).numpy()
             done += len(b.labels)
+        out = dict(follow)
+        for c in follow:
+            if c not in todo:
+                st.probe_only.add(c)
+                st.classes[c].reason += ("; its look-alikes are not taken: none of its quarantined samples is held "
+                                         "out to show whether what they carry is still taught (its follow-up probe "
+                                         "is fitted for the other classes only)")
         at = 0
         for c, rows in todo.items():
             fit = float((pred[at:at + len(rows)] == c).mean())

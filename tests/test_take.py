@@ -92,10 +92,10 @@ def test_a_class_with_no_held_out_quarantined_sample_takes_no_look_alikes(cifar_
                          trusted=data.trusted)
     gds.quarantine(poison[:200])                 # first in the quarantine: the check set's half is theirs
     gds.quarantine(clean5)
-    assert set(np.asarray(data.train.labels)[gds._check_by_class()[0]]) == {0} and 5 not in gds._check_by_class()
+    assert set(labels[gds._check_by_class()[0]]) == {0} and 5 not in gds._check_by_class()
     scan = gds.scan(0)
     five = scan.classes[5]
     assert "look-alikes are not taken: none of its quarantined samples is held out" in five.reason
     assert five.n_flagged == 0 and five.verdict != "like quarantined"
-    target = scan.classes[0]                      # gated on its check samples: the model fits them, followed up
+    target = scan.classes[0]                      # gated on its own check samples, as before
     assert "none of its quarantined samples is held out" not in target.reason
