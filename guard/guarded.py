@@ -145,7 +145,7 @@ class GuardedDataset(Dataset):
         self._records: dict[int, QuarantineRecord] = {}
         self._pinned: set[int] = set()
         self._kept: np.ndarray | None = None
-        self.schedule = ScanSchedule(cfg.warmup_epochs, cfg.scan_every, cfg.max_scans)
+        self.schedule = ScanSchedule(cfg.warmup_epochs, cfg.scan_every, cfg.max_scans, cfg.scan_backoff)
         self._scores = np.full(n, np.nan, dtype=np.float32)
         self._thresholds = np.full(n, np.nan, dtype=np.float32)
         self._labels = np.full(n, -1, dtype=np.int32)
@@ -256,7 +256,10 @@ class GuardedDataset(Dataset):
                                {c: np.asarray(v, dtype=np.int64) for c, v in releasable.items()})
         res = broadcast_object(res, "broadcast of rank 0's scan result")
         self.schedule.done(epoch)
-        return self._apply(res, epoch, time.monotonic() - t0)
+        report = self._apply(res, epoch, time.monotonic() - t0)
+        if report.new_quarantined or report.released or report.remedy_steps:
+            self.schedule.done(epoch, acted=True)         # the next scan comes scan_every epochs on
+        return report
 
     def _check_by_class(self) -> dict[int, np.ndarray]:
         """Per class, the held-out check samples of its quarantine (:func:`~guard.remedy.split_check`,
