@@ -70,12 +70,12 @@ def markdown(runs: list[dict]) -> str:
                          + f"{', '.join(t['verdict'])} | {t['q']} ({t['q_pois']}) |")
     lines.append("")
     for r in runs:
-        g, w = r.get("guarded") or {}, r.get("warmup") or {}
+        g = r.get("guarded") or {}
         if g:
-            lines.append(f"* {r['trigger']} ({r['attack']}), seed {r['seed']}: attack success at the warm-up "
-                         f"{w.get('attack_success', float('nan')):.1%}, at the end of the guarded run "
-                         f"{g['attack_success']:.1%} ({g['attack_success_correct']:.1%} on correctly classified "
-                         f"images), clean accuracy {g['clean_acc']:.1%}.")
+            lines.append(f"* {r['trigger']} ({r['attack']}), seed {r['seed']}: at the end of the guarded run attack "
+                         f"success {g['attack_success']:.1%} ({g['attack_success_correct']:.1%} on correctly "
+                         f"classified images), clean accuracy {g['clean_acc']:.1%}, TPR {g['tpr']:.1%}, "
+                         f"FPR {g['fpr']:.2%}.")
     return "\n".join(lines).strip()
 
 
@@ -120,7 +120,7 @@ def main() -> None:
     res = run(spec, compare=False, on_scan=on_scan)
     res.pop("report", None)
     Path(a.out).write_text(json.dumps({"trigger": a.trigger, "attack": repr(atk), "seed": a.seed, "trace": trace,
-                                       "warmup": res.get("warmup"), "guarded": res.get("guarded"),
+                                       "guarded": res.get("guarded"),
                                        "wall": time.time() - t0}, indent=1, default=str))
 
 
