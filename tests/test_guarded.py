@@ -221,7 +221,7 @@ def test_a_run_whose_scans_take_nothing_trains_exactly_as_without_the_guard():
                 opt.step()
         return model
 
-    cfg = GuardConfig(warmup_epochs=1, scan_every=1, scan_backoff=1, seed=5)     # a scan every epoch
+    cfg = GuardConfig(warmup_epochs=1, scan_every=1, seed=5)
     guarded = fresh()
     with pytest.warns(GuardWarning, match="different data for the same index"):     # no scan_dataset
         gds = GuardedDataset(ds, guarded, cfg, trusted=Blobs(150, seed=7))

@@ -44,7 +44,7 @@ def test_state_dict_round_trip_resumes_the_order():
 
 
 def test_schedule_warmup_then_every_k_epochs_and_set_epoch():
-    gds = _gds(warmup_epochs=2, scan_every=3, scan_backoff=1)     # a fixed gap: the grid itself
+    gds = _gds(warmup_epochs=2, scan_every=3)
     loader = DataLoader(gds, batch_size=32, sampler=gds.sampler)
     for _ in range(9):
         for _ in loader:
@@ -62,7 +62,7 @@ def test_schedule_warmup_then_every_k_epochs_and_set_epoch():
 
 
 def test_scans_that_find_nothing_back_off_and_a_scan_that_acts_brings_the_next_one_back():
-    gds = _gds(warmup_epochs=2, scan_every=1)                        # default scan_backoff=4
+    gds = _gds(warmup_epochs=2, scan_every=1, scan_backoff=4)
     for _ in range(20):
         list(gds.sampler)
     assert all(s.new_quarantined == 0 and not s.released for s in gds.report.scans)
@@ -72,7 +72,7 @@ def test_scans_that_find_nothing_back_off_and_a_scan_that_acts_brings_the_next_o
     model = mlp()
     from tests.conftest import train
     train(model, ds, epochs=25)
-    gds = GuardedDataset(ds, model, GuardConfig(warmup_epochs=1, scan_every=1, remedy="none"),
+    gds = GuardedDataset(ds, model, GuardConfig(warmup_epochs=1, scan_every=1, scan_backoff=4, remedy="none"),
                          trusted=Blobs(120, seed=9))
     for _ in range(4):
         list(gds.sampler)
@@ -81,7 +81,7 @@ def test_scans_that_find_nothing_back_off_and_a_scan_that_acts_brings_the_next_o
     assert second.epoch == 2                                          # right after a scan that acted
     state = gds.state_dict()
     assert state["acted_epochs"] == [s.epoch for s in gds.report.scans if s.new_quarantined or s.released]
-    again = GuardedDataset(ds, model, GuardConfig(warmup_epochs=1, scan_every=1, remedy="none"),
+    again = GuardedDataset(ds, model, GuardConfig(warmup_epochs=1, scan_every=1, scan_backoff=4, remedy="none"),
                            trusted=Blobs(120, seed=9))
     again.load_state_dict(state)
     assert [e for e in range(4, 12) if again.schedule.due(e)] == [e for e in range(4, 12) if gds.schedule.due(e)]
