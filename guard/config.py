@@ -32,7 +32,7 @@ class GuardConfig(BaseModel):
         3, ge=0, description="first scan when this epoch starts (after this many full epochs)")
     scan_every: int = Field(2, ge=1, description="then scan every this many epochs")
     scan_backoff: int = Field(
-        1, ge=1, description="each scan that changes nothing doubles the gap to the next, up to this times scan_every")
+        1, ge=1, description="each scan that changes nothing doubles the gap to the next, up to this x scan_every (1: fixed)")
     max_scans: int | None = Field(None, ge=1, description="stop scheduled scans after this many (None: no limit)")
 
     # layers and features
