@@ -23,6 +23,9 @@ class ScanSchedule:
     >>> s = ScanSchedule(warmup_epochs=3, scan_every=2, backoff=4)
     >>> s.done(3, acted=True); [e for e in range(4, 9) if s.due(e)]
     [5, 7]
+    >>> s = ScanSchedule(warmup_epochs=3, scan_every=2)   # backoff=1: every grid epoch, a forced scan or not
+    >>> s.done(4); [e for e in range(4, 9) if s.due(e)]
+    [5, 7]
     """
 
     def __init__(self, warmup_epochs: int, scan_every: int, max_scans: int | None = None, backoff: int = 1) -> None:
@@ -35,7 +38,9 @@ class ScanSchedule:
             return False
         if self.max_scans is not None and len(self.scanned) >= self.max_scans:
             return False
-        return not self.scanned or epoch - max(self.scanned) >= self.gap()
+        if self.backoff == 1 or not self.scanned:    # the fixed grid: every grid epoch not yet scanned
+            return True
+        return epoch - max(self.scanned) >= self.gap()
 
     def gap(self) -> int:
         """Epochs the next scheduled scan keeps from the last scan: ``scan_every`` doubled for each scan
