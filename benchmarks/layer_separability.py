@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -38,17 +39,17 @@ from benchmarks.bench_guard import per_layer_auroc  # noqa: E402
 from guard.attacks import make_attack  # noqa: E402
 from guard.experiment import RunSpec, run  # noqa: E402
 from guard.hooks import scan_mode  # noqa: E402
+from guard.reference import unit  # noqa: E402
 
 
 def lda_auroc(feats: list[np.ndarray], truth: np.ndarray) -> list[float]:
-    """Per layer, the out-of-fold AUROC of a shrinkage LDA told ``truth`` (unit rows)."""
+    """Per layer, the out-of-fold AUROC of a shrinkage LDA told ``truth`` (``feats``: unit rows per layer)."""
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     out = []
     for x in feats:
-        x = x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
         score = cross_val_predict(LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto"), x, truth,
                                   cv=StratifiedKFold(5, shuffle=True, random_state=0), method="decision_function")
         out.append(float(roc_auc_score(truth, score)))
@@ -101,9 +102,8 @@ def main() -> None:
         rows = np.flatnonzero(data.labels == atk.target)
         truth = np.isin(rows, data.poisoned)
         with scan_mode(gds.scanner.model):
-            chunks = [[f.float().numpy() for f in b.feats]
-                      for b in gds.extractor.stream(data.scan, gds.layers, rows, "separability")]
-        feats = [np.concatenate([c[i] for c in chunks]) for i in range(len(gds.layers))]
+            batches = list(gds.extractor.stream(data.scan, gds.layers, rows, "separability"))
+        feats = [unit(torch.cat([b.feats[i].float() for b in batches])).numpy() for i in range(len(gds.layers))]
         scan = gds.report.scans[-1]
         mine = [c for c in scan.classes if c.cls == atk.target]
         q = np.asarray(sorted(gds.quarantined))
