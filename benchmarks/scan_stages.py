@@ -54,8 +54,42 @@ def checkpoint(spec: RunSpec, path: Path, epochs: int = 3) -> None:
     torch.save(model.state_dict(), path)
 
 
-def stages(spec: RunSpec, path: Path, repeats: int) -> dict:
+class Decoded(torch.utils.data.Dataset):
+    """An array dataset (:class:`guard.datasets.ArrayImageDataset`, no augmentation) as an image-folder
+    user's dataset reads it: each image kept as PNG bytes, decoded by PIL at every read, then torchvision's
+    ``ToImage``, ``ToDtype(scale=True)`` and ``Normalize``. The same pixels; what a read costs changes."""
+
+    def __init__(self, ds) -> None:
+        import io
+
+        from PIL import Image
+        from torchvision.transforms import v2
+
+        self.files = []
+        for img in ds.images:
+            buf = io.BytesIO()
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+            self.files.append(buf.getvalue())
+        self.labels, self.targets = ds.labels, ds.targets
+        self.transform = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                                     v2.Normalize(ds.mean.flatten().tolist(), ds.std.flatten().tolist())])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        import io
+
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.files[i])) as im:
+            return self.transform(im.convert("RGB")), int(self.labels[i])
+
+
+def stages(spec: RunSpec, path: Path, repeats: int, decode: bool = False) -> dict:
     data = prepare(spec)
+    if decode:
+        data.scan, data.trusted = Decoded(data.scan), Decoded(data.trusted)
     model = data.make_model()
     state = torch.load(path, weights_only=True, map_location=spec.device)
     runs = []
@@ -97,6 +131,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--archive", default=os.environ.get("GUARD_CIFAR10_ARCHIVE"))
     ap.add_argument("--checkpoint", help="where the epoch-3 model is kept (default: /tmp/guard_stages_ATTACK.pt)")
+    ap.add_argument("--decode", action="store_true",
+                    help="read the scan's data as an image folder is read: PNG decoded by PIL at every read")
     ap.add_argument("--out")
     ap.add_argument("--render", nargs="+", metavar="JSON", help="only tabulate earlier result files")
     ap.add_argument("--labels", nargs="+")
@@ -112,9 +148,9 @@ def main() -> None:
     path = Path(a.checkpoint or f"/tmp/guard_stages_{a.attack}{size}.pt")
     if not path.exists():
         checkpoint(spec, path)
-    out = stages(spec, path, a.repeats)
+    out = stages(spec, path, a.repeats, a.decode)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
-    out["meta"] = {"attack": a.attack, "repeats": a.repeats, "threads": torch.get_num_threads(), "commit": commit.strip(),
+    out["meta"] = {"attack": a.attack + (" (decoded)" if a.decode else ""), "repeats": a.repeats, "threads": torch.get_num_threads(), "commit": commit.strip(),
                    "torch": torch.__version__, "device": a.device, "n_train": a.n_train, "width": a.width,
                    "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None}
     print(json.dumps(out["median"], indent=1))

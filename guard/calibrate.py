@@ -53,6 +53,7 @@ class Calibration:
     fit: np.ndarray | None = None   # (C,) share of each class's reference samples the model predicts as it
     feats: list[torch.Tensor] | None = None   # (n, D_l) per layer: the reference's features, when kept
     predicted: np.ndarray | None = None       # (n,) the class the model predicts for each (None: no class scores)
+    views: list[torch.Tensor] | None = None   # the reference's raw input views (guard.inputs), when kept
 
     def z(self, raw: np.ndarray, labels: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
         """float32 z-scores, filled in chunks of rows: at N = 1,000,000 a float64 result and its
@@ -71,18 +72,20 @@ class Calibration:
 
 
 def calibrate(stream: Stream, layers: list[str], source: tuple[Dataset, np.ndarray | None, str], num_classes: int,
-              t: Thresholds, keep_bytes: float = 0) -> Calibration:
+              t: Thresholds, keep_bytes: float = 0, views: bool = False) -> Calibration:
     """A streaming pass over the reference samples ``source`` = (dataset, indices or None, name) for
     the class sums, then their leave-one-out and in-sample scores: from the features kept during
-    that pass if they fit in ``keep_bytes``, else from a second pass."""
+    that pass if they fit in ``keep_bytes``, else from a second pass. ``views``: the pass also keeps
+    the images' raw input views where they fit in what the features leave of ``keep_bytes``."""
     dataset, indices, name = source
     ref: Reference | None = None
     labels: list[np.ndarray] = []
     hits: list[np.ndarray] = []
     kept: list[list[torch.Tensor]] | None = []
-    size = 0
+    kept_views: list[list[torch.Tensor]] | None = [] if views else None
+    size = view_size = 0
     known = True                           # every batch had class logits (else the fit is unknown)
-    for b in stream(dataset, layers, indices, f"scan/{name}"):
+    for b in stream(dataset, layers, indices, f"scan/{name}", views=views):
         ref = ref or Reference([f.shape[1] for f in b.feats], num_classes)
         ref.update(b.feats, b.labels)
         labels.append(b.labels.numpy())
@@ -94,6 +97,11 @@ def calibrate(stream: Stream, layers: list[str], source: tuple[Dataset, np.ndarr
             kept = None                        # past the budget: the spread comes from a second pass
         elif kept is not None:
             kept.append(b.feats)
+        view_size += sum(v.numel() * v.element_size() for v in b.views or [])
+        if kept_views is not None and (b.views is None or size + view_size > keep_bytes):
+            kept_views = None
+        elif kept_views is not None:
+            kept_views.append(b.views)
     if ref is None:
         raise GuardError(f"the {name} reference is empty; pass a trusted set with samples of every class")
     lab = np.concatenate(labels)
@@ -119,7 +127,8 @@ def calibrate(stream: Stream, layers: list[str], source: tuple[Dataset, np.ndarr
     pred = np.concatenate(hits) if known else None
     fit = class_fit(pred == lab, lab, num_classes) if known else None
     feats = None if kept is None else [torch.cat([k[li] for k in kept]) for li in range(len(layers))]
-    return Calibration(ref, dataset, indices, lab, loo_a, ins_a, mean, std, name, fit, feats, pred)
+    views_kept = None if not kept_views else [torch.cat([k[i] for k in kept_views]) for i in range(len(kept_views[0]))]
+    return Calibration(ref, dataset, indices, lab, loo_a, ins_a, mean, std, name, fit, feats, pred, views=views_kept)
 
 
 def is_logits(logits: torch.Tensor | None, num_classes: int) -> bool:

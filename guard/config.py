@@ -72,7 +72,7 @@ class GuardConfig(BaseModel):
     num_workers: int | None = Field(
         None, ge=0, description="DataLoader workers of the guard's passes; None: the train loader's (Lightning, HF), else 0")
     keep_mb: float = Field(
-        256, ge=0, description="host memory a scan may keep features in instead of running the model again")
+        512, ge=0, description="host memory a scan may keep features and images in instead of reading them again")
     device: str | None = Field(None, description="scan device; None uses the model's device")
     amp: bool = Field(True, description="autocast the guard's passes (bf16; fp16 scans where bf16 is missing)")
     channels_last: bool = Field(

@@ -15,6 +15,7 @@ from guard.batches import Feed, autocast
 from guard.config import GuardConfig
 from guard.errors import GuardError
 from guard.hooks import FeatureTap, StopForward, unwrap_model
+from guard.inputs import raw_views
 from guard.progress import Progress
 
 
@@ -25,6 +26,7 @@ class Batch:
     feats: list[torch.Tensor]      # per layer (B, D_l) float32, CPU (on the model's device with host=False)
     logits: torch.Tensor | None    # (B, C) float32, likewise; None when the forward was cut short
     bf16: tuple[bool, ...] = ()    # per layer: the features are bfloat16 values (computed under bf16 autocast)
+    views: list[torch.Tensor] | None = None   # with views=True: the inputs' raw views (guard.inputs.raw_views), CPU
 
 
 class Extractor:
@@ -42,7 +44,8 @@ class Extractor:
 
     def stream(self, dataset: Dataset, layers: Sequence[str], indices: np.ndarray | None = None,
                desc: str = "scan", stop_early: bool = False,
-               seconds: MutableMapping[str, float] | None = None, host: bool = True) -> Iterator[Batch]:
+               seconds: MutableMapping[str, float] | None = None, host: bool = True,
+               views: bool = False) -> Iterator[Batch]:
         """Yield batches in dataset order (``indices`` order when given). Call inside ``scan_mode``.
 
         ``stop_early`` ends each forward once all ``layers`` have run (no logits then). ``host=False``
@@ -51,7 +54,10 @@ class Extractor:
         accumulates where the time goes: ``load`` (waiting for the DataLoader), ``forward`` (the
         model, hooks excluded), ``hooks`` (pooling the layer outputs), ``transfer`` (features and
         logits to the host). Nothing synchronises for it: on an accelerator the device's work shows
-        where the host first waits for it (mostly ``transfer``), so there read forward + transfer."""
+        where the host first waits for it (mostly ``transfer``), so there read forward + transfer.
+        ``views=True`` also computes each image batch's raw input views (:func:`guard.inputs.raw_views`)
+        on the host from the batch as loaded, so the stages that test the images need not read the data
+        again (``views``, counted in no part: it is analysis)."""
         seconds = {} if seconds is None else seconds
 
         def add(key: str, t0: float, less: float = 0.0) -> float:
@@ -80,6 +86,10 @@ class Extractor:
                     raise GuardError(f"label {int(labels[j])} of dataset index {int(pos[j])} is outside "
                                      f"[0, {self.num_classes}); set GuardConfig(num_classes=...) to the number "
                                      "of classes or fix the labels")
+                raw = None
+                if views:
+                    raw = raw_views(inputs)
+                    t = add("views", t)
                 inputs = self.adapter.move(inputs, self.device, self.channels_last)
                 out: torch.Tensor | None = None
                 hooks0 = tap.seconds
@@ -94,7 +104,7 @@ class Extractor:
                 if host:
                     logits, feats = None if logits is None else logits.cpu(), [f.cpu() for f in feats]
                 t = add("transfer", t)
-                yield Batch(pos, labels, feats, logits, tuple(tap.bf16[n] for n in layers))
+                yield Batch(pos, labels, feats, logits, tuple(tap.bf16[n] for n in layers), raw)
                 done += len(labels)
                 progress.update(len(labels))
                 t = time.perf_counter()

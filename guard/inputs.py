@@ -102,11 +102,20 @@ def is_image(inputs: object) -> bool:
         and min(inputs.shape[2:]) >= 3
 
 
+def raw_views(inputs: object) -> list[torch.Tensor] | None:
+    """The raw views of one batch of inputs, per sample: high-passed (:func:`high_pass`) and coarse
+    (:func:`coarse`, not yet whitened); None when the inputs are not an image batch. Each sample's
+    rows depend on that sample alone, so views computed batch by batch in any grouping are the same."""
+    if not is_image(inputs):
+        return None
+    return [high_pass(inputs), coarse(inputs)]
+
+
 def read_views(dataset: Dataset, positions: np.ndarray, adapter: BatchAdapter, batch_size: int,
                num_workers: int = 0) -> list[torch.Tensor] | None:
-    """The raw views of ``dataset[positions]`` in that order, read without the model: high-passed
-    (:func:`high_pass`) and coarse (:func:`coarse`, not yet whitened); None when the items' inputs are
-    not image batches."""
+    """:func:`raw_views` of ``dataset[positions]`` in that order, read without the model; None when the
+    items' inputs are not image batches. A scan reads these from its scoring pass where it could keep
+    them (``GuardConfig.keep_mb``); this reads the data again."""
     if len(positions) == 0:
         return None
     loader = DataLoader(Subset(dataset, np.asarray(positions, dtype=np.int64).tolist()), batch_size=batch_size,
@@ -114,8 +123,9 @@ def read_views(dataset: Dataset, positions: np.ndarray, adapter: BatchAdapter, b
     fine, smooth = [], []
     for batch in loader:
         inputs, _ = adapter.split(batch)
-        if not is_image(inputs):
+        views = raw_views(inputs)
+        if views is None:
             return None
-        fine.append(high_pass(inputs))
-        smooth.append(coarse(inputs))
+        fine.append(views[0])
+        smooth.append(views[1])
     return [torch.cat(fine), torch.cat(smooth)]

@@ -6,7 +6,9 @@ the pass's features fit in ``GuardConfig.keep_mb``, :class:`KeptFeatures` holds 
 in the dtype they were computed in: bfloat16 under the guard's autocast, so half the bytes of
 float32 and no precision lost) and those stages read them instead of forwarding the samples again.
 When they do not fit, nothing is kept and the stages run their own passes: same numbers, more
-model time. Whether it fits is decided at the pass's first batch, from its per-sample size.
+model time. Whether it fits is decided at the pass's first batch, from its per-sample size. A second
+holder keeps the same pass's raw input views (:mod:`guard.inputs`, float32) in what the features leave
+of the budget, so the stages that test the images need not read the data again.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ class KeptFeatures:
         for store, f in zip(self.layers, feats):
             store[self.added:self.added + b] = f
         self.added += b
+
+    def drop(self) -> None:
+        """Hold nothing and refuse the rest of the pass (a batch without these features)."""
+        self.layers, self.refused = None, True
 
     @property
     def complete(self) -> bool:

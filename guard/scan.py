@@ -29,8 +29,10 @@ scan/elsewhere             <= screen_per_class       trusted, after a catch: the
 scan/elsewhere-confirm     classes that separate     ... the probe's z of every sample of those
 =========================  ========================  =================================================
 
-The input views of the direction stage (:mod:`guard.inputs`) read images without the model; they
-are not a pass, and their time is part of ``analysis``. With or without a trusted set, the direction
+The input views of the direction stage (:mod:`guard.inputs`) are computed from the images as the
+reference and scoring passes load them, and kept with the features (in what those leave of
+``keep_mb``), so a scan reads each sample once; past the budget they are read again, without the
+model. Either way they are not a pass, and their time is part of ``analysis``. With or without a trusted set, the direction
 stage also holds each class's fine input view against the other classes' images
 (:meth:`Scanner.images_across`): that test needs no trusted sample, so it stands where a trusted set
 is too small for the trusted tests' bound.
@@ -79,8 +81,8 @@ class Passes:
         self.extractor, self.samples, self.seconds = extractor, {}, {}
 
     def stream(self, dataset: Dataset, names: Sequence[str], indices: np.ndarray | None, desc: str,
-               stop_early: bool = False, host: bool = True) -> Iterator[Batch]:
-        for b in self.extractor.stream(dataset, names, indices, desc, stop_early, self.seconds, host):
+               stop_early: bool = False, host: bool = True, views: bool = False) -> Iterator[Batch]:
+        for b in self.extractor.stream(dataset, names, indices, desc, stop_early, self.seconds, host, views):
             self.samples[desc] = self.samples.get(desc, 0) + len(b.labels)
             yield b
 
@@ -120,6 +122,7 @@ class ScanState:
     seconds: dict[str, float] = field(default_factory=dict)
     predicted: np.ndarray | None = None   # (N,) the class the model predicts (None: no class scores)
     store: KeptFeatures | None = None   # the scoring pass's features, when they fit (guard.keep)
+    kept_views: KeptFeatures | None = None   # the scoring pass's raw input views, when they fit too (guard.inputs)
     releasable: dict[int, np.ndarray] = field(default_factory=dict)   # class -> quarantined indices it may give back
     released: list[np.ndarray] = field(default_factory=list)
     probes: dict[int, Probe] = field(default_factory=dict)   # class -> this scan's probe at the probe layers
@@ -250,7 +253,8 @@ class Scanner:
             pool = trust_free_indices(passes.stream, train, kept, self.layers[-1], self.C,
                                       (self.cfg.trust_free_per_class, self.cfg.seed))
             source = (train, pool, "trust-free")
-        return calibrate(passes.stream, self.layers, source, self.C, self.th, self.cfg.keep_mb * 2**20)
+        views = self._want_views(world()[1] == 1) and source[2] == "trusted"   # only the trusted tests read them
+        return calibrate(passes.stream, self.layers, source, self.C, self.th, self.cfg.keep_mb * 2**20, views)
 
     # ---- stage 2: score ---------------------------------------------------------------------
     def score(self, passes: Passes, train: Dataset, kept: np.ndarray, cal: Calibration) -> ScanState:
@@ -261,9 +265,11 @@ class Scanner:
         labels = np.empty(len(mine), dtype=np.int32)          # C < 2**31; 4 bytes a sample at N = 10**6
         scores, known = DeviceScores(cal, len(mine), self.th.out_z, self.extractor.device), True
         # ranks score shards, the later stages read whole classes: keep features on a single process only
-        store = KeptFeatures(len(mine), self.cfg.keep_mb * 2**20) if world()[1] == 1 else None
+        budget = self.cfg.keep_mb * 2**20
+        store = KeptFeatures(len(mine), budget) if world()[1] == 1 else None
+        views: KeptFeatures | None = None     # the images' raw views, in what the features leave of the budget
         done = 0
-        for b in passes.stream(train, self.layers, mine, "scan/train", host=False):
+        for b in passes.stream(train, self.layers, mine, "scan/train", host=False, views=self._want_views(store is not None)):
             n, lab = len(b.labels), b.labels.numpy()
             missing = np.flatnonzero(np.isnan(cal.mean[lab, 0]))
             if len(missing):
@@ -272,6 +278,11 @@ class Scanner:
                                  f"the {cal.source} reference; add trusted samples of class {c}")
             if store is not None:
                 store.add(b.feats, b.bf16)
+                views = views or KeptFeatures(len(mine), budget - store.nbytes)
+                if b.views is None:
+                    views.drop()
+                else:
+                    views.add(b.views, (False,) * len(b.views))
             known = known and is_logits(b.logits, self.C)     # known: the model's logits are class scores
             scores.add(done, b, known)
             labels[done:done + n] = lab
@@ -286,7 +297,14 @@ class Scanner:
         sum_tensors(suspects.sums)
         fit = class_fit(pred == labels, labels, self.C) if known else np.full(self.C, np.nan)
         return ScanState(kept, cal, passes, labels, raw, suspects, fit, predicted=pred if known else None,
-                         store=store if store is not None and store.complete else None)
+                         store=store if store is not None and store.complete else None,
+                         kept_views=views if views is not None and views.complete else None)
+
+    def _want_views(self, single: bool) -> bool:
+        """Whether a pass computes the images' raw views for the stages that test the images
+        (:mod:`guard.inputs`) to keep: with those stages on, on a single process (``single``; ranks score
+        shards, and the stages read whole classes)."""
+        return bool(single) and self.cfg.scan_inputs and self.cfg.critical_rule != "paper"
 
     def check_classes(self, st: ScanState) -> None:
         """Errors for data the decision cannot judge; a warning for classes too small to act on."""
@@ -555,7 +573,7 @@ class Scanner:
         if not todo:
             return
         rows = self._screen_rows(st, sorted(st.classes), 3)
-        raw = self._views(st, train, st.kept[rows])
+        raw = self._train_views(st, train, rows)
         if raw is None:
             return
         views = st.input_views = st.input_views or InputViews(raw[1], st.labels[rows])
@@ -618,15 +636,30 @@ class Scanner:
         st.last_views[id(dataset)] = (np.array(positions, copy=True), raw)
         return raw
 
+    def _train_views(self, st: ScanState, train: Dataset, rows: np.ndarray) -> list[torch.Tensor] | None:
+        """The raw input views of the kept samples at ``rows``: from the scoring pass where it kept them
+        (``ScanState.kept_views``), else read again (:meth:`_views`)."""
+        if st.kept_views is not None:
+            return st.kept_views.rows(rows, range(len(st.kept_views.layers)))
+        return self._views(st, train, st.kept[rows])
+
+    def _ref_views(self, st: ScanState, ref_rows: np.ndarray) -> list[torch.Tensor] | None:
+        """The raw input views of the reference samples at ``ref_rows``: from the calibration pass where
+        it kept them (``Calibration.views``), else read again (:meth:`_views`)."""
+        if st.cal.views is not None:
+            idx = torch.from_numpy(np.asarray(ref_rows, dtype=np.int64))
+            return [v[idx] for v in st.cal.views]
+        return self._views(st, st.cal.dataset, st.cal.positions(ref_rows))
+
     def _input_views(self, train: Dataset, st: ScanState, rows: np.ndarray,
                      ref: RefFeats) -> tuple[InputViews, list[torch.Tensor], list[torch.Tensor]] | None:
         """The input views (:mod:`guard.inputs`), fitted on the screen ``rows``, and the unit features
         of the screen and of the reference samples ``ref.rows`` in each (read without the model, so
         not a pass: its time is part of ``analysis``); None where the inputs are not images."""
-        mine = self._views(st, train, st.kept[rows])
+        mine = self._train_views(st, train, rows)
         if mine is None:
             return None
-        theirs = self._views(st, st.cal.dataset, st.cal.positions(ref.rows))
+        theirs = self._ref_views(st, ref.rows)
         if theirs is None:
             return None
         views = InputViews(mine[1], st.labels[rows])
@@ -653,7 +686,7 @@ class Scanner:
             return
         ex = self.extractor
         rows = st.rows_of(probes)
-        units = views.units(self._views(st, train, st.kept[rows]))
+        units = views.units(self._train_views(st, train, rows))
         labels, z_all = st.labels[rows], np.zeros(len(rows))
         for c, (k, probe) in probes.items():
             self._apply_probes({c: probe}, [units[k].double()], labels, z_all)
@@ -834,8 +867,8 @@ class Scanner:
         wanted = {k for k, _ in st.input_probes.values()}
         if not wanted or st.input_views is None:
             return []
-        mine = self._views(st, train, st.kept[rows])
-        theirs = self._views(st, st.cal.dataset, st.cal.positions(ref.rows))
+        mine = self._train_views(st, train, rows)
+        theirs = self._ref_views(st, ref.rows)
         if mine is None or theirs is None:
             return []
         mu, tu = st.input_views.units(mine), st.input_views.units(theirs)
@@ -1084,6 +1117,8 @@ class Scanner:
         memory = (st.raw.nbytes + st.out_of_spread.nbytes + st.labels.nbytes + st.suspicion.nbytes
                   + st.threshold.nbytes + cal.loo.nbytes + cal.in_sample.nbytes
                   + (st.store.nbytes if st.store is not None else 0)
+                  + (st.kept_views.nbytes if st.kept_views is not None else 0)
+                  + sum(f.numel() * f.element_size() for f in cal.views or [])
                   + sum(f.numel() * f.element_size() for f in cal.feats or [])
                   + 3 * sum(x.numel() * x.element_size() for x in cal.reference.sums))
         return ScanResult(st.kept, st.suspicion, st.threshold, st.labels, _flat(st.flagged), _flat(st.paper_flagged),

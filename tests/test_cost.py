@@ -118,6 +118,41 @@ def test_kept_features_replace_passes_with_the_same_result(poisoned):
         v for k, v in a.seconds_by_step.items() if k != "calibrate"), rel=0.5)
 
 
+class _Reads(torch.utils.data.Dataset):
+    """A dataset that counts how often each of its items is read."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.reads = inner, np.zeros(len(inner), dtype=int)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.reads[i] += 1
+        return self.inner[i]
+
+
+def test_a_scan_reads_each_sample_once_and_tests_the_images_from_that_read(poisoned):
+    from guard import GuardedDataset
+
+    model, train, trusted, poison = poisoned
+    results = {}
+    for keep_mb in (512, 0):
+        data, ref = _Reads(train), _Reads(trusted)
+        gds = GuardedDataset(data, model, GuardConfig(progress=False, remedy="none", keep_mb=keep_mb), trusted=ref)
+        data.reads[:], ref.reads[:] = 0, 0                      # the wrapper's own checks read some items
+        report = gds.scan(0)
+        results[keep_mb] = (report, np.sort(np.asarray(list(gds.quarantined))), data.reads.copy(), ref.reads.copy())
+    (kept, taken, train_reads, ref_reads), (again, taken_again, train_again, ref_again) = results[512], results[0]
+    assert (train_reads == 1).all() and (ref_reads == 1).all()    # features and images from one read each
+    assert train_again.sum() > len(train) and ref_again.sum() > len(trusted)   # without the budget: read again
+    assert np.array_equal(taken, taken_again)
+    assert len(np.intersect1d(taken, poison)) >= 50
+    assert kept.trusted_mismatch_p is not None                     # the image tests ran (their p's are in it)
+    assert (kept.trusted_mismatch_p, kept.trusted_mismatch_at) == (again.trusted_mismatch_p, again.trusted_mismatch_at)
+    assert [c.direction_p for c in kept.classes] == [c.direction_p for c in again.classes]
+
+
 def test_the_guards_passes_load_with_the_train_loaders_workers_unless_told(poisoned):
     from torch.utils.data import DataLoader
 
