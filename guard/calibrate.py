@@ -85,7 +85,7 @@ def calibrate(stream: Stream, layers: list[str], source: tuple[Dataset, np.ndarr
     kept_views: list[list[torch.Tensor]] | None = [] if views else None
     size = view_size = 0
     known = True                           # every batch had class logits (else the fit is unknown)
-    for b in stream(dataset, layers, indices, f"scan/{name}", views=views):
+    for b in stream(dataset, layers, indices, f"scan/{name}", views=lambda: kept_views is not None):
         ref = ref or Reference([f.shape[1] for f in b.feats], num_classes)
         ref.update(b.feats, b.labels)
         labels.append(b.labels.numpy())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +45,7 @@ class Extractor:
     def stream(self, dataset: Dataset, layers: Sequence[str], indices: np.ndarray | None = None,
                desc: str = "scan", stop_early: bool = False,
                seconds: MutableMapping[str, float] | None = None, host: bool = True,
-               views: bool = False) -> Iterator[Batch]:
+               views: bool | Callable[[], bool] = False) -> Iterator[Batch]:
         """Yield batches in dataset order (``indices`` order when given). Call inside ``scan_mode``.
 
         ``stop_early`` ends each forward once all ``layers`` have run (no logits then). ``host=False``
@@ -57,7 +57,8 @@ class Extractor:
         where the host first waits for it (mostly ``transfer``), so there read forward + transfer.
         ``views=True`` also computes each image batch's raw input views (:func:`guard.inputs.raw_views`)
         on the host from the batch as loaded, so the stages that test the images need not read the data
-        again (``views``, counted in no part: it is analysis)."""
+        again (``views``, counted in no part: it is analysis); a callable is asked before each batch
+        (a caller that cannot keep them stops their computation)."""
         seconds = {} if seconds is None else seconds
 
         def add(key: str, t0: float, less: float = 0.0) -> float:
@@ -87,7 +88,7 @@ class Extractor:
                                      f"[0, {self.num_classes}); set GuardConfig(num_classes=...) to the number "
                                      "of classes or fix the labels")
                 raw = None
-                if views:
+                if views() if callable(views) else views:
                     raw = raw_views(inputs)
                     t = add("views", t)
                 inputs = self.adapter.move(inputs, self.device, self.channels_last)

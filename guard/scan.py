@@ -81,7 +81,8 @@ class Passes:
         self.extractor, self.samples, self.seconds = extractor, {}, {}
 
     def stream(self, dataset: Dataset, names: Sequence[str], indices: np.ndarray | None, desc: str,
-               stop_early: bool = False, host: bool = True, views: bool = False) -> Iterator[Batch]:
+               stop_early: bool = False, host: bool = True,
+               views: bool | Callable[[], bool] = False) -> Iterator[Batch]:
         for b in self.extractor.stream(dataset, names, indices, desc, stop_early, self.seconds, host, views):
             self.samples[desc] = self.samples.get(desc, 0) + len(b.labels)
             yield b
@@ -269,7 +270,9 @@ class Scanner:
         store = KeptFeatures(len(mine), budget) if world()[1] == 1 else None
         views: KeptFeatures | None = None     # the images' raw views, in what the features leave of the budget
         done = 0
-        for b in passes.stream(train, self.layers, mine, "scan/train", host=False, views=self._want_views(store is not None)):
+        want = self._want_views(store is not None)
+        for b in passes.stream(train, self.layers, mine, "scan/train", host=False,
+                               views=lambda: want and (views is None or not views.refused)):
             n, lab = len(b.labels), b.labels.numpy()
             missing = np.flatnonzero(np.isnan(cal.mean[lab, 0]))
             if len(missing):

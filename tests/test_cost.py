@@ -137,20 +137,23 @@ def test_a_scan_reads_each_sample_once_and_tests_the_images_from_that_read(poiso
 
     model, train, trusted, poison = poisoned
     results = {}
-    for keep_mb in (512, 0):
+    for keep_mb in (512, 3, 0):                  # 3 MB: the features fit, the training images' views do not
         data, ref = _Reads(train), _Reads(trusted)
         gds = GuardedDataset(data, model, GuardConfig(progress=False, remedy="none", keep_mb=keep_mb), trusted=ref)
         data.reads[:], ref.reads[:] = 0, 0                      # the wrapper's own checks read some items
         report = gds.scan(0)
         results[keep_mb] = (report, np.sort(np.asarray(list(gds.quarantined))), data.reads.copy(), ref.reads.copy())
-    (kept, taken, train_reads, ref_reads), (again, taken_again, train_again, ref_again) = results[512], results[0]
+    (kept, taken, train_reads, ref_reads) = results[512]
     assert (train_reads == 1).all() and (ref_reads == 1).all()    # features and images from one read each
-    assert train_again.sum() > len(train) and ref_again.sum() > len(trusted)   # without the budget: read again
-    assert np.array_equal(taken, taken_again)
     assert len(np.intersect1d(taken, poison)) >= 50
     assert kept.trusted_mismatch_p is not None                     # the image tests ran (their p's are in it)
-    assert (kept.trusted_mismatch_p, kept.trusted_mismatch_at) == (again.trusted_mismatch_p, again.trusted_mismatch_at)
-    assert [c.direction_p for c in kept.classes] == [c.direction_p for c in again.classes]
+    split, none = results[3], results[0]
+    assert "scan/direction (kept)" in split[0].passes and split[2].sum() > len(train)   # features kept, images read
+    assert none[2].sum() > split[2].sum() and none[3].sum() > len(trusted)             # without a budget: both again
+    for again, taken_again, _, _ in (split, none):
+        assert np.array_equal(taken, taken_again)
+        assert (kept.trusted_mismatch_p, kept.trusted_mismatch_at) == (again.trusted_mismatch_p, again.trusted_mismatch_at)
+        assert [c.direction_p for c in kept.classes] == [c.direction_p for c in again.classes]
 
 
 def test_the_guards_passes_load_with_the_train_loaders_workers_unless_told(poisoned):
