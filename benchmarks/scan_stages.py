@@ -86,7 +86,7 @@ class Decoded(torch.utils.data.Dataset):
             return self.transform(im.convert("RGB")), int(self.labels[i])
 
 
-def stages(spec: RunSpec, path: Path, repeats: int, decode: bool = False) -> dict:
+def stages(spec: RunSpec, path: Path, repeats: int, decode: bool = False, keep_mb: float | None = None) -> dict:
     data = prepare(spec)
     if decode:
         data.scan, data.trusted = Decoded(data.scan), Decoded(data.trusted)
@@ -95,12 +95,14 @@ def stages(spec: RunSpec, path: Path, repeats: int, decode: bool = False) -> dic
     runs = []
     for _ in range(repeats + 1):                       # the first is a warm-up, not counted
         model.load_state_dict(state)
-        gds = GuardedDataset(data.train, model, GuardConfig(seed=spec.seed, remedy="none", progress=False),
+        extra = {} if keep_mb is None else {"keep_mb": keep_mb}
+        gds = GuardedDataset(data.train, model, GuardConfig(seed=spec.seed, remedy="none", progress=False, **extra),
                              trusted=data.trusted, scan_dataset=data.scan)
         t = time.perf_counter()
         rep = gds.scan(3)
         runs.append({"wall": time.perf_counter() - t, "seconds": rep.seconds, "steps": rep.seconds_by_step,
-                     "parts": rep.seconds_by_part, "quarantined": len(gds.quarantined)})
+                     "parts": rep.seconds_by_part, "quarantined": len(gds.quarantined),
+                     "memory_mb": rep.memory_bytes / 2**20, "passes": rep.passes})
     runs = runs[1:]
     med = {"scan": float(np.median([r["seconds"] for r in runs]))}
     for key in ("steps", "parts"):
@@ -133,6 +135,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", help="where the epoch-3 model is kept (default: /tmp/guard_stages_ATTACK.pt)")
     ap.add_argument("--decode", action="store_true",
                     help="read the scan's data as an image folder is read: PNG decoded by PIL at every read")
+    ap.add_argument("--keep-mb", type=float, help="GuardConfig.keep_mb (default: the library's)")
     ap.add_argument("--out")
     ap.add_argument("--render", nargs="+", metavar="JSON", help="only tabulate earlier result files")
     ap.add_argument("--labels", nargs="+")
@@ -148,10 +151,10 @@ def main() -> None:
     path = Path(a.checkpoint or f"/tmp/guard_stages_{a.attack}{size}.pt")
     if not path.exists():
         checkpoint(spec, path)
-    out = stages(spec, path, a.repeats, a.decode)
+    out = stages(spec, path, a.repeats, a.decode, a.keep_mb)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
     out["meta"] = {"attack": a.attack + (" (decoded)" if a.decode else ""), "repeats": a.repeats, "threads": torch.get_num_threads(), "commit": commit.strip(),
-                   "torch": torch.__version__, "device": a.device, "n_train": a.n_train, "width": a.width,
+                   "torch": torch.__version__, "device": a.device, "n_train": a.n_train, "width": a.width, "keep_mb": a.keep_mb,
                    "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None}
     print(json.dumps(out["median"], indent=1))
     if a.out:

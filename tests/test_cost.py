@@ -156,6 +156,28 @@ def test_a_scan_reads_each_sample_once_and_tests_the_images_from_that_read(poiso
         assert [c.direction_p for c in kept.classes] == [c.direction_p for c in again.classes]
 
 
+def test_a_scan_holds_numpys_and_scipys_blas_to_one_thread_and_gives_it_back(poisoned):
+    """Their pools' idle threads spin and starve torch's, which the analysis alternates with."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from guard import GuardedDataset
+
+    model, train, trusted, _ = poisoned
+    blas = lambda: {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}  # noqa: E731
+    seen = []
+    handle = model.register_forward_hook(lambda *_: seen.append(blas()))
+    try:
+        with threadpool_limits(limits=2, user_api="blas"):
+            gds = GuardedDataset(train, model, GuardConfig(progress=False, remedy="none"), trusted=trusted)
+            seen.clear()                                   # the wrapper's own checks ran a forward
+            gds.scan(0)
+            after = blas()
+    finally:
+        handle.remove()
+    assert seen and all(s == {1} for s in seen), seen     # every forward of the scan, and its analysis between
+    assert after == {2}
+
+
 def test_the_guards_passes_load_with_the_train_loaders_workers_unless_told(poisoned):
     from torch.utils.data import DataLoader
 
