@@ -51,7 +51,8 @@ def markdown(results: list[tuple[str, dict]]) -> str:
     return "\n".join([
         "`python benchmarks/cost_table.py` over `bench_guard.py --attacks badnets --rates 0.1 --trust-free` runs "
         f"(CIFAR-10 {meta['n_train']:,}, width-{meta['width']} ResNet-18, {meta['epochs']} epochs, no augmentation, "
-        f"one pinned thread each, {meta['device']}): the guarded run and its unguarded twin in lockstep. "
+        f"{meta.get('threads', 1)} thread(s) a process, {meta['device']}): the guarded run and its unguarded twin in "
+        "lockstep. "
         "*non-forward*: the share of the scan outside the model's forward (data loading, hooks, transfer, analysis). "
         "*overhead*: scans + remedy over the unguarded training time.", "",
         head, "|" + "---|" * (head.count("|") - 1), *body])
