@@ -32,8 +32,8 @@ scan/elsewhere-confirm     classes that separate     ... the probe's z of every 
 The input views of the direction stage (:mod:`guard.inputs`) are computed from the images as the
 reference and scoring passes load them, and kept with the features (in what those leave of
 ``keep_mb``), so a scan reads each sample once; past the budget they are read again, without the
-model. Either way they are not a pass, and their time is part of ``analysis``. With or without a trusted set, the direction
-stage also holds each class's fine input view against the other classes' images
+model. Either way they are not a pass, and their time is part of ``analysis``. With or without a
+trusted set, the direction stage also holds each class's fine input view against the other classes' images
 (:meth:`Scanner.images_across`): that test needs no trusted sample, so it stands where a trusted set
 is too small for the trusted tests' bound.
 
