@@ -19,6 +19,7 @@ mostly ``transfer``: read forward + transfer there).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -60,9 +62,6 @@ class Decoded(torch.utils.data.Dataset):
     ``ToImage``, ``ToDtype(scale=True)`` and ``Normalize``. The same pixels; what a read costs changes."""
 
     def __init__(self, ds) -> None:
-        import io
-
-        from PIL import Image
         from torchvision.transforms import v2
 
         self.files = []
@@ -78,10 +77,6 @@ class Decoded(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        import io
-
-        from PIL import Image
-
         with Image.open(io.BytesIO(self.files[i])) as im:
             return self.transform(im.convert("RGB")), int(self.labels[i])
 

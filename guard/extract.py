@@ -26,7 +26,7 @@ class Batch:
     feats: list[torch.Tensor]      # per layer (B, D_l) float32, CPU (on the model's device with host=False)
     logits: torch.Tensor | None    # (B, C) float32, likewise; None when the forward was cut short
     bf16: tuple[bool, ...] = ()    # per layer: the features are bfloat16 values (computed under bf16 autocast)
-    views: list[torch.Tensor] | None = None   # with views=True: the inputs' raw views (guard.inputs.raw_views), CPU
+    views: list[torch.Tensor] | None = None   # when asked for: the inputs' raw views (guard.inputs.raw_views), CPU
 
 
 class Extractor:
@@ -45,7 +45,7 @@ class Extractor:
     def stream(self, dataset: Dataset, layers: Sequence[str], indices: np.ndarray | None = None,
                desc: str = "scan", stop_early: bool = False,
                seconds: MutableMapping[str, float] | None = None, host: bool = True,
-               views: bool | Callable[[], bool] = False) -> Iterator[Batch]:
+               views: Callable[[], bool] | None = None) -> Iterator[Batch]:
         """Yield batches in dataset order (``indices`` order when given). Call inside ``scan_mode``.
 
         ``stop_early`` ends each forward once all ``layers`` have run (no logits then). ``host=False``
@@ -55,10 +55,10 @@ class Extractor:
         model, hooks excluded), ``hooks`` (pooling the layer outputs), ``transfer`` (features and
         logits to the host). Nothing synchronises for it: on an accelerator the device's work shows
         where the host first waits for it (mostly ``transfer``), so there read forward + transfer.
-        ``views=True`` also computes each image batch's raw input views (:func:`guard.inputs.raw_views`)
-        on the host from the batch as loaded, so the stages that test the images need not read the data
-        again (``views``, counted in no part: it is analysis); a callable is asked before each batch
-        (a caller that cannot keep them stops their computation)."""
+        ``views``, asked before each batch, says whether to also compute its raw input views
+        (:func:`guard.inputs.raw_views`) on the host from the batch as loaded, so the stages that test
+        the images need not read the data again (``views``, counted in no part: it is analysis); a
+        caller that cannot keep them stops their computation."""
         seconds = {} if seconds is None else seconds
 
         def add(key: str, t0: float, less: float = 0.0) -> float:
@@ -88,7 +88,7 @@ class Extractor:
                                      f"[0, {self.num_classes}); set GuardConfig(num_classes=...) to the number "
                                      "of classes or fix the labels")
                 raw = None
-                if views() if callable(views) else views:
+                if views is not None and views():
                     raw = raw_views(inputs)
                     t = add("views", t)
                 inputs = self.adapter.move(inputs, self.device, self.channels_last)

@@ -83,7 +83,7 @@ class Passes:
 
     def stream(self, dataset: Dataset, names: Sequence[str], indices: np.ndarray | None, desc: str,
                stop_early: bool = False, host: bool = True,
-               views: bool | Callable[[], bool] = False) -> Iterator[Batch]:
+               views: Callable[[], bool] | None = None) -> Iterator[Batch]:
         for b in self.extractor.stream(dataset, names, indices, desc, stop_early, self.seconds, host, views):
             self.samples[desc] = self.samples.get(desc, 0) + len(b.labels)
             yield b
@@ -310,7 +310,7 @@ class Scanner:
         """Whether a pass computes the images' raw views for the stages that test the images
         (:mod:`guard.inputs`) to keep: with those stages on, on a single process (``single``; ranks score
         shards, and the stages read whole classes)."""
-        return bool(single) and self.cfg.scan_inputs and self.cfg.critical_rule != "paper"
+        return single and self.cfg.scan_inputs and self.cfg.critical_rule != "paper"
 
     def check_classes(self, st: ScanState) -> None:
         """Errors for data the decision cannot judge; a warning for classes too small to act on."""
