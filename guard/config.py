@@ -71,8 +71,9 @@ class GuardConfig(BaseModel):
     batch_size: int = Field(256, ge=1, description="scan batch size")
     num_workers: int | None = Field(
         None, ge=0, description="DataLoader workers of the guard's passes; None: the train loader's (Lightning, HF), else 0")
-    keep_mb: float = Field(
-        512, ge=0, description="host memory a scan may keep features and images in instead of reading them again")
+    keep_mb: float | None = Field(
+        None, ge=0, description="host MB a scan may keep features and images in instead of reading them again; "
+                                "None: a quarter of the memory available, at least 512")
     device: str | None = Field(None, description="scan device; None uses the model's device")
     amp: bool = Field(True, description="autocast the guard's passes (bf16; fp16 scans where bf16 is missing)")
     channels_last: bool = Field(

@@ -15,6 +15,7 @@ from guard.errors import GuardError
 from guard.calibrate import calibrate
 from guard.extract import Extractor
 from guard.hooks import FeatureTap, scan_mode
+from guard.keep import keep_budget
 from guard.locate import paper_window
 from guard.setup import check_device, check_trusted, layers_and_classes
 
@@ -52,7 +53,7 @@ class InputFilter:
                               cfg.model_copy(update={"progress": False}))
         with scan_mode(model):
             cal = calibrate(extractor.stream, self.layers, (trusted, None, "trusted"), self.num_classes, th,
-                            cfg.keep_mb * 2**20)
+                            keep_budget(cfg.keep_mb))
         cal.feats = None                       # the filter keeps the reference's sums and spreads only
         self.calibration = cal
         self.windows = {}

@@ -65,7 +65,7 @@ from guard.extract import Batch, Extractor
 from guard.gate import GateTest, split_follow, split_gate
 from guard.hooks import scan_mode
 from guard.inputs import InputViews, read_views
-from guard.keep import KeptFeatures
+from guard.keep import KeptFeatures, keep_budget
 from guard.locate import excess_share, guard_layers, paper_window
 from guard.mismatch import Mismatch, mismatch
 from guard.probe import Probe, self_train
@@ -202,6 +202,7 @@ class Scanner:
         self.model, self.layers, self.extractor, self.cfg = model, list(layers), extractor, config
         self.th = config.thresholds
         self.C = extractor.num_classes
+        self.budget = 0.0                  # bytes the running scan's passes may keep (guard.keep.keep_budget)
 
     def run(self, train: Dataset, trusted: Dataset | None, kept: np.ndarray,
             prior: dict[int, np.ndarray] | None = None, check: dict[int, np.ndarray] | None = None,
@@ -215,6 +216,7 @@ class Scanner:
         (:func:`~guard.decide.give_back`; ``ScanResult.released``)."""
         prior = prior or {}
         passes, seconds, t0 = Passes(self.extractor), {}, time.monotonic()
+        self.budget = keep_budget(self.cfg.keep_mb)      # bytes the calibration and scoring passes may keep
         # numpy's and scipy's BLAS run single-threaded during the scan: the analysis alternates between them
         # and torch, and their idle threads, spinning, starve torch's (a 2-core scan 8.3 -> 3.1 s; NOTES.md)
         with threadpool_limits(limits=1, user_api="blas"), scan_mode(self.model):
@@ -258,7 +260,7 @@ class Scanner:
                                       (self.cfg.trust_free_per_class, self.cfg.seed))
             source = (train, pool, "trust-free")
         views = self._want_views(world()[1] == 1) and source[2] == "trusted"   # only the trusted tests read them
-        return calibrate(passes.stream, self.layers, source, self.C, self.th, self.cfg.keep_mb * 2**20, views)
+        return calibrate(passes.stream, self.layers, source, self.C, self.th, self.budget, views)
 
     # ---- stage 2: score ---------------------------------------------------------------------
     def score(self, passes: Passes, train: Dataset, kept: np.ndarray, cal: Calibration) -> ScanState:
@@ -269,7 +271,7 @@ class Scanner:
         labels = np.empty(len(mine), dtype=np.int32)          # C < 2**31; 4 bytes a sample at N = 10**6
         scores, known = DeviceScores(cal, len(mine), self.th.out_z, self.extractor.device), True
         # ranks score shards, the later stages read whole classes: keep features on a single process only
-        budget = self.cfg.keep_mb * 2**20
+        budget = self.budget - sum(f.numel() * f.element_size() for f in (cal.feats or []) + (cal.views or []))
         store = KeptFeatures(len(mine), budget) if world()[1] == 1 else None
         views: KeptFeatures | None = None     # the images' raw views, in what the features leave of the budget
         done = 0

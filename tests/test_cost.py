@@ -1,5 +1,7 @@
 """What a scan costs: which passes run the model, what is kept instead, and no per-batch host waits."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ from torch.utils.data import TensorDataset
 from guard import GuardConfig, detect
 from guard.calibrate import Calibration
 from guard.extract import Batch
-from guard.keep import KeptFeatures
+import guard.keep
+from guard.keep import KeptFeatures, available_bytes, keep_budget
 from guard.models import SmallCNN
 from guard.reference import Reference
 from guard.score import DeviceScores
@@ -137,7 +140,9 @@ def test_a_scan_reads_each_sample_once_and_tests_the_images_from_that_read(poiso
 
     model, train, trusted, poison = poisoned
     results = {}
-    for keep_mb in (512, 3, 0):                  # 3 MB: the features fit, the training images' views do not
+    # 5 MB, shared by the passes: the reference's features and views (2.7 MB) and the training samples'
+    # features (1.6 MB) fit, the training images' views (2.2 MB) do not
+    for keep_mb in (512, 5, 0):
         data, ref = _Reads(train), _Reads(trusted)
         gds = GuardedDataset(data, model, GuardConfig(progress=False, remedy="none", keep_mb=keep_mb), trusted=ref)
         data.reads[:], ref.reads[:] = 0, 0                      # the wrapper's own checks read some items
@@ -147,13 +152,42 @@ def test_a_scan_reads_each_sample_once_and_tests_the_images_from_that_read(poiso
     assert (train_reads == 1).all() and (ref_reads == 1).all()    # features and images from one read each
     assert len(np.intersect1d(taken, poison)) >= 50
     assert kept.trusted_mismatch_p is not None                     # the image tests ran (their p's are in it)
-    split, none = results[3], results[0]
+    split, none = results[5], results[0]
     assert "scan/direction (kept)" in split[0].passes and split[2].sum() > len(train)   # features kept, images read
     assert none[2].sum() > split[2].sum() and none[3].sum() > len(trusted)             # without a budget: both again
     for again, taken_again, _, _ in (split, none):
         assert np.array_equal(taken, taken_again)
         assert (kept.trusted_mismatch_p, kept.trusted_mismatch_at) == (again.trusted_mismatch_p, again.trusted_mismatch_at)
         assert [c.direction_p for c in kept.classes] == [c.direction_p for c in again.classes]
+
+
+def test_the_keep_budget_is_keep_mb_or_a_quarter_of_the_memory_available(monkeypatch):
+    assert keep_budget(3) == 3 * 2**20 and keep_budget(0) == 0
+    free = available_bytes()                      # Linux: MemAvailable, at most the machine's memory
+    assert free is not None and 0 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for free, budget in ((64 * 2**30, 16 * 2**30), (2**30, 512 * 2**20), (None, 512 * 2**20)):
+        monkeypatch.setattr(guard.keep, "available_bytes", lambda free=free: free)
+        assert keep_budget(None) == budget
+
+
+def test_a_scan_keeps_no_more_than_its_budget_in_all_its_passes(poisoned):
+    """The reference's and the training samples' kept features and views share one budget: a budget
+    that each pass's would fit alone, but not both, keeps less and finds the same."""
+    from guard import GuardedDataset
+
+    model, train, trusted, poison = poisoned
+
+    def scan(keep_mb):
+        gds = GuardedDataset(train, model, GuardConfig(progress=False, remedy="none", keep_mb=keep_mb), trusted=trusted)
+        return gds.scan(0).memory_bytes, sorted(gds.quarantined)
+
+    nothing, taken = scan(0)
+    everything, _ = scan(None)
+    kept = everything - nothing                   # the reference's and the scoring pass's features and views
+    assert kept > 0
+    for budget in (kept - 1, kept // 2):
+        memory, taken_again = scan(budget / 2**20)
+        assert 0 <= memory - nothing <= budget and taken_again == taken
 
 
 def test_a_scan_holds_numpys_and_scipys_blas_to_one_thread_and_gives_it_back(poisoned):
