@@ -171,8 +171,8 @@ def test_the_keep_budget_is_keep_mb_or_a_quarter_of_the_memory_available(monkeyp
 
 
 def test_a_scan_keeps_no_more_than_its_budget_in_all_its_passes(poisoned):
-    """The reference's and the training samples' kept features and views share one budget: a budget
-    that each pass's would fit alone, but not both, keeps less and finds the same."""
+    """The reference's and the training samples' kept features and views share one budget: given less
+    than the two passes keep together (each would fit alone), a scan keeps less and finds the same."""
     from guard import GuardedDataset
 
     model, train, trusted, poison = poisoned
