@@ -55,6 +55,11 @@ class Calibration:
     predicted: np.ndarray | None = None       # (n,) the class the model predicts for each (None: no class scores)
     views: list[torch.Tensor] | None = None   # the reference's raw input views (guard.inputs), when kept
 
+    @property
+    def kept_bytes(self) -> int:
+        """Host memory held by the kept features and views."""
+        return sum(f.numel() * f.element_size() for f in (self.feats or []) + (self.views or []))
+
     def z(self, raw: np.ndarray, labels: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
         """float32 z-scores, filled in chunks of rows: at N = 1,000,000 a float64 result and its
         temporaries would each be N x L x 8 bytes."""

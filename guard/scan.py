@@ -202,7 +202,6 @@ class Scanner:
         self.model, self.layers, self.extractor, self.cfg = model, list(layers), extractor, config
         self.th = config.thresholds
         self.C = extractor.num_classes
-        self.budget = 0.0                  # bytes the running scan's passes may keep (guard.keep.keep_budget)
 
     def run(self, train: Dataset, trusted: Dataset | None, kept: np.ndarray,
             prior: dict[int, np.ndarray] | None = None, check: dict[int, np.ndarray] | None = None,
@@ -216,14 +215,14 @@ class Scanner:
         (:func:`~guard.decide.give_back`; ``ScanResult.released``)."""
         prior = prior or {}
         passes, seconds, t0 = Passes(self.extractor), {}, time.monotonic()
-        self.budget = keep_budget(self.cfg.keep_mb)      # bytes the calibration and scoring passes may keep
+        budget = keep_budget(self.cfg.keep_mb)      # bytes the calibration and scoring passes may keep together
         # numpy's and scipy's BLAS run single-threaded during the scan: the analysis alternates between them
         # and torch, and their idle threads, spinning, starve torch's (a 2-core scan 8.3 -> 3.1 s; NOTES.md)
         with threadpool_limits(limits=1, user_api="blas"), scan_mode(self.model):
             with _timed(seconds, "calibrate"):
-                cal = self.calibrate(passes, trusted, train, kept)
+                cal = self.calibrate(passes, trusted, train, kept, budget)
             with _timed(seconds, "score"):
-                st = self.score(passes, train, kept, cal)
+                st = self.score(passes, train, kept, cal, budget - cal.kept_bytes)
             st.seconds = seconds
             st.releasable = {c: np.sort(np.asarray(v, dtype=np.int64)) for c, v in (releasable or {}).items() if len(v)}
             self.check_classes(st)
@@ -251,8 +250,10 @@ class Scanner:
         return self.result(st, passes.split(time.monotonic() - t0))
 
     # ---- stage 1: calibrate ---------------------------------------------------------------
-    def calibrate(self, passes: Passes, trusted: Dataset | None, train: Dataset, kept: np.ndarray) -> Calibration:
-        """The benign reference: the trusted set, or trust-free the loss-cleaned training subset."""
+    def calibrate(self, passes: Passes, trusted: Dataset | None, train: Dataset, kept: np.ndarray,
+                  budget: float) -> Calibration:
+        """The benign reference: the trusted set, or trust-free the loss-cleaned training subset; its features
+        and views kept within ``budget`` bytes."""
         if trusted is not None:
             source = (trusted, None, "trusted")
         else:
@@ -260,18 +261,18 @@ class Scanner:
                                       (self.cfg.trust_free_per_class, self.cfg.seed))
             source = (train, pool, "trust-free")
         views = self._want_views(world()[1] == 1) and source[2] == "trusted"   # only the trusted tests read them
-        return calibrate(passes.stream, self.layers, source, self.C, self.th, self.budget, views)
+        return calibrate(passes.stream, self.layers, source, self.C, self.th, budget, views)
 
     # ---- stage 2: score ---------------------------------------------------------------------
-    def score(self, passes: Passes, train: Dataset, kept: np.ndarray, cal: Calibration) -> ScanState:
+    def score(self, passes: Passes, train: Dataset, kept: np.ndarray, cal: Calibration, budget: float) -> ScanState:
         """Every kept sample's cosine to its class reference at every layer, and per class the sums
         of the out-of-spread samples' features (the suspect centroids), computed on the model's
-        device (:class:`~guard.score.DeviceScores`). Sharded across ranks."""
+        device (:class:`~guard.score.DeviceScores`). Sharded across ranks. On a single process the features,
+        then the images' views, are kept in ``budget`` bytes for the later stages."""
         mine = kept[shard(len(kept))]
         labels = np.empty(len(mine), dtype=np.int32)          # C < 2**31; 4 bytes a sample at N = 10**6
         scores, known = DeviceScores(cal, len(mine), self.th.out_z, self.extractor.device), True
         # ranks score shards, the later stages read whole classes: keep features on a single process only
-        budget = self.budget - sum(f.numel() * f.element_size() for f in (cal.feats or []) + (cal.views or []))
         store = KeptFeatures(len(mine), budget) if world()[1] == 1 else None
         views: KeptFeatures | None = None     # the images' raw views, in what the features leave of the budget
         done = 0
@@ -1126,8 +1127,7 @@ class Scanner:
                   + st.threshold.nbytes + cal.loo.nbytes + cal.in_sample.nbytes
                   + (st.store.nbytes if st.store is not None else 0)
                   + (st.kept_views.nbytes if st.kept_views is not None else 0)
-                  + sum(f.numel() * f.element_size() for f in cal.views or [])
-                  + sum(f.numel() * f.element_size() for f in cal.feats or [])
+                  + cal.kept_bytes
                   + 3 * sum(x.numel() * x.element_size() for x in cal.reference.sums))
         return ScanResult(st.kept, st.suspicion, st.threshold, st.labels, _flat(st.flagged), _flat(st.paper_flagged),
                           [st.classes[c] for c in sorted(st.classes)], cal.source, st.seconds, st.warnings, memory,
