@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trusted", type=int, default=100, help="trusted samples per class")
     ap.add_argument("--augment", action="store_true", help="random crop + flip in the training Dataset")
+    ap.add_argument("--recipe", default="plain", choices=["plain", "strong"],
+                    help="strong: torchvision's reference recipe on top of crop + flip (TrivialAugmentWide, "
+                         "RandomErasing 0.1, label smoothing 0.1, MixUp 0.2 / CutMix 1.0 per batch)")
+    ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     ap.add_argument("--no-scan-dataset", action="store_true",
                     help="no scan_dataset given to the guard: it reads its own view (guard.scan_view), as a newcomer's run")
     ap.add_argument("--attack-args", nargs="*", default=[], metavar="FIELD=VALUE",
@@ -198,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                        width=a.width, lr=a.lr, seed=a.seed, trust_free=tf, device=a.device,
                        trusted_per_class=a.trusted, augment=a.augment, scan_dataset=not a.no_scan_dataset,
                        attack_kwargs=fields(a.attack_args) if atk else {}, guard=fields(a.guard),
-                       give_optimizer=a.give_optimizer, batch_size=a.batch_size)
+                       give_optimizer=a.give_optimizer, batch_size=a.batch_size, recipe=a.recipe,
+                       optimizer=a.optimizer)
         r = run(spec, compare=not tf, on_scan=layer_auroc if a.layer_auroc and not tf else None,
                 trace_memory=a.trace_memory)
         r.pop("report")
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             "n_train": next(iter(results.values()))["n_train"] if results else a.n_train, "epochs": a.epochs,
             "width": a.width, "lr": a.lr, "device": a.device, "guard": a.guard, "trusted": a.trusted,
             "augment": a.augment, "scan_dataset": not a.no_scan_dataset, "give_optimizer": a.give_optimizer,
-            "attack_args": a.attack_args, "batch_size": a.batch_size,
+            "attack_args": a.attack_args, "batch_size": a.batch_size, "recipe": a.recipe, "optimizer": a.optimizer,
             "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
             "wall_seconds": time.time() - t0}
     write(Path(a.out), {"meta": meta, "rows": rows, "runs": results})

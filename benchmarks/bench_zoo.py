@@ -61,10 +61,10 @@ KEEP = (3, 7, 11, 15, 19)          # every other scan of GuardConfig()'s default
 
 
 def spec(variant: str, attack: str | None, rate: float, seed: int, trusted: int = TRUSTED,
-         guard: dict | None = None) -> RunSpec:
+         guard: dict | None = None, recipe: str = "plain") -> RunSpec:
     target = make_attack(attack).target if attack else 0
     return RunSpec(data="cifar10", attack=attack, rate=rate, target=target, seed=seed, trusted_per_class=trusted,
-                   augment=True, epochs=EPOCHS, lr=LR, n_train=N_TRAIN, guard=guard or {})
+                   augment=True, epochs=EPOCHS, lr=LR, n_train=N_TRAIN, guard=guard or {}, recipe=recipe)
 
 
 def cells(zoo_seed: int, n: int, clean: int) -> list[tuple]:
@@ -130,7 +130,8 @@ def guarded_row(key: str, r: dict) -> dict:
     atk = make_attack(trigger)
     return {"trigger": trigger, "trust_free": " trust-free" in key, "scan_dataset": " no scan_dataset" not in key,
             "family": atk.name, "target": atk.target, "rate": atk.rate,
-            "seed": r.get("spec", {}).get("seed", 0),
+            "seed": r.get("spec", {}).get("seed", 0), "recipe": r.get("spec", {}).get("recipe", "plain"),
+            "arm": key[key.index("["):key.index("]") + 1] if "[" in key else "",   # --guard fields of the run
             "tpr": g["tpr"], "fpr": g["fpr"], "asr_unguarded": u["attack_success"], "asr_guarded": g["attack_success"],
             "asr_correct_unguarded": u["attack_success_correct"], "asr_correct_guarded": g["attack_success_correct"],
             "acc_unguarded": u["clean_acc"], "acc_guarded": g["clean_acc"],
@@ -159,11 +160,14 @@ def guarded_markdown(rows: list[dict], zoo_seed: int, guard: list[str] | None = 
     which = (f"the chosen triggers {', '.join(chosen)} (`--triggers`), each trained as a whole guarded run " if chosen else
              f"zoo seed {zoo_seed}, the triggers its unguarded runs learned (attack success >= 30 % in "
              f"`zoo_cifar10{f'_seed{zoo_seed}' if zoo_seed else ''}`), each trained again as a whole guarded run ")
+    strong = bool(rows) and all(r.get("recipe") == "strong" for r in rows)
+    recipe = (" with torchvision's reference recipe on top (TrivialAugmentWide and RandomErasing 0.1 in the Dataset, "
+              "label smoothing 0.1, MixUp 0.2 / CutMix 1.0 per batch; `--recipe strong`)" if strong else "")
     lines = [f"`python benchmarks/bench_zoo.py --guarded`: {which}"
              f"(`GuardConfig({', '.join(guard or [])})`{'' if guard else ' defaults'}, "
              f"{'no trusted set (trust-free)' if rows and all(r.get('trust_free') for r in rows) else f'{TRUSTED} trusted a class'}, scans "
              "at epochs 3, 5, ...) beside its unguarded twin "
-             f"in lockstep (same warm-up); {N_TRAIN:,} CIFAR-10 images, crop + flip, width-16 ResNet-18, SGD {LR} cosine, "
+             f"in lockstep (same warm-up); {N_TRAIN:,} CIFAR-10 images, crop + flip{recipe}, width-16 ResNet-18, SGD {LR} cosine, "
              f"{EPOCHS} epochs. ASR: attack success over non-target test images; (correct): over those classified "
              "correctly without the trigger. swept: quarantined by the unlearning sweep; given back: earlier-quarantined "
              "samples a class found separate again returned (`decide.give_back`).", "",
@@ -174,6 +178,7 @@ def guarded_markdown(rows: list[dict], zoo_seed: int, guard: list[str] | None = 
         seed = f" (seed {r['seed']})" if r.get("seed") else ""
         seed += (" (trust-free)" if r.get("trust_free") and not all(q.get("trust_free") for q in rows) else "")
         seed += " (no scan_dataset)" if r.get("scan_dataset") is False else ""
+        seed += f" {r['arm']}" if r.get("arm") else ""
         lines.append(f"| {r['trigger']}{seed} | {r['family']} | {r['target']} / {r['rate']:.1%} | {pct(r['tpr'])} | "
                      f"{r['fpr']:.2%} | {pct(r['asr_unguarded'])} | {pct(r['asr_guarded'])} | "
                      f"{pct(r['asr_correct_unguarded'])} | {pct(r['asr_correct_guarded'])} | {pct(r['acc_unguarded'])} | "
@@ -250,6 +255,8 @@ def main() -> None:
                     "order (a replicate of a trigger's run)")
     ap.add_argument("--guard", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="GuardConfig fields of the guarded runs, e.g. 'thresholds={\"flag_split\": true}'")
+    ap.add_argument("--recipe", default="plain", choices=["plain", "strong"],
+                    help="with --guarded: strong adds torchvision's reference recipe (guard.experiment._Step)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     if a.plot:
@@ -273,13 +280,15 @@ def main() -> None:
         rows, runs = [], {}
         for trigger in learned[k::n]:
             atk = make_attack(trigger)
-            r = run(replace(spec("zoo", trigger, atk.rate, a.seed, trusted=a.trusted, guard=fields(a.guard)),
+            r = run(replace(spec("zoo", trigger, atk.rate, a.seed, trusted=a.trusted, guard=fields(a.guard),
+                                 recipe=a.recipe),
                             trust_free=a.trust_free, scan_dataset=not a.no_scan_dataset))
             r.pop("report")
             for sc in r["scans"]:
                 sc.pop("reference_scores", None)          # per-sample plot data: not needed here
             key = ((f"{trigger}@{a.seed}" if a.seed else trigger) + (" trust-free" if a.trust_free else "")
-                   + (" no scan_dataset" if a.no_scan_dataset else "")
+                   + (" no scan_dataset" if a.no_scan_dataset else "") + (" strong" if a.recipe == "strong" else "")
+                   + (f" [{' '.join(a.guard)}]" if a.guard else "")
                    + (f" {a.trusted} trusted" if a.trusted != TRUSTED and not a.trust_free else ""))
             runs[key] = r
             rows.append(guarded_row(key, r))

@@ -172,10 +172,13 @@ def load_digits() -> dict[str, ArraySplit]:
 class ArrayImageDataset(Dataset):
     """(x, y) items from uint8 (N, H, W, C) images: float CHW tensor, normalised; optional
     random-crop (pad 4, reflected) + horizontal-flip augmentation for training, written as users write
-    it: a torchvision ``transform`` (which :func:`guard.scan_view` switches off)."""
+    it: a torchvision ``transform`` (which :func:`guard.scan_view` switches off). ``strong`` adds
+    torchvision's classification-reference steps after them: ``TrivialAugmentWide``, then
+    ``Normalize`` and ``RandomErasing(p=0.1)`` (erasing after normalisation, as there), all in the
+    ``transform``."""
 
     def __init__(self, split: ArraySplit, mean: tuple[float, ...], std: tuple[float, ...],
-                 augment: bool = False, seed: int = 0) -> None:
+                 augment: bool = False, seed: int = 0, strong: bool = False) -> None:
         if len(split.images) == 0:
             raise ValueError("ArrayImageDataset got 0 images")
         self.images = torch.from_numpy(np.ascontiguousarray(split.images)).permute(0, 3, 1, 2)
@@ -183,13 +186,16 @@ class ArrayImageDataset(Dataset):
         self.targets = self.labels.tolist()
         self.mean = torch.tensor(mean).view(-1, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)
-        self.augment = augment
+        self.augment, self.strong = augment or strong, strong
         self.transform = None
-        if augment:
+        if self.augment:
             from torchvision.transforms import v2
 
-            self.transform = v2.Compose([v2.RandomCrop(list(self.images.shape[2:]), padding=4, padding_mode="reflect"),
-                                         v2.RandomHorizontalFlip()])
+            steps = [v2.RandomCrop(list(self.images.shape[2:]), padding=4, padding_mode="reflect"),
+                     v2.RandomHorizontalFlip()]
+            if strong:
+                steps += [v2.TrivialAugmentWide(), v2.Normalize(list(mean), list(std)), v2.RandomErasing(p=0.1)]
+            self.transform = v2.Compose(steps)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -198,7 +204,9 @@ class ArrayImageDataset(Dataset):
         x = self.images[i].float().div_(255.0)
         if self.transform is not None:
             x = self.transform(x)
-        return (x - self.mean) / self.std, int(self.labels[i])
+        if not self.strong:                   # (strong: the transform normalises)
+            x = (x - self.mean) / self.std
+        return x, int(self.labels[i])
 
 
 def stratified_indices(labels: np.ndarray, per_class: int | Sequence[int], seed: int,

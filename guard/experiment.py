@@ -52,6 +52,8 @@ class RunSpec:
     batch_size: int = 128
     width: int = 16
     augment: bool = False
+    recipe: str = "plain"                # plain | strong: torchvision's reference recipe (see _Step)
+    optimizer: str = "sgd"               # sgd (momentum 0.9, weight decay 5e-4) | adamw (weight decay 0.05)
     scan_dataset: bool = True            # hand the guard the data without augmentation (False: it finds its own view)
     seed: int = 0
     archive: str | None = None           # cifar10: the JPEG archive; imagefolder: the root folder
@@ -122,9 +124,11 @@ def prepare(spec: RunSpec) -> Prepared:
         res = atk.poison(train.images, train.labels)
         train, poisoned, cover = ArraySplit(res.images, res.labels), res.poisoned, res.cover
         triggered = ArrayImageDataset(ArraySplit(*atk.triggered_test(test.images, test.labels)), mean, std)
-    mk = lambda s, a=False: ArrayImageDataset(s, mean, std, augment=a)  # noqa: E731
-    return Prepared(mk(train, spec.augment), mk(train), mk(trusted), mk(test), triggered, atk, poisoned,
-                    train.labels, C, make_model, cover, noisy)
+    if spec.recipe not in ("plain", "strong"):
+        raise ValueError(f"unknown recipe {spec.recipe!r}; use 'plain' or 'strong'")
+    mk = lambda s, a=False: ArrayImageDataset(s, mean, std, augment=a, strong=a and spec.recipe == "strong")  # noqa: E731
+    return Prepared(mk(train, spec.augment or spec.recipe == "strong"), mk(train), mk(trusted), mk(test), triggered,
+                    atk, poisoned, train.labels, C, make_model, cover, noisy)
 
 
 def _degrade(train: ArraySplit, spec: RunSpec, num_classes: int) -> tuple[ArraySplit, np.ndarray]:
@@ -242,14 +246,47 @@ def trigger_floor(model: nn.Module, data: Prepared, spec: RunSpec,
     return out
 
 
-def _epoch(model: nn.Module, opt: torch.optim.Optimizer, loader: DataLoader, desc: str = "train") -> float:
+def make_optimizer(model: nn.Module, spec: RunSpec) -> torch.optim.Optimizer:
+    """The run's optimizer at ``spec.lr``: SGD with momentum 0.9 and weight decay 5e-4, or AdamW
+    with weight decay 0.05."""
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=5e-4)
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.05)
+    raise ValueError(f"unknown optimizer {spec.optimizer!r}; use 'sgd' or 'adamw'")
+
+
+class _Step:
+    """The training step's batch mixing and loss. ``recipe="plain"``: cross-entropy on the batch as
+    loaded. ``"strong"``: torchvision's classification-reference recipe, label smoothing 0.1 and, per
+    batch, MixUp (alpha 0.2) or CutMix (alpha 1.0), drawn at random (``transforms.v2``; soft targets)."""
+
+    def __init__(self, spec: RunSpec, num_classes: int) -> None:
+        self.smoothing, self.mix = 0.0, None
+        if spec.recipe == "strong":
+            from torchvision.transforms import v2
+
+            self.smoothing = 0.1
+            self.mix = v2.RandomChoice([v2.MixUp(alpha=0.2, num_classes=num_classes),
+                                        v2.CutMix(alpha=1.0, num_classes=num_classes)])
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.mix is not None:
+            x, y = self.mix(x, y)
+        return nn.functional.cross_entropy(model(x), y, label_smoothing=self.smoothing)
+
+
+def _epoch(model: nn.Module, opt: torch.optim.Optimizer, loader: DataLoader, desc: str = "train",
+           step: _Step | None = None) -> float:
     device = next(model.parameters()).device
     model.train()
     t = time.perf_counter()
     with Progress(len(loader), desc, min_total=50, every=30.0, unit="batches") as progress:
         for x, y in loader:
             opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            x, y = x.to(device), y.to(device)
+            loss = step.loss(model, x, y) if step is not None else nn.functional.cross_entropy(model(x), y)
+            loss.backward()
             opt.step()
             progress.update(1)
     return time.perf_counter() - t
@@ -287,19 +324,20 @@ class _Twin:
         with preserve_rng():                  # a fresh model's initialisation draws from the RNG
             self.model = data.make_model()
         self.model.load_state_dict(copy.deepcopy(model.state_dict()))
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=5e-4)
+        self.opt = make_optimizer(self.model, spec)
         self.opt.load_state_dict(copy.deepcopy(opt.state_dict()))
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=spec.epochs)
         self.sched.load_state_dict(copy.deepcopy(sched.state_dict()))
         sampler = EpochPermutation(len(data.labels), cfg.seed)
         sampler.epoch = cfg.warmup_epochs
         self.loader = DataLoader(data.train, batch_size=spec.batch_size, sampler=sampler)
+        self.step = _Step(spec, data.num_classes)
         self.times: list[float] = []
 
     def epoch(self, desc: str) -> None:
         with preserve_rng():
             set_rng_state(self.rng)
-            self.times.append(_epoch(self.model, self.opt, self.loader, desc))
+            self.times.append(_epoch(self.model, self.opt, self.loader, desc, self.step))
             self.rng = rng_state()
         self.sched.step()
 
@@ -316,8 +354,9 @@ def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None,
     data = prepare(spec) if data is None else data
     cfg = GuardConfig(**{"seed": spec.seed, **spec.guard})
     model = data.make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=5e-4)
+    opt = make_optimizer(model, spec)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec.epochs)
+    step = _Step(spec, data.num_classes)
     gds = GuardedDataset(data.train, model, cfg, trusted=None if spec.trust_free else data.trusted,
                          scan_dataset=data.scan if spec.scan_dataset else None,
                          optimizer=opt if spec.give_optimizer else None)
@@ -338,7 +377,7 @@ def run(spec: RunSpec, compare: bool = True, out_dir: str | Path | None = None,
         n_scans = len(gds.report.scans)
         gds.scan_if_due()                 # a due scan runs here, before the epoch's timing
         scan_time = time.perf_counter() - t0
-        epoch_times.append(_epoch(model, opt, loader, f"train epoch {epoch + 1}/{spec.epochs}"))
+        epoch_times.append(_epoch(model, opt, loader, f"train epoch {epoch + 1}/{spec.epochs}", step))
         sched.step()
         scanned = len(gds.report.scans) > n_scans
         if scanned:

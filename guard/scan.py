@@ -1065,8 +1065,22 @@ class Scanner:
         the class's benign samples taken is bounded by the data, not by a z that assumes a bell curve.
         Trust-free, and where the class's reference was not scored by the flagging probe (its images
         against the other classes'), ``flag_z``."""
-        bar = self.th.flag_z
-        if self.th.flag_beyond_trusted and st.cal.source == "trusted" and c in st.ref_scored:
+        return self._beyond_trusted(st, c, self.th.flag_z) if self.th.flag_beyond_trusted else self.th.flag_z
+
+    def _follow_bar(self, st: ScanState, c: int) -> float:
+        """What a catch in a class that already holds quarantined samples takes above (a follow-up, or
+        the class found separate again): ``follow_z``, or with a trusted set (``follow_beyond_trusted``)
+        the class's highest trusted sample on the same score where that is higher, the bound of
+        :meth:`_first_bar`. A trained class's benign tail reaches past a fixed z where its trusted
+        samples do too (with crop, flip and stronger augmentation, 1-2 of 50 above ``follow_z`` on the
+        follow-up's probe), and each later scan would take that tail again."""
+        return self._beyond_trusted(st, c, self.th.follow_z) if self.th.follow_beyond_trusted else self.th.follow_z
+
+    @staticmethod
+    def _beyond_trusted(st: ScanState, c: int, bar: float) -> float:
+        """``bar``, or class ``c``'s highest trusted sample on the score flagging it in this scan where
+        higher (trusted reference only, and only where the reference was scored on that score)."""
+        if st.cal.source == "trusted" and c in st.ref_scored:
             ref = st.ref_susp[st.cal.labels == c]
             if len(ref):
                 bar = max(bar, float(ref.max()))
@@ -1075,18 +1089,20 @@ class Scanner:
     def _flag(self, st: ScanState, c: int, rows: np.ndarray, z: np.ndarray, verdict: Verdict) -> None:
         """A confirmed class: its samples' suspicion is ``z``, held to ``flag_z`` or above the class's
         highest trusted sample (:meth:`_first_bar`: a separate cluster in a class with nothing quarantined
-        yet) or to the stricter ``follow_z`` (in a class with quarantined samples, by either route: what a
-        catch left is few, benign samples many); with ``flag_split``, to where ``z`` splits in two
+        yet) or to the stricter ``follow_z`` or above the class's highest trusted sample (:meth:`_follow_bar`:
+        in a class with quarantined samples, by either route: what a catch left is few, benign samples
+        many); with ``flag_split``, to where ``z`` splits in two
         (:func:`~guard.decide.flag_cut`) if higher."""
         first = verdict == Verdict.SEPARATE and st.classes[c].n_quarantined_before == 0
-        floor = self._first_bar(st, c) if first else self.th.follow_z
+        floor = self._first_bar(st, c) if first else self._follow_bar(st, c)
         bar = flag_cut(z, floor) if self.th.flag_split else floor
         st.suspicion[rows], st.threshold[rows] = z, bar
         st.classes[c].verdict, st.classes[c].threshold = verdict, bar
         hit = z > bar
         if verdict == Verdict.LIKE_QUARANTINED:
-            where = (f"follow_z={bar}" if bar == floor
-                     else f"{bar:.2f}, where the class's scores split in two; follow_z={floor}")
+            below = (f"follow_z={floor}" if floor == self.th.follow_z
+                     else f"{floor:.2f}, the class's highest trusted sample; follow_z={self.th.follow_z}")
+            where = below if bar == floor else f"{bar:.2f}, where the class's scores split in two; {below}"
             st.classes[c].reason = f"{int(hit.sum())} samples like the quarantined ones (z above {where})"
         self._take(st, c, rows[hit], z[hit])
 

@@ -67,6 +67,9 @@ class Thresholds(BaseModel):
     follow_z: float = Field(3.0, gt=0, description="in a class with quarantined samples (a follow-up or a new cluster), take above this")
     flag_beyond_trusted: bool = Field(
         True, description="trusted: a first catch takes only above the class's highest trusted sample's z, where higher than flag_z")
+    follow_beyond_trusted: bool = Field(
+        True, description="trusted: a catch in a class with quarantined samples takes only above the class's highest "
+                          "trusted sample's z, where higher than follow_z")
     follow_gate: bool = Field(
         True, description="follow up a class only while the model fits its held-out quarantined samples above chance")
     follow_held_out: bool = Field(

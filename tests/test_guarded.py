@@ -78,16 +78,19 @@ def test_poison_left_behind_is_found_like_the_quarantined(poisoned):
 def test_a_cluster_found_again_in_a_class_with_quarantined_samples_is_cut_at_follow_z(poisoned):
     # a first catch took 5 of the 48 poisoned samples; the 43 left still form a separate cluster. The
     # class's prior odds of poison are lower now, so its new cut is the follow-up's (benign taken: 9 at
-    # flag_z, 2 at follow_z), and every poisoned sample left is still taken
+    # flag_z, 2 at follow_z), or the class's highest trusted sample where higher (follow_beyond_trusted),
+    # and every poisoned sample left is still taken
     ds, model = poisoned
     # 200 trusted a class: the model's route, its gate held against a half of them (guard.gate), acts on
     # a cluster of 18 % of the class
-    gds = GuardedDataset(ds, model, GuardConfig(remedy="none"), trusted=Blobs(600, seed=7))
+    trusted = Blobs(600, seed=7)
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="none"), trusted=trusted)
     gds.quarantine(ds.poisoned[:5])
     scan = gds.scan()
     v = next(v for v in scan.classes if v.cls == 0)
     assert v.verdict == "separate cluster" and v.n_quarantined_before == 5
-    assert v.threshold == gds.config.thresholds.follow_z
+    top = float(np.array(scan.reference_scores)[trusted.y == 0].max())
+    assert v.threshold == pytest.approx(max(gds.config.thresholds.follow_z, top), abs=1e-3)   # scores: 3 decimals
     q = gds.quarantined
     assert np.isin(ds.poisoned, q).all()
     assert len(np.setdiff1d(q, ds.poisoned)) <= 3

@@ -172,6 +172,28 @@ def test_the_benchmarks_augmented_data_is_switched_off_like_a_users():
     assert all(torch.equal(view[i][0], plain[i][0]) for i in range(6))
 
 
+def test_torchvisions_reference_recipe_is_switched_off_too_and_its_batches_mix():
+    """The benchmark's ``recipe="strong"``: TrivialAugmentWide, Normalize and RandomErasing in the
+    Dataset's transform (the view keeps only the normalisation), MixUp / CutMix and label smoothing
+    in the training step (soft targets, a loss that is not the plain cross-entropy)."""
+    from guard.datasets import ArrayImageDataset, ArraySplit
+    from guard.experiment import RunSpec, _Step
+
+    split = ArraySplit(np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), np.arange(6) % 2)
+    strong = ArrayImageDataset(split, (0.5,) * 3, (0.25,) * 3, strong=True)
+    plain = ArrayImageDataset(split, (0.5,) * 3, (0.25,) * 3)
+    view, off = scan_view(strong)
+    assert off == ("RandomCrop", "RandomHorizontalFlip", "TrivialAugmentWide", "RandomErasing")
+    assert reads_differ(strong, range(6)) and not reads_differ(view, range(6))
+    assert all(torch.allclose(view[i][0], plain[i][0], atol=1e-6) for i in range(6))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
+    x, y = torch.stack([plain[i][0] for i in range(6)]), torch.arange(6) % 2
+    torch.manual_seed(0)
+    mixed = _Step(RunSpec(recipe="strong"), num_classes=2).loss(model, x, y)
+    assert not torch.allclose(mixed, torch.nn.functional.cross_entropy(model(x), y))
+    assert torch.equal(_Step(RunSpec(), num_classes=2).loss(model, x, y), torch.nn.functional.cross_entropy(model(x), y))
+
+
 def test_a_random_trusted_set_or_scan_dataset_is_a_warning_too():
     with pytest.warns(GuardWarning, match="the trusted set returns different data"):
         gds = GuardedDataset(_Images(), _model(), GuardConfig(remedy="none", progress=False, min_trusted_per_class=10),

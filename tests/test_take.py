@@ -1,6 +1,7 @@
 """What a catch takes: a first catch, with a trusted set, only above the class's highest trusted sample on
 the same score (where that is above ``flag_z``), so the benign share taken is bounded by the trusted set's
-size; a follow-up held out (``follow_held_out``), only where poison is left."""
+size; a follow-up likewise above ``follow_z`` and that extreme; a follow-up held out (``follow_held_out``),
+only where poison is left."""
 
 import numpy as np
 import pytest
@@ -38,6 +39,35 @@ def test_a_first_catch_takes_only_beyond_the_highest_trusted_sample(case, cifar_
     # every poisoned sample is still taken; the benign ones between flag_z and the trusted extreme are not
     assert taken[True][0] == taken[False][0] == len(data.poisoned)
     assert taken[True][1] <= taken[False][1] - 15, taken
+
+
+@pytest.mark.cifar
+def test_a_follow_up_takes_only_beyond_the_highest_trusted_sample_and_still_takes_what_was_left(cifar_archive):
+    """``follow_beyond_trusted``: a follow-up's bar is ``follow_z`` or the class's highest trusted sample on
+    the follow-up's probe, whichever is higher. Where the trusted samples reach past ``follow_z`` (here
+    ``follow_z`` is lowered to 1.5 so that they do; in augmented runs their tail reaches past 3), the
+    benign look-alikes between the two are no longer taken, and poison left behind still is."""
+    from guard import GuardedDataset
+
+    data, model = _golden("badnets", cifar_archive)
+    poison = np.sort(data.poisoned)
+    ref_labels = np.asarray(data.trusted.labels)
+    benign = {}
+    for beyond in (True, False):
+        gds = GuardedDataset(data.train, model, GuardConfig(
+            remedy="none", progress=False, scan_inputs=False,
+            thresholds={"follow_z": 1.5, "follow_beyond_trusted": beyond}), trusted=data.trusted)
+        gds.quarantine(np.random.default_rng(0).choice(poison, 200, replace=False))
+        scan = gds.scan(0)
+        target = scan.classes[0]
+        assert target.verdict == "like quarantined", target.reason
+        top = float(np.array(scan.reference_scores)[ref_labels == 0].max())
+        assert top > 1.5
+        assert target.threshold == pytest.approx(top if beyond else 1.5, abs=1e-3)
+        assert ("the class's highest trusted sample" in target.reason) == beyond
+        assert np.isin(poison, gds.quarantined).all()          # the 100 left behind: every one taken
+        benign[beyond] = int((~np.isin(gds.quarantined, poison)).sum())
+    assert benign[True] < benign[False], benign
 
 
 @pytest.mark.cifar
