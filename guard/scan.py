@@ -1057,24 +1057,19 @@ class Scanner:
             v.reason += (f"; {v.n_released} of its {len(idx)} earlier-quarantined samples given back (below "
                          f"flag_z={self.th.flag_z} on this probe, which puts most of them above follow_z)")
 
-    def _first_bar(self, st: ScanState, c: int) -> float:
-        """What a first catch of class ``c`` takes above: ``flag_z``, or, with a trusted set
-        (``flag_beyond_trusted``), the class's highest trusted sample on the same score where that is
-        higher. A clean training sample exchangeable with the class's ``n`` trusted ones lies beyond all
-        of them with probability at most ``1 / (n + 1)``, whatever the score's distribution: the share of
-        the class's benign samples taken is bounded by the data, not by a z that assumes a bell curve.
-        Trust-free, and where the class's reference was not scored by the flagging probe (its images
-        against the other classes'), ``flag_z``."""
-        return self._beyond_trusted(st, c, self.th.flag_z) if self.th.flag_beyond_trusted else self.th.flag_z
-
-    def _follow_bar(self, st: ScanState, c: int) -> float:
-        """What a catch in a class that already holds quarantined samples takes above (a follow-up, or
-        the class found separate again): ``follow_z``, or with a trusted set (``follow_beyond_trusted``)
-        the class's highest trusted sample on the same score where that is higher, the bound of
-        :meth:`_first_bar`. A trained class's benign tail reaches past a fixed z where its trusted
-        samples do too (with crop, flip and stronger augmentation, 1-2 of 50 above ``follow_z`` on the
-        follow-up's probe), and each later scan would take that tail again."""
-        return self._beyond_trusted(st, c, self.th.follow_z) if self.th.follow_beyond_trusted else self.th.follow_z
+    def _bar(self, st: ScanState, c: int, first: bool) -> float:
+        """What a catch of class ``c`` takes above: a first catch ``flag_z``, a catch in a class that
+        already holds quarantined samples (a follow-up, or the class found separate again) ``follow_z``;
+        with a trusted set (``flag_beyond_trusted``, ``follow_beyond_trusted``), the class's highest
+        trusted sample on the same score where that is higher. A clean training sample exchangeable with
+        the class's ``n`` trusted ones lies beyond all of them with probability at most ``1 / (n + 1)``,
+        whatever the score's distribution: the share of the class's benign samples taken is bounded by
+        the data, not by a z that assumes a bell curve (a trained class's benign tail reaches past a fixed
+        z where its trusted samples do too). Trust-free, and where the class's reference was not scored by
+        the flagging probe (its images against the other classes'), the fixed z."""
+        z, bound = ((self.th.flag_z, self.th.flag_beyond_trusted) if first
+                    else (self.th.follow_z, self.th.follow_beyond_trusted))
+        return self._beyond_trusted(st, c, z) if bound else z
 
     @staticmethod
     def _beyond_trusted(st: ScanState, c: int, bar: float) -> float:
@@ -1088,13 +1083,12 @@ class Scanner:
 
     def _flag(self, st: ScanState, c: int, rows: np.ndarray, z: np.ndarray, verdict: Verdict) -> None:
         """A confirmed class: its samples' suspicion is ``z``, held to ``flag_z`` or above the class's
-        highest trusted sample (:meth:`_first_bar`: a separate cluster in a class with nothing quarantined
-        yet) or to the stricter ``follow_z`` or above the class's highest trusted sample (:meth:`_follow_bar`:
-        in a class with quarantined samples, by either route: what a catch left is few, benign samples
-        many); with ``flag_split``, to where ``z`` splits in two
+        highest trusted sample (:meth:`_bar`: a separate cluster in a class with nothing quarantined yet), or
+        to the stricter ``follow_z`` or above that sample (in a class with quarantined samples, by either
+        route: what a catch left is few, benign samples many); with ``flag_split``, to where ``z`` splits in two
         (:func:`~guard.decide.flag_cut`) if higher."""
         first = verdict == Verdict.SEPARATE and st.classes[c].n_quarantined_before == 0
-        floor = self._first_bar(st, c) if first else self._follow_bar(st, c)
+        floor = self._bar(st, c, first)
         bar = flag_cut(z, floor) if self.th.flag_split else floor
         st.suspicion[rows], st.threshold[rows] = z, bar
         st.classes[c].verdict, st.classes[c].threshold = verdict, bar
