@@ -61,10 +61,11 @@ KEEP = (3, 7, 11, 15, 19)          # every other scan of GuardConfig()'s default
 
 
 def spec(variant: str, attack: str | None, rate: float, seed: int, trusted: int = TRUSTED,
-         guard: dict | None = None, recipe: str = "plain") -> RunSpec:
+         guard: dict | None = None, recipe: str = "plain", optimizer: str = "sgd", lr: float = LR) -> RunSpec:
     target = make_attack(attack).target if attack else 0
     return RunSpec(data="cifar10", attack=attack, rate=rate, target=target, seed=seed, trusted_per_class=trusted,
-                   augment=True, epochs=EPOCHS, lr=LR, n_train=N_TRAIN, guard=guard or {}, recipe=recipe)
+                   augment=True, epochs=EPOCHS, lr=lr, n_train=N_TRAIN, guard=guard or {}, recipe=recipe,
+                   optimizer=optimizer)
 
 
 def cells(zoo_seed: int, n: int, clean: int) -> list[tuple]:
@@ -131,6 +132,7 @@ def guarded_row(key: str, r: dict) -> dict:
     return {"trigger": trigger, "trust_free": " trust-free" in key, "scan_dataset": " no scan_dataset" not in key,
             "family": atk.name, "target": atk.target, "rate": atk.rate,
             "seed": r.get("spec", {}).get("seed", 0), "recipe": r.get("spec", {}).get("recipe", "plain"),
+            "optimizer": r.get("spec", {}).get("optimizer", "sgd"), "lr": r.get("spec", {}).get("lr", LR),
             "arm": key[key.index("["):key.index("]") + 1] if "[" in key else "",   # --guard fields of the run
             "tpr": g["tpr"], "fpr": g["fpr"], "asr_unguarded": u["attack_success"], "asr_guarded": g["attack_success"],
             "asr_correct_unguarded": u["attack_success_correct"], "asr_correct_guarded": g["attack_success_correct"],
@@ -163,11 +165,13 @@ def guarded_markdown(rows: list[dict], zoo_seed: int, guard: list[str] | None = 
     strong = bool(rows) and all(r.get("recipe") == "strong" for r in rows)
     recipe = (" with torchvision's reference recipe on top (TrivialAugmentWide and RandomErasing 0.1 in the Dataset, "
               "label smoothing 0.1, MixUp 0.2 / CutMix 1.0 per batch; `--recipe strong`)" if strong else "")
+    opts = {(r.get("optimizer", "sgd"), r.get("lr", LR)) for r in rows} or {("sgd", LR)}
+    optim = ", ".join(f"{'SGD' if o == 'sgd' else 'AdamW'} {lr:g}" for o, lr in sorted(opts))
     lines = [f"`python benchmarks/bench_zoo.py --guarded`: {which}"
              f"(`GuardConfig({', '.join(guard or [])})`{'' if guard else ' defaults'}, "
              f"{'no trusted set (trust-free)' if rows and all(r.get('trust_free') for r in rows) else f'{TRUSTED} trusted a class'}, scans "
              "at epochs 3, 5, ...) beside its unguarded twin "
-             f"in lockstep (same warm-up); {N_TRAIN:,} CIFAR-10 images, crop + flip{recipe}, width-16 ResNet-18, SGD {LR} cosine, "
+             f"in lockstep (same warm-up); {N_TRAIN:,} CIFAR-10 images, crop + flip{recipe}, width-16 ResNet-18, {optim} cosine, "
              f"{EPOCHS} epochs. ASR: attack success over non-target test images; (correct): over those classified "
              "correctly without the trigger. swept: quarantined by the unlearning sweep; given back: earlier-quarantined "
              "samples a class found separate again returned (`decide.give_back`).", "",
@@ -255,6 +259,9 @@ def main() -> None:
                     "order (a replicate of a trigger's run)")
     ap.add_argument("--guard", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="GuardConfig fields of the guarded runs, e.g. 'thresholds={\"flag_split\": true}'")
+    ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
+                    help="with --guarded: the runs' optimizer (adamw: weight decay 0.05; give --lr, e.g. 0.001)")
+    ap.add_argument("--lr", type=float, default=LR, help="with --guarded: the runs' peak learning rate (cosine)")
     ap.add_argument("--recipe", default="plain", choices=["plain", "strong"],
                     help="with --guarded: strong adds torchvision's reference recipe (guard.experiment._Step)")
     a = ap.parse_args()
@@ -281,13 +288,14 @@ def main() -> None:
         for trigger in learned[k::n]:
             atk = make_attack(trigger)
             r = run(replace(spec("zoo", trigger, atk.rate, a.seed, trusted=a.trusted, guard=fields(a.guard),
-                                 recipe=a.recipe),
+                                 recipe=a.recipe, optimizer=a.optimizer, lr=a.lr),
                             trust_free=a.trust_free, scan_dataset=not a.no_scan_dataset))
             r.pop("report")
             for sc in r["scans"]:
                 sc.pop("reference_scores", None)          # per-sample plot data: not needed here
             key = ((f"{trigger}@{a.seed}" if a.seed else trigger) + (" trust-free" if a.trust_free else "")
                    + (" no scan_dataset" if a.no_scan_dataset else "") + (" strong" if a.recipe == "strong" else "")
+                   + (f" {a.optimizer} {a.lr:g}" if (a.optimizer, a.lr) != ("sgd", LR) else "")
                    + (f" [{' '.join(a.guard)}]" if a.guard else "")
                    + (f" {a.trusted} trusted" if a.trusted != TRUSTED and not a.trust_free else ""))
             runs[key] = r

@@ -330,7 +330,7 @@ class GuardedDataset(Dataset):
                 for k, v in done.items():
                     setattr(scan, k, v)
                 broadcast_model(unwrap_model(self.model))
-            if floors is not None and self.optimizer is not None:
+            if floors is not None and self.optimizer is not None and self.config.thresholds.hold_moments:
                 # the unlearning's gradient scale joins the user's optimizer (see _remedy)
                 scan.remedy_scale_raised = raise_second_moments(_inner(self.optimizer), self._user_params(), floors)
             self._take_swept(swept, scan, epoch)

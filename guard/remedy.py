@@ -140,6 +140,21 @@ def fit_excess_p(fitted: int, n: int, chance: float, t: Thresholds) -> float:
     return float(scipy.stats.binom.sf(fitted - 1, n, max(chance, t.fit_floor))) if n else 1.0
 
 
+def not_taught(fitted: int, n: int, chance: float, t: Thresholds) -> str:
+    """Why ``fitted`` of ``n`` held-out quarantined samples predicted as their label do not show that
+    poison left behind still teaches what they carry (empty where they do): a fit no more than
+    :func:`allowed_fit` (chance plus ``fit_se`` errors: the unlearning's stop) or, with
+    ``follow_gate_p`` (the default), one whose :func:`fit_excess_p` is not below ``max_false_alarm`` (the
+    unlearning's start)."""
+    fit, allowed = fitted / max(n, 1), allowed_fit(chance, n, t)
+    said = f"the model predicts {fit:.1%} of its {n} held-out quarantined samples as their label"
+    if fit <= allowed:
+        return f"{said}, no more than chance ({allowed:.1%})"
+    if t.follow_gate_p and (p := fit_excess_p(fitted, n, chance, t)) >= t.max_false_alarm:
+        return f"{said}, above chance ({allowed:.1%}) but with p = {p:.2g}, not below max_false_alarm={t.max_false_alarm:g}"
+    return ""
+
+
 class Unlearned(NamedTuple):
     """What :func:`unlearn` did: the check samples' fit after, the steps, the kept samples that
     re-estimated the returned model's BatchNorm statistics (0: none, or steps ran after the last check),

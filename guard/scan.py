@@ -710,16 +710,18 @@ class Scanner:
                      check: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         """The classes of ``follow`` worth a follow-up: poison left behind keeps teaching the model what
         the quarantined samples carry, so the model predicts held-out quarantined samples (``check``,
-        never unlearned on) as their label more often than it predicts that label for the reference
-        samples of other classes, plus ``fit_se`` binomial errors (:func:`~guard.remedy.allowed_fit`,
-        the unlearning stop's rule). Where it does not, nothing left behind is teaching the trigger and
-        a follow-up could only take look-alikes from the benign tail. A class none of whose quarantined
+        never unlearned on) as their label more often than chance explains: more often than it predicts
+        that label for the reference samples of other classes, by the unlearning's start test (binomial
+        p below ``max_false_alarm``; :func:`~guard.remedy.not_taught`). Where it does not, nothing left
+        behind is shown to teach the trigger and a follow-up could only take look-alikes from the benign
+        tail. (A trigger the model learned in the warm-up and forgets slowly passes too: the check
+        reads what the model knows, not what teaches it.) A class none of whose quarantined
         samples is held out (the check set is drawn from the more suspicious half of the whole
         quarantine, so a class caught with lower scores than another can hold none) shows no such
         evidence either: its follow-up probe is still fitted, since :meth:`elsewhere` holds the other
         classes against it, but it takes nothing (``ScanState.probe_only``). Without a check set at all,
         or a model without class scores, every class is followed up."""
-        from guard.remedy import allowed_fit, chance_fit
+        from guard.remedy import chance_fit, not_taught
 
         ref_pred, ref_lab = st.cal.predicted, st.cal.labels
         if ref_pred is None or not any(len(v) for v in check.values()):
@@ -743,13 +745,12 @@ class Scanner:
                                          "is fitted for the other classes only)")
         at = 0
         for c, rows in todo.items():
-            fit = float((pred[at:at + len(rows)] == c).mean())
+            fitted = int((pred[at:at + len(rows)] == c).sum())
             at += len(rows)
-            allowed = allowed_fit(chance_fit(ref_pred, ref_lab, np.array([c])), len(rows), self.th)
-            if fit <= allowed:
+            why_not = not_taught(fitted, len(rows), chance_fit(ref_pred, ref_lab, np.array([c])), self.th)
+            if why_not:
                 del out[c]
-                st.classes[c].reason += (f"; not followed up: the model predicts {fit:.1%} of its {len(rows)} held-out "
-                                         f"quarantined samples as their label, no more than chance ({allowed:.1%})")
+                st.classes[c].reason += f"; not followed up: {why_not}"
         return out
 
     def follow_up(self, train: Dataset, st: ScanState, follow: dict[int, np.ndarray]) -> None:

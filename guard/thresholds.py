@@ -72,6 +72,9 @@ class Thresholds(BaseModel):
                           "trusted sample's z, where higher than follow_z")
     follow_gate: bool = Field(
         True, description="follow up a class only while the model fits its held-out quarantined samples above chance")
+    follow_gate_p: bool = Field(
+        True, description="the follow-up gate asks what the unlearning's start asks: that fit with binomial p below "
+                          "max_false_alarm (False: only above chance plus fit_se errors, the unlearning's stop)")
     follow_held_out: bool = Field(
         False, description="trusted: follow up only where, on a probe fitted without them, more kept samples lie beyond "
                            "every trusted sample than a clean class puts there (guard.gate.split_follow)")
@@ -103,5 +106,8 @@ class Thresholds(BaseModel):
     unlearn_sweep: bool = Field(
         False, description="trusted: after each unlearning, take kept samples whose label margin fell further than every "
                            "trusted sample's (guard.sweep)")
+    hold_moments: bool = Field(
+        True, description="an adaptive optimizer handed over keeps, per weight, the larger of its own and the "
+                          "unlearning's squared-gradient estimate after each unlearning")
     bn_samples: int = Field(
         640, ge=0, description="kept samples that re-estimate BatchNorm running statistics after unlearning (0: off)")

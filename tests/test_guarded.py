@@ -383,6 +383,25 @@ def test_unlearning_starts_only_on_a_fit_chance_does_not_explain():
     assert fit_excess_p(0, 34, 0.03, t) == 1.0 and fit_excess_p(0, 0, 0.03, t) == 1.0
 
 
+def test_the_follow_up_gate_asks_what_the_unlearnings_start_asks():
+    """A follow-up runs only where held-out quarantined samples are fitted beyond chance by the
+    unlearning's start test (binomial p below ``max_false_alarm``, ``follow_gate_p``), not merely above
+    chance plus ``fit_se`` errors (the unlearning's stop; ``follow_gate_p=False``): a trigger the model
+    still half knows with no poison left (a few more check samples fitted than chance) takes no look-alikes."""
+    from guard.remedy import allowed_fit, fit_excess_p, not_taught
+    from guard.thresholds import Thresholds
+    start, stop = Thresholds(), Thresholds(follow_gate_p=False)
+    # zoo 2:5 seed 1's later scans: 6 of 35 check samples fitted where chance is 6 %
+    assert 6 / 35 > allowed_fit(0.06, 35, stop) and fit_excess_p(6, 35, 0.06, stop) > start.max_false_alarm
+    assert not_taught(6, 35, 0.06, stop) == ""
+    assert "p = 0.017" in not_taught(6, 35, 0.06, start) and "max_false_alarm=0.001" in not_taught(6, 35, 0.06, start)
+    # a third of the poison left behind, taught again: 14 of 38 where chance is 10 %: both follow up
+    assert not_taught(14, 38, 0.10, stop) == not_taught(14, 38, 0.10, start) == ""
+    # at chance, neither does, and the reason says so
+    for t in (stop, start):
+        assert "no more than chance (14.0%)" in not_taught(4, 35, 0.06, t)
+
+
 def test_unlearning_stops_at_the_chance_rate_and_records_it():
     ds = Blobs(600, poison=0.08, seed=0)
     model = train(mlp(), ds, epochs=25)
@@ -553,27 +572,28 @@ def test_unlearning_follows_the_users_optimizer_and_learning_rate():
 def test_unlearning_hands_its_gradient_scale_to_an_adaptive_optimizer():
     """After unlearning, the user's Adam keeps at least the unlearning's estimate of each parameter's
     squared gradient (bias-corrected), so its next clean steps do not undo the unlearning; SGD, which
-    keeps no such estimate, is left as it was."""
+    keeps no such estimate, is left as it was, and so is Adam with ``hold_moments=False``."""
     from guard.guarded import second_moments
     ds = Blobs(600, poison=0.08, seed=0)
-    for name in ("adamw", "sgd"):
+    for name in ("adamw", "sgd", "adamw, not held"):
         model = train(mlp(), ds, epochs=25)
-        opt = (torch.optim.AdamW(model.parameters(), lr=1e-3) if name == "adamw"
+        opt = (torch.optim.AdamW(model.parameters(), lr=1e-3) if name.startswith("adamw")
                else torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
         for x, y in torch.utils.data.DataLoader(ds, batch_size=64):     # the user's optimizer has state
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
         params = list(model.parameters())
-        key = "exp_avg_sq" if name == "adamw" else "momentum_buffer"
+        key = "exp_avg_sq" if name.startswith("adamw") else "momentum_buffer"
         before = [opt.state[p][key].clone() for p in params]
-        gds = GuardedDataset(ds, model, GuardConfig(), trusted=Blobs(150, seed=7), optimizer=opt)
+        cfg = GuardConfig(thresholds={"hold_moments": name != "adamw, not held"})
+        gds = GuardedDataset(ds, model, cfg, trusted=Blobs(150, seed=7), optimizer=opt)
         made = []
         plain = gds._unlearner
         gds._unlearner = lambda ps: made.append(plain(ps)) or made[-1]
         scan = gds.scan()
         assert scan.remedy == "unlearn" and scan.remedy_steps > 0 and len(made) == 1
-        if name == "sgd":
+        if name != "adamw":
             assert scan.remedy_scale_raised == 0
             assert all(torch.equal(opt.state[p][key], b) for p, b in zip(params, before))
             continue
