@@ -330,7 +330,7 @@ class GuardedDataset(Dataset):
                 for k, v in done.items():
                     setattr(scan, k, v)
                 broadcast_model(unwrap_model(self.model))
-            if floors is not None and self.optimizer is not None and self.config.thresholds.hold_moments:
+            if floors is not None and self.optimizer is not None:
                 # the unlearning's gradient scale joins the user's optimizer (see _remedy)
                 scan.remedy_scale_raised = raise_second_moments(_inner(self.optimizer), self._user_params(), floors)
             self._take_swept(swept, scan, epoch)
@@ -373,8 +373,8 @@ class GuardedDataset(Dataset):
         the user's to it: the user's estimate, small late in training, would let the next clean steps
         move the parameters the unlearning set by far more than their gradients justify, and teach the
         trigger back within an epoch (benchmarks/NOTES.md). Returns what the sweep found, for
-        :meth:`_take_swept`, and those estimates (None where nothing was unlearned or no optimizer was
-        handed over)."""
+        :meth:`_take_swept`, and those estimates (None where nothing was unlearned, no optimizer was
+        handed over, or ``thresholds.hold_moments`` is off)."""
         cfg = self.config
         if cfg.remedy == "none":
             return [], None
@@ -413,7 +413,7 @@ class GuardedDataset(Dataset):
                 return made[-1]
 
             done = unlearn(model, job, self.feed, cfg, unlearner)
-            if made and self.optimizer is not None:
+            if made and self.optimizer is not None and cfg.thresholds.hold_moments:
                 floors = second_moments(made[0], self._user_params())
             scan.remedy_fit_after, scan.remedy_steps, scan.remedy_stopped = done.fit, done.steps, done.stopped
             settled = done.settled
