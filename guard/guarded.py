@@ -116,6 +116,7 @@ class GuardedDataset(Dataset):
         self.dataset, self.model, self.optimizer = dataset, model, optimizer
         self._warned_lr = False
         self._warned_mismatch = False
+        self._warned_short = False
         self.config = cfg = config if config is not None else GuardConfig()
         self.trusted, self.scan_dataset = trusted, scan_dataset
         n = length(dataset, "dataset")
@@ -226,6 +227,25 @@ class GuardedDataset(Dataset):
     def _epoch_starts(self, epoch: int) -> None:
         self.check_length()
         self.scan_if_due(epoch)
+        self._warn_short_epoch()
+
+    def _warn_short_epoch(self) -> None:
+        """Once, when training first draws an epoch the quarantine has shortened (``pad_epochs`` off)
+        for a model with BatchNorm: the loader's last batch changes size, and a batch of a few samples
+        in a BatchNorm model's training steps can cost far more accuracy than the samples removed
+        (benchmarks/NOTES.md, "Zoo seed 8"). Decisions and training are unchanged."""
+        n, kept = len(self.dataset), len(self.kept_indices())
+        if self._warned_short or self.config.pad_epochs or kept in (0, n):
+            return
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in unwrap_model(self.model).modules()):
+            return
+        self._warned_short = True
+        warnings.warn(
+            f"guard: {n - kept:,} samples are quarantined, so an epoch now holds {kept:,} of the dataset's {n:,}: "
+            f"a DataLoader with drop_last=False ends each epoch with {kept:,} mod batch_size samples, and a "
+            "training step on a batch of a few samples costs a BatchNorm model accuracy (8 points in one "
+            "benchmark run). Pass GuardConfig(pad_epochs=True) (every epoch keeps its full length) or "
+            "DataLoader(..., drop_last=True).", GuardWarning, stacklevel=3)
 
     def scan_if_due(self, epoch: int | None = None) -> ScanReport | None:
         """Run the scheduled scan of ``epoch`` (default: the sampler's upcoming epoch) if it is due and

@@ -111,3 +111,34 @@ def test_workers_and_persistent_workers_see_the_new_quarantine():
     assert seen[0] == 300 and seen[1] == seen[2] == 300 - len(gds.quarantined)
     assert np.intersect1d(gds.quarantined, ds.poisoned).size >= 0.95 * len(ds.poisoned)
 
+
+
+def test_a_shortened_epoch_of_a_batchnorm_model_warns_once_how_to_keep_its_length():
+    """Quarantined samples shorten the sampler's epochs, so a loader with ``drop_last=False`` ends each
+    epoch with a batch of another size, possibly a few samples, which costs a BatchNorm model accuracy:
+    training's first shortened epoch says so once, with both fixes; padded epochs, a model without
+    BatchNorm and an epoch with nothing quarantined stay quiet."""
+    import warnings
+
+    from guard import GuardWarning
+
+    def bn_mlp() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+                                   torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+
+    def said(model: torch.nn.Module, quarantined: list[int], **cfg) -> list[str]:
+        gds = GuardedDataset(Blobs(120), model, GuardConfig(remedy="none", warmup_epochs=100, **cfg))
+        if quarantined:
+            gds.quarantine(quarantined)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                list(DataLoader(gds, batch_size=32, sampler=gds.sampler))
+        return [str(w.message) for w in caught if issubclass(w.category, GuardWarning)]
+
+    told = said(bn_mlp(), [3, 7, 50])
+    assert len(told) == 1, told
+    assert "117 of the dataset's 120" in told[0] and "pad_epochs=True" in told[0] and "drop_last=True" in told[0]
+    assert said(bn_mlp(), [3, 7, 50], pad_epochs=True) == []
+    assert said(mlp(), [3, 7, 50]) == []
+    assert said(bn_mlp(), []) == []
