@@ -112,7 +112,6 @@ def test_workers_and_persistent_workers_see_the_new_quarantine():
     assert np.intersect1d(gds.quarantined, ds.poisoned).size >= 0.95 * len(ds.poisoned)
 
 
-
 def test_a_shortened_epoch_of_a_batchnorm_model_warns_once_how_to_keep_its_length():
     """Quarantined samples shorten the sampler's epochs, so a loader with ``drop_last=False`` ends each
     epoch with a batch of another size, possibly a few samples, which costs a BatchNorm model accuracy:
