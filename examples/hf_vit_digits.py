@@ -35,7 +35,7 @@ def main(epochs: int = 30) -> dict[str, float]:
     model = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=64,
                                                 num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
                                                 num_labels=10))
-    gds = GuardedDataset(PixelDicts(data.train), model, GuardConfig(warmup_epochs=10, scan_every=10, pad_epochs=True),
+    gds = GuardedDataset(PixelDicts(data.train), model, GuardConfig(warmup_epochs=10, scan_every=10),
                          trusted=PixelDicts(data.trusted))
     args = TrainingArguments(output_dir="runs/hf_vit_digits", num_train_epochs=epochs, per_device_train_batch_size=64,
                              learning_rate=3e-3, warmup_steps=20, save_strategy="no", report_to=[], use_cpu=True,

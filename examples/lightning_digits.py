@@ -39,7 +39,7 @@ def main() -> None:
     torch.manual_seed(0)
     data = prepare(RunSpec(data="digits", attack="badnets", rate=0.1, trusted_per_class=20))
     module = Classifier(data.make_model())
-    gds = GuardedDataset(data.train, module, GuardConfig(warmup_epochs=4, scan_every=4, pad_epochs=True),
+    gds = GuardedDataset(data.train, module, GuardConfig(warmup_epochs=4, scan_every=4),
                          trusted=data.trusted)
     trainer = pl.Trainer(max_epochs=12, accelerator="cpu", devices=1, callbacks=[GuardCallback(gds)],
                          default_root_dir="runs/lightning_digits", enable_model_summary=False)

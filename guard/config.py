@@ -65,7 +65,7 @@ class GuardConfig(BaseModel):
     shuffle: bool = True
     seed: int = 0
     pad_epochs: bool = Field(
-        False, description="keep every epoch at the full length (kept samples topped up)")
+        True, description="keep every epoch at the full length (kept samples topped up); False: epochs shrink")
 
     # execution
     batch_size: int = Field(256, ge=1, description="scan batch size")

@@ -230,7 +230,7 @@ class GuardedDataset(Dataset):
         self._warn_short_epoch()
 
     def _warn_short_epoch(self) -> None:
-        """Once, when training first draws an epoch the quarantine has shortened (``pad_epochs`` off)
+        """Once, when training first draws an epoch the quarantine has shortened (``pad_epochs=False``)
         for a model with BatchNorm: the loader's last batch changes size, and a batch of a few samples
         in a BatchNorm model's training steps can cost far more accuracy than the samples removed
         (benchmarks/NOTES.md, "Zoo seed 8"). Decisions and training are unchanged."""
@@ -244,8 +244,8 @@ class GuardedDataset(Dataset):
             f"guard: {n - kept:,} samples are quarantined, so an epoch now holds {kept:,} of the dataset's {n:,}: "
             f"a DataLoader with drop_last=False ends each epoch with {kept:,} mod batch_size samples, and a "
             "training step on a batch of a few samples costs a BatchNorm model accuracy (8 points in one "
-            "benchmark run). Pass GuardConfig(pad_epochs=True) (every epoch keeps its full length) or "
-            "DataLoader(..., drop_last=True).", GuardWarning, stacklevel=3)
+            "benchmark run). Leave GuardConfig(pad_epochs=True), the default (every epoch keeps its full "
+            "length), or pass DataLoader(..., drop_last=True).", GuardWarning, stacklevel=3)
 
     def scan_if_due(self, epoch: int | None = None) -> ScanReport | None:
         """Run the scheduled scan of ``epoch`` (default: the sampler's upcoming epoch) if it is due and

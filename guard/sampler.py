@@ -14,13 +14,15 @@ from guard.distributed import world
 class GuardSampler(Sampler[int]):
     """Yields the indices of a :class:`~guard.GuardedDataset` that are not quarantined.
 
-    Invariant: an epoch yields every kept index exactly once (per process group: the union of
-    the ranks' shards is the kept set, the last shard padded by wrapping around so all ranks
-    take the same number of steps), in an order that depends only on ``(seed, epoch)``.
+    Invariant: an epoch yields only kept indices, every one of them at least once, in an order
+    that depends only on ``(seed, epoch)``; per process group the union of the ranks' shards is
+    the epoch, the last shard padded by wrapping around so all ranks take the same number of steps.
 
-    With ``GuardConfig(pad_epochs=True)`` every epoch keeps the full dataset's length: the kept
-    indices once each, topped up with kept indices drawn again, so step counts (and LR schedules
-    or progress bars computed from the initial length) stay exact.
+    By default (``GuardConfig(pad_epochs=True)``) an epoch keeps the full dataset's length: the
+    kept indices once each, topped up with kept indices drawn again (each at most once more while
+    fewer than half are quarantined), so step counts, LR schedules and progress bars computed from
+    the initial length stay exact and the last batch keeps its size. With ``pad_epochs=False`` an
+    epoch yields every kept index exactly once and shrinks by the quarantine.
 
     Each call to ``iter()`` is one epoch: the sampler counts epochs itself and honours
     ``set_epoch``. It only hands out indices; ``on_epoch(epoch)``, if given, is called when an
@@ -40,7 +42,7 @@ class GuardSampler(Sampler[int]):
     """
 
     def __init__(self, kept: Callable[[], np.ndarray], n: int, shuffle: bool = True, seed: int = 0,
-                 pad: bool = False, on_epoch: Callable[[int], None] | None = None) -> None:
+                 pad: bool = True, on_epoch: Callable[[int], None] | None = None) -> None:
         """``kept()``: the indices not quarantined now (sorted); ``n``: the dataset's length."""
         self.kept, self.n, self.on_epoch = kept, n, on_epoch
         self.shuffle, self.seed, self.pad = shuffle, seed, pad

@@ -1,6 +1,6 @@
 """HuggingFace ``Trainer`` adapter: a callback plus the one Trainer hook that picks the sampler.
 
-    gds = GuardedDataset(train_ds, model, GuardConfig(pad_epochs=True), trusted=trusted_ds)
+    gds = GuardedDataset(train_ds, model, GuardConfig(), trusted=trusted_ds)
     trainer = GuardedTrainer(model=model, args=TrainingArguments(...), guarded=gds)
     trainer.train()                          # or trainer.train(resume_from_checkpoint=True)
 
@@ -19,9 +19,9 @@ Trainer calls ``set_epoch`` on it each epoch and a due scan runs when the epoch'
 starts.
 
 Steps: the Trainer sizes the LR schedule (``max_steps``) from the loader's length at the start.
-With ``GuardConfig(pad_epochs=True)`` every epoch keeps that length (kept samples topped up), so
-the schedule is exact; without it epochs shrink by the quarantined share and training ends with
-the schedule that much short of its end (a warning says so).
+The guard keeps every epoch at that length (``pad_epochs=True``, kept samples topped up), so the
+schedule is exact; with ``pad_epochs=False`` epochs shrink by the quarantined share and training
+ends with the schedule that much short of its end (a warning says so).
 
 Checkpoints: the callback writes ``guard_state.json`` into every ``checkpoint-N`` folder, and
 ``GuardedTrainer.train(resume_from_checkpoint=...)`` reads it back, so the quarantine resumes
@@ -67,7 +67,7 @@ class GuardTrainerCallback(TrainerCallback):
         if not self.guarded.config.pad_epochs:
             logger.warning("guard: the Trainer sized its LR schedule from the full dataset; epochs will shrink by "
                            "the quarantined share and the schedule end that much early. "
-                           "GuardConfig(pad_epochs=True) keeps every epoch at full length")
+                           "GuardConfig(pad_epochs=True), the default, keeps every epoch at full length")
 
     def on_save(self, args, state, control, **kwargs) -> None:
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")

@@ -9,8 +9,8 @@ Epochs: Lightning calls ``sampler.set_epoch(epoch)`` before ``on_train_epoch_sta
 iterates the loader; the guard's sampler runs a due scan when that epoch's iteration starts, so
 a new quarantine applies to that epoch onwards (the model has trained ``epoch`` full epochs).
 Lightning counts the batches of an epoch once, at set-up: after a quarantine an epoch ends
-early (the loop stops when the sampler is exhausted) unless ``GuardConfig(pad_epochs=True)``
-keeps every epoch at full length, which also keeps schedulers that use
+early (the loop stops when the sampler is exhausted) with ``GuardConfig(pad_epochs=False)``; the
+default keeps every epoch at full length, which also keeps schedulers that use
 ``trainer.estimated_stepping_batches`` exact.
 
 Checkpoints: the callback's ``state_dict`` is the guard's (quarantine, scans, sampler), so

@@ -59,14 +59,14 @@ def _args(tmp_path, epochs: int, **kw) -> TrainingArguments:
 
 def test_hf_trainer_resume_restores_the_quarantine(tmp_path):
     ds = Dicts(Blobs(600, poison=0.08, seed=0), "features")
-    cfg = GuardConfig(warmup_epochs=2, scan_every=2, pad_epochs=True)
+    cfg = GuardConfig(warmup_epochs=2, scan_every=2)
     model = TabularModel()
     gds = GuardedDataset(ds, model, cfg, trusted=Dicts(Blobs(150, seed=7), "features"))
     trainer = GuardedTrainer(model=model, args=_args(tmp_path, 3, save_strategy="epoch", lr=0.05), guarded=gds)
     trainer.train()
     assert [s.epoch for s in gds.report.scans] == [2]
     assert np.intersect1d(gds.quarantined, ds.ds.poisoned).size == len(ds.ds.poisoned)
-    assert trainer.state.global_step == 3 * -(-600 // 32)        # pad_epochs kept every epoch full
+    assert trainer.state.global_step == 3 * -(-600 // 32)        # the default pad_epochs kept every epoch full
     assert gds.optimizer is trainer.optimizer                    # handed over by the callback
     scan = gds.report.scans[0]                                   # unlearned with it (accelerate's wrapper unwrapped)
     assert scan.remedy == "unlearn" and scan.remedy_steps > 0, scan.remedy
@@ -95,7 +95,7 @@ def test_the_mixin_guards_another_trainer_subclass(tmp_path):
     for name, (cls, arg_cls) in {"plain": (GuardedTrainer, TrainingArguments),
                                  "seq2seq": (GuardedSeq2SeqTrainer, Seq2SeqTrainingArguments)}.items():
         model = TabularModel()
-        gds = GuardedDataset(ds, model, GuardConfig(warmup_epochs=2, scan_every=2, pad_epochs=True),
+        gds = GuardedDataset(ds, model, GuardConfig(warmup_epochs=2, scan_every=2),
                              trusted=Dicts(Blobs(150, seed=7), "features"))
         args = arg_cls(output_dir=str(tmp_path / name), num_train_epochs=3, per_device_train_batch_size=32,
                        learning_rate=0.05, report_to=[], use_cpu=True, seed=0, disable_tqdm=True, save_strategy="no")
@@ -134,7 +134,7 @@ def test_hf_trainer_with_a_transformers_resnet_quarantines_badnets_on_cifar10(ci
     torch.manual_seed(0)
     model = ResNetForImageClassification(ResNetConfig(num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128, 256],
                                                       depths=[1, 1, 1, 1], layer_type="basic", num_labels=10))
-    gds = GuardedDataset(Dicts(data.train, "pixel_values"), model, GuardConfig(warmup_epochs=5, pad_epochs=True),
+    gds = GuardedDataset(Dicts(data.train, "pixel_values"), model, GuardConfig(warmup_epochs=5),
                          trusted=Dicts(data.trusted, "pixel_values"), scan_dataset=Dicts(data.scan, "pixel_values"))
     trainer = GuardedTrainer(model=model, args=_args(tmp_path, 6, save_strategy="no", lr=0.003,
                                                      per_device_train_batch_size=128), guarded=gds)
@@ -155,7 +155,7 @@ def test_hf_trainer_with_a_tiny_vit_quarantines_badnets_on_cifar10(cifar_archive
     model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=4, num_channels=3, hidden_size=64,
                                                 num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
                                                 num_labels=10))
-    gds = GuardedDataset(Dicts(data.train, "pixel_values"), model, GuardConfig(warmup_epochs=2, pad_epochs=True),
+    gds = GuardedDataset(Dicts(data.train, "pixel_values"), model, GuardConfig(warmup_epochs=2),
                          trusted=Dicts(data.trusted, "pixel_values"), scan_dataset=Dicts(data.scan, "pixel_values"))
     args = _args(tmp_path, 4, save_strategy="no", lr=3e-3, per_device_train_batch_size=128, warmup_steps=20)
     GuardedTrainer(model=model, args=args, guarded=gds).train()
@@ -177,7 +177,7 @@ def test_hf_trainer_with_a_tiny_vit_finds_encoder_layers_and_the_poison(tmp_path
                                                 num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
                                                 num_labels=10))
     gds = GuardedDataset(Dicts(data.train, "pixel_values"), model,
-                         GuardConfig(warmup_epochs=10, scan_every=10, pad_epochs=True),
+                         GuardConfig(warmup_epochs=10, scan_every=10),
                          trusted=Dicts(data.trusted, "pixel_values"))
     assert [n for n in gds.layers if n.startswith("vit.layers.")] == [
         v for i in range(4) for v in (f"vit.layers.{i}", f"vit.layers.{i}:peak")]

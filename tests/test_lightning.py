@@ -67,7 +67,7 @@ def test_lightning_run_quarantines_badnets_on_cifar10(cifar_archive, tmp_path):
 
 def test_scans_follow_lightning_epochs_and_resume_restores_the_quarantine(tmp_path):
     ds = Blobs(600, poison=0.08, seed=0)
-    cfg = GuardConfig(warmup_epochs=2, scan_every=2, pad_epochs=True)
+    cfg = GuardConfig(warmup_epochs=2, scan_every=2)
     torch.manual_seed(0)
     module = Classifier(mlp())
     gds = GuardedDataset(ds, module, cfg, trusted=Blobs(150, seed=7))
@@ -76,7 +76,7 @@ def test_scans_follow_lightning_epochs_and_resume_restores_the_quarantine(tmp_pa
     trainer.fit(module, DataLoader(gds, batch_size=32, sampler=gds.sampler))
     assert [s.epoch for s in gds.report.scans] == [2]
     assert np.intersect1d(gds.quarantined, ds.poisoned).size == len(ds.poisoned)
-    assert trainer.global_step == 3 * -(-600 // 32)         # pad_epochs: every epoch kept its full length
+    assert trainer.global_step == 3 * -(-600 // 32)         # the default pad_epochs: every epoch kept its full length
     assert gds.optimizer is trainer.optimizers[0]           # unlearning steps at the Trainer's learning rate
 
     # a fresh process: new module, new guard, resume from the checkpoint

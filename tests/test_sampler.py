@@ -12,8 +12,8 @@ def _gds(**cfg):
     return GuardedDataset(Blobs(120), mlp(), GuardConfig(**{"remedy": "none", **cfg}))
 
 
-def test_each_epoch_yields_every_kept_index_once_in_a_seeded_order():
-    gds = _gds(warmup_epochs=100)
+def test_an_unpadded_epoch_yields_every_kept_index_once_in_a_seeded_order():
+    gds = _gds(warmup_epochs=100, pad_epochs=False)
     gds.quarantine([3, 7, 50])                        # quarantine by hand for the protocol test
     e0 = list(gds.sampler)
     e1 = list(gds.sampler)
@@ -24,8 +24,8 @@ def test_each_epoch_yields_every_kept_index_once_in_a_seeded_order():
     assert len(gds.sampler) == 117 and len(gds) == 120
 
 
-def test_padded_epochs_keep_the_full_length_with_kept_indices_only():
-    gds = _gds(warmup_epochs=100, pad_epochs=True)
+def test_epochs_keep_the_full_length_with_kept_indices_only_by_default():
+    gds = _gds(warmup_epochs=100)
     gds.quarantine(range(0, 120, 4))                     # 30 quarantined
     e0 = list(gds.sampler)
     assert len(e0) == len(gds.sampler) + 0 == 120      # the full length, every epoch
@@ -101,7 +101,8 @@ def test_workers_and_persistent_workers_see_the_new_quarantine():
     model = mlp()
     from tests.conftest import train
     train(model, ds, epochs=25)
-    gds = GuardedDataset(ds, model, GuardConfig(warmup_epochs=1, scan_every=1, max_scans=1, remedy="none"),
+    gds = GuardedDataset(ds, model, GuardConfig(warmup_epochs=1, scan_every=1, max_scans=1, remedy="none",
+                                                      pad_epochs=False),       # epochs shrink: counts show it
                          trusted=Blobs(120, seed=9))
     loader = DataLoader(gds, batch_size=50, sampler=gds.sampler, num_workers=2, persistent_workers=True)
     seen = []
@@ -135,9 +136,9 @@ def test_a_shortened_epoch_of_a_batchnorm_model_warns_once_how_to_keep_its_lengt
                 list(DataLoader(gds, batch_size=32, sampler=gds.sampler))
         return [str(w.message) for w in caught if issubclass(w.category, GuardWarning)]
 
-    told = said(bn_mlp(), [3, 7, 50])
+    told = said(bn_mlp(), [3, 7, 50], pad_epochs=False)
     assert len(told) == 1, told
     assert "117 of the dataset's 120" in told[0] and "pad_epochs=True" in told[0] and "drop_last=True" in told[0]
-    assert said(bn_mlp(), [3, 7, 50], pad_epochs=True) == []
-    assert said(mlp(), [3, 7, 50]) == []
-    assert said(bn_mlp(), []) == []
+    assert said(bn_mlp(), [3, 7, 50]) == []                      # the default keeps every epoch's length
+    assert said(mlp(), [3, 7, 50], pad_epochs=False) == []
+    assert said(bn_mlp(), [], pad_epochs=False) == []
