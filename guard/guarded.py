@@ -234,8 +234,10 @@ class GuardedDataset(Dataset):
         for a model with BatchNorm: the loader's last batch changes size, and a batch of a few samples
         in a BatchNorm model's training steps can cost far more accuracy than the samples removed
         (benchmarks/NOTES.md, "Zoo seed 8"). Decisions and training are unchanged."""
-        n, kept = len(self.dataset), len(self.kept_indices())
-        if self._warned_short or self.config.pad_epochs or kept in (0, n):
+        if self._warned_short or self.config.pad_epochs:
+            return
+        n, kept = self._n, len(self.kept_indices())
+        if kept in (0, n):
             return
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in unwrap_model(self.model).modules()):
             return
