@@ -22,6 +22,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -150,7 +151,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
     out["meta"] = {"attack": a.attack + (" (decoded)" if a.decode else ""), "repeats": a.repeats, "threads": torch.get_num_threads(), "commit": commit.strip(),
                    "torch": torch.__version__, "device": a.device, "n_train": a.n_train, "width": a.width, "keep_mb": a.keep_mb,
-                   "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None}
+                   "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print(json.dumps(out["median"], indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1))
