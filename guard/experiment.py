@@ -65,6 +65,7 @@ class RunSpec:
     give_optimizer: bool = True          # GuardedDataset(optimizer=opt): unlearning steps at its current learning rate
     label_noise: float = 0.0             # share of training labels set to another class at random (before poisoning)
     train_jpeg: int | None = None        # re-encode the training images as JPEG at this quality (the trusted set stays)
+    classes: list[int] | None = None     # only these classes (train and test), relabelled 0, 1, ... in this order
 
 
 @dataclass
@@ -101,6 +102,8 @@ def prepare(spec: RunSpec) -> Prepared:
         default = lambda: CifarResNet18(num_classes=C, width=spec.width)  # noqa: E731
     else:
         raise ValueError(f"unknown data {spec.data!r}; use 'digits', 'cifar10' or 'imagefolder'")
+    if spec.classes is not None:
+        splits, C = {k: _only(v, spec.classes, C) for k, v in splits.items()}, len(spec.classes)
     build = default if spec.model == "auto" else (lambda: build_model(spec.model, C, spec.model_kwargs))
     make_model = lambda: build().to(spec.device)  # noqa: E731
     full, test = splits["train"], splits["test"]
@@ -129,6 +132,16 @@ def prepare(spec: RunSpec) -> Prepared:
     mk = lambda s, a=False: ArrayImageDataset(s, mean, std, augment=a, strong=a and spec.recipe == "strong")  # noqa: E731
     return Prepared(mk(train, spec.augment or spec.recipe == "strong"), mk(train), mk(trusted), mk(test), triggered,
                     atk, poisoned, train.labels, C, make_model, cover, noisy)
+
+
+def _only(split: ArraySplit, classes: list[int], num_classes: int) -> ArraySplit:
+    """The samples of ``classes`` (distinct labels below ``num_classes``), relabelled by their position there."""
+    if len(set(classes)) != len(classes) or len(classes) < 2 or not all(0 <= c < num_classes for c in classes):
+        raise ValueError(f"classes must be at least 2 distinct labels in [0, {num_classes}); got {classes}")
+    new = np.full(num_classes, -1, np.int64)
+    new[list(classes)] = np.arange(len(classes))
+    keep = np.flatnonzero(new[split.labels] >= 0)
+    return ArraySplit(split.images[keep], new[split.labels[keep]])
 
 
 def _degrade(train: ArraySplit, spec: RunSpec, num_classes: int) -> tuple[ArraySplit, np.ndarray]:

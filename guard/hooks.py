@@ -152,19 +152,31 @@ def module_mode(model: nn.Module, train: bool) -> Iterator[None]:
             m.training = f
 
 
+def frozen_norms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers the user froze: in eval mode, with affine parameters none of which is trained
+    (``requires_grad=False``), as in a fine-tuned model whose backbone keeps its pretrained statistics.
+    The guard's unlearning and BatchNorm re-estimation leave them in eval mode and their statistics as
+    they are."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training
+            and (own := list(m.parameters(recurse=False))) and not any(p.requires_grad for p in own)]
+
+
 @contextlib.contextmanager
 def train_alone(model: nn.Module) -> Iterator[None]:
     """Train mode for forwards that run in this process alone (the guard's unlearning and BatchNorm
     re-estimation run on rank 0 while the other ranks wait for its result): every module in train
-    mode, and every ``SyncBatchNorm`` normalises with this process's batch as ``BatchNorm`` does,
-    instead of gathering statistics from ranks that run no forward (a hang on GPUs; an error on
-    CPU). Flags and forwards are restored afterwards; the layers stay ``SyncBatchNorm``."""
+    mode but the :func:`frozen_norms`, and every ``SyncBatchNorm`` normalises with this process's batch
+    as ``BatchNorm`` does, instead of gathering statistics from ranks that run no forward (a hang on
+    GPUs; an error on CPU). Flags and forwards are restored afterwards; the layers stay ``SyncBatchNorm``."""
     sync = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
     own = [m.__dict__.get("forward") for m in sync]
+    frozen = frozen_norms(model)
     try:
         for m in sync:
             m.forward = nn.modules.batchnorm._BatchNorm.forward.__get__(m)   # the local path, same buffers
         with module_mode(model, True):
+            for m in frozen:
+                m.training = False
             yield
     finally:
         for m, f in zip(sync, own):

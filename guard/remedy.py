@@ -45,7 +45,7 @@ from torch.utils.data import Dataset, default_collate
 
 from guard.batches import Feed, autocast
 from guard.config import GuardConfig
-from guard.hooks import scan_mode, train_alone
+from guard.hooks import frozen_norms, scan_mode, train_alone
 from guard.thresholds import Thresholds
 
 
@@ -251,8 +251,11 @@ def recalibrate_bn(model: nn.Module, dataset: Dataset, kept: np.ndarray, feed: F
     input adapter and autocast). After unlearning the running statistics are those of the unlearning
     batches, half of them quarantined (triggered) samples, which the model's clean accuracy pays for
     until training has replaced them; kept samples give it back at once. Each layer's momentum and
-    every module's train/eval flag are restored. Returns the samples used (0: no BatchNorm, or off)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    every module's train/eval flag are restored; the layers the user froze (:func:`~guard.hooks.frozen_norms`)
+    are left as they are. Returns the samples used (0: no BatchNorm to re-estimate, or off)."""
+    frozen = frozen_norms(model)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+             and not any(m is f for f in frozen)]
     n = min(cfg.thresholds.bn_samples, len(kept))
     if not norms or n == 0:
         return 0

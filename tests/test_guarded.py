@@ -1,5 +1,6 @@
 """GuardedDataset end to end on small real-valued data: drop-in behaviour, decisions, quarantine."""
 
+import copy
 import json
 import random
 import warnings
@@ -496,6 +497,42 @@ def test_unlearning_hands_back_batchnorm_statistics_of_kept_data():
     gds_off = GuardedDataset(ds, train(_bn_mlp(), ds, epochs=25), GuardConfig(thresholds={"bn_samples": 0}),
                              trusted=Blobs(150, seed=7))
     assert gds_off.scan().remedy_bn_samples == 0
+
+
+def test_unlearning_leaves_a_frozen_backbones_batchnorm_as_the_user_froze_it():
+    """Fine-tuning with a frozen backbone: its parameters do not train and its BatchNorm layers stay in
+    eval mode (pretrained statistics), set once or kept so by the model's own ``train()``. Unlearning
+    steps only what trains and re-estimates only the statistics training moves; a frozen layer left in
+    train mode (torchvision's tutorial) moves with them."""
+    nn = torch.nn
+
+    class KeepsFrozenEval(nn.Sequential):
+        def train(self, mode=True):
+            super().train(mode)
+            self[1].eval()
+            return self
+
+    ds = Blobs(600, poison=0.08, seed=0)
+    torch.manual_seed(0)
+    model = train(nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 64),
+                                nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 3)), ds, epochs=25)
+    for eval_mode, own_train in ((True, False), (True, True), (False, False)):
+        net = copy.deepcopy(model)
+        if own_train:
+            net = KeepsFrozenEval(*net)
+        for p in [*net[0].parameters(), *net[1].parameters()]:
+            p.requires_grad_(False)
+        net.train()
+        net[1].train(not eval_mode)
+        frozen = {k: v.clone() for k, v in net[:2].state_dict().items()}
+        other = net[4].running_mean.clone()
+        gds = GuardedDataset(ds, net, GuardConfig(thresholds={"bn_samples": 200}), trusted=Blobs(150, seed=7))
+        scan = gds.scan()
+        assert scan.remedy == "unlearn" and scan.remedy_steps > 0 and scan.remedy_bn_samples == 200
+        assert net.training and net[1].training is not eval_mode          # every flag handed back
+        assert not torch.equal(net[4].running_mean, other)                 # a trained layer: re-estimated
+        moved = [k for k, v in net[:2].state_dict().items() if not torch.equal(v, frozen[k])]
+        assert moved == ([] if eval_mode else ["1.running_mean", "1.running_var", "1.num_batches_tracked"]), moved
 
 
 def test_unlearning_is_judged_on_the_model_it_hands_back():

@@ -60,3 +60,23 @@ def test_a_noisier_source_changes_the_training_split_only_and_says_which_labels(
     assert np.array_equal(again.labels, data.labels) and torch.equal(again.train.images, data.train.images)
     with pytest.raises(ValueError, match="label_noise"):
         prepare(RunSpec(data="digits", attack=None, label_noise=1.5))
+
+
+def test_a_class_subset_keeps_those_classes_everywhere_relabelled_in_the_order_given():
+    # RunSpec.classes: a task made of some of a dataset's classes (bench_finetune's pretraining and fine-tuning)
+    from guard.experiment import RunSpec, prepare
+
+    base = prepare(RunSpec(data="digits", attack=None, n_train=None, trusted_per_class=10))
+    data = prepare(RunSpec(data="digits", attack="badnets", rate=0.1, target=1, n_train=None, trusted_per_class=10,
+                           classes=[7, 3]))
+    assert data.num_classes == 2 and data.make_model().head[-1].out_features == 2
+    for split, full in ((data.test, base.test), (data.trusted, base.trusted)):
+        assert set(split.labels.tolist()) == {0, 1}
+    n7, n3 = ((base.test.labels == c).sum() for c in (7, 3))
+    assert (data.test.labels == 0).sum() == n7 and (data.test.labels == 1).sum() == n3
+    assert len(data.labels) == int((np.isin(base.labels, [7, 3])).sum())
+    assert (data.labels[data.poisoned] == 1).all() and len(data.poisoned) > 0
+    with pytest.raises(ValueError, match="distinct labels"):
+        prepare(RunSpec(data="digits", attack=None, classes=[3, 3]))
+    with pytest.raises(ValueError, match="distinct labels"):
+        prepare(RunSpec(data="digits", attack=None, classes=[3, 10]))
