@@ -44,10 +44,11 @@ from torch.utils.data import DataLoader
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.bench_zoo import targets_met, was_learned  # noqa: E402
 from guard.attacks import make_attack  # noqa: E402
 from guard.datasets import cache_dir  # noqa: E402
-from guard.experiment import (RunSpec, _epoch, _success, make_optimizer, predict, prepare,  # noqa: E402
-                              run)
+from guard.experiment import (RunSpec, _epoch, make_optimizer, predict, prepare, run,  # noqa: E402
+                              trigger_floor)
 from guard.models import CifarResNet18  # noqa: E402
 
 PRE_CLASSES, FT_CLASSES = [5, 6, 7, 8, 9], [0, 1, 2, 3, 4]
@@ -131,19 +132,10 @@ def cell_spec(trigger: str | None, recipe: str, pre_epochs: int, seed: int, arch
 
 def floors(model: nn.Module, spec: RunSpec, triggers: list[str]) -> dict:
     """Attack success of each trigger, aimed as in its row, on the never-poisoned fine-tuned ``model``."""
-    from guard.datasets import ArrayImageDataset, ArraySplit
-    data = prepare(spec)
-    images, labels = data.test.images.permute(0, 2, 3, 1).numpy(), data.test.labels
-    mean, std = data.test.mean.flatten().tolist(), data.test.std.flatten().tolist()
-    plain, _ = predict(model, data.test)
-    out = {}
-    for t in triggers:
-        s = cell_spec(t, "all", 0, spec.seed, spec.archive)
-        atk = make_attack(s.attack, target=s.target, rate=0.0, seed=spec.seed)
-        pred, _ = predict(model, ArrayImageDataset(ArraySplit(*atk.triggered_test(images, labels)), mean, std))
-        a, c, clean = _success(atk, plain, labels, pred)
-        out[t] = {"all": a, "correct": c, "clean": clean}
-    return out
+    cells = {t: cell_spec(t, "all", 0, spec.seed, spec.archive) for t in triggers}
+    target = {c.attack: c.target for c in cells.values()}
+    out = trigger_floor(model, prepare(spec), spec, list(target), aim=target.__getitem__)
+    return {t: out[c.attack] for t, c in cells.items()}
 
 
 def row(key: str, r: dict) -> dict:
@@ -240,9 +232,9 @@ def markdown(out: dict) -> str:
         lr = r["cell"][r["cell"].index(" lr "):] if " lr " in r["cell"] else ""
         same = floors.get(f"{recipe} none@{seed}{lr}" if seed else f"{recipe} none{lr}")
         fl = (same or floors.get(f"{recipe} none{lr}", {})).get(trigger, {}).get("correct")
-        learned = trigger != "none" and max(r["asr_unguarded"], r["asr_guarded"]) >= 0.3
-        met = (learned and r["tpr"] >= 0.95 and r["fpr"] <= 0.01 and r["asr_correct_guarded"] <= 0.05
-               and (fl is None or r["asr_correct_guarded"] <= fl + 0.02) and r["acc_guarded"] >= r["acc_unguarded"] - 0.02)
+        learned = trigger != "none" and was_learned(r)
+        asr_met = r["asr_correct_guarded"] <= 0.05 and (fl is None or r["asr_correct_guarded"] <= fl + 0.02)
+        met = learned and targets_met(r, asr_met)[1]
         lines.append(f"| {r['cell']} | {pct(r['asr_unguarded'])} / {pct(r['asr_correct_unguarded'])} | {pct(fl)} | "
                      f"{pct(r['tpr'])} | {pct(r['fpr'])} | {r['first_catch'] or '-'} | {pct(r['asr_guarded'])} / "
                      f"{pct(r['asr_correct_guarded'])} | {pct(r['acc_unguarded'])} / {pct(r['acc_guarded'])} | "

@@ -13,7 +13,7 @@ import copy
 import importlib
 import time
 import tracemalloc
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,21 +233,22 @@ def measure(model: nn.Module, data: Prepared) -> dict[str, float]:
     return out
 
 
-def trigger_floor(model: nn.Module, data: Prepared, spec: RunSpec,
-                  names: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+def trigger_floor(model: nn.Module, data: Prepared, spec: RunSpec, names: Sequence[str] | None = None,
+                  aim: Callable[[str], int] | None = None) -> dict[str, dict[str, float]]:
     """Attack success of every image trigger on a model that never saw it: the share of triggered
     test images it predicts as their target anyway ("all"), the same among the images it
     classifies correctly without the trigger ("correct"), and the share of those images predicted
     as the target without the trigger ("clean"). What a model that never learned the trigger gives;
     only one taught to avoid the trigger goes lower. ``names``: the triggers (default every attack
-    of :data:`ATTACKS`, aimed at ``spec.target``; a zoo trigger ``"zoo:S:I"`` keeps its own target)."""
+    of :data:`ATTACKS`, aimed at ``spec.target``; a zoo trigger ``"zoo:S:I"`` keeps its own target);
+    ``aim(name)``: each trigger's target instead."""
     images, labels = data.test.images.permute(0, 2, 3, 1).numpy(), data.test.labels
     mean, std = data.test.mean.flatten().tolist(), data.test.std.flatten().tolist()
     plain, _ = predict(model, data.test)
     out = {}
     for name in ATTACKS if names is None else names:
-        aim = {} if name.startswith("zoo:") else {"target": spec.target}
-        atk = make_attack(name, **aim, rate=0.0, seed=spec.seed)
+        target = {"target": aim(name)} if aim else {} if name.startswith("zoo:") else {"target": spec.target}
+        atk = make_attack(name, **target, rate=0.0, seed=spec.seed)
         try:
             triggered = ArraySplit(*atk.triggered_test(images, labels))
         except ValueError as e:           # a trigger that does not fit these images (e.g. too small)

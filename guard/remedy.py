@@ -255,7 +255,7 @@ def recalibrate_bn(model: nn.Module, dataset: Dataset, kept: np.ndarray, feed: F
     are left as they are. Returns the samples used (0: no BatchNorm to re-estimate, or off)."""
     frozen = frozen_norms(model)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-             and not any(m is f for f in frozen)]
+             and m not in frozen]
     n = min(cfg.thresholds.bn_samples, len(kept))
     if not norms or n == 0:
         return 0
