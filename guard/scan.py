@@ -190,6 +190,11 @@ def _units(batches: Iterator[Batch], n_layers: int, dtype: torch.dtype = torch.f
             for k in range(n_layers)]
 
 
+def _view_units(views: InputViews | None, raw: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:meth:`InputViews.units` of ``raw``; without ``views``, the fine view's alone (it needs no fitting)."""
+    return views.units(raw) if views is not None else [unit(raw[0])]
+
+
 def _flat(parts: list[np.ndarray]) -> np.ndarray:
     return (np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)).astype(np.int64)
 
@@ -414,6 +419,14 @@ class Scanner:
         probe_units = [screen_units[keep_at.index(i)] for i in at]
         probes = self._fit_probes(st, {c: ([u[torch.from_numpy(lab1 == c)] for u in probe_units], z1[lab1 == c])
                                        for c in separated}, ref, at, names)
+        rivals = self._rival_images(train, st, {c: (screen_rows[lab1 == c], [u[torch.from_numpy(lab1 == c)]
+                                                                               for u in probe_units]) for c in probes},
+                                    probes, ref)
+        separated = [c for c in separated if c not in rivals]
+        for c in rivals:
+            del probes[c]
+        if not separated:
+            return
         z = cent.calibration(ref, self.th.screen_z, self.th.std_floor)
         if any(c not in probes for c in separated):
             t_z = z(cent.discriminant(ref.feats, ref.labels, loo=True), ref.labels)
@@ -565,7 +578,7 @@ class Scanner:
                     in_seeds[c] = (test.layer - len(names), [mine[k].double()], seed, [theirs[k].double()])
                 else:
                     seeds[c] = ([u.double() for u in mine[:len(names)]], seed)
-        self._take_beyond(train, st, seeds, in_seeds, ref, probe_ids, "scan/direction-confirm")
+        self._take_beyond(train, st, seeds, in_seeds, ref, probe_ids, rows, "scan/direction-confirm")
 
     def images_across(self, train: Dataset, st: ScanState) -> None:
         """Each class not yet separate: its images, read without the model, are tested against the other
@@ -674,6 +687,62 @@ class Scanner:
         views = InputViews(mine[1], st.labels[rows])
         return views, views.units(mine), views.units(theirs)
 
+    def _rival_images(self, train: Dataset, st: ScanState, screens: dict[int, tuple[np.ndarray, list[torch.Tensor]]],
+                      probes: dict[int, Probe], ref: RefFeats) -> set[int]:
+        """First catches whose probe was fitted at the layers (``probes``; ``screens``: per class, the rows of
+        the screen it was fitted on and their unit features at its layers), with a trusted set and image
+        inputs (``Thresholds.images_rival``): the class's screen is also tested in the images' fine view
+        (:mod:`guard.inputs`) against its trusted images, by the direction stage's test and bar. Where it
+        passes, a probe is fitted there too, and the samples both probes put beyond their bars (each the
+        class's highest trusted sample on that probe, at least ``flag_z``) are the catch they agree on. The
+        class is taken with the fine view's probe where that catch's median lies further beyond its bar, in
+        that probe's trusted standard deviations, than at the layers. Why: which layers a probe reads, and
+        so how far its trusted samples reach, is chosen with the trusted samples (the cluster rule, the
+        layers' direction test, the probe's own layer choice), and 50 of them can happen to sit tight
+        there; the fine view is one view, chosen by nothing, so its highest trusted image bounds the
+        benign share it takes (:meth:`_bar`). Returns the classes taken in the images (flagged here)."""
+        th, won = self.th, {}
+        if not (th.images_rival and self.cfg.scan_inputs and st.cal.source == "trusted"):
+            return set()
+        bar = th.max_false_alarm / max(st.n_tested, 1)
+        for c, (rows, layer_units) in screens.items():
+            if st.classes[c].n_quarantined_before:
+                continue
+            ref_rows = ref.rows[ref.labels == c]
+            mine, theirs = self._train_views(st, train, rows), self._ref_views(st, ref_rows)
+            if mine is None or theirs is None:
+                return set()                                     # not images
+            m, t = unit(mine[0]).double(), unit(theirs[0]).double()
+            test = self._test([m], [t], 0, 1, bar, False)
+            if test is None or test.p >= bar:
+                continue
+            seed = np.where(test.beyond, th.screen_z + 1.0, np.where(test.z < th.benign_z, 0.0, th.benign_z))
+            probe = self_train([m], [t], seed, th, rng_seed=self.cfg.seed)
+            if probe is None:
+                continue
+            z_layers, z_images, ref_images = probes[c].z(layer_units), probe.z([m]), probe.z([t])
+            bar_layers = self._bar(st, c, True)                  # the reference is scored on the layers' probe
+            bar_images = max(th.flag_z, float(ref_images.max())) if th.flag_beyond_trusted else th.flag_z
+            both = (z_layers > bar_layers) & (z_images > bar_images)
+            if both.sum() < th.probe_min_side:
+                continue
+            gap_layers = float(np.median(z_layers[both])) - bar_layers
+            gap_images = float(np.median(z_images[both])) - bar_images
+            if gap_images > gap_layers:
+                won[c] = probe
+                del st.probes[c]
+                st.score_reference(c, ref_rows, ref_images)
+                st.classes[c].reason += (f"; taken in the images' fine view, where the {int(both.sum())} screened "
+                                         f"samples both probes put beyond their trusted samples lie further out "
+                                         f"(median {gap_images:.1f} above its bar, against {gap_layers:.1f} at the "
+                                         "layers)")
+        if won:
+            self._flag_input_probed(train, st, {c: (0, p) for c, p in won.items()}, st.input_views)
+            for c, p in won.items():
+                st.input_probes[c] = (0, p)
+                st.classes[c].critical_layers = [InputViews.names[0]]
+        return set(won)
+
     def _fit_input_probes(self, st: ScanState, seeds: dict[int, tuple], ref: RefFeats) -> dict[int, tuple[int, Probe]]:
         """Per class, a probe self-trained on its screen in the input view ``k`` where the direction
         test was most significant, calibrated on its reference samples' (:meth:`_fit_probes` in that
@@ -688,21 +757,22 @@ class Scanner:
         return probes
 
     def _flag_input_probed(self, train: Dataset, st: ScanState, probes: dict[int, tuple[int, Probe]],
-                           views: InputViews) -> None:
+                           views: InputViews | None) -> None:
         """Score every kept sample of the ``probes``' classes in its probe's input view and flag them
-        as separate."""
+        as separate. ``views``: the scan's input views; None where every probe is in the fine view, the
+        one that is not fitted to the scan."""
         if not probes:
             return
         ex = self.extractor
         rows = st.rows_of(probes)
-        units = views.units(self._train_views(st, train, rows))
+        units = _view_units(views, self._train_views(st, train, rows))
         labels, z_all = st.labels[rows], np.zeros(len(rows))
         for c, (k, probe) in probes.items():
             self._apply_probes({c: probe}, [units[k].double()], labels, z_all)
         for c, (k, probe) in probes.items():
             sel = labels == c
             self._give_back(st, c, lambda idx, k=k, probe=probe: probe.z(
-                [views.units(read_views(train, idx, ex.adapter, ex.batch_size, ex.num_workers))[k].double()]))
+                [_view_units(views, read_views(train, idx, ex.adapter, ex.batch_size, ex.num_workers))[k].double()]))
             self._flag(st, c, rows[sel], z_all[sel], Verdict.SEPARATE)
 
     # ---- stage 5: follow up --------------------------------------------------------------------
@@ -851,15 +921,19 @@ class Scanner:
                 seeds[c] = (m, seed)
             else:
                 in_seeds[c] = (InputViews.names.index(fam), m, seed, t)
-        self._take_beyond(train, st, seeds, in_seeds, ref, probe_ids, "scan/elsewhere-confirm")
+        self._take_beyond(train, st, seeds, in_seeds, ref, probe_ids, rows, "scan/elsewhere-confirm")
 
     def _take_beyond(self, train: Dataset, st: ScanState, seeds: dict, in_seeds: dict, ref: RefFeats,
-                     probe_ids: list[int], desc: str) -> None:
+                     probe_ids: list[int], rows: np.ndarray, desc: str) -> None:
         """Classes found separate by a count beyond every trusted sample: a probe seeded with the samples
         beyond, at the probe layers (``seeds``) or in an input view (``in_seeds``, read in the direction
-        stage's views), scores every sample of its class (pass ``desc``) and the class is flagged."""
+        stage's views), scores every sample of its class (pass ``desc``) and the class is flagged. ``rows``:
+        the screen the seeds were drawn on (a class's seed is its rows of it, in order)."""
         names = [self.layers[i] for i in probe_ids]
         probes = self._fit_probes(st, seeds, ref, list(range(len(names))), names)
+        for c in self._rival_images(train, st, {c: (rows[st.labels[rows] == c], seeds[c][0]) for c in probes},
+                                    probes, ref):
+            del probes[c]
         in_probes = self._fit_input_probes(st, in_seeds, ref)
         for c in (*seeds, *in_seeds):
             if c not in probes and c not in in_probes:

@@ -61,6 +61,9 @@ class Thresholds(BaseModel):
     probe_rounds: int = Field(3, ge=1, description="probe fit: self-training rounds on its own out-of-fold calls")
     probe_keep: float = Field(
         0.5, gt=0, le=1, description="a probe calling fewer than this share of its seed's suspects is dropped")
+    images_rival: bool = Field(
+        True, description="trusted, images: a first catch at the layers is also fitted in the fine input view and "
+                          "takes with the probe that puts the catch further beyond the trusted samples")
 
     # taking samples
     flag_z: float = Field(2.0, gt=0, description="in a separate class with nothing quarantined, take samples whose z is above this")

@@ -188,3 +188,36 @@ def test_a_catch_the_model_never_learned_is_not_followed_up(cifar_archive):
     assert first >= 150
     assert verdicts[True][2] == 0 and "not followed up" in verdicts[True][1]
     assert verdicts[False][0] == "like quarantined"
+
+
+@pytest.mark.cifar
+def test_a_first_catch_at_the_layers_is_taken_in_the_images_where_they_put_it_further_out(cifar_archive):
+    """The golden BadNets checkpoint (a small CNN that learned the trigger), scanned with 60 trusted images
+    a class: its layers catch class 0, and so do its images' fine view, where the catch lies further beyond
+    the trusted images (``Thresholds.images_rival``). Recorded: all 300 taken either way, 12 benign at
+    the layers, none in the fine view; the clean checkpoint on clean data: nothing taken either way."""
+    from guard import GuardConfig, GuardedDataset
+    from guard.experiment import RunSpec, prepare
+    from tests.golden import FOLDER, _model
+
+    for case in ("badnets", None):
+        data = prepare(RunSpec(data="cifar10", attack=case, rate=0.1, n_train=3000, trusted_per_class=60,
+                               archive=cifar_archive))
+        taken = {}
+        for on in (True, False):
+            torch.manual_seed(0)
+            model = _model()
+            model.load_state_dict(torch.load(FOLDER / f"{case or 'clean'}.pt", weights_only=True))
+            gds = GuardedDataset(data.train, model, GuardConfig(remedy="none", progress=False,
+                                                                thresholds={"images_rival": on}), trusted=data.trusted)
+            gds.scan(0)
+            q = gds.quarantined
+            if case is None:
+                assert len(q) == 0, on
+                continue
+            v = next(c for c in gds.report.scans[-1].classes if c.cls == 0)
+            assert np.isin(data.poisoned, q).all(), on
+            taken[on] = int((~np.isin(q, data.poisoned)).sum())
+            assert (v.critical_layers == [FINE]) == on and ("fine view" in v.reason) == on
+        if case is not None:
+            assert taken[True] <= 3 and taken[True] < taken[False], taken
