@@ -72,6 +72,7 @@ from guard.probe import Probe, self_train
 from guard.reference import Reference, unit, unit_
 from guard.report import ClassReport
 from guard.score import DeviceScores
+from guard.thresholds import Thresholds
 
 
 class Passes:
@@ -188,6 +189,12 @@ def _units(batches: Iterator[Batch], n_layers: int, dtype: torch.dtype = torch.f
     chunks = [[unit(f.to(dtype)) for f in b.feats] for b in batches]
     return [torch.cat([ch[k] for ch in chunks]) if chunks else torch.zeros(0, dtype=torch.float64)
             for k in range(n_layers)]
+
+
+def _seed(test: DirectionTest, th: Thresholds) -> np.ndarray:
+    """A probe's first calls from a test's count beyond the trusted samples: the samples beyond are suspects
+    (above ``screen_z``), those within ``benign_z`` trusted sd benign (0), the rest in between (``benign_z``)."""
+    return np.where(test.beyond, th.screen_z + 1.0, np.where(test.z < th.benign_z, 0.0, th.benign_z))
 
 
 def _view_units(views: InputViews | None, raw: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -572,7 +579,7 @@ class Scanner:
                                                 direction_input=test.layer >= len(names)), th)
             if verdict == Verdict.SEPARATE:
                 v.reason = f"{reason}, at {(names + list(InputViews.names))[test.layer]}"
-                seed = np.where(test.beyond, th.screen_z + 1.0, np.where(test.z < th.benign_z, 0.0, th.benign_z))
+                seed = _seed(test, th)
                 k = test.layer - offset                                  # its position in mine
                 if test.layer >= len(names):
                     in_seeds[c] = (test.layer - len(names), [mine[k].double()], seed, [theirs[k].double()])
@@ -614,7 +621,7 @@ class Scanner:
             if verdict != Verdict.SEPARATE:
                 continue
             v.reason = f"{reason}, at {InputViews.names[k]}"
-            seed = np.where(test.beyond, th.screen_z + 1.0, np.where(test.z < th.benign_z, 0.0, th.benign_z))
+            seed = _seed(test, th)
             mine = torch.from_numpy(labels == c)
             probe = self_train([units[k][mine].double()], [units[k][~mine].double()], seed, th, rng_seed=self.cfg.seed)
             if probe is None:
@@ -711,12 +718,12 @@ class Scanner:
             ref_rows = ref.rows[ref.labels == c]
             mine, theirs = self._train_views(st, train, rows), self._ref_views(st, ref_rows)
             if mine is None or theirs is None:
-                return set()                                     # not images
+                break                                            # not images
             m, t = unit(mine[0]).double(), unit(theirs[0]).double()
             test = self._test([m], [t], 0, 1, bar, False)
             if test is None or test.p >= bar:
                 continue
-            seed = np.where(test.beyond, th.screen_z + 1.0, np.where(test.z < th.benign_z, 0.0, th.benign_z))
+            seed = _seed(test, th)
             probe = self_train([m], [t], seed, th, rng_seed=self.cfg.seed)
             if probe is None:
                 continue
@@ -916,7 +923,7 @@ class Scanner:
             if verdict != Verdict.SEPARATE:
                 continue
             v.reason = reason if fam == "model" else f"{reason}, at {fam}"
-            seed = np.where(test.beyond, th.screen_z + 1.0, np.where(test.z < th.benign_z, 0.0, th.benign_z))
+            seed = _seed(test, th)
             if fam == "model":
                 seeds[c] = (m, seed)
             else:
