@@ -729,7 +729,7 @@ class Scanner:
                 continue
             z_layers, z_images, ref_images = probes[c].z(layer_units), probe.z([m]), probe.z([t])
             bar_layers = self._bar(st, c, True)                  # the reference is scored on the layers' probe
-            bar_images = max(th.flag_z, float(ref_images.max())) if th.flag_beyond_trusted else th.flag_z
+            bar_images = self._bar(st, c, True, ref_images)
             both = (z_layers > bar_layers) & (z_images > bar_images)
             if both.sum() < th.probe_min_side:
                 continue
@@ -1139,7 +1139,7 @@ class Scanner:
             v.reason += (f"; {v.n_released} of its {len(idx)} earlier-quarantined samples given back (below "
                          f"flag_z={self.th.flag_z} on this probe, which puts most of them above follow_z)")
 
-    def _bar(self, st: ScanState, c: int, first: bool) -> float:
+    def _bar(self, st: ScanState, c: int, first: bool, ref: np.ndarray | None = None) -> float:
         """What a catch of class ``c`` takes above: a first catch ``flag_z``, a catch in a class that
         already holds quarantined samples (a follow-up, or the class found separate again) ``follow_z``;
         with a trusted set (``flag_beyond_trusted``, ``follow_beyond_trusted``), the class's highest
@@ -1148,10 +1148,15 @@ class Scanner:
         whatever the score's distribution: the share of the class's benign samples taken is bounded by
         the data, not by a z that assumes a bell curve (a trained class's benign tail reaches past a fixed
         z where its trusted samples do too). Trust-free, and where the class's reference was not scored by
-        the flagging probe (its images against the other classes'), the fixed z."""
+        the flagging probe (its images against the other classes'), the fixed z. ``ref``: the class's
+        trusted samples on a score their reference does not hold (yet), in place of the reference's."""
         z, bound = ((self.th.flag_z, self.th.flag_beyond_trusted) if first
                     else (self.th.follow_z, self.th.follow_beyond_trusted))
-        return self._beyond_trusted(st, c, z) if bound else z
+        if not bound:
+            return z
+        if ref is not None:
+            return max(z, float(ref.max())) if len(ref) else z
+        return self._beyond_trusted(st, c, z)
 
     @staticmethod
     def _beyond_trusted(st: ScanState, c: int, bar: float) -> float:
