@@ -424,10 +424,9 @@ class Scanner:
         if not separated:
             return
         probe_units = [screen_units[keep_at.index(i)] for i in at]
-        probes = self._fit_probes(st, {c: ([u[torch.from_numpy(lab1 == c)] for u in probe_units], z1[lab1 == c])
-                                       for c in separated}, ref, at, names)
-        rivals = self._rival_images(train, st, {c: (screen_rows[lab1 == c], [u[torch.from_numpy(lab1 == c)]
-                                                                               for u in probe_units]) for c in probes},
+        class_units = {c: [u[torch.from_numpy(lab1 == c)] for u in probe_units] for c in separated}
+        probes = self._fit_probes(st, {c: (class_units[c], z1[lab1 == c]) for c in separated}, ref, at, names)
+        rivals = self._rival_images(train, st, {c: (screen_rows[lab1 == c], class_units[c]) for c in probes},
                                     probes, ref)
         separated = [c for c in separated if c not in rivals]
         for c in rivals:
