@@ -14,9 +14,14 @@ Calibrated without a model of the features. Were the class clean (its training s
 exchangeable with its trusted ones), the held-out share beyond the trusted extreme along a
 direction fitted without either is Beta(1, n_ref), so the count is Beta-binomial
 (:func:`guard.decide.beyond_reference_p`); summed over two halves fitted apart it is no more
-dispersed than that. Each half's direction is signed by its own (fit-half) skew, so both sides
-are tested (x 2), at every layer given (x layers): :attr:`DirectionTest.p` carries both
-corrections. Needs a trusted reference: a trust-free one is the hard half of each class, not
+dispersed than that. Each half's direction is signed by its own (fit-half) skew and both sides are
+tested; a principal direction has no sign of its own, though, and where the poison is about half of a
+class no statistic of a fit half tells its two ends apart, so the halves can be signed apart and split
+the poison between the two sides. So the two pairings that sign them apart are tested too, with a
+small share of the test's false-alarm budget (:data:`SPLIT_SHARE`, a weighted Bonferroni correction:
+a poisoned half of a class is far beyond, and the signed-alike pairings keep almost all their power),
+at every layer given (x layers): :attr:`DirectionTest.p` carries both corrections.
+Needs a trusted reference: a trust-free one is the hard half of each class, not
 exchangeable with the rest.
 
 :func:`across_classes` needs no trusted set: it holds each class's images, in an input view that
@@ -32,6 +37,7 @@ matrix; deterministic (no random projection), so every rank of a distributed run
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -46,12 +52,19 @@ from guard.decide import beyond_reference_p
 class DirectionTest:
     """The most significant layer's result for one class."""
 
-    p: float              # corrected for both sides and every layer tested
+    p: float              # corrected for the sides (side_factor) and every layer tested
     layer: int            # position in the layer list given
     share: float          # share of the samples beyond every trusted sample on the significant side
     beyond: np.ndarray    # (n,) bool: held-out projection beyond every trusted one, on that side
     z: np.ndarray         # (n,) held-out projection in trusted standard deviations, that side positive
-    layer_p: tuple[float, ...] = ()   # per layer given: its own p, corrected for the two sides only
+    layer_p: tuple[float, ...] = ()   # per layer given: its own p, corrected for the sides only
+    side_factor: float = 2.0          # the correction for the sides of the pairing that gave ``p``
+
+
+SPLIT_SHARE = 0.1
+"""The share of a test's false-alarm budget spent on the two pairings that sign its halves apart (each
+is then corrected by 2 / SPLIT_SHARE, the two signed alike by 2 / (1 - SPLIT_SHARE)). A design choice,
+not fitted to any run: it costs the usual test a factor of 1.11 in p."""
 
 
 def top_direction(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +119,7 @@ def project(units: list[torch.Tensor], ref: list[torch.Tensor], rng_seed: int = 
 
 def most_significant(projections: Projections, n_ref: int) -> DirectionTest:
     """The test of :func:`direction_test` over ``projections`` (:func:`project`'s, or its first layers)
-    against ``n_ref`` trusted samples, corrected for both sides and every layer given."""
+    against ``n_ref`` trusted samples, corrected for the sides (:data:`SPLIT_SHARE`) and every layer given."""
     best, layer_p = None, []
     for li, (proj, ref_proj) in enumerate(projections):
         best, p = _best_side(proj, ref_proj, n_ref, li, len(projections), best)
@@ -130,21 +143,22 @@ def _skew_sign(p_fit: torch.Tensor) -> float:
 
 def _best_side(proj: np.ndarray, ref_proj: list, n_ref: int, layer: int, n_layers: int,
                best: DirectionTest | None) -> tuple[DirectionTest, float]:
-    """Both sides of one layer's held-out projections ``proj`` against, per half, the reference's
-    ``ref_proj`` (mask, projections): the count beyond every reference sample, its p corrected for the
-    two sides and ``n_layers``; the more significant of that and ``best``, and this layer's p corrected
-    for the two sides only."""
+    """Every pairing of the sides of one layer's held-out projections ``proj`` (per half, ``ref_proj``:
+    its mask and the reference's projections, skew-signed): the count beyond every reference sample, its p
+    corrected for the pairing (:data:`SPLIT_SHARE`) and ``n_layers``; the more significant of that and
+    ``best``, and this layer's p corrected for the pairings only."""
     n, side_p = len(proj), 1.0
-    for side in (1.0, -1.0):
+    for signs in itertools.product((1.0, -1.0), repeat=len(ref_proj)):
+        factor = 2.0 / (1.0 - SPLIT_SHARE) if len(set(signs)) == 1 else 2.0 / SPLIT_SHARE
         beyond, z = np.zeros(n, bool), np.zeros(n)
-        for out, rp in ref_proj:
+        for side, (out, rp) in zip(signs, ref_proj):
             p_out, rp = side * proj[out], side * rp
             beyond[out] = p_out > rp.max()
             z[out] = (p_out - rp.mean()) / max(float(rp.std()), 1e-12)
         tail = beyond_reference_p(int(beyond.sum()), n, n_ref)
-        p, side_p = min(1.0, 2 * n_layers * tail), min(side_p, 1.0, 2 * tail)
+        p, side_p = min(1.0, factor * n_layers * tail), min(side_p, 1.0, factor * tail)
         if best is None or p < best.p:
-            best = DirectionTest(p, layer, float(beyond.mean()), beyond, z)
+            best = DirectionTest(p, layer, float(beyond.mean()), beyond, z, side_factor=factor)
     return best, side_p
 
 
@@ -177,7 +191,7 @@ def across_classes(units: torch.Tensor, labels: np.ndarray, bar: float, rng_seed
         others = [t for d, t in tests.items() if d != c]
         rate = (sum(int(t.beyond.sum()) for t in others) + 1) / (sum(len(t.beyond) for t in others) + 1)
         p_rate = float(scipy.stats.binom.sf(k - 1, n, rate)) if k else 1.0
-        return max(min(1.0, 2 * beyond_reference_p(k, n, int((labels != c).sum()))), p_rate)
+        return max(min(1.0, tests[c].side_factor * beyond_reference_p(k, n, int((labels != c).sum()))), p_rate)
 
     out = {c: replace(t, p=p_of(c, t.beyond)) for c, t in tests.items()}
     quiet = [c for c, t in out.items() if t.p >= bar]

@@ -9,7 +9,7 @@ acted on although it is clean. Poison in many classes (all-to-all, an adaptive a
 samples) looks the same from inside one class.
 
 The classes together show it. At each layer (and input view) the direction test read, the p-values
-of the classes the scan did not act on, each corrected for the test's two sides only, are combined
+of the classes the scan did not act on, each corrected for the test's sides only, are combined
 by Fisher's method; the smallest combined p, times the layers combined, is the scan's mismatch p.
 
 Calibrated without a model of the features: were the classes clean and exchangeable with their
@@ -41,7 +41,7 @@ class Mismatch:
 
 def mismatch(layer_p: dict[int, dict[int, float]]) -> Mismatch | None:
     """``layer_p``: per class the scan did not act on, its direction test's p at each layer position
-    (corrected for the two sides only). None where no layer has two classes to combine."""
+    (corrected for the sides only). None where no layer has two classes to combine."""
     by_layer: dict[int, list[float]] = defaultdict(list)
     for ps in layer_p.values():
         for layer, p in ps.items():
