@@ -43,6 +43,13 @@ from guard.datasets import load_cifar10  # noqa: E402
 from guard.experiment import RunSpec  # noqa: E402
 
 N_TRAIN, EPOCHS, LR, MODEL, POOL, TEST = 4000, 16, 0.05, "resnet18", 600, 200
+BADNETS_SIDE = 3                 # BadNets' checkerboard at 32 px, scaled with the side
+
+
+def badnets_size(side: int) -> int:
+    return BADNETS_SIDE * side // 32
+
+
 NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -73,7 +80,7 @@ def spec_for(root: Path, side: int):
     def spec(attack: str | None, rate: float, seed: int, trusted: int) -> RunSpec:
         kwargs, target = {}, 0
         if attack == "badnets":
-            kwargs = {"size": 3 * side // 32}
+            kwargs = {"size": badnets_size(side)}
         elif attack is not None and attack.startswith("zoo:"):
             atk = make_attack(attack)
             target = atk.target
@@ -113,7 +120,7 @@ def main() -> None:
                  f"{meta['side']} x {meta['side']} px, {meta['n_train']:,} training images, crop + flip, torchvision "
                  f"`{meta['model']}` from scratch, SGD {meta['lr']} cosine, {meta['epochs']} epochs, `GuardConfig()` "
                  "defaults with discovered layers, each whole guarded run beside its unguarded twin. BadNets' patch "
-                 f"is {3 * meta['side'] // 32} px.")
+                 f"is {badnets_size(meta['side'])} px.")
         Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows, "markdown": guarded_table(rows, None, intro)},
                                           indent=1))
         render_benchmarks()
