@@ -49,7 +49,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.bench_guard import render_benchmarks  # noqa: E402
 from benchmarks.bench_harm import guarded_row, guarded_table, merge, render, scan_rows, summarise, train  # noqa: E402
-from guard.datasets import load_cifar10  # noqa: E402
+from guard.datasets import CIFAR10_CLASSES, load_cifar10  # noqa: E402
 from guard.experiment import RunSpec  # noqa: E402
 
 CLASSES, HEAD, IMBALANCE, POOL = 30, 350, 1.75, 600
@@ -65,7 +65,7 @@ def build(root: Path, archive: str | None = None, seed: int = 0) -> dict:
     from PIL import Image
 
     splits = load_cifar10(archive)
-    names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    names = CIFAR10_CLASSES
     rng = np.random.default_rng(seed)
     counts = {}
     for split, pool in (("train", POOL), ("test", None)):

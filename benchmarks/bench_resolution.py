@@ -38,19 +38,16 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.bench_guard import render_benchmarks  # noqa: E402
 from benchmarks.bench_harm import guarded_row, guarded_table  # noqa: E402
-from guard.attacks import Patch, make_attack  # noqa: E402
-from guard.datasets import load_cifar10  # noqa: E402
+from guard.attacks import BadNets, Patch, make_attack  # noqa: E402
+from guard.datasets import CIFAR10_CLASSES, load_cifar10  # noqa: E402
 from guard.experiment import RunSpec  # noqa: E402
 
 N_TRAIN, EPOCHS, LR, MODEL, POOL, TEST = 4000, 16, 0.05, "resnet18", 600, 200
-BADNETS_SIDE = 3                 # BadNets' checkerboard at 32 px, scaled with the side
 
 
 def badnets_size(side: int) -> int:
-    return BADNETS_SIDE * side // 32
-
-
-NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    """BadNets' checkerboard (its default size at 32 px) scaled with the side."""
+    return BadNets.size * side // 32
 
 
 def build(root: Path, side: int, archive: str | None = None, seed: int = 0) -> dict:
@@ -65,7 +62,7 @@ def build(root: Path, side: int, archive: str | None = None, seed: int = 0) -> d
         s = splits[split]
         for c in range(10):
             idx = np.sort(rng.choice(np.flatnonzero(s.labels == c), n, replace=False))
-            folder = root / split / f"{c}-{NAMES[c]}"
+            folder = root / split / f"{c}-{CIFAR10_CLASSES[c]}"
             folder.mkdir(parents=True, exist_ok=True)
             for i in idx:
                 Image.fromarray(s.images[i]).resize((side, side), Image.BICUBIC).save(folder / f"{i:05d}.png")

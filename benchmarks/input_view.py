@@ -96,7 +96,7 @@ def trigger_row(trigger: str | None, seed: int = 0, make=None) -> dict:
         sel, tsel = torch.from_numpy(lab[screen] == c), torch.from_numpy(tlab == c)
         tests = [direction_test([u[sel]], [r[tsel]], 0) for u, r in zip(x, t)]
         layer_p[c] = {k: te.layer_p[0] for k, te in enumerate(tests)}
-        p = [min(1.0, te.p * (LAYERS + len(NAMES))) for te in tests]     # each p holds x 2 (sides) already
+        p = [min(1.0, te.p * (LAYERS + len(NAMES))) for te in tests]     # each p holds its sides' correction already
         k = 0 if p[0] < bar or p[0] <= p[1] else 1                      # the coarse view is the last resort
         test, pc = tests[k], poison[screen][sel.numpy()]
         rows[c] = {"p": p[k], "view": NAMES[k], "p_views": p, "share": test.share, "acted": p[k] < bar,
