@@ -24,8 +24,8 @@ from guard.distributed import agree, broadcast_model, broadcast_object, world
 from guard.errors import GuardError, GuardWarning
 from guard.extract import Extractor
 from guard.hooks import preserve_rng, unwrap_model
-from guard.remedy import (Unlearning, allowed_fit, chance_fit, fit_excess_p, predictions, recalibrate_bn,
-                          restart, split_check, unlearn)
+from guard.remedy import (Unlearning, accuracy_change, allowed_fit, chance_fit, fit_excess_p, predictions,
+                          recalibrate_bn, restart, split_check, unlearn)
 from guard.report import (SAMPLE_COLUMNS, GuardReport, QuarantineRecord, RestoreRecord, ScanReport, SweepReport,
                           atomic_write, now, quarantined_row)
 from guard.sampler import GuardSampler
@@ -36,7 +36,8 @@ from guard.setup import check_device, check_trusted, dataset_labels, layers_and_
 from guard.sweep import Sweep, SweepResult
 
 _REMEDY_FIELDS = ("remedy", "remedy_seconds", "remedy_fit_before", "remedy_fit_after", "remedy_fit_allowed",
-                  "remedy_steps", "remedy_stopped", "sweep")
+                  "remedy_steps", "remedy_stopped", "sweep", "remedy_accuracy_before", "remedy_accuracy_after",
+                  "remedy_accuracy_p")
 
 
 def _inner(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -389,7 +390,8 @@ class GuardedDataset(Dataset):
         learned, and at any later scan if a suppressed backdoor creeps back. Nothing is unlearned
         while the model does not know what they teach. With a trusted set and ``unlearn_sweep``, each
         unlearning is swept (see :mod:`guard.sweep`); afterwards kept samples re-estimate the BatchNorm
-        statistics.
+        statistics, and the samples that set the chance rate are read again, for what it cost in accuracy
+        (:func:`~guard.remedy.accuracy_change`).
         With the user's adaptive optimizer (Adam's family, RMSprop), the unlearning's own estimate of
         each parameter's squared gradient (:func:`second_moments`) is returned and :meth:`_apply` raises
         the user's to it: the user's estimate, small late in training, would let the next clean steps
@@ -414,7 +416,8 @@ class GuardedDataset(Dataset):
             pred, lab = self._predictions(model, self.dataset, check)
             fitted = int((pred == lab).sum())
             fit = fitted / len(lab) if len(lab) else 0.0
-            chance = self._chance(model, np.array([self._records[int(i)].label for i in check]))
+            source, ref_idx, ref_pred, ref_lab = self._chance_samples(model)
+            chance = chance_fit(ref_pred, ref_lab, np.array([self._records[int(i)].label for i in check]))
             allowed = allowed_fit(chance, len(check), cfg.thresholds)
             p = fit_excess_p(fitted, len(lab), chance, cfg.thresholds)
             scan.remedy_fit_before, scan.remedy_fit_allowed, scan.remedy_fit_p = fit, allowed, p
@@ -441,6 +444,11 @@ class GuardedDataset(Dataset):
             settled = done.settled
             # the model kept reads kept samples' BatchNorm statistics; the sweep measures that model
             scan.remedy_bn_samples = settled or recalibrate_bn(model, self.dataset, job.kept, self.feed, cfg, job.seed)
+            after, _ = predictions(model, source, ref_idx, self.feed)     # not the scan's: the model has changed
+            cost = accuracy_change(ref_pred, after, ref_lab)
+            scan.remedy_accuracy_before, scan.remedy_accuracy_after, scan.remedy_accuracy_p = cost
+            logger.info("guard: unlearning moved the accuracy on {} {} samples from {:.1%} to {:.1%} "
+                        "(McNemar p = {:.2g})", len(ref_idx), "trusted" if source is self.trusted else "kept", *cost)
             if sweep is not None:
                 found = sweep.after(cfg.thresholds.max_false_alarm / self.num_classes)
                 scan.sweep = [SweepReport(cls=r.cls, n=r.n, n_ref=r.n_ref, beyond=r.beyond, p=r.p, taken=len(r.taken))
@@ -484,10 +492,11 @@ class GuardedDataset(Dataset):
             settings["lr"] = min(float(settings["lr"]), self.config.unlearn_lr)
         return type(user)(params, **settings)
 
-    def _chance(self, model: nn.Module, targets: np.ndarray) -> float:
-        """How often the model predicts ``targets``' labels for benign images of other classes: on the
-        trusted set, or trust-free on kept training samples (fitted, so a lower, stricter rate);
-        at most ``thresholds.chance_samples`` of them."""
+    def _chance_samples(self, model: nn.Module) -> tuple[Dataset, np.ndarray, np.ndarray, np.ndarray]:
+        """``(source, indices, predicted, labels)`` of the benign samples that tell how often the model
+        predicts a label for images of other classes (:func:`~guard.remedy.chance_fit`): the trusted set,
+        or trust-free kept training samples (fitted, so a lower, stricter rate); at most
+        ``thresholds.chance_samples`` of them. They also measure what unlearning costs in accuracy."""
         rng = np.random.default_rng([self.config.seed, 2])
         if self.trusted is not None:
             source, pool = self.trusted, np.arange(len(self.trusted))
@@ -495,7 +504,7 @@ class GuardedDataset(Dataset):
             source, pool = self._source, self.kept_indices()
         idx = np.sort(rng.choice(pool, min(len(pool), self.config.thresholds.chance_samples), replace=False))
         pred, lab = self._predictions(model, source, idx)
-        return chance_fit(pred, lab, targets)
+        return source, idx, pred, lab
 
     def _predictions(self, model: nn.Module, source: Dataset, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The model's predicted class and the label of ``source``'s samples ``idx``: read from the scan

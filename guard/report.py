@@ -122,6 +122,12 @@ class ScanReport(BaseModel):
                        "raised to the unlearning's, so training does not at once undo it")
     remedy_bn_samples: int = Field(
         0, description="kept samples that re-estimated the BatchNorm running statistics after unlearning")
+    remedy_accuracy_before: float | None = Field(
+        None, description="accuracy before unlearning on the samples that set the chance rate (trusted, else kept)")
+    remedy_accuracy_after: float | None = Field(
+        None, description="their accuracy after unlearning, read with the statistics the model keeps")
+    remedy_accuracy_p: float | None = Field(
+        None, description="one-sided exact McNemar p that unlearning lowered that accuracy (pairs that changed)")
     sweep: list[SweepReport] = Field(
         default=[], description="after unlearning: the quarantined classes' kept samples tested by their margin's fall")
     reference_scores: list[float] = Field(

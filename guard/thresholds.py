@@ -114,3 +114,6 @@ class Thresholds(BaseModel):
                           "unlearning's squared-gradient estimate after each unlearning")
     bn_samples: int = Field(
         640, ge=0, description="kept samples that re-estimate BatchNorm running statistics after unlearning (0: off)")
+    unlearn_kept_statistics: bool = Field(
+        True, description="BatchNorm models: unlearning normalises each batch by its kept half, each step no larger "
+                          "than a self-normalised one")

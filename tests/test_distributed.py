@@ -193,6 +193,7 @@ def _sync_batchnorm_worker(rank: int, world: int, folder: str) -> None:
         Path(folder, f"rank{rank}.json").write_text(json.dumps(
             {"quarantined": gds.quarantined.tolist(), "poisoned": ds.poisoned.tolist(), "remedy": s.remedy,
              "steps": s.remedy_steps, "bn_samples": s.remedy_bn_samples, "state": _state_hash(model),
+             "accuracy": [s.remedy_accuracy_before, s.remedy_accuracy_after, s.remedy_accuracy_p],
              "sync": type(bn).__name__, "own_forward": "forward" in bn.__dict__, "asr": asr}))
 
 
@@ -254,6 +255,7 @@ def test_sync_batchnorm_layers_unlearn_and_re_estimate_on_rank_0_alone(tmp_path)
     r0, r1 = _spawn(_sync_batchnorm_worker, tmp_path)
     assert r0["remedy"] == "unlearn" and r0["steps"] > 0 and r0["bn_samples"] > 0
     assert r0["state"] == r1["state"] and r0["quarantined"] == r1["quarantined"]   # rank 0's model everywhere
+    assert r0["accuracy"] == r1["accuracy"] and None not in r0["accuracy"]         # rank 0's read-out too
     assert r0["sync"] == "SyncBatchNorm" and not r0["own_forward"]                 # the user's layers handed back
     q, p = set(r0["quarantined"]), set(r0["poisoned"])
     assert len(q & p) >= 0.95 * len(p)
