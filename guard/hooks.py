@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -169,17 +169,25 @@ def train_alone(model: nn.Module) -> Iterator[None]:
     as ``BatchNorm`` does, instead of gathering statistics from ranks that run no forward (a hang on
     GPUs; an error on CPU). Flags and forwards are restored afterwards; the layers stay ``SyncBatchNorm``."""
     sync = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
-    own = [m.__dict__.get("forward") for m in sync]
     frozen = frozen_norms(model)
+    # the local path, same buffers
+    with replaced_forwards(sync, nn.modules.batchnorm._BatchNorm.forward.__get__), module_mode(model, True):
+        for m in frozen:
+            m.training = False
+        yield
+
+
+@contextlib.contextmanager
+def replaced_forwards(modules: list[nn.Module], forward: Callable[[nn.Module], Callable[..., Any]]) -> Iterator[None]:
+    """Within it, each of ``modules`` calls ``forward(module)`` as its forward; afterwards each module's
+    own ``forward`` attribute, where it had one (a nested ``replaced_forwards``), is back."""
+    own = [m.__dict__.get("forward") for m in modules]
     try:
-        for m in sync:
-            m.forward = nn.modules.batchnorm._BatchNorm.forward.__get__(m)   # the local path, same buffers
-        with module_mode(model, True):
-            for m in frozen:
-                m.training = False
-            yield
+        for m in modules:
+            m.forward = forward(m)
+        yield
     finally:
-        for m, f in zip(sync, own):
+        for m, f in zip(modules, own):
             if f is None:
                 m.__dict__.pop("forward", None)
             else:

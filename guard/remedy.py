@@ -55,7 +55,7 @@ from torch.utils.data import Dataset, default_collate
 
 from guard.batches import Feed, autocast
 from guard.config import GuardConfig
-from guard.hooks import frozen_norms, scan_mode, train_alone
+from guard.hooks import frozen_norms, replaced_forwards, scan_mode, train_alone
 from guard.thresholds import Thresholds
 
 
@@ -199,17 +199,8 @@ def kept_statistics(norms: list[nn.modules.batchnorm._BatchNorm], first: int) ->
     """Within it, each of ``norms`` (in train mode) normalises a batch by the statistics of its rows
     ``first`` onwards (the kept half of an unlearning batch) instead of the whole batch's. Each layer's
     own ``forward`` attribute (:func:`~guard.hooks.train_alone` sets one on ``SyncBatchNorm``) is restored."""
-    own = [m.__dict__.get("forward") for m in norms]
-    try:
-        for m in norms:
-            m.forward = _kept_forward(first).__get__(m)
+    with replaced_forwards(norms, _kept_forward(first).__get__):
         yield
-    finally:
-        for m, f in zip(norms, own):
-            if f is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = f
 
 
 def _self_normalised_norm(model: nn.Module, params: list[nn.Parameter], feed: Feed, q_inputs: Any,
@@ -231,13 +222,28 @@ def _self_normalised_norm(model: nn.Module, params: list[nn.Parameter], feed: Fe
         n = len(q_labels)
         loss = nn.functional.cross_entropy(logits[n:].float(), k_labels) + away_loss(logits[:n].float(), q_labels)
         loss.backward()
-        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).detach()
+        return _grad_norm(params).detach()
     finally:
         for p, g in zip(params, saved):
             p.grad = g
         for m, st in zip(norms, stats):
             if st is not None:
                 m.running_mean.copy_(st[0]), m.running_var.copy_(st[1]), m.num_batches_tracked.copy_(st[2])
+
+
+def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The norm of all of ``params``' gradients together, on the device (0 where none has one)."""
+    norms = [p.grad.norm() for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=params[0].device)
+
+
+def _clip(params: list[nn.Parameter], bound: torch.Tensor) -> None:
+    """Scale the gradients down to a norm of at most ``bound`` on the device (``clip_grad_norm_`` reads
+    its bound back to the host)."""
+    coef = (bound / (_grad_norm(params) + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(coef)
 
 
 class Unlearned(NamedTuple):
@@ -312,7 +318,7 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
                 if kept_stats:
                     if bound is None:             # the first batch once more, as a batch normalised by itself
                         bound = _self_normalised_norm(model, params, feed, q_inputs, q_labels, k_inputs, k_labels, cfg)
-                    torch.nn.utils.clip_grad_norm_(params, bound)
+                    _clip(params, bound)
                 opt.step()
                 settled = 0                       # the step's own batch statistics are in the running ones
                 accs.append((k_logits.argmax(1) == k_labels).float().mean().detach())   # read once, at the end
