@@ -203,25 +203,31 @@ def kept_statistics(norms: list[nn.modules.batchnorm._BatchNorm], first: int) ->
         yield
 
 
-def _self_normalised_norm(model: nn.Module, params: list[nn.Parameter], feed: Feed, q_inputs: Any,
-                          q_labels: torch.Tensor, k_inputs: Any, k_labels: torch.Tensor,
-                          cfg: GuardConfig) -> torch.Tensor:
-    """The gradient norm of one unlearning batch with every BatchNorm normalising it by its own statistics
-    (the scale of a plain train-mode step), on the device. The parameters' gradients and the running
-    statistics are put back as they were."""
+def _mixed_loss(model: nn.Module, feed: Feed, cfg: GuardConfig, q_inputs: Any, q_labels: torch.Tensor, k_inputs: Any,
+                k_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, kept logits)`` of one unlearning batch, quarantined rows first, run as one batch under the
+    guard's training autocast: cross-entropy on the kept half plus :func:`away_loss` on the quarantined
+    half (labels on the model's device)."""
+    with autocast(feed.device, cfg.amp, training=True):
+        inputs = feed.adapter.move(_cat(q_inputs, k_inputs), feed.device, feed.channels_last)
+        logits = feed.adapter.forward(model, inputs)
+    n = len(q_labels)
+    loss = nn.functional.cross_entropy(logits[n:].float(), k_labels) + away_loss(logits[:n].float(), q_labels)
+    return loss, logits[n:]
+
+
+def _self_normalised_norm(model: nn.Module, params: list[nn.Parameter], norms: list[nn.modules.batchnorm._BatchNorm],
+                          feed: Feed, cfg: GuardConfig, *batch: Any) -> torch.Tensor:
+    """The gradient norm of one unlearning ``batch`` (:func:`_mixed_loss`'s arguments) with ``norms``
+    normalising it by its own statistics (the scale of a plain train-mode step), on the device. The
+    parameters' gradients and the running statistics are put back as they were."""
     saved = [p.grad for p in params]
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     stats = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
              if m.track_running_stats else None for m in norms]
     try:
         for p in params:
             p.grad = None
-        with autocast(feed.device, cfg.amp, training=True):
-            logits = feed.adapter.forward(model, feed.adapter.move(_cat(q_inputs, k_inputs), feed.device,
-                                                                   feed.channels_last))
-        n = len(q_labels)
-        loss = nn.functional.cross_entropy(logits[n:].float(), k_labels) + away_loss(logits[:n].float(), q_labels)
-        loss.backward()
+        _mixed_loss(model, feed, cfg, *batch)[0].backward()
         return _grad_norm(params).detach()
     finally:
         for p, g in zip(params, saved):
@@ -307,20 +313,18 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
                 q_inputs, q_labels = adapter.split(_batch(dataset, rng.choice(quarantined, min(half, len(quarantined)),
                                                                               replace=False)))
                 k_inputs, k_labels = adapter.split(_batch(dataset, rng.choice(kept, half, replace=len(kept) < half)))
-                with autocast(device, cfg.amp, training=True), \
-                        kept_statistics(norms if kept_stats else [], len(q_labels)):
-                    logits = adapter.forward(model, adapter.move(_cat(q_inputs, k_inputs), device, feed.channels_last))
-                q_logits, k_logits = logits[:len(q_labels)], logits[len(q_labels):]
                 q_labels, k_labels = q_labels.to(device), k_labels.to(device)
-                loss = nn.functional.cross_entropy(k_logits.float(), k_labels) + away_loss(q_logits.float(), q_labels)
+                batch = (q_inputs, q_labels, k_inputs, k_labels)
+                with kept_statistics(norms if kept_stats else [], len(q_labels)):
+                    loss, k_logits = _mixed_loss(model, feed, cfg, *batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if kept_stats:
                     if bound is None:             # the first batch once more, as a batch normalised by itself
-                        bound = _self_normalised_norm(model, params, feed, q_inputs, q_labels, k_inputs, k_labels, cfg)
+                        bound = _self_normalised_norm(model, params, norms, feed, cfg, *batch)
                     _clip(params, bound)
                 opt.step()
-                settled = 0                       # the step's own batch statistics are in the running ones
+                settled = 0                       # the weights moved since the kept samples last set the statistics
                 accs.append((k_logits.argmax(1) == k_labels).float().mean().detach())   # read once, at the end
                 # stop once the held-out quarantined samples are fitted no more than by chance
                 if step + 1 >= cfg.unlearn_steps and (step + 1) % t.check_every == 0:
