@@ -459,6 +459,36 @@ def test_kept_statistics_normalise_the_batch_by_its_kept_rows_alone():
     assert bn.weight.grad is not None and torch.isfinite(bn.weight.grad).all()
 
 
+@pytest.mark.parametrize("shape,affine", [((7, 3, 4, 5), True), ((9, 4), True), ((6, 3, 5), False)])
+def test_kept_statistics_have_the_gradient_of_their_definition(shape, affine):
+    """The fused kept-half BatchNorm against its definition in plain ops, in float64: the same output and,
+    by gradcheck, the exact Jacobian through the kept rows' statistics, input, weight and bias alike."""
+    from guard.remedy import kept_statistics
+    torch.manual_seed(0)
+    bn = getattr(torch.nn, f"BatchNorm{2 if len(shape) == 4 else 1}d")(shape[1], affine=affine).double().train()
+    if affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 2.0), bn.bias.uniform_(-1.0, 1.0)
+    x = (torch.randn(*shape, dtype=torch.float64) * 3 + 1).requires_grad_()
+
+    def defined(x):
+        dims, view = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        kept = x[3:]
+        y = (x - kept.mean(dims).view(view)) / torch.sqrt(kept.var(dims, unbiased=False).view(view) + bn.eps)
+        return y * bn.weight.view(view) + bn.bias.view(view) if affine else y
+
+    def fused(x):
+        with kept_statistics([bn], 3):
+            return bn(x)
+
+    assert torch.allclose(fused(x), defined(x), atol=1e-10)
+    assert torch.autograd.gradcheck(fused, (x,))
+    params = [x, bn.weight, bn.bias] if affine else [x]
+    g = torch.randn(shape, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(fused(x), params, g), torch.autograd.grad(defined(x), params, g)):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 @pytest.mark.parametrize("kept_statistics", [True, False])
 def test_unlearning_a_batchnorm_model_holds_under_clean_statistics(kept_statistics):
     """A BatchNorm MLP whose trigger sets the scale of its half-triggered unlearning batches (seed 1 of the
