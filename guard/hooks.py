@@ -161,6 +161,13 @@ def frozen_norms(model: nn.Module) -> list[nn.Module]:
             and (own := list(m.parameters(recurse=False))) and not any(p.requires_grad for p in own)]
 
 
+def unfrozen_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers the guard's unlearning steps and BatchNorm re-estimation may change: all but
+    the :func:`frozen_norms`."""
+    frozen = frozen_norms(model)
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in frozen]
+
+
 @contextlib.contextmanager
 def train_alone(model: nn.Module) -> Iterator[None]:
     """Train mode for forwards that run in this process alone (the guard's unlearning and BatchNorm

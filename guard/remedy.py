@@ -55,7 +55,7 @@ from torch.utils.data import Dataset, default_collate
 
 from guard.batches import Feed, autocast
 from guard.config import GuardConfig
-from guard.hooks import frozen_norms, replaced_forwards, scan_mode, train_alone
+from guard.hooks import replaced_forwards, scan_mode, train_alone, unfrozen_norms
 from guard.thresholds import Thresholds
 
 
@@ -334,8 +334,7 @@ def unlearn(model: nn.Module, job: Unlearning, feed: Feed, cfg: GuardConfig,
     last, settled, stopped = job.fit_before, 0, "cap"
     best, stale = job.fit_before, 0           # the lowest check so far, and the checks since
     accs: list[torch.Tensor] = []          # kept-half accuracy per step, on the device
-    frozen = frozen_norms(model)
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in frozen]
+    norms = unfrozen_norms(model)
     kept_stats = t.unlearn_kept_statistics and bool(norms)
     bound: torch.Tensor | None = None
     try:
@@ -390,9 +389,7 @@ def recalibrate_bn(model: nn.Module, dataset: Dataset, kept: np.ndarray, feed: F
     until training has replaced them; kept samples give it back at once. Each layer's momentum and
     every module's train/eval flag are restored; the layers the user froze (:func:`~guard.hooks.frozen_norms`)
     are left as they are. Returns the samples used (0: no BatchNorm to re-estimate, or off)."""
-    frozen = frozen_norms(model)
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-             and m not in frozen]
+    norms = [m for m in unfrozen_norms(model) if m.track_running_stats]
     n = min(cfg.thresholds.bn_samples, len(kept))
     if not norms or n == 0:
         return 0
