@@ -595,7 +595,8 @@ class Scanner:
         tests to act on a 10 % cluster). A class that passes (:func:`decide`) is separate, in the fine
         view where it passes there (the coarse view is the last resort, as in :meth:`direction`): the
         images beyond seed a probe in that view, calibrated on the other classes' images, and every kept
-        image of the class is scored with it."""
+        image of the class is scored with it; with a trusted set, only what lies beyond the class's
+        highest trusted image on that probe is taken (:meth:`_bar`)."""
         th = self.th
         todo = {c for c, v in st.classes.items() if v.verdict != Verdict.SEPARATE and v.n_scanned >= th.min_class}
         if not todo:
@@ -629,7 +630,20 @@ class Scanner:
                 continue
             probes[c] = st.input_probes[c] = (k, probe)
             v.critical_layers = [InputViews.names[k]]
+            if st.cal.source == "trusted":
+                self._score_trusted_images(st, c, k, probe, views)
         self._flag_input_probed(train, st, probes, views)
+
+    def _score_trusted_images(self, st: ScanState, c: int, k: int, probe: Probe, views: InputViews) -> None:
+        """Class ``c``'s trusted images on its probe in input view ``k`` (a probe fitted against the other
+        classes' training images, so the trusted images never entered it), so that the catch takes only
+        beyond the highest of them (:meth:`_bar`). The view is read without the model, so the class's
+        benign training images and its trusted ones are alike there and the bound is exact, not
+        loosened by what training did to the training samples."""
+        ref_rows = np.flatnonzero(st.cal.labels == c)
+        theirs = self._ref_views(st, ref_rows) if len(ref_rows) else None
+        if theirs is not None:
+            st.score_reference(c, ref_rows, probe.z([views.units(theirs)[k].double()]))
 
     def _test(self, mine: list[torch.Tensor], theirs: list[torch.Tensor], offset: int, total: int, bar: float,
               inputs: bool) -> DirectionTest | None:
@@ -1147,7 +1161,7 @@ class Scanner:
         whatever the score's distribution: the share of the class's benign samples taken is bounded by
         the data, not by a z that assumes a bell curve (a trained class's benign tail reaches past a fixed
         z where its trusted samples do too). Trust-free, and where the class's reference was not scored by
-        the flagging probe (its images against the other classes'), the fixed z. ``ref``: the class's
+        the flagging probe, the fixed z. ``ref``: the class's
         trusted samples on a score their reference does not hold (yet), in place of the reference's."""
         z, bound = ((self.th.flag_z, self.th.flag_beyond_trusted) if first
                     else (self.th.follow_z, self.th.follow_beyond_trusted))

@@ -45,6 +45,30 @@ def test_with_10_trusted_a_class_the_images_still_catch_a_10_percent_trigger(cas
     assert "image of the other classes" in target.reason, target.reason
 
 
+@pytest.mark.cifar
+def test_with_a_trusted_set_the_images_take_only_beyond_the_class_s_highest_trusted_image(cifar_archive):
+    # the images held against the other classes' need no trusted sample to find a class, but with one
+    # the catch is bounded by it, as every other catch is: the class's trusted images, on the probe that
+    # takes (fitted without them), set the bar; the view is model-free, so they are alike the class's
+    # benign training images there and a clean one lies beyond all of them with probability <= 1 / (n + 1)
+    from guard.experiment import RunSpec, prepare
+
+    data = prepare(RunSpec(data="cifar10", attack="blended", rate=0.1, n_train=3000, trusted_per_class=10,
+                           archive=cifar_archive))
+    model = _model()
+    model.load_state_dict(torch.load(FOLDER / "blended.pt", weights_only=True))
+    gds = guard.GuardedDataset(data.train, model, guard.GuardConfig(remedy="none", progress=False), trusted=data.trusted)
+    gds.scan()
+    res = gds.last_result
+    target = next(c for c in res.classes if c.cls == 0)
+    assert "image of the other classes" in target.reason and target.critical_layers == ["<input>"], target.reason
+    ref = res.reference_suspicion[res.reference_labels == 0]
+    assert len(ref) == 10 and ref.max() > gds.config.thresholds.flag_z           # the bound binds here
+    assert target.threshold == pytest.approx(float(ref.max()))
+    mine = np.isin(res.scanned, gds.quarantined) & (res.labels == 0)
+    assert mine.sum() >= 0.95 * len(data.poisoned) and (res.suspicion[mine] > ref.max()).all()
+
+
 def test_a_noisier_source_changes_the_training_split_only_and_says_which_labels():
     # RunSpec.label_noise / train_jpeg: the training data from a less careful source than the trusted set
     from guard.experiment import RunSpec, prepare
