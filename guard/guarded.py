@@ -25,7 +25,7 @@ from guard.errors import GuardError, GuardWarning
 from guard.extract import Extractor
 from guard.hooks import preserve_rng, unwrap_model
 from guard.remedy import (Unlearning, accuracy_change, allowed_fit, chance_fit, fit_excess_p, predictions,
-                          recalibrate_bn, restart, split_check, unlearn)
+                          recalibrate_bn, restart, split_check, taught_class, unlearn)
 from guard.report import (SAMPLE_COLUMNS, GuardReport, QuarantineRecord, RestoreRecord, ScanReport, SweepReport,
                           atomic_write, now, quarantined_row)
 from guard.sampler import GuardSampler
@@ -421,13 +421,16 @@ class GuardedDataset(Dataset):
             allowed = allowed_fit(chance, len(check), cfg.thresholds)
             p = fit_excess_p(fitted, len(lab), chance, cfg.thresholds)
             scan.remedy_fit_before, scan.remedy_fit_allowed, scan.remedy_fit_p = fit, allowed, p
+            said = (f"the model predicts {fit:.1%} of the {len(lab)} held-out quarantined samples as their label "
+                    f"(chance: up to {allowed:.1%}, p = {p:.2g})")
             if fit <= allowed or p >= cfg.thresholds.max_false_alarm:
-                logger.info("guard: the model predicts {:.1%} of the {} held-out quarantined samples as their label "
-                            "(chance: up to {:.1%}, p = {:.2g}): nothing to unlearn", fit, len(lab), allowed, p)
-                return [], None
-            logger.info("guard: the model predicts {:.1%} of the {} held-out quarantined samples as their label "
-                        "(chance: up to {:.1%}, p = {:.2g}){}: unlearning", fit, len(lab), allowed, p,
-                        "" if new else " again")
+                cls, p_cls = taught_class(pred, lab, ref_pred, ref_lab, cfg.thresholds)
+                if cls is None or p_cls >= cfg.thresholds.max_false_alarm:
+                    logger.info("guard: {}: nothing to unlearn", said)
+                    return [], None
+                scan.remedy_fit_class, scan.remedy_fit_p = cls, p_cls
+                said += f", but those of class {cls} beyond its chance (p = {p_cls:.2g}, corrected for the classes)"
+            logger.info("guard: {}{}: unlearning", said, "" if new else " again")
             scan.remedy = cfg.remedy
             sweep = self._sweep(model, sorted({r.label for r in recs}))
             job = Unlearning(self.dataset, self.kept_indices(), train, check, fit, allowed, cfg.seed + scan_no)

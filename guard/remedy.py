@@ -22,8 +22,10 @@ moved is fitted through the images' content, not a trigger. Quarantined images t
 label (a false alarm, or an attack's *cover* images, which carry the trigger under their own label)
 stay fitted as well as their class is, and would otherwise hold every unlearning to its cap.
 It *starts* only where the fit is above that and more than chance explains (:func:`fit_excess_p`
-below ``max_false_alarm``): right after a catch, and at any later scan where a suppressed backdoor
-creeps back, but not on the one or two check samples that chance fits now and then. The check
+below ``max_false_alarm``), over all check samples or those of one class (:func:`taught_class`, corrected
+for the classes): right after a catch, at any later scan where a suppressed backdoor creeps back, and where
+a class caught after an unlearning teaches what the earlier catch's check samples no longer show, but not
+on the one or two check samples that chance fits now and then. The check
 reads the model that would be kept: kept samples first re-estimate the BatchNorm statistics
 (:func:`recalibrate_bn`), which the unlearning batches, half of them triggered, had set otherwise.
 ``restart`` reloads the weights the model had when it was wrapped. Unlearning steps and checks run
@@ -148,6 +150,28 @@ def fit_excess_p(fitted: int, n: int, chance: float, t: Thresholds) -> float:
     only below ``max_false_alarm``: a few check samples fitted by chance, noise at every scan, must not
     set off steps that cost clean accuracy (late in training there is no time to win it back)."""
     return float(scipy.stats.binom.sf(fitted - 1, n, max(chance, t.fit_floor))) if n else 1.0
+
+
+def taught_class(pred: np.ndarray, carried: np.ndarray, ref_pred: np.ndarray, ref_lab: np.ndarray,
+                 t: Thresholds) -> tuple[int | None, float]:
+    """The class whose held-out quarantined samples (``pred``: the model's predictions; ``carried``: the labels
+    they carry) the model fits furthest beyond that label's own chance rate, by the unlearning's start test
+    (:func:`fit_excess_p` over :func:`allowed_fit`), and its p corrected for the classes that hold check
+    samples (Bonferroni): ``(class, p)``, or ``(None, 1.0)`` where no class is fitted above its allowed fit.
+    The pooled test of all check samples misses a class caught after an unlearning: the earlier catch's
+    check samples, unlearned, outnumber it, and what its poison taught is never unlearned."""
+    classes = np.unique(carried)
+    best: tuple[int | None, float] = (None, 1.0)
+    for c in classes:
+        mine = carried == c
+        n, fitted = int(mine.sum()), int((pred[mine] == c).sum())
+        chance = chance_fit(ref_pred, ref_lab, np.array([c]))
+        if fitted / n <= allowed_fit(chance, n, t):
+            continue
+        p = min(1.0, len(classes) * fit_excess_p(fitted, n, chance, t))
+        if p < best[1]:
+            best = (int(c), p)
+    return best
 
 
 def not_taught(fitted: int, n: int, chance: float, t: Thresholds) -> str:

@@ -110,6 +110,9 @@ class ScanReport(BaseModel):
         None, description="share of the held-out quarantined samples predicted as their label")
     remedy_fit_p: float | None = Field(
         None, description="one-sided binomial p of that fit were it chance; unlearning needs it below max_false_alarm")
+    remedy_fit_class: int | None = Field(
+        None, description="where the pooled fit did not start unlearning: the class whose held-out samples did "
+                          "(remedy_fit_p is then that class's, corrected for the classes)")
     remedy_fit_after: float | None = None
     remedy_fit_allowed: float | None = Field(
         None, description="the fit that counts as unlearned: how often benign images of other classes are "

@@ -384,6 +384,31 @@ def test_unlearning_starts_only_on_a_fit_chance_does_not_explain():
     assert fit_excess_p(0, 34, 0.03, t) == 1.0 and fit_excess_p(0, 0, 0.03, t) == 1.0
 
 
+def test_unlearning_starts_where_one_class_s_check_samples_are_taught_though_the_pooled_ones_are_not():
+    """All-to-all BadNets 10 % seed 2: classes caught after the first unlearning hold few of the check
+    samples, and the first catch's, unlearned, outnumber them; the pooled fit reads chance while the
+    later classes' poison stays learned (67-91 % attack success). The start test per class finds it."""
+    from guard.remedy import fit_excess_p, taught_class
+    from guard.thresholds import Thresholds
+    t = Thresholds()
+    ref_lab = np.repeat(np.arange(10), 100)
+    ref_pred = ref_lab.copy()
+    ref_pred[::25] = (ref_lab[::25] + 1) % 10            # 4 % of each class predicted as the next: chance 0.44 %
+    carried = np.repeat(np.arange(10), [60, 60, 60, 60, 60, 60, 60, 60, 12, 60])
+    pred = (carried + 3) % 10                            # unlearned: nothing fitted ...
+    pred[carried == 8] = np.r_[np.full(9, 8), np.zeros(3, int)]     # ... but 9 of class 8's 12
+    pooled = int((pred == carried).sum())
+    chance = float(np.mean([(ref_pred[ref_lab != c] == c).mean() for c in carried]))
+    assert fit_excess_p(pooled, len(carried), chance, t) > t.max_false_alarm     # the pooled test: no start
+    cls, p = taught_class(pred, carried, ref_pred, ref_lab, t)
+    assert cls == 8 and p < t.max_false_alarm and p == pytest.approx(10 * fit_excess_p(9, 12, 0.01, t))
+    # one or two fitted in a class are what chance fits now and then: no start
+    pred[carried == 8] = np.r_[np.full(2, 8), np.zeros(10, int)]
+    assert taught_class(pred, carried, ref_pred, ref_lab, t)[1] >= t.max_false_alarm
+    pred[carried == 8] = 0
+    assert taught_class(pred, carried, ref_pred, ref_lab, t) == (None, 1.0)
+
+
 def test_the_follow_up_gate_asks_what_the_unlearnings_start_asks():
     """A follow-up runs only where held-out quarantined samples are fitted beyond chance by the
     unlearning's start test (binomial p below ``max_false_alarm``, ``follow_gate_p``), not merely above
