@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import tarfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,10 +107,14 @@ def load_cifar10(archive: str | os.PathLike | None = None, root: str | os.PathLi
             z = np.load(cached)
             return {s: ArraySplit(z[f"{s}_x"], z[f"{s}_y"]) for s in ("train", "test")}
         splits = _decode_archive(found)
-        tmp = cached.with_suffix(".tmp.npz")
-        np.savez(tmp, **{f"{s}_x": v.images for s, v in splits.items()},
-                 **{f"{s}_y": v.labels for s, v in splits.items()})
-        os.replace(tmp, cached)
+        # a name of this process's own: two processes (DDP ranks, parallel runs) may decode at once
+        tmp = cached.with_name(f"{cached.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npz")
+        try:
+            np.savez(tmp, **{f"{s}_x": v.images for s, v in splits.items()},
+                     **{f"{s}_y": v.labels for s, v in splits.items()})
+            os.replace(tmp, cached)
+        finally:
+            tmp.unlink(missing_ok=True)
         return splits
     if root is None and not download:
         raise FileNotFoundError(

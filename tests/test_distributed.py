@@ -237,7 +237,7 @@ def _spawn(fn, tmp_path, *args) -> list[dict]:
 @pytest.mark.parametrize("order", ["wrapper", "module"])
 def test_a_batchnorm_cnn_under_ddp_gets_one_quarantine_and_one_model_whichever_object_the_guard_holds(
         order, cifar_archive, tmp_path):
-    load_cifar10(cifar_archive)                      # decoded once here, not by both ranks at once
+    load_cifar10(cifar_archive)                      # decoded once here; the ranks read the cache
     r0, r1 = _spawn(_batchnorm_worker, tmp_path, order, cifar_archive)
     assert len(r0["scans"]) == len(r1["scans"]) == 3             # a scan after a quarantine (it used to crash)
     # the cause: each rank's BatchNorm statistics follow its own batches, so before a scan the ranks
