@@ -250,7 +250,10 @@ def guarded_row(item: str, make) -> dict:
     out.update(seed=int(seed), trusted=int(trusted), n_train=r["n_train"], scans=len(r["scans"]),
                dropped_share=r["guarded"]["flagged"] / r["n_train"],
                **clean_classes(r["scans"], None if attack is None else sp.target),
-               benign_flagged=int(round(r["guarded"]["fpr"] * (r["n_train"] - r["guarded"]["poisoned"]))))
+               benign_flagged=int(round(r["guarded"]["fpr"] * (r["n_train"] - r["guarded"]["poisoned"]))),
+               unlearnings=[{"epoch": s["epoch"], "fit_before": s["remedy_fit_before"], "p": s["remedy_fit_p"],
+                             "class": s.get("remedy_fit_class"), "steps": s["remedy_steps"]}
+                            for s in r["scans"] if s.get("remedy_steps")])
     return out
 
 
