@@ -1,5 +1,6 @@
 import io
 import multiprocessing as mp
+import os
 import tarfile
 
 import numpy as np
@@ -24,10 +25,9 @@ def _archive(path, per_class=4):
 
 
 def _load(archive, cache, barrier, results):
-    import os
     os.environ["GUARD_CACHE_DIR"] = cache
-    barrier.wait()
     try:
+        barrier.wait(timeout=60)
         out = load_cifar10(archive)
         results.put(("ok", int(out["train"].images.sum() % 1_000_003), len(out["test"].labels)))
     except Exception as e:  # noqa: BLE001 - reported to the parent
@@ -38,9 +38,9 @@ def test_processes_decoding_the_archive_at_once_all_get_it_and_leave_one_cache(t
     """DDP ranks or parallel runs may each find no cache and decode at once: every one of them must get
     the arrays (each writes its own temporary file), and one cache file is left, no temporary ones."""
     archive, cache = tmp_path / "cifar10-jpg.tar.gz", tmp_path / "cache"
-    _archive(archive, per_class=40)
+    _archive(archive, per_class=200)
     ctx = mp.get_context("spawn")
-    n = 4
+    n = 6
     barrier, results = ctx.Barrier(n), ctx.Queue()
     procs = [ctx.Process(target=_load, args=(str(archive), str(cache), barrier, results)) for _ in range(n)]
     for p in procs:
@@ -48,7 +48,9 @@ def test_processes_decoding_the_archive_at_once_all_get_it_and_leave_one_cache(t
     got = [results.get(timeout=120) for _ in range(n)]
     for p in procs:
         p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
     assert all(g[0] == "ok" for g in got), got
-    assert len({g[1:] for g in got}) == 1 and got[0][2] == 400
+    assert len({g[1:] for g in got}) == 1 and got[0][2] == 2000
     left = sorted(f.name for f in cache.iterdir())
     assert len(left) == 1 and left[0].endswith(".npz") and ".tmp" not in left[0], left
