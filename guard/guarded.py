@@ -25,7 +25,7 @@ from guard.errors import GuardError, GuardWarning
 from guard.extract import Extractor
 from guard.hooks import preserve_rng, unwrap_model
 from guard.remedy import (Unlearning, accuracy_change, allowed_fit, chance_fit, fit_excess_p, predictions,
-                          recalibrate_bn, restart, split_check, taught_class, unlearn)
+                          recalibrate_bn, restart, split_check, start_p, taught_class, unlearn)
 from guard.report import (SAMPLE_COLUMNS, GuardReport, QuarantineRecord, RestoreRecord, ScanReport, SweepReport,
                           atomic_write, now, quarantined_row)
 from guard.sampler import GuardSampler
@@ -423,7 +423,7 @@ class GuardedDataset(Dataset):
             scan.remedy_fit_before, scan.remedy_fit_allowed, scan.remedy_fit_p = fit, allowed, p
             said = (f"the model predicts {fit:.1%} of the {len(lab)} held-out quarantined samples as their label "
                     f"(chance: up to {allowed:.1%}, p = {p:.2g})")
-            if fit <= allowed or p >= cfg.thresholds.max_false_alarm:
+            if start_p(fitted, len(lab), chance, cfg.thresholds) >= cfg.thresholds.max_false_alarm:
                 cls, p_cls = taught_class(pred, lab, ref_pred, ref_lab, cfg.thresholds)
                 if cls is None or p_cls >= cfg.thresholds.max_false_alarm:
                     logger.info("guard: {}: nothing to unlearn", said)

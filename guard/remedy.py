@@ -152,12 +152,19 @@ def fit_excess_p(fitted: int, n: int, chance: float, t: Thresholds) -> float:
     return float(scipy.stats.binom.sf(fitted - 1, n, max(chance, t.fit_floor))) if n else 1.0
 
 
+def start_p(fitted: int, n: int, chance: float, t: Thresholds) -> float:
+    """The unlearning's start test on ``fitted`` of ``n`` held-out quarantined samples predicted as their label:
+    :func:`fit_excess_p` where their fit is above :func:`allowed_fit`, else 1.0 (within what chance allows).
+    Unlearning starts below ``max_false_alarm``."""
+    return fit_excess_p(fitted, n, chance, t) if n and fitted / n > allowed_fit(chance, n, t) else 1.0
+
+
 def taught_class(pred: np.ndarray, carried: np.ndarray, ref_pred: np.ndarray, ref_lab: np.ndarray,
                  t: Thresholds) -> tuple[int | None, float]:
     """The class whose held-out quarantined samples (``pred``: the model's predictions; ``carried``: the labels
     they carry) the model fits furthest beyond that label's own chance rate, by the unlearning's start test
-    (:func:`fit_excess_p` over :func:`allowed_fit`), and its p corrected for the classes that hold check
-    samples (Bonferroni): ``(class, p)``, or ``(None, 1.0)`` where no class is fitted above its allowed fit.
+    (:func:`start_p`), and its p corrected for the classes that hold check samples (Bonferroni): ``(class, p)``,
+    or ``(None, 1.0)`` where no class is fitted above its allowed fit.
     The pooled test of all check samples misses a class caught after an unlearning: the earlier catch's
     check samples, unlearned, outnumber it, and what its poison taught is never unlearned."""
     classes = np.unique(carried)
@@ -165,10 +172,7 @@ def taught_class(pred: np.ndarray, carried: np.ndarray, ref_pred: np.ndarray, re
     for c in classes:
         mine = carried == c
         n, fitted = int(mine.sum()), int((pred[mine] == c).sum())
-        chance = chance_fit(ref_pred, ref_lab, np.array([c]))
-        if fitted / n <= allowed_fit(chance, n, t):
-            continue
-        p = min(1.0, len(classes) * fit_excess_p(fitted, n, chance, t))
+        p = min(1.0, len(classes) * start_p(fitted, n, chance_fit(ref_pred, ref_lab, np.array([c])), t))
         if p < best[1]:
             best = (int(c), p)
     return best
