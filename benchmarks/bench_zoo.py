@@ -61,11 +61,27 @@ KEEP = (3, 7, 11, 15, 19)          # every other scan of GuardConfig()'s default
 
 
 def spec(variant: str, attack: str | None, rate: float, seed: int, trusted: int = TRUSTED,
-         guard: dict | None = None, recipe: str = "plain", optimizer: str = "sgd", lr: float = LR) -> RunSpec:
+         guard: dict | None = None, recipe: str = "plain", optimizer: str = "sgd", lr: float = LR,
+         arch: str | None = None) -> RunSpec:
+    """The zoo recipe's run. ``arch``: a hand-written model of :mod:`guard.archs` as ``NAME[:WIDTH]``
+    (e.g. ``cifar_vgg11:32``) instead of the width-16 ResNet-18 of :mod:`guard.models`."""
     target = make_attack(attack).target if attack else 0
+    model: dict = {}
+    if arch:
+        name, _, width = arch.partition(":")
+        model = {"model": "guard.archs:build", "model_kwargs": {"name": name, **({"width": int(width)} if width else {})}}
     return RunSpec(data="cifar10", attack=attack, rate=rate, target=target, seed=seed, trusted_per_class=trusted,
                    augment=True, epochs=EPOCHS, lr=lr, n_train=N_TRAIN, guard=guard or {}, recipe=recipe,
-                   optimizer=optimizer)
+                   optimizer=optimizer, **model)
+
+
+def arch_of(r: dict) -> str:
+    """A run's model as ``--arch`` names it, empty for the default ResNet-18."""
+    sp = r.get("spec", {})
+    if sp.get("model", "auto") != "guard.archs:build":
+        return ""
+    kw = sp.get("model_kwargs", {})
+    return kw["name"] + (f":{kw['width']}" if "width" in kw else "")
 
 
 def cells(zoo_seed: int, n: int, clean: int) -> list[tuple]:
@@ -134,6 +150,7 @@ def guarded_row(key: str, r: dict) -> dict:
             "seed": r.get("spec", {}).get("seed", 0), "recipe": r.get("spec", {}).get("recipe", "plain"),
             "optimizer": r.get("spec", {}).get("optimizer", "sgd"), "lr": r.get("spec", {}).get("lr", LR),
             "arm": key[key.index("["):key.index("]") + 1] if "[" in key else "",   # --guard fields of the run
+            "arch": arch_of(r),
             "tpr": g["tpr"], "fpr": g["fpr"], "asr_unguarded": u["attack_success"], "asr_guarded": g["attack_success"],
             "asr_correct_unguarded": u["attack_success_correct"], "asr_correct_guarded": g["attack_success_correct"],
             "acc_unguarded": u["clean_acc"], "acc_guarded": g["clean_acc"],
@@ -167,11 +184,13 @@ def guarded_markdown(rows: list[dict], zoo_seed: int, guard: list[str] | None = 
               "label smoothing 0.1, MixUp 0.2 / CutMix 1.0 per batch; `--recipe strong`)" if strong else "")
     opts = {(r.get("optimizer", "sgd"), r.get("lr", LR)) for r in rows} or {("sgd", LR)}
     optim = ", ".join(f"{'SGD' if o == 'sgd' else 'AdamW'} {lr:g}" for o, lr in sorted(opts))
+    archs = sorted({r.get("arch", "") for r in rows}) or [""]
+    model = ", ".join(f"`guard.archs` `{a}` (`--arch`; layers discovered)" if a else "width-16 ResNet-18" for a in archs)
     lines = [f"`python benchmarks/bench_zoo.py --guarded`: {which}"
              f"(`GuardConfig({', '.join(guard or [])})`{'' if guard else ' defaults'}, "
              f"{'no trusted set (trust-free)' if rows and all(r.get('trust_free') for r in rows) else f'{TRUSTED} trusted a class'}, scans "
              "at epochs 3, 5, ...) beside its unguarded twin "
-             f"in lockstep (same warm-up); {N_TRAIN:,} CIFAR-10 images, crop + flip{recipe}, width-16 ResNet-18, {optim} cosine, "
+             f"in lockstep (same warm-up); {N_TRAIN:,} CIFAR-10 images, crop + flip{recipe}, {model}, {optim} cosine, "
              f"{EPOCHS} epochs. ASR: attack success over non-target test images; (correct): over those classified "
              "correctly without the trigger. swept: quarantined by the unlearning sweep; given back: earlier-quarantined "
              "samples a class found separate again returned (`decide.give_back`).", "",
@@ -183,6 +202,7 @@ def guarded_markdown(rows: list[dict], zoo_seed: int, guard: list[str] | None = 
         seed += (" (trust-free)" if r.get("trust_free") and not all(q.get("trust_free") for q in rows) else "")
         seed += " (no scan_dataset)" if r.get("scan_dataset") is False else ""
         seed += f" {r['arm']}" if r.get("arm") else ""
+        seed += f" ({r['arch']})" if r.get("arch") and len(archs) > 1 else ""
         lines.append(f"| {r['trigger']}{seed} | {r['family']} | {r['target']} / {r['rate']:.1%} | {pct(r['tpr'])} | "
                      f"{r['fpr']:.2%} | {pct(r['asr_unguarded'])} | {pct(r['asr_guarded'])} | "
                      f"{pct(r['asr_correct_unguarded'])} | {pct(r['asr_correct_guarded'])} | {pct(r['acc_unguarded'])} | "
@@ -262,6 +282,8 @@ def main() -> None:
     ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
                     help="with --guarded: the runs' optimizer (adamw: weight decay 0.05; give --lr, e.g. 0.001)")
     ap.add_argument("--lr", type=float, default=LR, help="with --guarded: the runs' peak learning rate (cosine)")
+    ap.add_argument("--arch", help="with --guarded: a hand-written model of guard.archs as NAME[:WIDTH] (e.g. "
+                    "cifar_vgg11:32) instead of the width-16 ResNet-18")
     ap.add_argument("--recipe", default="plain", choices=["plain", "strong"],
                     help="with --guarded: strong adds torchvision's reference recipe (guard.experiment._Step)")
     a = ap.parse_args()
@@ -288,7 +310,7 @@ def main() -> None:
         for trigger in learned[k::n]:
             atk = make_attack(trigger)
             r = run(replace(spec("zoo", trigger, atk.rate, a.seed, trusted=a.trusted, guard=fields(a.guard),
-                                 recipe=a.recipe, optimizer=a.optimizer, lr=a.lr),
+                                 recipe=a.recipe, optimizer=a.optimizer, lr=a.lr, arch=a.arch),
                             trust_free=a.trust_free, scan_dataset=not a.no_scan_dataset))
             r.pop("report")
             for sc in r["scans"]:
@@ -297,6 +319,7 @@ def main() -> None:
                    + (" no scan_dataset" if a.no_scan_dataset else "") + (" strong" if a.recipe == "strong" else "")
                    + (f" {a.optimizer} {a.lr:g}" if (a.optimizer, a.lr) != ("sgd", LR) else "")
                    + (f" [{' '.join(a.guard)}]" if a.guard else "")
+                   + (f" arch={a.arch}" if a.arch else "")
                    + (f" {a.trusted} trusted" if a.trusted != TRUSTED and not a.trust_free else ""))
             runs[key] = r
             rows.append(guarded_row(key, r))

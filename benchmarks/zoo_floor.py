@@ -32,11 +32,11 @@ from benchmarks.bench_zoo import spec, targets_met, was_learned  # noqa: E402
 from guard.experiment import measure, trigger_floor  # noqa: E402
 
 
-def floors(seed: int, zoo_seeds: list[int], n: int) -> dict:
-    sp = spec("zoo", None, 0.0, seed)
+def floors(seed: int, zoo_seeds: list[int], n: int, arch: str | None = None) -> dict:
+    sp = spec("zoo", None, 0.0, seed, arch=arch)
     data, model, seconds = fit(sp, f"clean seed {seed}")
     names = [f"zoo:{z}:{i}" for z in zoo_seeds for i in range(n)]
-    return {"seed": seed, "train_seconds": seconds, **measure(model, data),
+    return {"seed": seed, "arch": arch or "", "train_seconds": seconds, **measure(model, data),
             "floor": trigger_floor(model, data, sp, names)}
 
 
@@ -56,7 +56,9 @@ def markdown(floor: dict, runs: list[dict], against: list[str]) -> str:
     corr = np.array([f["correct"] for f in floor.values()])
     high = [k for k, f in floor.items() if f["correct_max"] >= 0.02]
     lines = [f"`python benchmarks/zoo_floor.py`: every zoo trigger of seeds "
-             f"{', '.join(sorted({k.split(':')[1] for k in floor}))} on {len(runs)} models trained with the zoo recipe "
+             f"{', '.join(sorted({k.split(':')[1] for k in floor}))} on {len(runs)} models "
+             + "".join(f"(`guard.archs` `{a}`, `--arch`) " for a in sorted({r.get("arch", "") for r in runs}) if a)
+             + "trained with the zoo recipe "
              "on data without poison (subset and order seeds " + ", ".join(str(r["seed"]) for r in runs)
              + ", clean accuracy " + ", ".join(pct(r["clean_acc"]) for r in runs) + "). Floor: attack success of the "
              "trigger on a model that never saw it, over non-target test images (all) and over those it classifies "
@@ -93,10 +95,11 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+", metavar="JSON")
     ap.add_argument("--against", nargs="*", default=[], metavar="JSON",
                     help="with --merge: bench_zoo --guarded result files to read against the floor")
+    ap.add_argument("--arch", help="a hand-written model of guard.archs as NAME[:WIDTH] (bench_zoo.py --arch)")
     ap.add_argument("--out", default=str(HERE / "results" / "zoo_floor_cifar10.json"))
     a = ap.parse_args()
     torch.set_num_threads(1)
-    out = merge(a.merge, a.against) if a.merge else floors(a.seed, a.zoo_seeds, a.n)
+    out = merge(a.merge, a.against) if a.merge else floors(a.seed, a.zoo_seeds, a.n, a.arch)
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     if a.merge:
         print(out["markdown"])
