@@ -29,10 +29,10 @@ from guard.attacks import make_attack  # noqa: E402
 from guard.experiment import run  # noqa: E402
 
 
-def oracle_run(trigger: str, seed: int, optimizer: str = "sgd", lr: float | None = None) -> dict:
+def oracle_run(trigger: str, seed: int, optimizer: str = "sgd", lr: float | None = None, arch: str | None = None) -> dict:
     atk = make_attack(trigger)
     sp = spec("guarded", trigger, atk.rate, seed, guard={"remedy": "none", "scan_every": 10**6}, optimizer=optimizer,
-              **({} if lr is None else {"lr": lr}))
+              arch=arch, **({} if lr is None else {"lr": lr}))
 
     def swap(gds, data) -> dict:
         took = gds.quarantined.copy()
@@ -42,7 +42,8 @@ def oracle_run(trigger: str, seed: int, optimizer: str = "sgd", lr: float | None
 
     out = run(sp, on_scan=swap)
     g, u = out["guarded"], out["unguarded"]
-    return {"trigger": trigger, "seed": seed, "optimizer": f"{optimizer} {sp.lr:g}", "epoch": out["scans"][0]["epoch"],
+    return {"trigger": trigger, "seed": seed, "optimizer": f"{optimizer} {sp.lr:g}", "arch": arch or "",
+            "epoch": out["scans"][0]["epoch"],
             **out["on_scan"][0],
             "acc_oracle": g["clean_acc"], "acc_twin": u["clean_acc"],
             "asr_correct_oracle": g["attack_success_correct"], "asr_correct_twin": u["attack_success_correct"],
@@ -52,7 +53,8 @@ def oracle_run(trigger: str, seed: int, optimizer: str = "sgd", lr: float | None
 def markdown(rows: list[dict]) -> str:
     head = ("| trigger | seed | optimizer | removed at epoch | poisoned (guard's catch) | accuracy oracle / twin % | "
             "difference | ASR(correct) oracle / twin % |")
-    body = [f"| {r['trigger']} | {r['seed']} | {r.get('optimizer', 'sgd 0.05')} | {r['epoch']} | "
+    arch = lambda r: f" ({r['arch']})" if r.get("arch") else ""  # noqa: E731
+    body = [f"| {r['trigger']}{arch(r)} | {r['seed']} | {r.get('optimizer', 'sgd 0.05')} | {r['epoch']} | "
             f"{r['poisoned']} ({r['guard_took']}) | "
             f"{100 * r['acc_oracle']:.1f} / {100 * r['acc_twin']:.1f} | {100 * (r['acc_oracle'] - r['acc_twin']):+.1f} | "
             f"{100 * r['asr_correct_oracle']:.1f} / {100 * r['asr_correct_twin']:.1f} |" for r in rows]
@@ -68,12 +70,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "zoo_oracle_cifar10.json"))
     ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     ap.add_argument("--lr", type=float, help="peak learning rate (default: bench_zoo's)")
+    ap.add_argument("--arch", help="a hand-written model of guard.archs as NAME[:WIDTH] (bench_zoo.py --arch)")
     ap.add_argument("--merge", nargs="+", metavar="JSON")
     a = ap.parse_args()
     if a.merge:
         rows = [r for p in a.merge for r in json.loads(Path(p).read_text())["rows"]]
     else:
-        rows = [oracle_run(a.trigger, a.seed, a.optimizer, a.lr)]
+        rows = [oracle_run(a.trigger, a.seed, a.optimizer, a.lr, a.arch)]
     Path(a.out).write_text(json.dumps({"rows": rows, "markdown": markdown(rows)}, indent=1))
     print(markdown(rows))
     if a.merge:
