@@ -4,8 +4,8 @@ The unlearning starts where the model fits the held-out quarantined samples (``g
 set) beyond chance. This runs one guarded training (no twin) and, before each remedy, splits the check
 set into poisoned, cover (triggered, true label kept) and clean samples, and counts how many of each the
 model predicts as the label they carry; with the quarantine's makeup and the start test's own numbers.
-Defaults: the Adaptive-Patch row of ``adaptive_current_cifar10`` (4,000 images, crop + flip, 50 trusted a
-class, 20 epochs, SGD 0.05 cosine, seed 0, ``GuardConfig()`` defaults).
+The run is the zoo recipe (``bench_zoo.spec``: 4,000 images, crop + flip, 50 trusted a class, 20 epochs, SGD
+0.05 cosine, ``GuardConfig()`` defaults); by default with the Adaptive-Patch attack of ``adaptive_current_cifar10``.
 
     GUARD_CIFAR10_ARCHIVE=... python benchmarks/check_makeup.py --out benchmarks/results/check_makeup_adaptive_patch.json
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import guard.guarded as gg  # noqa: E402
 from benchmarks.bench_guard import render_benchmarks  # noqa: E402
+from benchmarks.bench_zoo import spec as zoo_spec  # noqa: E402
 from guard import experiment as ex  # noqa: E402
 from guard.remedy import predictions  # noqa: E402
 
@@ -65,8 +67,7 @@ def main() -> None:
         Path(a.out).write_text(json.dumps({**saved, "markdown": markdown(saved)}, indent=1) + "\n")
         render_benchmarks()
         return
-    spec = ex.RunSpec(data="cifar10", attack=a.attack, rate=a.rate, attack_kwargs=json.loads(a.attack_args), target=0,
-                      n_train=4000, trusted_per_class=50, epochs=20, lr=0.05, width=16, augment=True, seed=a.seed)
+    spec = replace(zoo_spec("zoo", a.attack, a.rate, a.seed), attack_kwargs=json.loads(a.attack_args))
     data = ex.prepare(spec)
     kinds = {"poison": set(data.poisoned.tolist()), "cover": set(data.cover.tolist())}
     rows: list[dict] = []
