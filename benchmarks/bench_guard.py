@@ -318,8 +318,8 @@ def render_benchmarks(results: Path = HERE / "results", target: Path = HERE.pare
                   f"lr {m['lr']}, seed {' or '.join(sorted({str(p['seed']) for p in metas}))}, torch {m['torch']}, "
                   + ("random crop + flip, " if m.get("augment") else "")
                   + (f"{m['trusted']} trusted per class, " if "trusted" in m else "")
-                  + (f"trained on one {m['gpu']}" + (f" (GuardConfig {', '.join(m['guard'])})" if m.get("guard") else "")
-                     + ", " if m.get("gpu") else "")
+                  + (f"trained on one {m['gpu']}, " if m.get("gpu") else "")
+                  + (f"GuardConfig {', '.join(m['guard'])}, " if m.get("guard") else "")
                   + f"{m['threads']} thread(s) per process, "
                   f"{len(metas)} process(es); {m['machine']}.", "", table(rows), "",
                   "max class drop (share of one class quarantined): " + ", ".join(

@@ -48,7 +48,7 @@ from benchmarks import bench_harm as harm  # noqa: E402
 from benchmarks.bench_zoo import spec  # noqa: E402
 from guard.attacks import make_attack  # noqa: E402
 from guard.direction import across_views, direction_test  # noqa: E402
-from guard.experiment import prepare  # noqa: E402
+from guard.experiment import RunSpec, prepare  # noqa: E402
 from guard.inputs import NAMES, InputViews, coarse, high_pass  # noqa: E402
 from guard.mismatch import mismatch  # noqa: E402
 from guard.probe import self_train  # noqa: E402
@@ -113,20 +113,25 @@ def trigger_row(trigger: str | None, seed: int = 0, make=None) -> dict:
             "clean_min_p": min(clean), "clean_acted": int(sum(p < bar for p in clean)), "bar": bar}
 
 
-def trust_free_row(trigger: str | None, seed: int = 0, make=None) -> dict:
-    """One data set as a trust-free scan sees it in the images: per class the across-classes test, and
-    where it acts the probe's flags over all the class's images."""
+def _trust_free_screen(trigger: str | None, seed: int, make) -> tuple:
+    """A data set as a trust-free scan reads it: ``(attack, data, labels, thresholds, poison mask, classes
+    tested, bar, screen rows, the screen's raw views)``."""
     atk = make_attack(trigger) if trigger else None
     make = make or (lambda a, r, s: spec("zoo", a, r, s))
     data = prepare(make(trigger, atk.rate if atk else 0.0, seed))
     lab, th = data.labels, Thresholds()
     poison = np.isin(np.arange(len(lab)), data.poisoned)
     tested = [c for c in range(data.num_classes) if (lab == c).sum() >= th.min_class]
-    bar = th.max_false_alarm / len(tested)
     rng, n = np.random.default_rng([seed, 3]), th.screen_per_class
     screen = np.concatenate([np.sort(rng.choice(np.flatnonzero(lab == c), min(int((lab == c).sum()), n), replace=False))
                              for c in range(data.num_classes)])
-    raw = raw_views(data.scan, screen)
+    return atk, data, lab, th, poison, tested, th.max_false_alarm / len(tested), screen, raw_views(data.scan, screen)
+
+
+def trust_free_row(trigger: str | None, seed: int = 0, make=None) -> dict:
+    """One data set as a trust-free scan sees it in the images: per class the across-classes test, and
+    where it acts the probe's flags over all the class's images."""
+    atk, data, lab, th, poison, tested, bar, screen, raw = _trust_free_screen(trigger, seed, make)
     views = InputViews(raw[1], lab[screen])
     units, everything = views.units(raw), views.units(raw_views(data.scan, np.arange(len(lab))))
     flagged, rows = np.zeros(len(lab), bool), {}
@@ -154,6 +159,68 @@ def trust_free_row(trigger: str | None, seed: int = 0, make=None) -> dict:
             "tpr": float(flagged[poison].mean()) if poison.any() else None, "fpr": float(flagged[~poison].mean()),
             "clean_decisions": len(clean), "clean_acted": {c: r for c, r in clean.items() if r["acted"]},
             "counts": np.bincount(lab).tolist()}
+
+
+def mirror_row(trigger: str | None, seed: int = 0, make=None) -> dict:
+    """One data set as a scan with ``mirror_images`` sees it in the images, with or without a trusted set:
+    the trust-free across-classes test of each class (p x 3: the two views and the mirror test share the
+    bar), then, for every class it does not act on, the class's screened images against their own
+    mirror images (``guard.mirror``, p x 3); where that acts, what ``Scanner.mirror_images`` takes (every
+    image of the class beyond every mirror image, the screened ones held out, the others on both halves'
+    directions): TPR and FPR over the data set, and every clean class it acts on."""
+    from guard.mirror import mirror_test, mirrored
+    from guard.reference import unit
+
+    atk, data, lab, th, poison, tested, bar, screen, raw = _trust_free_screen(trigger, seed, make)
+    units = InputViews(raw[1], lab[screen]).units(raw)
+    across = {c: t.p for c, (_, t) in across_views(units, lab[screen], bar, 0, 3).items()}
+    shape = tuple(data.scan[0][0].shape)
+    everything = unit(raw_views(data.scan, np.arange(len(lab)))[0])
+    taken, rows = np.zeros(len(lab), bool), {}
+    for c in tested:
+        if across.get(c, 1.0) < bar:
+            rows[c] = {"across_p": across[c], "mirror_p": None, "acted": False, "taken": 0}
+            continue
+        sel = lab[screen] == c
+        test = mirror_test(units[0][torch.from_numpy(sel)], mirrored(units[0][torch.from_numpy(sel)], shape), 0)
+        p = min(1.0, 3 * test.p)
+        rows[c] = {"across_p": across.get(c, 1.0), "mirror_p": p, "share": test.share, "acted": p < bar, "taken": 0}
+        if p >= bar:
+            continue
+        at = np.flatnonzero(lab == c)
+        beyond, _ = test.extend(everything[torch.from_numpy(at)])
+        beyond[np.searchsorted(at, screen[sel])] = test.beyond
+        taken[at[beyond]] = True
+        rows[c]["taken"] = int(beyond.sum())
+    target = atk.target if atk else None
+    clean = {c: r for c, r in rows.items() if c != target and not (atk and getattr(atk, "name", "") == "all2all")}
+    return {"trigger": trigger or f"none (seed {seed})", "family": atk.name if atk else "none",
+            "kind": getattr(atk, "kind", getattr(atk, "style", "")) if atk else "", "target": target,
+            "rate": atk.rate if atk else 0.0, "bar": bar, "target_row": rows.get(target),
+            "tpr": float(taken[poison].mean()) if poison.any() else None, "fpr": float(taken[~poison].mean()),
+            "clean_decisions": sum(r["mirror_p"] is not None for r in clean.values()),
+            "clean_acted": {c: r for c, r in clean.items() if r["acted"]},
+            "clean_min_p": min((r["mirror_p"] for r in clean.values() if r["mirror_p"] is not None), default=1.0),
+            "counts": np.bincount(lab).tolist()}
+
+
+def mirror_markdown(rows: list[dict], command: str) -> str:
+    lines = [f"`python benchmarks/input_view.py {command}`: each class's images against their own mirror images "
+             "(`guard.mirror`; no model, no trusted set), in every class the test against the other classes' images does "
+             f"not act on, as a scan with `mirror_images` runs it; acted on below {rows[0]['bar']:.0e} (p x 3). TPR / FPR: "
+             "what the mirror test takes over the whole data set (-: the target caught across the classes, where it "
+             "does not run). Clean decisions: the classes it tested that hold no poison.", "",
+             "| data | family | target: mirror p, share beyond | TPR | FPR | clean decisions | clean acted on (smallest p) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["target_row"]
+        tgt = ("-" if t is None else "across the classes" if t["mirror_p"] is None
+               else f"{t['mirror_p']:.0e}, {t['share']:.0%}")
+        tpr = "-" if r["tpr"] is None or (t is not None and t["mirror_p"] is None) else f"{r['tpr']:.1%}"
+        lines.append(f"| {r.get('variant', '') + ' ' if r.get('variant') else ''}{r['trigger']} | {r['family']} {r['kind']} | "
+                     f"{tgt} | {tpr} | {r['fpr']:.2%} | {r['clean_decisions']} | {len(r['clean_acted'])} "
+                     f"({r['clean_min_p']:.0e}) |")
+    return "\n".join(lines)
 
 
 def trust_free_markdown(rows: list[dict], command: str) -> str:
@@ -262,12 +329,32 @@ def main() -> None:
     ap.add_argument("--train-shift", choices=sorted(SHIFTS), help="training images through another pipeline")
     ap.add_argument("--crops", action="store_true", help="read the screen with the training crops (no scan_dataset)")
     ap.add_argument("--trust-free", action="store_true", help="no trusted set: each class against the other classes")
+    ap.add_argument("--mirror", action="store_true", help="each class against its own mirror images (guard.mirror)")
+    ap.add_argument("--attacks", nargs="*", default=[], metavar="NAME:RATE:SEED",
+                    help="with --mirror: guard.attacks cells on the main recipe's data (10k, no trusted set needed)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
     global TRUSTED_SHIFT, TRAIN_SHIFT, CROPS
     TRUSTED_SHIFT, TRAIN_SHIFT, CROPS = a.trusted_shift, a.train_shift, a.crops
     command = " ".join(sys.argv[1:sys.argv.index("--out")] if a.out else sys.argv[1:])
+    if a.mirror:
+        main10k = lambda x, r, s: RunSpec(data="cifar10", attack=x, rate=r, n_train=10000, seed=s)  # noqa: E731
+        if a.harm:
+            rows = [{"variant": v, **mirror_row(atk, seed, lambda x, r, s, v=v: harm.spec(v, x, r if x else 0.0, s, 10))}
+                    for v in harm.VARIANTS for atk, _, seed in harm.ATTACKED + [(None, 0.0, s) for s in harm.CLEAN_SEEDS]]
+        else:
+            rows = ([mirror_row(t) for t in (a.triggers if a.triggers is not None
+                                              else [f"zoo:{a.zoo_seed}:{i}" for i in range(a.n)])]
+                    + [{"variant": "10k", **mirror_row(None if x == "none" else x, int(s),
+                                                        lambda x, r, s2, r0=float(r): main10k(x, r0, s2))}
+                       for x, r, s in (c.split(":") for c in a.attacks)]
+                    + [mirror_row(None, s) for s in range(a.clean)])
+        md = mirror_markdown(rows, command)
+        print(md)
+        if a.out:
+            Path(a.out).write_text(json.dumps({"rows": rows, "markdown": md}, indent=1, default=float))
+        return
     if a.trust_free:
         if a.harm:
             rows = [{"variant": v, **trust_free_row(atk, seed, lambda x, r, s, v=v: harm.spec(v, x, r if x else 0.0, s, 10))}

@@ -204,15 +204,17 @@ def across_classes(units: torch.Tensor, labels: np.ndarray, bar: float, rng_seed
 
 
 def across_views(views: list[torch.Tensor], labels: np.ndarray, bar: float,
-                 rng_seed: int = 0) -> dict[int, tuple[int, DirectionTest]]:
+                 rng_seed: int = 0, tests: int | None = None) -> dict[int, tuple[int, DirectionTest]]:
     """:func:`across_classes` in each of ``views`` (per view, the unit features of the same rows, labelled
-    ``labels``), each p multiplied by the number of views (Bonferroni; each view's test uses its share of
-    ``bar``). Per class, class -> (view index, its test): the first view where it passes ``bar``, else the
-    view of its smallest p; the later views are the last resort."""
-    tests = [across_classes(u, labels, bar / len(views), rng_seed) for u in views]
+    ``labels``), each p multiplied by ``tests``, the number of image tests sharing ``bar`` (default: the
+    views; Bonferroni, each view's test uses its share of ``bar``). Per class, class -> (view index, its
+    test): the first view where it passes ``bar``, else the view of its smallest p; the later views are
+    the last resort."""
+    k_tests = tests or len(views)
+    tests_ = [across_classes(u, labels, bar / k_tests, rng_seed) for u in views]
     out: dict[int, tuple[int, DirectionTest]] = {}
-    for c in sorted(set().union(*tests)):
-        found = [(k, replace(t[c], p=min(1.0, t[c].p * len(views)))) for k, t in enumerate(tests) if c in t]
+    for c in sorted(set().union(*tests_)):
+        found = [(k, replace(t[c], p=min(1.0, t[c].p * k_tests))) for k, t in enumerate(tests_) if c in t]
         out[c] = found[0] if found[0][1].p < bar else min(found, key=lambda kt: kt[1].p)
     return out
 

@@ -111,6 +111,16 @@ def raw_views(inputs: object) -> list[torch.Tensor] | None:
     return [high_pass(inputs), coarse(inputs)]
 
 
+def fine_shape(dataset: Dataset, position: int, adapter: BatchAdapter) -> tuple[int, int, int] | None:
+    """``(C, H, W)`` of one item's image as the fine view holds it (after :func:`high_pass`'s pooling),
+    read once; None when the item's input is not an image."""
+    inputs, _ = adapter.split(next(iter(DataLoader(Subset(dataset, [int(position)]), batch_size=1))))
+    if not is_image(inputs):
+        return None
+    c, h, w = inputs.shape[1:]
+    return int(c), min(int(h), MAX_SIDE), min(int(w), MAX_SIDE)
+
+
 def read_views(dataset: Dataset, positions: np.ndarray, adapter: BatchAdapter, batch_size: int,
                num_workers: int = 0) -> list[torch.Tensor] | None:
     """:func:`raw_views` of ``dataset[positions]`` in that order, read without the model; None when the

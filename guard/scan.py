@@ -35,7 +35,8 @@ reference and scoring passes load them, and kept with the features (in what thos
 model. Either way they are not a pass, and their time is part of ``analysis``. With or without a
 trusted set, the direction stage also holds each class's fine input view against the other classes' images
 (:meth:`Scanner.images_across`): that test needs no trusted sample, so it stands where a trusted set
-is too small for the trusted tests' bound.
+is too small for the trusted tests' bound. With ``mirror_images`` the classes it does not act on are held
+against their own mirror images as well (:meth:`Scanner.mirror_images`, :mod:`guard.mirror`).
 
 The scan changes nothing outside its state; :class:`~guard.GuardedDataset` applies its result.
 """
@@ -64,9 +65,10 @@ from guard.errors import GuardError
 from guard.extract import Batch, Extractor
 from guard.gate import GateTest, split_follow, split_gate
 from guard.hooks import scan_mode
-from guard.inputs import InputViews, read_views
+from guard.inputs import InputViews, fine_shape, read_views
 from guard.keep import KeptFeatures, keep_budget
 from guard.locate import excess_share, guard_layers, paper_window
+from guard.mirror import MIRROR, MirrorTest, mirror_test, mirrored
 from guard.mismatch import Mismatch, mismatch
 from guard.probe import Probe, self_train
 from guard.reference import Reference, unit, unit_
@@ -210,10 +212,14 @@ class Scanner:
     """Runs scans of ``model`` over a dataset; holds no quarantine state."""
 
     def __init__(self, model: torch.nn.Module, layers: Sequence[str], extractor: Extractor,
-                 config: GuardConfig) -> None:
+                 config: GuardConfig, mirror: bool = False) -> None:
+        """``mirror``: also test each class's images against their own mirror images (:mod:`guard.mirror`;
+        ``GuardConfig.mirror_images`` with ``scan_inputs``)."""
         self.model, self.layers, self.extractor, self.cfg = model, list(layers), extractor, config
         self.th = config.thresholds
         self.C = extractor.num_classes
+        self.mirror = mirror
+        self._shapes: dict[int, tuple[int, int, int] | None] = {}   # id(dataset) -> its images' fine-view shape
 
     def run(self, train: Dataset, trusted: Dataset | None, kept: np.ndarray,
             prior: dict[int, np.ndarray] | None = None, check: dict[int, np.ndarray] | None = None,
@@ -589,7 +595,8 @@ class Scanner:
     def images_across(self, train: Dataset, st: ScanState) -> None:
         """Each class not yet separate: its images, read without the model, are tested against the other
         classes' images (:func:`~guard.direction.across_views`) in both input views (a smooth blend
-        shows only in the coarse one), each p doubled for the two views. Trust-free it is the only
+        shows only in the coarse one), each p doubled for the two views (tripled with ``mirror``, whose
+        test of the classes left, :meth:`mirror_images`, shares their bar). Trust-free it is the only
         direction test; with a trusted set it runs after :meth:`direction` (whose coarse-view whitening
         it reuses), since it needs no trusted sample (10-20 trusted a class are too few for the trusted
         tests to act on a 10 % cluster). A class that passes (:func:`decide`) is separate, in the fine
@@ -609,8 +616,10 @@ class Scanner:
         labels = st.labels[rows]
         units = views.units(raw)
         bar = th.max_false_alarm / max(st.n_tested, 1)
+        shape = self._fine_shape(st, train, rows) if self.mirror else None
         probes: dict[int, tuple[int, Probe]] = {}
-        for c, (k, test) in across_views(units, labels, bar, self.cfg.seed).items():
+        tests = len(units) + (shape is not None)        # the mirror test shares the images' bar with the views
+        for c, (k, test) in across_views(units, labels, bar, self.cfg.seed, tests).items():
             if c not in todo:
                 continue
             v = st.classes[c]
@@ -633,6 +642,56 @@ class Scanner:
             if st.cal.source == "trusted":
                 self._score_trusted_images(st, c, k, probe, views)
         self._flag_input_probed(train, st, probes, views)
+        if shape is not None:
+            left = {c for c in todo if st.classes[c].verdict != Verdict.SEPARATE}
+            self.mirror_images(train, st, rows, units[0], shape, left, bar, tests)
+
+    def _fine_shape(self, st: ScanState, train: Dataset, rows: np.ndarray) -> tuple[int, int, int] | None:
+        """The shape of ``train``'s images as the fine view holds them (one item read, once per
+        dataset); None where its items are not images."""
+        if id(train) not in self._shapes:
+            self._shapes[id(train)] = fine_shape(train, int(st.kept[rows[0]]), self.extractor.adapter)
+        return self._shapes[id(train)]
+
+    def mirror_images(self, train: Dataset, st: ScanState, rows: np.ndarray, fine: torch.Tensor,
+                      shape: tuple[int, int, int], todo: set[int], bar: float, tests: int) -> None:
+        """Each class in ``todo``: its screened images (``rows``, their unit fine view ``fine``) against
+        their own mirror images (:func:`~guard.mirror.mirror_test`), the p multiplied by the ``tests``
+        image tests sharing ``bar``. A class below it is separate: every kept image of it
+        beyond every mirror image is taken, the screened ones on the direction held out from them, the
+        others on both (:meth:`~guard.mirror.MirrorTest.extend`); nothing is fitted on what is taken."""
+        if fine.shape[1] != int(np.prod(shape)):
+            st.warn(f"the fine view has {fine.shape[1]} values a sample but the images are {shape}: "
+                    "the mirror test is skipped")
+            return
+        labels = st.labels[rows]
+        caught: dict[int, MirrorTest] = {}
+        for c in sorted(todo):
+            mine = torch.from_numpy(labels == c)
+            test = mirror_test(fine[mine], mirrored(fine[mine], shape), self.cfg.seed)
+            if test is None:
+                continue
+            v = st.classes[c]
+            v.mirror_p = p = min(1.0, test.p * tests)
+            if not (p < bar and v.n_scanned >= self.th.min_class):
+                continue
+            v.verdict, v.critical_layers = Verdict.SEPARATE, [MIRROR]
+            v.reason = (f"{test.share:.0%} of the class's images lie beyond every one of their own mirror images "
+                        f"along their main direction of variation (p={p:.2g} < {bar:.2g})")
+            caught[c] = test
+        if not caught:
+            return
+        every = st.rows_of(caught)
+        units = unit(self._train_views(st, train, every)[0])
+        for c, test in caught.items():
+            at = np.flatnonzero(st.labels[every] == c)
+            sel = every[at]
+            beyond, z = test.extend(units[torch.from_numpy(at)])
+            held = np.searchsorted(sel, rows[labels == c])       # the screened images: their held-out result
+            beyond[held], z[held] = test.beyond, test.z
+            st.suspicion[sel], st.threshold[sel] = z, 0.0
+            st.classes[c].threshold = 0.0
+            self._take(st, c, sel[beyond], z[beyond])
 
     def _score_trusted_images(self, st: ScanState, c: int, k: int, probe: Probe, views: InputViews) -> None:
         """Class ``c``'s trusted images on its probe in input view ``k`` (a probe fitted against the other
