@@ -41,7 +41,7 @@ class GuardConfig(BaseModel):
     scan_inputs: bool = Field(
         True, description="image inputs: test the images too (guard.inputs), against trusted and other classes' images")
     mirror_images: bool = Field(
-        False, description="image inputs: also test each class's images against their own mirror images (mirror-symmetric data)")
+        False, description="image inputs: also hold each class's images against their mirror images (symmetric data)")
     scan_view: bool = Field(
         True, description="without scan_dataset, scans read the training data with its random torchvision transforms off")
     critical_rule: Literal["guard", "paper"] = Field(

@@ -55,7 +55,7 @@ class ClassReport(BaseModel):
     beyond_p: float = Field(1.0, description="p-value of that share for a clean class (guard.gate, decide.beyond_reference_p)")
     direction_p: float = Field(1.0, description="p-value of the class's main direction for a clean class (guard.direction)")
     caught_p: float = Field(1.0, description="p-value along another class's catch for a clean class (guard.elsewhere)")
-    mirror_p: float = Field(1.0, description="p-value of its images against their mirror images for a clean class (guard.mirror)")
+    mirror_p: float = Field(1.0, description="p-value of its images against their mirror images if clean (guard.mirror)")
     threshold: float
     n_flagged: int = 0
     n_paper_flagged: int = Field(0, description="what the paper's rule would flag (baseline)")
