@@ -188,8 +188,7 @@ def mirror_row(trigger: str | None, seed: int = 0, make=None) -> dict:
         if p >= bar:
             continue
         at = np.flatnonzero(lab == c)
-        beyond, _ = test.extend(everything[torch.from_numpy(at)])
-        beyond[np.searchsorted(at, screen[sel])] = test.beyond
+        beyond, _ = test.over(everything[torch.from_numpy(at)], np.searchsorted(at, screen[sel]))
         taken[at[beyond]] = True
         rows[c]["taken"] = int(beyond.sum())
     target = atk.target if atk else None

@@ -141,7 +141,7 @@ class GuardedDataset(Dataset):
                 check_trusted(trusted, self.adapter, self.num_classes, cfg.min_trusted_per_class, n)
         self.feed = Feed(self.adapter, self.device, cfg.channels_last, cfg.amp)
         self.extractor = Extractor(model, self.feed, self.num_classes, cfg)
-        self.scanner = Scanner(model, self.layers, self.extractor, cfg, mirror=cfg.mirror_images and cfg.scan_inputs)
+        self.scanner = Scanner(model, self.layers, self.extractor, cfg)
         self._initial_state = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                                if cfg.remedy == "restart" else None)
         self._records: dict[int, QuarantineRecord] = {}

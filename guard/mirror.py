@@ -3,20 +3,22 @@
 Where an image mirrored left to right is as good a sample of its class as the image itself (natural
 photographs; what training with ``RandomHorizontalFlip`` assumes), a clean class's images and their
 mirror images are exchangeable in any view that commutes with the flip, as the fine view does
-(:func:`guard.inputs.high_pass`: a symmetric 3 x 3 filter). A pattern stamped at one place in some of the class's images is not: its
-mirror image carries it at the mirrored place. So the class's images are tested against their mirror
-images as the direction test tests them against trusted samples (:mod:`guard.direction`): the class's
-top principal direction fitted on one half, the other half and *its* mirror images projected on it, the
-held-out images beyond every one of those mirror images counted against the Beta-binomial bound
-(:func:`guard.decide.beyond_reference_p`), then the halves swapped. This needs no trusted sample and
+(:func:`guard.inputs.high_pass`: a symmetric 3 x 3 filter). A pattern stamped at one place in some of
+the class's images is not: its mirror image carries it at the mirrored place. So the class's images
+are tested against their mirror images as the direction test tests them against trusted samples
+(:mod:`guard.direction`): the class's top principal direction fitted on one half, the other half and
+*its* mirror images projected on it, the held-out images beyond every one of those mirror images
+counted against the Beta-binomial bound (:func:`guard.decide.beyond_reference_p`), then the halves
+swapped. This needs no trusted sample and
 no other class, so it sees poison planted alike in every class (all-to-all), which the test against the
 other classes' images cannot (their images, the clean class's stand-in, carry it too).
 
 What it promises: under exchangeability, each held-out clean image lies beyond every one of its half's
 ``m`` mirror images with probability at most ``1 / (m + 1)``, whatever the view's distribution; the p
 is corrected for the two sides. An image and its own mirror image are a pair, which the bound does not
-model; on clean CIFAR-10 data the test acted on none of 1,342 class decisions (benchmarks/NOTES.md). What it cannot see: a trigger that is its own mirror image (centred on
-the vertical axis and mirror-symmetric, or a symmetric global blend), a warp. Where classes are not
+model; on clean CIFAR-10 data the test acted on none of 1,342 class decisions (benchmarks/NOTES.md).
+What it cannot see: a trigger that is its own mirror image (centred on the vertical axis and
+mirror-symmetric, or a symmetric global blend), a warp. Where classes are not
 mirror-symmetric (digits, text) the assumption fails and clean images are taken: a recipe that flips
 such data does not make it symmetric (sklearn's digits trained with flips lost 482 clean samples of
 1,147 with the test on). So it runs only when asked (``GuardConfig(mirror_images=True)``).
@@ -65,6 +67,14 @@ class MirrorTest:
             proj = ((units.float() - mu) @ v).numpy()
             beyond &= proj > ref.max()
             z = np.minimum(z, (proj - ref.max()) / max(float(ref.std()), 1e-12))
+        return beyond, z
+
+    def over(self, units: torch.Tensor, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(beyond, z)`` of every image of the class: ``units`` all its images' unit fine view, ``held``
+        the positions among them of the images the test held out, in the test's order. Those keep their
+        held-out result; the others are :meth:`extend`\ ed."""
+        beyond, z = self.extend(units)
+        beyond[held], z[held] = self.beyond, self.z
         return beyond, z
 
 

@@ -212,13 +212,11 @@ class Scanner:
     """Runs scans of ``model`` over a dataset; holds no quarantine state."""
 
     def __init__(self, model: torch.nn.Module, layers: Sequence[str], extractor: Extractor,
-                 config: GuardConfig, mirror: bool = False) -> None:
-        """``mirror``: also test each class's images against their own mirror images (:mod:`guard.mirror`;
-        ``GuardConfig.mirror_images`` with ``scan_inputs``)."""
+                 config: GuardConfig) -> None:
         self.model, self.layers, self.extractor, self.cfg = model, list(layers), extractor, config
         self.th = config.thresholds
         self.C = extractor.num_classes
-        self.mirror = mirror
+        self.mirror = config.mirror_images and config.scan_inputs   # guard.mirror: a test of the image stage
         self._shapes: dict[int, tuple[int, int, int] | None] = {}   # id(dataset) -> its images' fine-view shape
 
     def run(self, train: Dataset, trusted: Dataset | None, kept: np.ndarray,
@@ -686,9 +684,7 @@ class Scanner:
         for c, test in caught.items():
             at = np.flatnonzero(st.labels[every] == c)
             sel = every[at]
-            beyond, z = test.extend(units[torch.from_numpy(at)])
-            held = np.searchsorted(sel, rows[labels == c])       # the screened images: their held-out result
-            beyond[held], z[held] = test.beyond, test.z
+            beyond, z = test.over(units[torch.from_numpy(at)], np.searchsorted(sel, rows[labels == c]))
             st.suspicion[sel], st.threshold[sel] = z, 0.0
             st.classes[c].threshold = 0.0
             self._take(st, c, sel[beyond], z[beyond])
