@@ -24,7 +24,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))        # this checkout's guard, not whatever the venv has installed
 
-from guard.attacks import ATTACKS  # noqa: E402
+from guard.attacks import ATTACKS, make_attack  # noqa: E402
 from guard.experiment import RunSpec, run  # noqa: E402
 
 
@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.merge:
         parts = [json.loads(Path(p).read_text()) for p in a.merge]
+        for sc in (sc for p in parts for r in p["runs"].values() for sc in r.get("scans", [])):
+            sc.pop("reference_scores", None)     # per-sample plot data: keeps a merged file small
         merged = {"meta": {"parts": [p["meta"] for p in parts]}, "rows": [r for p in parts for r in p["rows"]],
                   "runs": {k: v for p in parts for k, v in p["runs"].items()}}
         write(Path(a.out), merged)
@@ -195,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
                      None if atk == "none" else atk, float(rate), True))
     if a.seed:
         runs = [(f"{name} seed {a.seed}", atk, rate, tf) for name, atk, rate, tf in runs]
+    for name, atk, _, _ in runs:                  # before any training: --attack-args go to every attacked run
+        try:
+            make_attack(atk, **fields(a.attack_args)) if atk else None
+        except TypeError as e:
+            ap.error(f"--attack-args {' '.join(a.attack_args)} do not fit the run {name!r} ({e}); name the "
+                     "trust-free runs too (--trust-free ATTACK:RATE ..., or --trust-free with nothing for none)")
     results, rows = {}, []
     t0 = time.time()
     for name, atk, rate, tf in runs:

@@ -28,6 +28,15 @@ FPR of that flag over the whole data set, and every clean class acted on with wh
     python benchmarks/input_view.py --trust-free --zoo-seed 0 --out benchmarks/results/input_view_tf_zoo0.json
     python benchmarks/input_view.py --trust-free --harm --out benchmarks/results/input_view_tf_harm.json
     python benchmarks/input_view.py --trust-free --triggers zoo:0:18 zoo:1:8 --clean 5 --out F.json   # smooth blends
+
+Against their own mirror images (``--mirror``: what a scan with ``mirror_images`` does with the images,
+trusted set or not): the zoo's triggers, chosen ``guard.attacks`` cells (``--attacks``, with their fields
+``--attack-args``, on the main recipe's 10k data or the zoo's 4k: ``--attacks-on``); an attack's cover
+images (triggered, label kept) are counted apart, and a class holding any is not a clean decision.
+
+    python benchmarks/input_view.py --mirror --zoo-seed 0 --clean 5 --out F.json
+    python benchmarks/input_view.py --mirror --n 0 --clean 0 --attacks adaptive_blend:0.1:0 \\
+        --attack-args cover_rate=0.1 alpha=0.25 test_alpha=0.3 --attacks-on zoo
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -167,8 +177,9 @@ def mirror_row(trigger: str | None, seed: int = 0, make=None) -> dict:
     bar), then, for every class it does not act on, the class's screened images against their own
     mirror images (``guard.mirror``, p x 3); where that acts, what ``Scanner.mirror_images`` takes (every
     image of the class beyond every mirror image, the screened ones held out, the others on both halves'
-    directions): TPR and FPR over the data set, and every clean class it acts on."""
-    from guard.mirror import mirror_test, mirrored
+    directions; then again on what that leaves, while it passes: ``guard.mirror.mirror_steps``): TPR and FPR
+    over the data set, and every clean class it acts on."""
+    from guard.mirror import mirror_steps, mirrored
     from guard.reference import unit
 
     atk, data, lab, th, poison, tested, bar, screen, raw = _trust_free_screen(trigger, seed, make)
@@ -182,21 +193,28 @@ def mirror_row(trigger: str | None, seed: int = 0, make=None) -> dict:
             rows[c] = {"across_p": across[c], "mirror_p": None, "acted": False, "taken": 0}
             continue
         sel = lab[screen] == c
-        test = mirror_test(units[0][torch.from_numpy(sel)], mirrored(units[0][torch.from_numpy(sel)], shape), 0)
-        p = min(1.0, 3 * test.p)
-        rows[c] = {"across_p": across.get(c, 1.0), "mirror_p": p, "share": test.share, "acted": p < bar, "taken": 0}
+        steps = mirror_steps(units[0][torch.from_numpy(sel)], mirrored(units[0][torch.from_numpy(sel)], shape), bar / 3, 0)
+        p = min(1.0, 3 * steps.first.p)
+        rows[c] = {"across_p": across.get(c, 1.0), "mirror_p": p, "share": steps.first.share, "acted": p < bar,
+                   "taken": 0, "steps": len(steps.steps)}
         if p >= bar:
             continue
         at = np.flatnonzero(lab == c)
-        beyond, _ = test.over(everything[torch.from_numpy(at)], np.searchsorted(at, screen[sel]))
+        beyond, _ = steps.over(everything[torch.from_numpy(at)], np.searchsorted(at, screen[sel]))
         taken[at[beyond]] = True
         rows[c]["taken"] = int(beyond.sum())
     target = atk.target if atk else None
-    clean = {c: r for c, r in rows.items() if c != target and not (atk and getattr(atk, "name", "") == "all2all")}
-    return {"trigger": trigger or f"none (seed {seed})", "family": atk.name if atk else "none",
+    cover = np.isin(np.arange(len(lab)), data.cover)          # triggered images that keep their label (adaptive attacks)
+    covered = set(np.unique(lab[cover]).tolist())             # classes holding any: not clean
+    clean = {c: r for c, r in rows.items()
+             if c != target and c not in covered and not (atk and getattr(atk, "name", "") == "all2all")}
+    name = (trigger if make is None else f"{trigger}, seed {seed}") if trigger else f"none (seed {seed})"
+    return {"trigger": name, "family": atk.name if atk else "none",
             "kind": getattr(atk, "kind", getattr(atk, "style", "")) if atk else "", "target": target,
-            "rate": atk.rate if atk else 0.0, "bar": bar, "target_row": rows.get(target),
+            "rate": float(poison.mean()), "bar": bar, "target_row": rows.get(target),
             "tpr": float(taken[poison].mean()) if poison.any() else None, "fpr": float(taken[~poison].mean()),
+            "covers": int(cover.sum()), "cover_taken": float(taken[cover].mean()) if cover.any() else None,
+            "fpr_clean": float(taken[~poison & ~cover].mean()),
             "clean_decisions": sum(r["mirror_p"] is not None for r in clean.values()),
             "clean_acted": {c: r for c, r in clean.items() if r["acted"]},
             "clean_min_p": min((r["mirror_p"] for r in clean.values() if r["mirror_p"] is not None), default=1.0),
@@ -208,18 +226,26 @@ def mirror_markdown(rows: list[dict], command: str) -> str:
              "(`guard.mirror`; no model, no trusted set), in every class the test against the other classes' images does "
              f"not act on, as a scan with `mirror_images` runs it; acted on below {rows[0]['bar']:.0e} (p x 3). TPR / FPR: "
              "what the mirror test takes over the whole data set (-: the target caught across the classes, where it "
-             "does not run). Clean decisions: the classes it tested that hold no poison.", "",
-             "| data | family | target: mirror p, share beyond | TPR | FPR | clean decisions | clean acted on (smallest p) |",
-             "|---|---|---|---|---|---|---|"]
+             "does not run); steps: tests of what the ones before left (`guard.mirror.mirror_steps`). Clean decisions: the classes it tested that hold no poison (and no cover images).", "",
+             "| data | family | target: mirror p, share beyond | TPR | FPR | covers taken (FPR without them) | clean decisions "
+             "| clean acted on (smallest p) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["target_row"]
         tgt = ("-" if t is None else "across the classes" if t["mirror_p"] is None
-               else f"{t['mirror_p']:.0e}, {t['share']:.0%}")
+               else f"{t['mirror_p']:.0e}, {t['share']:.0%}" + (f", {t['steps']} steps" if t.get("steps", 1) > 1 else ""))
         tpr = "-" if r["tpr"] is None or (t is not None and t["mirror_p"] is None) else f"{r['tpr']:.1%}"
         lines.append(f"| {r.get('variant', '') + ' ' if r.get('variant') else ''}{r['trigger']} | {r['family']} {r['kind']} | "
-                     f"{tgt} | {tpr} | {r['fpr']:.2%} | {r['clean_decisions']} | {len(r['clean_acted'])} "
-                     f"({r['clean_min_p']:.0e}) |")
+                     f"{tgt} | {tpr} | {r['fpr']:.2%} | {_covers(r)} | {r['clean_decisions']} | "
+                     + (f"{len(r['clean_acted'])} ({r['clean_min_p']:.0e})" if r["clean_decisions"] else "-") + " |")
     return "\n".join(lines)
+
+
+def _covers(r: dict) -> str:
+    """A mirror row's cover images taken, and its FPR over the images that are neither poison nor cover."""
+    if r.get("cover_taken") is None:
+        return "-"
+    return f"{r['cover_taken']:.1%} of {r['covers']:,} ({r['fpr_clean']:.2%})"
 
 
 def trust_free_markdown(rows: list[dict], command: str) -> str:
@@ -331,6 +357,10 @@ def main() -> None:
     ap.add_argument("--mirror", action="store_true", help="each class against its own mirror images (guard.mirror)")
     ap.add_argument("--attacks", nargs="*", default=[], metavar="NAME:RATE:SEED",
                     help="with --mirror: guard.attacks cells on the main recipe's data (10k, no trusted set needed)")
+    ap.add_argument("--attack-args", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="with --attacks: further attack fields for every cell, e.g. cover_rate=0.1 (JSON values)")
+    ap.add_argument("--attacks-on", choices=("10k", "zoo"), default="10k",
+                    help="with --attacks: the main recipe's data (10k) or the zoo recipe's (4k, crop + flip in training)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -338,14 +368,19 @@ def main() -> None:
     TRUSTED_SHIFT, TRAIN_SHIFT, CROPS = a.trusted_shift, a.train_shift, a.crops
     command = " ".join(sys.argv[1:sys.argv.index("--out")] if a.out else sys.argv[1:])
     if a.mirror:
-        main10k = lambda x, r, s: RunSpec(data="cifar10", attack=x, rate=r, n_train=10000, seed=s)  # noqa: E731
+        kwargs = {k: json.loads(v) for k, v in (f.split("=", 1) for f in a.attack_args)}
+        if a.attacks_on == "zoo":
+            main10k = lambda x, r, s: replace(spec("zoo", x, r, s), attack_kwargs=kwargs)  # noqa: E731
+        else:
+            main10k = lambda x, r, s: RunSpec(data="cifar10", attack=x, rate=r, n_train=10000, seed=s,  # noqa: E731
+                                              attack_kwargs=kwargs)
         if a.harm:
             rows = [{"variant": v, **mirror_row(atk, seed, lambda x, r, s, v=v: harm.spec(v, x, r if x else 0.0, s, 10))}
                     for v in harm.VARIANTS for atk, _, seed in harm.ATTACKED + [(None, 0.0, s) for s in harm.CLEAN_SEEDS]]
         else:
             rows = ([mirror_row(t) for t in (a.triggers if a.triggers is not None
                                               else [f"zoo:{a.zoo_seed}:{i}" for i in range(a.n)])]
-                    + [{"variant": "10k", **mirror_row(None if x == "none" else x, int(s),
+                    + [{"variant": "4k" if a.attacks_on == "zoo" else "10k", **mirror_row(None if x == "none" else x, int(s),
                                                         lambda x, r, s2, r0=float(r): main10k(x, r0, s2))}
                        for x, r, s in (c.split(":") for c in a.attacks)]
                     + [mirror_row(None, s) for s in range(a.clean)])

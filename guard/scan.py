@@ -68,7 +68,7 @@ from guard.hooks import scan_mode
 from guard.inputs import InputViews, fine_shape, read_views
 from guard.keep import KeptFeatures, keep_budget
 from guard.locate import excess_share, guard_layers, paper_window
-from guard.mirror import MIRROR, MirrorTest, mirror_test, mirrored
+from guard.mirror import MIRROR, MirrorSteps, mirror_steps, mirrored
 from guard.mismatch import Mismatch, mismatch
 from guard.probe import Probe, self_train
 from guard.reference import Reference, unit, unit_
@@ -657,34 +657,38 @@ class Scanner:
         their own mirror images (:func:`~guard.mirror.mirror_test`), the p multiplied by the ``tests``
         image tests sharing ``bar``. A class below it is separate: every kept image of it
         beyond every mirror image is taken, the screened ones on the direction held out from them, the
-        others on both (:meth:`~guard.mirror.MirrorTest.extend`); nothing is fitted on what is taken."""
+        others on both (:meth:`~guard.mirror.MirrorTest.extend`); nothing is fitted on what is taken. What
+        that leaves is tested again at the same bar, and taken from likewise, while it passes
+        (:func:`~guard.mirror.mirror_steps`)."""
         if fine.shape[1] != int(np.prod(shape)):
             st.warn(f"the fine view has {fine.shape[1]} values a sample but the images are {shape}: "
                     "the mirror test is skipped")
             return
         labels = st.labels[rows]
-        caught: dict[int, MirrorTest] = {}
+        caught: dict[int, MirrorSteps] = {}
         for c in sorted(todo):
             mine = torch.from_numpy(labels == c)
-            test = mirror_test(fine[mine], mirrored(fine[mine], shape), self.cfg.seed)
-            if test is None:
+            steps = mirror_steps(fine[mine], mirrored(fine[mine], shape), bar / tests, self.cfg.seed)
+            if steps is None:
                 continue
             v = st.classes[c]
-            v.mirror_p = p = min(1.0, test.p * tests)
-            if not (p < bar and v.n_scanned >= self.th.min_class):
+            v.mirror_p = p = min(1.0, steps.first.p * tests)
+            if not (steps.steps and v.n_scanned >= self.th.min_class):
                 continue
             v.verdict, v.critical_layers = Verdict.SEPARATE, [MIRROR]
-            v.reason = (f"{test.share:.0%} of the class's images lie beyond every one of their own mirror images "
-                        f"along their main direction of variation (p={p:.2g} < {bar:.2g})")
-            caught[c] = test
+            v.reason = (f"{steps.first.share:.0%} of the class's images lie beyond every one of their own mirror "
+                        f"images along their main direction of variation (p={p:.2g} < {bar:.2g})"
+                        + (f"; {len(steps.steps)} directions in turn, each on what the ones before left"
+                           if len(steps.steps) > 1 else ""))
+            caught[c] = steps
         if not caught:
             return
         every = st.rows_of(caught)
         units = unit(self._train_views(st, train, every)[0])
-        for c, test in caught.items():
+        for c, steps in caught.items():
             at = np.flatnonzero(st.labels[every] == c)
             sel = every[at]
-            beyond, z = test.over(units[torch.from_numpy(at)], np.searchsorted(sel, rows[labels == c]))
+            beyond, z = steps.over(units[torch.from_numpy(at)], np.searchsorted(sel, rows[labels == c]))
             st.suspicion[sel], st.threshold[sel] = z, 0.0
             st.classes[c].threshold = 0.0
             self._take(st, c, sel[beyond], z[beyond])

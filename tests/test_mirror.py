@@ -9,7 +9,7 @@ import torch
 
 from guard import GuardConfig, GuardedDataset
 from guard.inputs import high_pass
-from guard.mirror import MIRROR, mirror_test, mirrored
+from guard.mirror import MIRROR, mirror_steps, mirror_test, mirrored
 from guard.reference import unit
 
 SHAPE = (3, 16, 16)
@@ -47,6 +47,31 @@ def test_a_pattern_stamped_at_one_place_in_a_tenth_of_a_class_lies_beyond_every_
     beyond, z = test.extend(_views(new)[0])
     assert beyond[:20].sum() >= 19 and beyond[20:].sum() <= 2
     assert np.array_equal(beyond, z > 0)
+
+
+def test_a_class_passing_is_tested_again_on_what_it_leaves_so_each_piece_of_a_split_trigger_is_taken():
+    """Two patterns at two places (a fifth of the class top left, a tenth bottom right), each image carrying
+    one, as Adaptive-Patch's pieces: the first direction is the larger pattern's and takes none of the other;
+    the test on what it leaves finds the second; images the tests did not hold are taken on both."""
+    x = _images(400, 2)
+    small, large = np.arange(0, 400, 10), np.flatnonzero(np.arange(400) % 10 >= 8)
+    x[torch.from_numpy(small), :, -4:-1, -4:-1] = CHECKER
+    x[torch.from_numpy(large), :, 1:4, 2:5] = 1 - CHECKER
+    units, mirror = _views(x)
+    first = mirror_test(units, mirror)
+    assert first.beyond[large].all() and not first.beyond[small].any()
+    steps = mirror_steps(units, mirror, level=1e-4)
+    assert steps.first.p == first.p and len(steps.steps) == 2
+    clean = np.setdiff1d(np.arange(400), np.concatenate([small, large]))
+    assert steps.beyond[small].all() and steps.beyond[large].all() and steps.beyond[clean].sum() <= 3
+    new = _images(200, 3)
+    new[:20, :, -4:-1, -4:-1] = CHECKER
+    new[20:40, :, 1:4, 2:5] = 1 - CHECKER
+    taken, _ = steps.over(torch.cat([units, _views(new)[0]]), np.arange(400))
+    assert np.array_equal(taken[:400], steps.beyond)                       # the held images keep their result
+    assert taken[400:440].sum() >= 38 and taken[440:].sum() <= 2
+    clean_class = mirror_steps(*_views(_images(400, 4)), level=1e-4)
+    assert clean_class.steps == ()                                         # nothing passes: no step at all
 
 
 def test_a_clean_class_and_a_mirror_symmetric_pattern_do_not_stand_out():
