@@ -55,6 +55,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks import bench_harm as harm  # noqa: E402
+from benchmarks.bench_guard import fields  # noqa: E402
 from benchmarks.bench_zoo import spec  # noqa: E402
 from guard.attacks import make_attack  # noqa: E402
 from guard.direction import across_views, direction_test  # noqa: E402
@@ -226,7 +227,8 @@ def mirror_markdown(rows: list[dict], command: str) -> str:
              "(`guard.mirror`; no model, no trusted set), in every class the test against the other classes' images does "
              f"not act on, as a scan with `mirror_images` runs it; acted on below {rows[0]['bar']:.0e} (p x 3). TPR / FPR: "
              "what the mirror test takes over the whole data set (-: the target caught across the classes, where it "
-             "does not run); steps: tests of what the ones before left (`guard.mirror.mirror_steps`). Clean decisions: the classes it tested that hold no poison (and no cover images).", "",
+             "does not run); steps: tests of what the ones before left (`guard.mirror.mirror_steps`). Clean decisions: "
+             "the classes it tested that hold no poison (and no cover images).", "",
              "| data | family | target: mirror p, share beyond | TPR | FPR | covers taken (FPR without them) | clean decisions "
              "| clean acted on (smallest p) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -343,6 +345,20 @@ def harm_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _harm_grid(row) -> list[dict]:
+    """``row(attack, seed, make)`` (:func:`trust_free_row`, :func:`mirror_row`) on every variant of ``bench_harm``'s
+    data with 10 trusted a class: its attacked cells and its clean seeds."""
+    return [{"variant": v, **row(atk, seed, lambda x, r, s, v=v: harm.spec(v, x, r if x else 0.0, s, 10))}
+            for v in harm.VARIANTS for atk, _, seed in harm.ATTACKED + [(None, 0.0, s) for s in harm.CLEAN_SEEDS]]
+
+
+def _emit(rows: list[dict], md: str, out: str | None) -> None:
+    """Print a table; with ``out``, save it with its rows."""
+    print(md)
+    if out:
+        Path(out).write_text(json.dumps({"rows": rows, "markdown": md}, indent=1, default=float))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo-seed", type=int, default=2)
@@ -368,52 +384,35 @@ def main() -> None:
     TRUSTED_SHIFT, TRAIN_SHIFT, CROPS = a.trusted_shift, a.train_shift, a.crops
     command = " ".join(sys.argv[1:sys.argv.index("--out")] if a.out else sys.argv[1:])
     if a.mirror:
-        kwargs = {k: json.loads(v) for k, v in (f.split("=", 1) for f in a.attack_args)}
+        kwargs = fields(a.attack_args)
         if a.attacks_on == "zoo":
-            main10k = lambda x, r, s: replace(spec("zoo", x, r, s), attack_kwargs=kwargs)  # noqa: E731
+            cell = lambda x, r, s: replace(spec("zoo", x, r, s), attack_kwargs=kwargs)  # noqa: E731
         else:
-            main10k = lambda x, r, s: RunSpec(data="cifar10", attack=x, rate=r, n_train=10000, seed=s,  # noqa: E731
-                                              attack_kwargs=kwargs)
+            cell = lambda x, r, s: RunSpec(data="cifar10", attack=x, rate=r, n_train=10000, seed=s,  # noqa: E731
+                                           attack_kwargs=kwargs)
         if a.harm:
-            rows = [{"variant": v, **mirror_row(atk, seed, lambda x, r, s, v=v: harm.spec(v, x, r if x else 0.0, s, 10))}
-                    for v in harm.VARIANTS for atk, _, seed in harm.ATTACKED + [(None, 0.0, s) for s in harm.CLEAN_SEEDS]]
+            rows = _harm_grid(mirror_row)
         else:
             rows = ([mirror_row(t) for t in (a.triggers if a.triggers is not None
                                               else [f"zoo:{a.zoo_seed}:{i}" for i in range(a.n)])]
                     + [{"variant": "4k" if a.attacks_on == "zoo" else "10k", **mirror_row(None if x == "none" else x, int(s),
-                                                        lambda x, r, s2, r0=float(r): main10k(x, r0, s2))}
+                                                        lambda x, r, s2, r0=float(r): cell(x, r0, s2))}
                        for x, r, s in (c.split(":") for c in a.attacks)]
                     + [mirror_row(None, s) for s in range(a.clean)])
-        md = mirror_markdown(rows, command)
-        print(md)
-        if a.out:
-            Path(a.out).write_text(json.dumps({"rows": rows, "markdown": md}, indent=1, default=float))
-        return
+        return _emit(rows, mirror_markdown(rows, command), a.out)
     if a.trust_free:
         if a.harm:
-            rows = [{"variant": v, **trust_free_row(atk, seed, lambda x, r, s, v=v: harm.spec(v, x, r if x else 0.0, s, 10))}
-                    for v in harm.VARIANTS for atk, _, seed in harm.ATTACKED + [(None, 0.0, s) for s in harm.CLEAN_SEEDS]]
+            rows = _harm_grid(trust_free_row)
         else:
             rows = ([trust_free_row(t) for t in (a.triggers or [f"zoo:{a.zoo_seed}:{i}" for i in range(a.n)])]
                     + [trust_free_row(None, s) for s in range(a.clean)])
-        md = trust_free_markdown(rows, command)
-        print(md)
-        if a.out:
-            Path(a.out).write_text(json.dumps({"rows": rows, "markdown": md}, indent=1, default=float))
-        return
+        return _emit(rows, trust_free_markdown(rows, command), a.out)
     if a.harm:
         rows = harm_rows(len(harm.CLEAN_SEEDS))
-        md = harm_markdown(rows)
-        print(md)
-        if a.out:
-            Path(a.out).write_text(json.dumps({"rows": rows, "markdown": md}, indent=1, default=float))
-        return
+        return _emit(rows, harm_markdown(rows), a.out)
     triggers = a.triggers or [f"zoo:{a.zoo_seed}:{i}" for i in range(a.n)]
     rows = [trigger_row(t) for t in triggers] + [trigger_row(None, s) for s in range(a.clean)]
-    md = markdown(rows, " ".join(sys.argv[1:a.out and sys.argv.index("--out")] if a.out else sys.argv[1:]))
-    print(md)
-    if a.out:
-        Path(a.out).write_text(json.dumps({"rows": rows, "markdown": md}, indent=1, default=float))
+    _emit(rows, markdown(rows, command), a.out)
 
 
 if __name__ == "__main__":
