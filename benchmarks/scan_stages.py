@@ -82,7 +82,8 @@ class Decoded(torch.utils.data.Dataset):
             return self.transform(im.convert("RGB")), int(self.labels[i])
 
 
-def stages(spec: RunSpec, path: Path, repeats: int, decode: bool = False, keep_mb: float | None = None) -> dict:
+def stages(spec: RunSpec, path: Path, repeats: int, decode: bool = False, keep_mb: float | None = None,
+           guard: dict | None = None) -> dict:
     data = prepare(spec)
     if decode:
         data.scan, data.trusted = Decoded(data.scan), Decoded(data.trusted)
@@ -91,7 +92,7 @@ def stages(spec: RunSpec, path: Path, repeats: int, decode: bool = False, keep_m
     runs = []
     for _ in range(repeats + 1):                       # the first is a warm-up, not counted
         model.load_state_dict(state)
-        extra = {} if keep_mb is None else {"keep_mb": keep_mb}
+        extra = ({} if keep_mb is None else {"keep_mb": keep_mb}) | (guard or {})
         gds = GuardedDataset(data.train, model, GuardConfig(seed=spec.seed, remedy="none", progress=False, **extra),
                              trusted=data.trusted, scan_dataset=data.scan)
         t = time.perf_counter()
@@ -110,7 +111,7 @@ def stages(spec: RunSpec, path: Path, repeats: int, decode: bool = False, keep_m
 
 
 def render(results: list[tuple[str, dict]]) -> str:
-    keys = [k for k in results[0][1]["median"] if k != "non_forward"]
+    keys = list(dict.fromkeys(k for _, r in results for k in r["median"] if k != "non_forward"))
     head = "| code | attack | " + " | ".join(k.split(":")[-1] for k in keys) + " | non-forward |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for label, r in results:
@@ -132,6 +133,8 @@ def main() -> None:
     ap.add_argument("--decode", action="store_true",
                     help="read the scan's data as an image folder is read: PNG decoded by PIL at every read")
     ap.add_argument("--keep-mb", type=float, help="GuardConfig.keep_mb (default: the library's)")
+    ap.add_argument("--guard", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="further GuardConfig fields, e.g. mirror_images=false (JSON values)")
     ap.add_argument("--out")
     ap.add_argument("--render", nargs="+", metavar="JSON", help="only tabulate earlier result files")
     ap.add_argument("--labels", nargs="+")
@@ -147,10 +150,11 @@ def main() -> None:
     path = Path(a.checkpoint or f"/tmp/guard_stages_{a.attack}{size}.pt")
     if not path.exists():
         checkpoint(spec, path)
-    out = stages(spec, path, a.repeats, a.decode, a.keep_mb)
+    guard = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.guard)}
+    out = stages(spec, path, a.repeats, a.decode, a.keep_mb, guard)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
     out["meta"] = {"attack": a.attack + (" (decoded)" if a.decode else ""), "repeats": a.repeats, "threads": torch.get_num_threads(), "commit": commit.strip(),
-                   "torch": torch.__version__, "device": a.device, "n_train": a.n_train, "width": a.width, "keep_mb": a.keep_mb,
+                   "torch": torch.__version__, "device": a.device, "n_train": a.n_train, "width": a.width, "keep_mb": a.keep_mb, "guard": guard,
                    "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print(json.dumps(out["median"], indent=1))

@@ -40,8 +40,9 @@ class GuardConfig(BaseModel):
     pool_grid: int = Field(4, ge=0, description="feature maps are average-pooled to grid x grid (0: keep all)")
     scan_inputs: bool = Field(
         True, description="image inputs: test the images too (guard.inputs), against trusted and other classes' images")
-    mirror_images: bool = Field(
-        False, description="image inputs: also hold each class's images against their mirror images (symmetric data)")
+    mirror_images: bool | Literal["auto"] = Field(
+        "auto", description="image inputs: also hold each class's images against their mirror images; "
+                            "'auto': with a trusted set whose images are mirror-symmetric")
     scan_view: bool = Field(
         True, description="without scan_dataset, scans read the training data with its random torchvision transforms off")
     critical_rule: Literal["guard", "paper"] = Field(

@@ -328,7 +328,7 @@ class GuardedDataset(Dataset):
             paper_flagged=len(res.paper_flagged),
             memory_bytes=res.memory_bytes,
             classes=res.classes, warnings=res.warnings, passes=res.passes, seconds_by_part=res.seconds_by_part,
-            trusted_mismatch_p=res.mismatch_p, trusted_mismatch_at=res.mismatch_at,
+            trusted_mismatch_p=res.mismatch_p, trusted_mismatch_at=res.mismatch_at, mirror_symmetry_p=res.mirror_symmetry_p,
             reference_scores=[] if res.reference_suspicion is None
             else np.round(res.reference_suspicion, 3).tolist())
         if (res.mismatch_p is not None and res.mismatch_p < self.config.thresholds.max_false_alarm

@@ -68,11 +68,12 @@ from guard.hooks import scan_mode
 from guard.inputs import InputViews, fine_shape, read_views
 from guard.keep import KeptFeatures, keep_budget
 from guard.locate import excess_share, guard_layers, paper_window
-from guard.mirror import MIRROR, MirrorSteps, mirror_steps, mirrored
+from guard.mirror import MIRROR, MirrorSteps, Symmetry, mirror_steps, mirrored, symmetry
 from guard.mismatch import Mismatch, mismatch
 from guard.probe import Probe, self_train
 from guard.reference import Reference, unit, unit_
 from guard.report import ClassReport
+from guard.scanview import reads_differ
 from guard.score import DeviceScores
 from guard.thresholds import Thresholds
 
@@ -138,6 +139,7 @@ class ScanState:
     layer_names: list[str] = field(default_factory=list)   # the direction stage's layers, then input views
     last_views: dict[int, tuple[np.ndarray, list[torch.Tensor] | None]] = field(default_factory=dict)   # Scanner._views
     mismatch: Mismatch | None = None    # the classes not acted on, combined (guard.mismatch)
+    symmetry: Symmetry | None = None    # mirror_images="auto": the trusted images against their mirror images
 
     def rows_of(self, classes) -> np.ndarray:
         return np.flatnonzero(np.isin(self.labels, list(classes)))
@@ -177,6 +179,7 @@ class ScanResult:
     released: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))   # indices given back
     mismatch_p: float | None = None              # guard.mismatch: the classes not acted on, combined
     mismatch_at: str | None = None               # ... at this layer or input view
+    mirror_symmetry_p: float | None = None       # mirror_images="auto": guard.mirror.symmetry's p on the trusted images
 
 
 @contextmanager
@@ -216,8 +219,8 @@ class Scanner:
         self.model, self.layers, self.extractor, self.cfg = model, list(layers), extractor, config
         self.th = config.thresholds
         self.C = extractor.num_classes
-        self.mirror = config.mirror_images and config.scan_inputs   # guard.mirror: a test of the image stage
         self._shapes: dict[int, tuple[int, int, int] | None] = {}   # id(dataset) -> its images' fine-view shape
+        self._symmetry: dict[int, Symmetry | None] = {}              # id(trusted set) -> guard.mirror.symmetry
 
     def run(self, train: Dataset, trusted: Dataset | None, kept: np.ndarray,
             prior: dict[int, np.ndarray] | None = None, check: dict[int, np.ndarray] | None = None,
@@ -240,6 +243,7 @@ class Scanner:
             with _timed(seconds, "score"):
                 st = self.score(passes, train, kept, cal, budget - cal.kept_bytes)
             st.seconds = seconds
+            st.symmetry = self.trusted_symmetry(st, train)
             st.releasable = {c: np.sort(np.asarray(v, dtype=np.int64)) for c, v in (releasable or {}).items() if len(v)}
             self.check_classes(st)
             self.locate(st, prior)
@@ -614,7 +618,7 @@ class Scanner:
         labels = st.labels[rows]
         units = views.units(raw)
         bar = th.max_false_alarm / max(st.n_tested, 1)
-        shape = self._fine_shape(st, train, rows) if self.mirror else None
+        shape = self._mirror_shape(st, train, rows)
         probes: dict[int, tuple[int, Probe]] = {}
         tests = len(units) + (shape is not None)        # the mirror test shares the images' bar with the views
         for c, (k, test) in across_views(units, labels, bar, self.cfg.seed, tests).items():
@@ -650,6 +654,43 @@ class Scanner:
         if id(train) not in self._shapes:
             self._shapes[id(train)] = fine_shape(train, int(st.kept[rows[0]]), self.extractor.adapter)
         return self._shapes[id(train)]
+
+    def trusted_symmetry(self, st: ScanState, train: Dataset) -> Symmetry | None:
+        """With ``mirror_images="auto"``, a trusted set and image inputs: whether the trusted images show any class
+        unlike its mirror images (:func:`~guard.mirror.symmetry`), read once per trusted set and reported at
+        every scan (``ScanReport.mirror_symmetry_p``). None otherwise, and where the trusted images cannot show
+        it: not images of the training images' shape, fewer than 4 a class, or read with a random transform (a
+        random flip makes any images look symmetric)."""
+        if not (self.cfg.mirror_images == "auto" and self.cfg.scan_inputs and st.cal.source == "trusted"
+                and len(st.kept)):
+            return None
+        key = id(st.cal.dataset)
+        if key not in self._symmetry:
+            with _timed(st.seconds, "symmetry"):
+                self._symmetry[key] = self._read_symmetry(st, train)
+        return self._symmetry[key]
+
+    def _read_symmetry(self, st: ScanState, train: Dataset) -> Symmetry | None:
+        shape = self._fine_shape(st, train, np.zeros(1, np.int64))
+        if shape is None:
+            return None
+        if reads_differ(st.cal.dataset, st.cal.positions(np.arange(min(4, len(st.cal.labels))))):
+            st.warn("the trusted set returns different images for the same index, so whether its classes are "
+                    "mirror-symmetric cannot be read: the mirror test stays off (mirror_images=True turns it on)")
+            return None
+        raw = self._ref_views(st, np.arange(len(st.cal.labels)))
+        if raw is None or raw[0].shape[1] != int(np.prod(shape)):
+            return None
+        return symmetry(raw[0], st.cal.labels, shape, self.th.mirror_check_max, self.th.mirror_symmetry_p,
+                        self.cfg.seed)
+
+    def _mirror_shape(self, st: ScanState, train: Dataset, rows: np.ndarray) -> tuple[int, int, int] | None:
+        """The shape of ``train``'s images where this scan holds the classes against their mirror images, else
+        None: ``mirror_images=True``, or ``"auto"`` where :meth:`trusted_symmetry` holds at
+        ``thresholds.mirror_symmetry_p`` (trust-free, ``"auto"`` is off)."""
+        asked = self.cfg.mirror_images
+        on = (st.symmetry is not None and st.symmetry.holds(self.th.mirror_symmetry_p)) if asked == "auto" else asked
+        return self._fine_shape(st, train, rows) if on else None
 
     def mirror_images(self, train: Dataset, st: ScanState, rows: np.ndarray, fine: torch.Tensor,
                       shape: tuple[int, int, int], todo: set[int], bar: float, tests: int) -> None:
@@ -1303,4 +1344,5 @@ class Scanner:
                           st.ref_susp, dict(st.passes.samples), split, st.predicted,
                           cal.predicted if cal.source == "trusted" else None, cal.labels, _flat(st.released),
                           None if st.mismatch is None else st.mismatch.p,
-                          None if st.mismatch is None else st.layer_names[st.mismatch.layer])
+                          None if st.mismatch is None else st.layer_names[st.mismatch.layer],
+                          None if st.symmetry is None else st.symmetry.p)

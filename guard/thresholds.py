@@ -65,6 +65,12 @@ class Thresholds(BaseModel):
         True, description="trusted, images: a first catch at the layers is also fitted in the fine input view and "
                           "takes with the probe that puts the catch further beyond the trusted samples")
 
+    mirror_symmetry_p: float = Field(
+        0.05, gt=0, lt=1, description="mirror_images='auto': the mirror test runs where no class's trusted images "
+                                      "differ from their mirror images at this level (guard.mirror.symmetry)")
+    mirror_check_max: int = Field(
+        50, ge=4, description="... reading at most this many trusted images a class (the check's resolution)")
+
     # taking samples
     flag_z: float = Field(2.0, gt=0, description="in a separate class with nothing quarantined, take samples whose z is above this")
     follow_z: float = Field(3.0, gt=0, description="in a class with quarantined samples (a follow-up or a new cluster), take above this")

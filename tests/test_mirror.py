@@ -1,7 +1,10 @@
 """Each class's images held against their own mirror images (guard.mirror): the fine view of a mirror
 image, a stamped pattern standing out where a clean or mirror-symmetric one does not, when scans run
-the test (asked only), and on real CIFAR-10 a trust-free scan that catches all-to-all poison with no
-trusted image and no learned feature, and acts on no clean class."""
+the test (told, or by default where the trusted images pass the symmetry check), and on real CIFAR-10
+a trust-free scan that catches all-to-all poison with no trusted image and no learned feature, and
+acts on no clean class."""
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ import torch
 
 from guard import GuardConfig, GuardedDataset
 from guard.inputs import high_pass
-from guard.mirror import MIRROR, mirror_steps, mirror_test, mirrored
+from guard.mirror import MIRROR, mirror_steps, mirror_test, mirrored, symmetry
 from guard.reference import unit
 
 SHAPE = (3, 16, 16)
@@ -82,16 +85,69 @@ def test_a_clean_class_and_a_mirror_symmetric_pattern_do_not_stand_out():
     assert mirror_test(*_views(_images(7, 6))) is None                 # too few to split
 
 
-def test_scans_hold_images_against_their_mirror_images_only_when_asked():
+def test_the_symmetry_check_holds_for_images_exchangeable_with_their_mirrors_and_not_for_digits():
+    """``mirror_images="auto"`` rests on :func:`symmetry`: digits (a mirrored 2 is no 2) fail it at the smallest
+    trusted set the guard accepts (10 a class), as 10 classes and as 30, and so do two classes that are each
+    other's mirror images (arrows); images each flipped at random, exchangeable with their mirror images by
+    construction, pass."""
+    from guard.datasets import load_digits
+
+    digits = load_digits()["train"]
+    x = torch.from_numpy(digits.images).permute(0, 3, 1, 2).float() / 255
+    labels = np.asarray(digits.labels)
+    rows = np.concatenate([np.flatnonzero(labels == c)[:10] for c in range(10)])
+    shape = tuple(x.shape[1:])
+    check = symmetry(high_pass(x[rows]), labels[rows], shape, 50, 0.05)
+    assert not check.holds(0.05) and check.read == 10
+    flips = torch.from_numpy(np.random.default_rng(0).random(len(x)) < 0.5)
+    x_flipped = torch.where(flips[:, None, None, None], x.flip(-1), x)
+    rows = np.concatenate([np.flatnonzero(labels == c)[:50] for c in range(10)])
+    assert symmetry(high_pass(x_flipped[rows]), labels[rows], shape, 50, 0.05).holds(0.05)
+    sevens = x[labels == 7][:20]
+    arrows = torch.cat([sevens, sevens.flip(-1)])                        # class 0: as written, class 1: mirrored
+    assert not symmetry(high_pass(arrows), np.repeat([0, 1], 20), shape, 50, 0.05).holds(0.05)
+    assert symmetry(high_pass(x[:6]), np.array([0, 0, 0, 1, 1, 1]), shape, 50, 0.05) is None   # 3 a class
+    # 30 classes of 10 digits: one class alone can never reach 0.05 / 30 (1,024 sign patterns), together they do
+    rows = np.concatenate([np.flatnonzero(labels == c)[:30] for c in range(10)])
+    assert not symmetry(high_pass(x[rows]), np.repeat(np.arange(30), 10), shape, 50, 0.05).holds(0.05)
+
+
+@pytest.mark.filterwarnings("ignore:guard. at scan 1 the trusted samples do not look like")   # the lopsided set
+def test_scans_hold_images_against_their_mirror_images_where_the_trusted_images_are_symmetric_or_when_told():
     from torch.utils.data import TensorDataset
 
     data = TensorDataset(_images(64, 7), torch.arange(64) % 2)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                 torch.nn.Flatten(), torch.nn.Linear(4, 2))
-    on = lambda **kw: GuardedDataset(data, model, GuardConfig(progress=False, **kw)).scanner.mirror  # noqa: E731
-    assert not on()                                                   # off by default: digits are no mirror images
-    assert on(mirror_images=True)
-    assert not on(mirror_images=True, scan_inputs=False)              # no image tests at all
+    lopsided = _images(40, 8)
+    lopsided[:, :, :, :4] += 1.0                                         # every image brighter at its left edge
+
+    def scan(trusted, **kw):
+        gds = GuardedDataset(data, model, GuardConfig(progress=False, remedy="none", **kw), trusted=trusted)
+        return gds.scan(0)
+
+    rep = scan(TensorDataset(_images(40, 9), torch.arange(40) % 2))  # random pixels: symmetric
+    assert rep.mirror_symmetry_p >= 0.05
+    rep = scan(TensorDataset(lopsided, torch.arange(40) % 2))
+    assert rep.mirror_symmetry_p < 0.05                                  # read, and the test stays off
+    rep = scan(TensorDataset(lopsided, torch.arange(40) % 2), mirror_images=True)
+    assert rep.mirror_symmetry_p is None                                 # told: not read
+    rep = scan(None)
+    assert rep.mirror_symmetry_p is None                                 # trust-free: off, not read
+
+
+def test_on_digits_the_check_keeps_the_mirror_test_off_where_it_would_take_clean_samples():
+    """sklearn's digits trained with crop + flip, 20 trusted a class, no attack: by default the check reads
+    the trusted digits as unlike their mirror images at every scan, and nothing is taken; told to run the
+    mirror test anyway, the same run takes hundreds of clean digits (482 of 1,147 recorded)."""
+    from guard.experiment import RunSpec, run
+
+    spec = RunSpec(data="digits", attack=None, epochs=6, augment=True, trusted_per_class=20,
+                   guard={"warmup_epochs": 2, "scan_every": 1})
+    r = run(spec, compare=False)
+    assert r["guarded"]["flagged"] == 0 and all(s["mirror_symmetry_p"] < 0.05 for s in r["scans"])
+    told = run(replace(spec, guard={**spec.guard, "mirror_images": True}), compare=False)
+    assert told["guarded"]["flagged"] > 100
 
 
 @pytest.mark.cifar
@@ -119,3 +175,24 @@ def test_a_trust_free_scan_catches_all_to_all_poison_in_the_images_and_no_clean_
     assert np.isin(poisoned, q).mean() >= 0.99
     assert benign <= 0.01 * (len(data.train) - len(poisoned))
     assert all(c.critical_layers == [MIRROR] for c in rep.classes)
+
+
+@pytest.mark.cifar
+def test_with_a_trusted_set_of_natural_images_scans_run_the_mirror_test_by_default(cifar_archive):
+    """The golden clean checkpoint's scan (3,000 CIFAR-10 images, 30 trusted a class): the trusted photographs
+    pass the check, so the classes the scan screens are held against their mirror images (``mirror_p`` read)
+    and none is acted on; with ``mirror_images=False`` none is read."""
+    from tests.golden import FOLDER, _data, _model
+
+    data = _data("clean", cifar_archive)
+    model = _model()
+    model.load_state_dict(torch.load(FOLDER / "clean.pt", weights_only=True))
+    reps = {}
+    for asked in ("auto", False):
+        gds = GuardedDataset(data.train, model, GuardConfig(progress=False, remedy="none", mirror_images=asked),
+                             trusted=data.trusted)
+        reps[asked] = gds.scan(0)
+        assert len(gds.quarantined) == 0
+    assert reps["auto"].mirror_symmetry_p >= 0.05 and reps[False].mirror_symmetry_p is None
+    assert min(c.mirror_p for c in reps["auto"].classes) < 1.0
+    assert min(c.mirror_p for c in reps[False].classes) == 1.0
