@@ -15,7 +15,7 @@ from guard.batches import Feed, autocast
 from guard.config import GuardConfig
 from guard.errors import GuardError
 from guard.hooks import FeatureTap, StopForward, unwrap_model
-from guard.inputs import raw_views
+from guard.inputs import raw_views, view_shape
 from guard.progress import Progress
 
 
@@ -38,6 +38,7 @@ class Extractor:
         self.batch_size, self.num_workers = cfg.batch_size, cfg.num_workers or 0
         self.device, self.amp, self.channels_last = feed.device, feed.amp, feed.channels_last
         self.grid, self.progress = cfg.pool_grid, cfg.progress
+        self.view_shapes: dict[int, tuple[int, int, int]] = {}   # id(dataset) -> its images' fine-view shape, as read
         # a scan needs no gradient or buffer sync: DDP's own forward would issue collectives whose
         # count differs between ranks scoring shards of different sizes; a compiled model runs eagerly
         self._forward_model = unwrap_model(model, keep_data_parallel=True)
@@ -90,6 +91,8 @@ class Extractor:
                 raw = None
                 if views is not None and views():
                     raw = raw_views(inputs)
+                    if raw is not None:
+                        self.view_shapes[id(dataset)] = view_shape(inputs)
                     t = add("views", t)
                 inputs = self.adapter.move(inputs, self.device, self.channels_last)
                 out: torch.Tensor | None = None

@@ -127,7 +127,8 @@ class GuardedDataset(Dataset):
             raise GuardError(f"scan_dataset has {len(scan_dataset)} samples but dataset has {n}; it must be the "
                              "same samples in the same order (without random augmentation)")
         self._n = n
-        self.scan_dataset, self.trusted, scan_source = what_scans_read(dataset, scan_dataset, trusted, cfg.scan_view)
+        self.scan_dataset, self.trusted, scan_source, trusted_random = what_scans_read(dataset, scan_dataset, trusted,
+                                                                                       cfg.scan_view)
         logger.info("scans read {}", scan_source)
         self.adapter = BatchAdapter(cfg.input_key, cfg.label_key, unpack)
         self.device = check_device(cfg.device, model)
@@ -141,7 +142,7 @@ class GuardedDataset(Dataset):
                 check_trusted(trusted, self.adapter, self.num_classes, cfg.min_trusted_per_class, n)
         self.feed = Feed(self.adapter, self.device, cfg.channels_last, cfg.amp)
         self.extractor = Extractor(model, self.feed, self.num_classes, cfg)
-        self.scanner = Scanner(model, self.layers, self.extractor, cfg)
+        self.scanner = Scanner(model, self.layers, self.extractor, cfg, trusted_random)
         self._initial_state = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                                if cfg.remedy == "restart" else None)
         self._records: dict[int, QuarantineRecord] = {}

@@ -111,14 +111,16 @@ def raw_views(inputs: object) -> list[torch.Tensor] | None:
     return [high_pass(inputs), coarse(inputs)]
 
 
-def fine_shape(dataset: Dataset, position: int, adapter: BatchAdapter) -> tuple[int, int, int] | None:
-    """``(C, H, W)`` of one item's image as the fine view holds it (after :func:`high_pass`'s pooling),
-    read once; None when the item's input is not an image."""
-    inputs, _ = adapter.split(next(iter(DataLoader(Subset(dataset, [int(position)]), batch_size=1))))
-    if not is_image(inputs):
-        return None
+def view_shape(inputs: torch.Tensor) -> tuple[int, int, int]:
+    """``(C, H, W)`` of an image batch's images as the fine view holds them (after :func:`high_pass`'s pooling)."""
     c, h, w = inputs.shape[1:]
     return int(c), min(int(h), MAX_SIDE), min(int(w), MAX_SIDE)
+
+
+def fine_shape(dataset: Dataset, position: int, adapter: BatchAdapter) -> tuple[int, int, int] | None:
+    """:func:`view_shape` of one item's image, read once; None when the item's input is not an image."""
+    inputs, _ = adapter.split(next(iter(DataLoader(Subset(dataset, [int(position)]), batch_size=1))))
+    return view_shape(inputs) if is_image(inputs) else None
 
 
 def read_views(dataset: Dataset, positions: np.ndarray, adapter: BatchAdapter, batch_size: int,

@@ -73,7 +73,6 @@ from guard.mismatch import Mismatch, mismatch
 from guard.probe import Probe, self_train
 from guard.reference import Reference, unit, unit_
 from guard.report import ClassReport
-from guard.scanview import reads_differ
 from guard.score import DeviceScores
 from guard.thresholds import Thresholds
 
@@ -215,8 +214,11 @@ class Scanner:
     """Runs scans of ``model`` over a dataset; holds no quarantine state."""
 
     def __init__(self, model: torch.nn.Module, layers: Sequence[str], extractor: Extractor,
-                 config: GuardConfig) -> None:
+                 config: GuardConfig, trusted_random: bool = False) -> None:
+        """``trusted_random``: the trusted set returns different data for the same index (a random transform the
+        guard could not switch off), so whether its images are mirror-symmetric cannot be read."""
         self.model, self.layers, self.extractor, self.cfg = model, list(layers), extractor, config
+        self.trusted_random = trusted_random
         self.th = config.thresholds
         self.C = extractor.num_classes
         self._shapes: dict[int, tuple[int, int, int] | None] = {}   # id(dataset) -> its images' fine-view shape
@@ -649,8 +651,10 @@ class Scanner:
             self.mirror_images(train, st, rows, units[0], shape, left, bar, tests)
 
     def _fine_shape(self, st: ScanState, train: Dataset, rows: np.ndarray) -> tuple[int, int, int] | None:
-        """The shape of ``train``'s images as the fine view holds them (one item read, once per
-        dataset); None where its items are not images."""
+        """The shape of ``train``'s images as the fine view holds them (from a pass that computed its views, else
+        one item read, once per dataset); None where its items are not images."""
+        if id(train) in self.extractor.view_shapes:
+            return self.extractor.view_shapes[id(train)]
         if id(train) not in self._shapes:
             self._shapes[id(train)] = fine_shape(train, int(st.kept[rows[0]]), self.extractor.adapter)
         return self._shapes[id(train)]
@@ -674,7 +678,7 @@ class Scanner:
         shape = self._fine_shape(st, train, np.zeros(1, np.int64))
         if shape is None:
             return None
-        if reads_differ(st.cal.dataset, st.cal.positions(np.arange(min(4, len(st.cal.labels))))):
+        if self.trusted_random:
             st.warn("the trusted set returns different images for the same index, so whether its classes are "
                     "mirror-symmetric cannot be read: the mirror test stays off (mirror_images=True turns it on)")
             return None

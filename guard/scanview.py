@@ -124,11 +124,11 @@ def _view(ds: Dataset, off: list[str]) -> Dataset:
 
 
 def what_scans_read(dataset: Dataset, scan_dataset: Dataset | None, trusted: Dataset | None, view: bool
-                    ) -> tuple[Dataset | None, Dataset | None, str]:
-    """``(scan_dataset, trusted, description)`` as :class:`~guard.GuardedDataset` scans them: with
-    ``view``, the :func:`scan_view` of ``dataset`` where no ``scan_dataset`` is given, and of the
-    trusted set. What scans read that still returns different data for the same index is a
-    :class:`~guard.GuardWarning` (four samples read twice)."""
+                    ) -> tuple[Dataset | None, Dataset | None, str, bool]:
+    """``(scan_dataset, trusted, description, trusted_random)`` as :class:`~guard.GuardedDataset` scans
+    them: with ``view``, the :func:`scan_view` of ``dataset`` where no ``scan_dataset`` is given, and of
+    the trusted set. What scans read that still returns different data for the same index is a
+    :class:`~guard.GuardWarning` (four samples read twice); ``trusted_random`` says the trusted set does."""
     given = scan_dataset is not None
     said = "scan_dataset" if given else "dataset"
     if scan_dataset is None and view:
@@ -140,8 +140,10 @@ def what_scans_read(dataset: Dataset, scan_dataset: Dataset | None, trusted: Dat
         if off:
             said += f"; the trusted set with {', '.join(dict.fromkeys(off))} off"
     read = ("scan_dataset" if given else "dataset", scan_dataset if scan_dataset is not None else dataset)
+    trusted_random = False
     for name, ds in (read, ("trusted set", trusted)):
         if ds is not None and _random(ds):
+            trusted_random = trusted_random or ds is trusted
             said += f"; the {name} augmented (it returns different data for the same index)"
             warnings.warn(
                 f"the {name} returns different data for the same index (random augmentation the guard cannot "
@@ -149,7 +151,7 @@ def what_scans_read(dataset: Dataset, scan_dataset: Dataset | None, trusted: Dat
                 "between reads, and the layers see noisier features. Pass scan_dataset=<the same samples in the "
                 "same order without random augmentation> (and a trusted set without it); torchvision transforms "
                 "in a `transform` attribute are switched off by guard.scan_view.", GuardWarning, stacklevel=3)
-    return scan_dataset, trusted, said
+    return scan_dataset, trusted, said, trusted_random
 
 
 def _random(ds: Dataset) -> bool:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from guard import GuardConfig, GuardedDataset
+from guard import GuardConfig, GuardedDataset, GuardWarning
 from guard.inputs import high_pass
 from guard.mirror import MIRROR, mirror_steps, mirror_test, mirrored, symmetry
 from guard.reference import unit
@@ -134,6 +134,18 @@ def test_scans_hold_images_against_their_mirror_images_where_the_trusted_images_
     assert rep.mirror_symmetry_p is None                                 # told: not read
     rep = scan(None)
     assert rep.mirror_symmetry_p is None                                 # trust-free: off, not read
+
+    class Flipping(torch.utils.data.Dataset):                           # random flips the guard cannot switch off
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            x = lopsided[i]
+            return (x.flip(-1) if torch.rand(()) < 0.5 else x), i % 2
+
+    with pytest.warns(GuardWarning, match="trusted set returns different data"):
+        rep = scan(Flipping())
+    assert rep.mirror_symmetry_p is None and any("cannot be read" in w for w in rep.warnings)
 
 
 def test_on_digits_the_check_keeps_the_mirror_test_off_where_it_would_take_clean_samples():
