@@ -671,7 +671,12 @@ class Scanner:
         key = id(st.cal.dataset)
         if key not in self._symmetry:
             with _timed(st.seconds, "symmetry"):
-                self._symmetry[key] = self._read_symmetry(st, train)
+                self._symmetry[key] = sym = self._read_symmetry(st, train)
+            if sym is not None:
+                logger.info("the mirror test is {}: the trusted images against their mirror images, p = {:.3g} "
+                            "(least symmetric class {}, {} images a class read; on where p >= {:g})",
+                            "on" if sym.holds(self.th.mirror_symmetry_p) else "off", sym.p, sym.worst, sym.read,
+                            self.th.mirror_symmetry_p)
         return self._symmetry[key]
 
     def _read_symmetry(self, st: ScanState, train: Dataset) -> Symmetry | None:
