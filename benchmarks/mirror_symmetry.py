@@ -32,14 +32,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from guard.datasets import load_cifar10, load_digits  # noqa: E402
+from guard.datasets import CIFAR10_MEAN, CIFAR10_STD, load_cifar10, load_digits  # noqa: E402
 from guard.inputs import high_pass  # noqa: E402
 from guard.mirror import mirror_steps, mirrored, symmetry  # noqa: E402
 from guard.reference import unit  # noqa: E402
 from guard.thresholds import Thresholds  # noqa: E402
-
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-
 
 def _normalised(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
@@ -131,11 +128,11 @@ def main() -> None:
             rows.append({"data": "digits (train)", **draws(dx, digits.labels, n, args.draws, cap, level)})
     cifar = load_cifar10(args.archive)
     for split in ("train", "test"):
-        x = _normalised(cifar[split].images, CIFAR_MEAN, CIFAR_STD)
+        x = _normalised(cifar[split].images, CIFAR10_MEAN, CIFAR10_STD)
         for n in (10, 20, 50, 100, 200):
             rows.append({"data": f"CIFAR-10 ({split})", **draws(x, cifar[split].labels, n, args.draws, cap, level)})
     images, labels = orientation(cifar["test"].images, cifar["test"].labels, 0)
-    x = _normalised(images, CIFAR_MEAN, CIFAR_STD)
+    x = _normalised(images, CIFAR10_MEAN, CIFAR10_STD)
     for n in (10, 20):
         rows.append({"data": "CIFAR-10 (test) x orientation, 30 classes", **draws(x, labels, n, args.draws, cap, level)})
     bar = t.max_false_alarm / 30 / 3

@@ -38,7 +38,7 @@ class Extractor:
         self.batch_size, self.num_workers = cfg.batch_size, cfg.num_workers or 0
         self.device, self.amp, self.channels_last = feed.device, feed.amp, feed.channels_last
         self.grid, self.progress = cfg.pool_grid, cfg.progress
-        self.view_shapes: dict[int, tuple[int, int, int]] = {}   # id(dataset) -> its images' fine-view shape, as read
+        self.view_shapes: dict[int, tuple[int, int, int] | None] = {}   # id(dataset) -> its images' fine-view shape
         # a scan needs no gradient or buffer sync: DDP's own forward would issue collectives whose
         # count differs between ranks scoring shards of different sizes; a compiled model runs eagerly
         self._forward_model = unwrap_model(model, keep_data_parallel=True)

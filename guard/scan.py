@@ -221,7 +221,6 @@ class Scanner:
         self.trusted_random = trusted_random
         self.th = config.thresholds
         self.C = extractor.num_classes
-        self._shapes: dict[int, tuple[int, int, int] | None] = {}   # id(dataset) -> its images' fine-view shape
         self._symmetry: dict[int, Symmetry | None] = {}              # id(trusted set) -> guard.mirror.symmetry
 
     def run(self, train: Dataset, trusted: Dataset | None, kept: np.ndarray,
@@ -652,12 +651,11 @@ class Scanner:
 
     def _fine_shape(self, st: ScanState, train: Dataset, rows: np.ndarray) -> tuple[int, int, int] | None:
         """The shape of ``train``'s images as the fine view holds them (from a pass that computed its views, else
-        one item read, once per dataset); None where its items are not images."""
-        if id(train) in self.extractor.view_shapes:
-            return self.extractor.view_shapes[id(train)]
-        if id(train) not in self._shapes:
-            self._shapes[id(train)] = fine_shape(train, int(st.kept[rows[0]]), self.extractor.adapter)
-        return self._shapes[id(train)]
+        one item read, once per dataset: ``Extractor.view_shapes``); None where its items are not images."""
+        shapes = self.extractor.view_shapes
+        if id(train) not in shapes:
+            shapes[id(train)] = fine_shape(train, int(st.kept[rows[0]]), self.extractor.adapter)
+        return shapes[id(train)]
 
     def trusted_symmetry(self, st: ScanState, train: Dataset) -> Symmetry | None:
         """With ``mirror_images="auto"``, a trusted set and image inputs: whether the trusted images show any class
