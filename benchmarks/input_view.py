@@ -180,13 +180,15 @@ def mirror_row(trigger: str | None, seed: int = 0, make=None) -> dict:
     image of the class beyond every mirror image, the screened ones held out, the others on both halves'
     directions; then again on what that leaves, while it passes: ``guard.mirror.mirror_steps``): TPR and FPR
     over the data set, and every clean class it acts on."""
-    from guard.mirror import mirror_steps, mirrored
+    from guard.mirror import mirror_steps, mirrored, symmetry
     from guard.reference import unit
 
     atk, data, lab, th, poison, tested, bar, screen, raw = _trust_free_screen(trigger, seed, make)
     units = InputViews(raw[1], lab[screen]).units(raw)
     across = {c: t.p for c, (_, t) in across_views(units, lab[screen], bar, 0, 3).items()}
     shape = tuple(data.scan[0][0].shape)
+    # mirror_images="auto" without a trusted set: the check a scan reads on this screen (Scanner.training_symmetry)
+    check = symmetry(raw[0], lab[screen], shape, th.mirror_check_max, th.mirror_symmetry_p, 0, trim=th.mirror_check_trim)
     everything = unit(raw_views(data.scan, np.arange(len(lab)))[0])
     taken, rows = np.zeros(len(lab), bool), {}
     for c in tested:
@@ -213,6 +215,7 @@ def mirror_row(trigger: str | None, seed: int = 0, make=None) -> dict:
     return {"trigger": name, "family": atk.name if atk else "none",
             "kind": getattr(atk, "kind", getattr(atk, "style", "")) if atk else "", "target": target,
             "rate": float(poison.mean()), "bar": bar, "target_row": rows.get(target),
+            "check_p": None if check is None else check.p, "check_holds": check is not None and check.holds(th.mirror_symmetry_p),
             "tpr": float(taken[poison].mean()) if poison.any() else None, "fpr": float(taken[~poison].mean()),
             "covers": int(cover.sum()), "cover_taken": float(taken[cover].mean()) if cover.any() else None,
             "fpr_clean": float(taken[~poison & ~cover].mean()),
@@ -228,10 +231,12 @@ def mirror_markdown(rows: list[dict], command: str) -> str:
              f"not act on, as a scan with `mirror_images` runs it; acted on below {rows[0]['bar']:.0e} (p x 3). TPR / FPR: "
              "what the mirror test takes over the whole data set (-: the target caught across the classes, where it "
              "does not run); steps: tests of what the ones before left (`guard.mirror.mirror_steps`). Clean decisions: "
-             "the classes it tested that hold no poison (and no cover images).", "",
+             "the classes it tested that hold no poison (and no cover images). Check p: the trust-free symmetry check on the "
+             "same screen (`guard.mirror.symmetry` with `mirror_check_trim` set aside), which turns the test on by default where it is at least "
+             "`mirror_symmetry_p` (no trusted set).", "",
              "| data | family | target: mirror p, share beyond | TPR | FPR | covers taken (FPR without them) | clean decisions "
-             "| clean acted on (smallest p) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| clean acted on (smallest p) | check p |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["target_row"]
         tgt = ("-" if t is None else "across the classes" if t["mirror_p"] is None
@@ -239,7 +244,14 @@ def mirror_markdown(rows: list[dict], command: str) -> str:
         tpr = "-" if r["tpr"] is None or (t is not None and t["mirror_p"] is None) else f"{r['tpr']:.1%}"
         lines.append(f"| {r.get('variant', '') + ' ' if r.get('variant') else ''}{r['trigger']} | {r['family']} {r['kind']} | "
                      f"{tgt} | {tpr} | {r['fpr']:.2%} | {_covers(r)} | {r['clean_decisions']} | "
-                     + (f"{len(r['clean_acted'])} ({r['clean_min_p']:.0e})" if r["clean_decisions"] else "-") + " |")
+                     + (f"{len(r['clean_acted'])} ({r['clean_min_p']:.0e})" if r["clean_decisions"] else "-")
+                     + (f" | {r['check_p']:.2g} |" if r.get("check_p") is not None else " | - |"))
+    read = [r for r in rows if r.get("check_p") is not None]
+    if read:
+        on = [r for r in read if r["check_holds"]]
+        lines += ["", f"The check lets the test run on {len(on)} of {len(read)} data sets; in those, "
+                      f"{sum(len(r['clean_acted']) for r in on)} of {sum(r['clean_decisions'] for r in on)} clean class "
+                      "decisions acted on."]
     return "\n".join(lines)
 
 

@@ -42,7 +42,7 @@ class GuardConfig(BaseModel):
         True, description="image inputs: test the images too (guard.inputs), against trusted and other classes' images")
     mirror_images: bool | Literal["auto"] = Field(
         "auto", description="image inputs: also hold each class's images against their mirror images; "
-                            "'auto': with a trusted set whose images are mirror-symmetric")
+                            "'auto': where the trusted images (trust-free: most training images) are mirror-symmetric")
     scan_view: bool = Field(
         True, description="without scan_dataset, scans read the training data with its random torchvision transforms off")
     critical_rule: Literal["guard", "paper"] = Field(

@@ -26,10 +26,12 @@ What it cannot see: a trigger that is its own mirror image (centred on the verti
 mirror-symmetric, or a symmetric global blend), a warp. Where classes are not
 mirror-symmetric (digits, text) the assumption fails and clean images are taken: a recipe that flips
 such data does not make it symmetric (sklearn's digits trained with flips lost 482 clean samples of
-1,147 with the test on). So by default (``GuardConfig(mirror_images="auto")``) it runs only with a
-trusted set whose images show the assumption (:func:`symmetry`: each class's trusted images against
-their own mirror images, a sign-flip test that digits fail at 10 a class); ``True`` runs it anyway
-(trust-free too), ``False`` never.
+1,147 with the test on). So by default (``GuardConfig(mirror_images="auto")``) it runs only where the
+images show the assumption: with a trusted set, its images (:func:`symmetry`: each class's trusted
+images against their own mirror images, a sign-flip test that digits fail at 10 a class); without one,
+the training images themselves, poison and all (the same check with the share of each class that
+differs most from its mirror images set aside, so a poisoned minority in every class passes and a
+lopsided class fails). ``True`` runs it anyway, ``False`` never.
 """
 
 from __future__ import annotations
@@ -178,26 +180,46 @@ class Symmetry:
         return self.p >= level
 
 
+def _leaning(gram: np.ndarray, fold: np.ndarray, signs: np.ndarray, trim: float) -> np.ndarray:
+    """Per row of ``signs`` (a sign per pair), the count of :func:`symmetry`'s statistic: each half's pairs
+    projected on the other half's signed mean difference (``gram``: the differences' inner products), the
+    ``trim`` share of largest projections set aside, the rest counted where positive."""
+    count = np.zeros(len(signs), np.int64)
+    for f in (0, 1):
+        held, fit = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
+        proj = signs[:, held] * (signs[:, fit] @ gram[np.ix_(fit, held)])
+        keep = int(np.ceil((1.0 - trim) * len(held)))
+        small = np.take_along_axis(proj, np.argsort(np.abs(proj), axis=1, kind="stable")[:, :keep], axis=1)
+        count += (small > 0).sum(1)
+    return count
+
+
 def symmetry(fine: torch.Tensor, labels: np.ndarray, shape: tuple[int, int, int], per_class: int, level: float,
-             rng_seed: int = 0) -> Symmetry | None:
-    """Test, on trusted images, the assumption the mirror test rests on: that an image and its mirror image are
-    exchangeable samples of its class. ``fine``: the images' fine view (:func:`guard.inputs.high_pass`, rows of
-    images of ``shape``), ``labels`` their classes. Per class, at most ``per_class`` images (a seeded choice),
-    each paired with its own mirror image: under the assumption the difference of their unit features, ``d``, is
-    as likely as ``-d``, so the class's share of ``sum |d|^2`` that ``|sum d|^2`` holds is compared with that
-    share under random sign flips of the pairs (an exact permutation test). Two tests: each class on its own,
-    the smallest p times the classes (one lopsided class, arrows), and the classes' shares summed, each class
-    flipped on its own (every class a little lopsided, as letters, where a class's few images cannot show it
-    alone); ``ceil(40 * classes / level)`` flips, so the corrected ``level`` can be reached, from 999 to 9,999
-    (beyond 250 classes at the default level only the classes together can show it).
-    Digits fail it at 10 a class. Natural photographs carry a slight left-right bias that hundreds of images
-    a class resolve and that the mirror test's bound does not feel, so ``per_class`` caps the check's
-    resolution (benchmarks/NOTES.md). None where a class has fewer than 4 images."""
+             rng_seed: int = 0, trim: float = 0.0) -> Symmetry | None:
+    """Test the assumption the mirror test rests on: that an image and its mirror image are exchangeable samples of
+    its class. ``fine``: the images' fine view (:func:`guard.inputs.high_pass`, rows of images of ``shape``),
+    ``labels`` their classes. Per class, at most ``per_class`` images (a seeded choice), each paired with its own
+    mirror image; each image's difference from its mirror image, ``d``, is projected on the mean ``d`` of the other
+    half of the class, and the images are counted where that is positive. Under the assumption ``d`` is as likely as
+    ``-d``, so the count is compared with its distribution under random sign flips of the pairs (an exact
+    permutation test). Two tests: each class on its own, the smallest p times the classes (one lopsided class,
+    arrows), and the classes' counts summed, each class flipped on its own (every class a little lopsided, as
+    letters, where a class's few images cannot show it alone); ``ceil(40 * classes / level)`` flips, so the
+    corrected ``level`` can be reached, from 999 to 9,999; the smaller p doubled.
+
+    ``trim``: the share of each half with the largest projections either way that is set aside before counting.
+    The sizes of the projections do not depend on the signs, so the test stays exact. Trusted images are clean by
+    assumption and read whole (0: a mark on a minority of them turns the test off). Training images may hold poison,
+    which makes a minority of a class differ from its mirror images all one way; with ``trim`` set above that
+    minority, a poisoned minority passes and a lopsided class still fails. What the check cannot then tell from
+    poison: a mark at one place on a minority of every class's images (a watermark).
+    Digits fail it at 10 a class. Counting images rather than summing their differences, a few photographs lopsided
+    by their content do not turn the test off. None where a class has fewer than 4 images."""
     rng = np.random.default_rng(rng_seed)
     classes = np.unique(labels)
     flips = min(9_999, max(999, int(np.ceil(40 * len(classes) / level))))
     p_min, worst, read = 1.0, -1, 0
-    pooled, pooled_null = 0.0, torch.zeros(flips, dtype=torch.float64)
+    pooled, pooled_null = 0, np.zeros(flips, np.int64)
     for c in classes:
         rows = np.flatnonzero(labels == c)
         if len(rows) < 4:
@@ -206,14 +228,14 @@ def symmetry(fine: torch.Tensor, labels: np.ndarray, shape: tuple[int, int, int]
         read = max(read, len(rows))
         u = unit(fine[torch.from_numpy(rows)].double())
         d = u - mirrored(u, shape)
-        gram = d @ d.T
-        energy = max(float(gram.diagonal().sum()), 1e-300)
-        signs = torch.from_numpy(rng.choice([-1.0, 1.0], size=(flips, len(rows))))
-        null = ((signs @ gram) * signs).sum(1) / energy
-        seen = float(gram.sum()) / energy
-        p = (1 + int((null >= seen * (1 - 1e-9)).sum())) / (flips + 1)
+        gram = (d @ d.T).numpy()
+        fold = rng.permutation(len(rows)) % 2
+        signs = np.vstack([np.ones(len(rows)), rng.choice([-1.0, 1.0], size=(flips, len(rows)))])
+        count = _leaning(gram, fold, signs, trim)
+        seen, null = int(count[0]), count[1:]
+        p = (1 + int((null >= seen).sum())) / (flips + 1)
         pooled, pooled_null = pooled + seen, pooled_null + null
         if p < p_min:
             p_min, worst = p, int(c)
-    p_pooled = (1 + int((pooled_null >= pooled * (1 - 1e-9)).sum())) / (flips + 1)
+    p_pooled = (1 + int((pooled_null >= pooled).sum())) / (flips + 1)
     return Symmetry(min(1.0, 2 * min(p_min * len(classes), p_pooled)), worst, read)

@@ -105,8 +105,8 @@ class ScanReport(BaseModel):
                           "below max_false_alarm the trusted samples do not look like the training data")
     trusted_mismatch_at: str | None = Field(None, description="the layer or input view of that combination")
     mirror_symmetry_p: float | None = Field(
-        None, description="mirror_images='auto': p of the trusted images against their mirror images (guard.mirror.symmetry); "
-                          "the mirror test ran where it was at least thresholds.mirror_symmetry_p")
+        None, description="mirror_images='auto': p of the trusted images (trust-free: the training images) against their mirror "
+                          "images (guard.mirror.symmetry); the mirror test ran where at least thresholds.mirror_symmetry_p")
     warnings: list[str] = []
     remedy: str | None = None
     remedy_seconds: float = 0.0

@@ -138,7 +138,7 @@ class ScanState:
     layer_names: list[str] = field(default_factory=list)   # the direction stage's layers, then input views
     last_views: dict[int, tuple[np.ndarray, list[torch.Tensor] | None]] = field(default_factory=dict)   # Scanner._views
     mismatch: Mismatch | None = None    # the classes not acted on, combined (guard.mismatch)
-    symmetry: Symmetry | None = None    # mirror_images="auto": the trusted images against their mirror images
+    symmetry: Symmetry | None = None    # mirror_images="auto": the trusted (or trust-free, training) images against their mirrors
 
     def rows_of(self, classes) -> np.ndarray:
         return np.flatnonzero(np.isin(self.labels, list(classes)))
@@ -178,7 +178,7 @@ class ScanResult:
     released: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))   # indices given back
     mismatch_p: float | None = None              # guard.mismatch: the classes not acted on, combined
     mismatch_at: str | None = None               # ... at this layer or input view
-    mirror_symmetry_p: float | None = None       # mirror_images="auto": guard.mirror.symmetry's p on the trusted images
+    mirror_symmetry_p: float | None = None       # mirror_images="auto": the symmetry check's p (guard.mirror)
 
 
 @contextmanager
@@ -619,6 +619,8 @@ class Scanner:
         labels = st.labels[rows]
         units = views.units(raw)
         bar = th.max_false_alarm / max(st.n_tested, 1)
+        if st.cal.source != "trusted":
+            st.symmetry = self.training_symmetry(st, train, raw[0], rows)
         shape = self._mirror_shape(st, train, rows)
         probes: dict[int, tuple[int, Probe]] = {}
         tests = len(units) + (shape is not None)        # the mirror test shares the images' bar with the views
@@ -677,6 +679,30 @@ class Scanner:
                             self.th.mirror_symmetry_p)
         return self._symmetry[key]
 
+    def training_symmetry(self, st: ScanState, train: Dataset, fine: torch.Tensor, rows: np.ndarray
+                          ) -> Symmetry | None:
+        """Trust-free, with ``mirror_images="auto"``: whether the training images show any class unlike its mirror
+        images in most of its images (:func:`~guard.mirror.symmetry` with ``thresholds.mirror_check_trim`` of each
+        class set aside, where a poisoned minority would be), read once per training set from the first screen that
+        reaches the images (``fine``: the raw fine view of ``rows``), and reported at every scan. None otherwise,
+        and where the items are not images or a class has fewer than 4 screened."""
+        if self.cfg.mirror_images != "auto":
+            return None
+        key = id(train)
+        if key not in self._symmetry:
+            shape = self._fine_shape(st, train, rows)
+            with _timed(st.seconds, "symmetry"):
+                self._symmetry[key] = sym = (
+                    None if shape is None or fine.shape[1] != int(np.prod(shape)) else
+                    symmetry(fine, st.labels[rows], shape, self.th.mirror_check_max, self.th.mirror_symmetry_p,
+                             self.cfg.seed, trim=self.th.mirror_check_trim))
+            if sym is not None:
+                logger.info("the mirror test is {}: the training images against their mirror images, {:.0%} that "
+                            "differ most set aside, p = {:.3g} (least symmetric class {}, {} images a class read; on "
+                            "where p >= {:g})", "on" if sym.holds(self.th.mirror_symmetry_p) else "off",
+                            self.th.mirror_check_trim, sym.p, sym.worst, sym.read, self.th.mirror_symmetry_p)
+        return self._symmetry[key]
+
     def _read_symmetry(self, st: ScanState, train: Dataset) -> Symmetry | None:
         shape = self._fine_shape(st, train, np.zeros(1, np.int64))
         if shape is None:
@@ -693,8 +719,8 @@ class Scanner:
 
     def _mirror_shape(self, st: ScanState, train: Dataset, rows: np.ndarray) -> tuple[int, int, int] | None:
         """The shape of ``train``'s images where this scan holds the classes against their mirror images, else
-        None: ``mirror_images=True``, or ``"auto"`` where :meth:`trusted_symmetry` holds at
-        ``thresholds.mirror_symmetry_p`` (trust-free, ``"auto"`` is off)."""
+        None: ``mirror_images=True``, or ``"auto"`` where :meth:`trusted_symmetry` (trust-free:
+        :meth:`training_symmetry`) holds at ``thresholds.mirror_symmetry_p``."""
         asked = self.cfg.mirror_images
         on = (st.symmetry is not None and st.symmetry.holds(self.th.mirror_symmetry_p)) if asked == "auto" else asked
         return self._fine_shape(st, train, rows) if on else None
@@ -731,6 +757,12 @@ class Scanner:
             caught[c] = steps
         if not caught:
             return
+        if len(caught) >= max(2, st.n_tested / 2):
+            st.warn(f"the mirror test acted on {len(caught)} of {st.n_tested} classes ({sorted(caught)}): a trigger "
+                    "planted in every class (all-to-all, or an attack's cover images), or a mark at one place that your "
+                    "data carry in many classes (a watermark, a logo), which it cannot tell apart; what it takes is "
+                    "quarantined, not deleted: look at it (report.to_pandas()), restore it (GuardedDataset.restore) "
+                    "if it is clean, and pass mirror_images=False if your data carry such a mark")
         every = st.rows_of(caught)
         units = unit(self._train_views(st, train, every)[0])
         for c, steps in caught.items():

@@ -66,10 +66,13 @@ class Thresholds(BaseModel):
                           "takes with the probe that puts the catch further beyond the trusted samples")
 
     mirror_symmetry_p: float = Field(
-        0.05, gt=0, lt=1, description="mirror_images='auto': the mirror test runs where no class's trusted images "
-                                      "differ from their mirror images at this level (guard.mirror.symmetry)")
+        0.05, gt=0, lt=1, description="mirror_images='auto': the mirror test runs where no class's trusted (trust-free: "
+                                      "training) images differ from their mirror images at this level (guard.mirror.symmetry)")
     mirror_check_max: int = Field(
-        50, ge=4, description="... reading at most this many trusted images a class (the check's resolution)")
+        50, ge=4, description="... reading at most this many images a class (the check's resolution)")
+    mirror_check_trim: float = Field(
+        0.3, ge=0, lt=1, description="... trust-free, on the training images, setting aside this share of each "
+                                     "class that differs most from its mirror images (guard.mirror.symmetry)")
 
     # taking samples
     flag_z: float = Field(2.0, gt=0, description="in a separate class with nothing quarantined, take samples whose z is above this")

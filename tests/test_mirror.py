@@ -1,6 +1,7 @@
 """Each class's images held against their own mirror images (guard.mirror): the fine view of a mirror
 image, a stamped pattern standing out where a clean or mirror-symmetric one does not, when scans run
-the test (told, or by default where the trusted images pass the symmetry check), and on real CIFAR-10
+the test (told, or by default where the trusted images, or trust-free most training images, pass the
+symmetry check), and on real CIFAR-10
 a trust-free scan that catches all-to-all poison with no trusted image and no learned feature, and
 acts on no clean class."""
 
@@ -112,6 +113,47 @@ def test_the_symmetry_check_holds_for_images_exchangeable_with_their_mirrors_and
     assert not symmetry(high_pass(x[rows]), np.repeat(np.arange(30), 10), shape, 50, 0.05).holds(0.05)
 
 
+def _smooth(n: int, seed: int) -> torch.Tensor:
+    """Images with little fine detail of their own (as photographs), mirror-symmetric in distribution."""
+    coarse = torch.rand(n, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.interpolate(coarse, size=SHAPE[1:], mode="bilinear", align_corners=False)
+
+
+def test_the_trust_free_check_sets_aside_a_stamped_minority_and_still_fails_lopsided_classes():
+    """Trust-free the check reads the training images, poison included. A pattern stamped on a fifth or a quarter of
+    every class (all-to-all) makes the images, read whole as a trusted set is, fail :func:`symmetry`, and the mirror
+    test would be off where it is the one test that sees the poison; with the 30 % of each class that differ most from
+    their mirror images set aside (``trim``) they pass. Stamped on half of every class, and on digits and arrows, they
+    fail."""
+    from guard.datasets import load_digits
+
+    labels = np.arange(400) % 4
+    for share, passes in ((0.2, True), (0.25, True), (0.5, False)):
+        x = _smooth(400, 1)
+        stamped = np.flatnonzero((np.arange(400) // 4) % 100 < share * 100)
+        x[torch.from_numpy(stamped), :, -4:-1, -4:-1] = CHECKER
+        fine = high_pass(x)
+        assert not symmetry(fine, labels, SHAPE, 50, 0.05).holds(0.05)          # read whole
+        for seed in range(3):
+            check = symmetry(fine, labels, SHAPE, 50, 0.05, seed, trim=0.3)
+            assert check.holds(0.05) == passes and check.read == 50
+    assert all(symmetry(high_pass(_smooth(400, 1)), labels, SHAPE, 50, 0.05, s, trim=0.3).holds(0.05) for s in range(3))
+    digits = load_digits()["train"]
+    x = torch.from_numpy(digits.images).permute(0, 3, 1, 2).float() / 255
+    dl = np.asarray(digits.labels)
+    shape = tuple(x.shape[1:])
+    rows = np.concatenate([np.flatnonzero(dl == c)[:10] for c in range(10)])
+    assert not symmetry(high_pass(x[rows]), dl[rows], shape, 50, 0.05, trim=0.3).holds(0.05)
+    flips = torch.from_numpy(np.random.default_rng(0).random(len(x)) < 0.5)
+    rows = np.concatenate([np.flatnonzero(dl == c)[:50] for c in range(10)])
+    x_flipped = torch.where(flips[:, None, None, None], x.flip(-1), x)
+    assert symmetry(high_pass(x_flipped[rows]), dl[rows], shape, 50, 0.05, trim=0.3).holds(0.05)
+    sevens = x[dl == 7][:20]
+    arrows = torch.cat([sevens, sevens.flip(-1)])
+    assert not symmetry(high_pass(arrows), np.repeat([0, 1], 20), shape, 50, 0.05, trim=0.3).holds(0.05)
+    assert symmetry(high_pass(x[:6]), np.array([0, 0, 0, 1, 1, 1]), shape, 50, 0.05, trim=0.3) is None
+
+
 @pytest.mark.filterwarnings("ignore:guard. at scan 1 the trusted samples do not look like")   # the lopsided set
 def test_scans_hold_images_against_their_mirror_images_where_the_trusted_images_are_symmetric_or_when_told():
     from torch.utils.data import TensorDataset
@@ -122,8 +164,8 @@ def test_scans_hold_images_against_their_mirror_images_where_the_trusted_images_
     lopsided = _images(40, 8)
     lopsided[:, :, :, :4] += 1.0                                         # every image brighter at its left edge
 
-    def scan(trusted, **kw):
-        gds = GuardedDataset(data, model, GuardConfig(progress=False, remedy="none", **kw), trusted=trusted)
+    def scan(trusted, train=data, **kw):
+        gds = GuardedDataset(train, model, GuardConfig(progress=False, remedy="none", **kw), trusted=trusted)
         return gds.scan(0)
 
     rep = scan(TensorDataset(_images(40, 9), torch.arange(40) % 2))  # random pixels: symmetric
@@ -133,7 +175,12 @@ def test_scans_hold_images_against_their_mirror_images_where_the_trusted_images_
     rep = scan(TensorDataset(lopsided, torch.arange(40) % 2), mirror_images=True)
     assert rep.mirror_symmetry_p is None                                 # told: not read
     rep = scan(None)
-    assert rep.mirror_symmetry_p is None                                 # trust-free: off, not read
+    assert rep.mirror_symmetry_p >= 0.05                                 # trust-free: the training images read
+    lopsided_train = _images(64, 10)
+    lopsided_train[:, :, :, :4] += 1.0
+    rep = scan(None, TensorDataset(lopsided_train, torch.arange(64) % 2))
+    assert rep.mirror_symmetry_p < 0.05
+    assert scan(None, mirror_images=False).mirror_symmetry_p is None
 
     class Flipping(torch.utils.data.Dataset):                           # random flips the guard cannot switch off
         def __len__(self):
@@ -168,16 +215,17 @@ def test_a_trust_free_scan_catches_all_to_all_poison_in_the_images_and_no_clean_
     """All-to-all BadNets 10 % on 4,000 CIFAR-10 images trained with crop + flip: every class carries the
     patch on a tenth of its images, so the images of the other classes cannot stand for a clean class
     (``all2all_trustfree_cifar10``: nothing taken), but their own mirror images can. A model at its
-    initialisation, no trusted set: every poisoned sample and 10 benign ones taken; the same data clean: nothing."""
+    initialisation, no trusted set, the defaults (the training images pass the trust-free symmetry check, the
+    poisoned tenth set aside): every poisoned sample and 10 benign ones taken; the same data clean: nothing."""
     from guard.experiment import RunSpec, prepare
     from tests.golden import _model as small_cnn
 
     data = prepare(RunSpec(data="cifar10", attack=attack, rate=0.1, n_train=4000, seed=0, trust_free=True,
                            augment=True, archive=cifar_archive))
     torch.manual_seed(0)
-    gds = GuardedDataset(data.train, small_cnn(), GuardConfig(remedy="none", progress=False, mirror_images=True),
-                         scan_dataset=data.scan)
+    gds = GuardedDataset(data.train, small_cnn(), GuardConfig(remedy="none", progress=False), scan_dataset=data.scan)
     rep = gds.scan(0)
+    assert rep.mirror_symmetry_p >= 0.05
     q, poisoned = gds.quarantined, np.asarray(data.poisoned)
     benign = np.isin(q, poisoned, invert=True).sum()
     if attack is None:
@@ -187,6 +235,7 @@ def test_a_trust_free_scan_catches_all_to_all_poison_in_the_images_and_no_clean_
     assert np.isin(poisoned, q).mean() >= 0.99
     assert benign <= 0.01 * (len(data.train) - len(poisoned))
     assert all(c.critical_layers == [MIRROR] for c in rep.classes)
+    assert any("mirror test acted on 10 of 10 classes" in w and "watermark" in w for w in rep.warnings)
 
 
 @pytest.mark.cifar
