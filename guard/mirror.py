@@ -205,10 +205,13 @@ def symmetry(fine: torch.Tensor, labels: np.ndarray, shape: tuple[int, int, int]
     permutation test). Two tests: each class on its own, the smallest p times the classes (one lopsided class,
     arrows), and the classes' counts summed, each class flipped on its own (every class a little lopsided, as
     letters, where a class's few images cannot show it alone); ``ceil(40 * classes / level)`` flips, so the
-    corrected ``level`` can be reached, from 999 to 9,999; the smaller p doubled.
+    corrected ``level`` can be reached, from 999 to 9,999 (beyond 250 classes at the default level only the classes
+    together can show it); the smaller p doubled. Natural photographs carry a slight left-right bias that hundreds of
+    images a class resolve and that the mirror test's bound does not feel, so ``per_class`` caps the check's
+    resolution (benchmarks/NOTES.md).
 
-    ``trim``: the share of each half with the largest projections either way that is set aside before counting.
-    The sizes of the projections do not depend on the signs, so the test stays exact. Trusted images are clean by
+    ``trim``: the share of each half with the largest projections either way that is set aside before counting
+    (the flipped copies are counted the same way, so the test stays exact). Trusted images are clean by
     assumption and read whole (0: a mark on a minority of them turns the test off). Training images may hold poison,
     which makes a minority of a class differ from its mirror images all one way; with ``trim`` set above that
     minority, a poisoned minority passes and a lopsided class still fails. What the check cannot then tell from
