@@ -167,7 +167,7 @@ def mirror_test(units: torch.Tensor, mirror: torch.Tensor, rng_seed: int = 0) ->
 
 @dataclass(frozen=True)
 class Symmetry:
-    """Whether trusted images are as good samples of their classes as their mirror images (:func:`symmetry`):
+    """Whether images are as good samples of their classes as their mirror images (:func:`symmetry`):
     ``p`` the smaller of its two tests' p (the classes one by one, corrected for them; the classes together),
     doubled for the two; ``worst`` the class with the smallest p of its own; ``read`` the most images read of
     a class."""

@@ -668,16 +668,7 @@ class Scanner:
         if not (self.cfg.mirror_images == "auto" and self.cfg.scan_inputs and st.cal.source == "trusted"
                 and len(st.kept)):
             return None
-        key = id(st.cal.dataset)
-        if key not in self._symmetry:
-            with _timed(st.seconds, "symmetry"):
-                self._symmetry[key] = sym = self._read_symmetry(st, train)
-            if sym is not None:
-                logger.info("the mirror test is {}: the trusted images against their mirror images, p = {:.3g} "
-                            "(least symmetric class {}, {} images a class read; on where p >= {:g})",
-                            "on" if sym.holds(self.th.mirror_symmetry_p) else "off", sym.p, sym.worst, sym.read,
-                            self.th.mirror_symmetry_p)
-        return self._symmetry[key]
+        return self._checked_symmetry(st, id(st.cal.dataset), "trusted", 0.0, lambda: self._trusted_fine(st, train))
 
     def training_symmetry(self, st: ScanState, train: Dataset, fine: torch.Tensor, rows: np.ndarray
                           ) -> Symmetry | None:
@@ -688,22 +679,33 @@ class Scanner:
         and where the items are not images or a class has fewer than 4 screened."""
         if self.cfg.mirror_images != "auto":
             return None
-        key = id(train)
+        return self._checked_symmetry(st, id(train), "training", self.th.mirror_check_trim,
+                                      lambda: (fine, st.labels[rows], self._fine_shape(st, train, rows)))
+
+    def _checked_symmetry(self, st: ScanState, key: int, what: str, trim: float,
+                          read: Callable[[], tuple[torch.Tensor, np.ndarray, tuple[int, int, int] | None] | None]
+                          ) -> Symmetry | None:
+        """:func:`~guard.mirror.symmetry` of the images ``read()`` gives (their raw fine view, labels and image shape;
+        None: nothing to read), once per ``key`` (the data set), timed as the scan's step ``symmetry`` and logged."""
         if key not in self._symmetry:
-            shape = self._fine_shape(st, train, rows)
             with _timed(st.seconds, "symmetry"):
-                self._symmetry[key] = sym = (
-                    None if shape is None or fine.shape[1] != int(np.prod(shape)) else
-                    symmetry(fine, st.labels[rows], shape, self.th.mirror_check_max, self.th.mirror_symmetry_p,
-                             self.cfg.seed, trim=self.th.mirror_check_trim))
+                got, sym = read(), None
+                if got is not None and got[2] is not None and got[0].shape[1] == int(np.prod(got[2])):
+                    sym = symmetry(got[0], got[1], got[2], self.th.mirror_check_max, self.th.mirror_symmetry_p,
+                                   self.cfg.seed, trim=trim)
+                self._symmetry[key] = sym
             if sym is not None:
-                logger.info("the mirror test is {}: the training images against their mirror images, {:.0%} that "
-                            "differ most set aside, p = {:.3g} (least symmetric class {}, {} images a class read; on "
-                            "where p >= {:g})", "on" if sym.holds(self.th.mirror_symmetry_p) else "off",
-                            self.th.mirror_check_trim, sym.p, sym.worst, sym.read, self.th.mirror_symmetry_p)
+                logger.info("the mirror test is {}: the {} images against their mirror images{}, p = {:.3g} (least "
+                            "symmetric class {}, {} images a class read; on where p >= {:g})",
+                            "on" if sym.holds(self.th.mirror_symmetry_p) else "off", what,
+                            f", {trim:.0%} that differ most set aside" if trim else "", sym.p, sym.worst, sym.read,
+                            self.th.mirror_symmetry_p)
         return self._symmetry[key]
 
-    def _read_symmetry(self, st: ScanState, train: Dataset) -> Symmetry | None:
+    def _trusted_fine(self, st: ScanState, train: Dataset
+                      ) -> tuple[torch.Tensor, np.ndarray, tuple[int, int, int] | None] | None:
+        """The trusted images' raw fine view, labels and the training images' shape, for :meth:`trusted_symmetry`;
+        None where the items are not images or the trusted set reads randomly (with a warning)."""
         shape = self._fine_shape(st, train, np.zeros(1, np.int64))
         if shape is None:
             return None
@@ -712,10 +714,7 @@ class Scanner:
                     "mirror-symmetric cannot be read: the mirror test stays off (mirror_images=True turns it on)")
             return None
         raw = self._ref_views(st, np.arange(len(st.cal.labels)))
-        if raw is None or raw[0].shape[1] != int(np.prod(shape)):
-            return None
-        return symmetry(raw[0], st.cal.labels, shape, self.th.mirror_check_max, self.th.mirror_symmetry_p,
-                        self.cfg.seed)
+        return None if raw is None else (raw[0], st.cal.labels, shape)
 
     def _mirror_shape(self, st: ScanState, train: Dataset, rows: np.ndarray) -> tuple[int, int, int] | None:
         """The shape of ``train``'s images where this scan holds the classes against their mirror images, else
