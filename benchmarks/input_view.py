@@ -37,6 +37,14 @@ images (triggered, label kept) are counted apart, and a class holding any is not
     python benchmarks/input_view.py --mirror --zoo-seed 0 --clean 5 --out F.json
     python benchmarks/input_view.py --mirror --n 0 --clean 0 --attacks adaptive_blend:0.1:0 \\
         --attack-args cover_rate=0.1 alpha=0.25 test_alpha=0.3 --attacks-on zoo
+
+What a catch would take with the trusted images' mirror images as a further bound (``--take``, with a trusted
+set; tried, not kept: benchmarks/NOTES.md): in every class the views' test above acts on, the probe a scan fits
+there (``guard.probe.self_train`` seeded from the test) scores all of the class's images; the catch takes what
+lies above ``flag_z`` and the class's highest trusted image (the guard's bar) and, where the trusted images pass
+the symmetry check, what lies above their mirror images too: poison, cover and benign images taken at either bar.
+
+    python benchmarks/input_view.py --take --zoo-seed 4 --clean 5 --out F.json
 """
 
 from __future__ import annotations
@@ -225,6 +233,93 @@ def mirror_row(trigger: str | None, seed: int = 0, make=None) -> dict:
             "counts": np.bincount(lab).tolist()}
 
 
+def take_row(trigger: str | None, seed: int = 0, make=None) -> dict:
+    """One data set's first catches in the images with a trusted set (as :func:`trigger_row` decides them): per
+    class acted on, the poison, cover and benign images its probe puts above the guard's bar (``flag_z``, the
+    class's highest trusted image) and above the trusted images' mirror images too (a bound tried, not kept)."""
+    from guard.inputs import COARSE_SIDE, view_shape
+    from guard.mirror import mirrored, symmetry
+    from guard.scan import _seed
+
+    def mirrored_views(raw: list[torch.Tensor], shape: tuple[int, int, int]) -> list[torch.Tensor]:
+        """Both raw views of the same images mirrored: each commutes with the flip (symmetric filter and pooling)."""
+        c, h, w = shape
+        return [mirrored(raw[0], shape), mirrored(raw[1], (c, min(h, COARSE_SIDE), min(w, COARSE_SIDE)))]
+
+    atk = make_attack(trigger) if trigger else None
+    make = make or (lambda a, r, s: spec("zoo", a, r, s))
+    data = prepare(make(trigger, atk.rate if atk else 0.0, seed))
+    th, lab, tlab = Thresholds(), data.labels, data.trusted.labels
+    poison = np.isin(np.arange(len(lab)), data.poisoned)
+    cover = np.isin(np.arange(len(lab)), data.cover)          # triggered images that keep their label (adaptive attacks)
+    bar = th.max_false_alarm / data.num_classes
+    rng, n = np.random.default_rng([seed, 3]), th.screen_per_class
+    screen = np.concatenate([np.sort(rng.choice(np.flatnonzero(lab == c), min(int((lab == c).sum()), n), replace=False))
+                             for c in range(data.num_classes)])
+    raw, traw = raw_views(data.scan, screen), raw_views(data.trusted, np.arange(len(tlab)))
+    views = InputViews(raw[1], lab[screen])
+    x, t = views.units(raw), views.units(traw)
+    shape = view_shape(data.scan[0][0][None])
+    check = symmetry(traw[0], tlab, shape, th.mirror_check_max, th.mirror_symmetry_p, 0)   # Scanner.trusted_symmetry
+    on = check is not None and check.holds(th.mirror_symmetry_p)
+    catches = []
+    for c in range(data.num_classes):
+        sel, tsel = torch.from_numpy(lab[screen] == c), torch.from_numpy(tlab == c)
+        tests = [direction_test([u[sel]], [r[tsel]], 0) for u, r in zip(x, t)]
+        p = [min(1.0, te.p * (LAYERS + len(NAMES))) for te in tests]
+        k = 0 if p[0] < bar or p[0] <= p[1] else 1
+        if p[k] >= bar:
+            continue
+        probe = self_train([x[k][sel].double()], [t[k][tsel].double()], _seed(tests[k], th), th, rng_seed=0)
+        if probe is None:
+            continue
+        rows = np.flatnonzero(lab == c)
+        z = probe.z([views.units(raw_views(data.scan, rows))[k].double()])
+        old = max(th.flag_z, float(probe.z([t[k][tsel].double()]).max()))
+        new = max(old, float(probe.z([views.units(mirrored_views([v[tsel] for v in traw], shape))[k].double()]).max())
+                  if on else old)
+        pc, cc = poison[rows], cover[rows]
+        bc = ~pc & ~cc
+        catches.append({"class": c, "view": NAMES[k], "p": p[k], "poisoned": int(pc.sum()), "benign": int(bc.sum()),
+                        "covers": int(cc.sum()), "bar": old, "bar_mirror": new, "poison": int((z[pc] > old).sum()),
+                        "poison_mirror": int((z[pc] > new).sum()), "taken_benign": int((z[bc] > old).sum()),
+                        "taken_benign_mirror": int((z[bc] > new).sum()), "taken_covers": int((z[cc] > old).sum()),
+                        "taken_covers_mirror": int((z[cc] > new).sum())})
+    name = (trigger if make is None else f"{trigger}, seed {seed}") if trigger else f"none (seed {seed})"
+    return {"trigger": name, "target": atk.target if atk else None, "trusted_per_class": int(np.bincount(tlab).min()),
+            "check_p": None if check is None else check.p, "catches": catches}
+
+
+def take_markdown(rows: list[dict], command: str) -> str:
+    every = [c for r in rows for c in r["catches"]]
+    tot = {k: sum(c[k] for c in every) for k in ("poisoned", "benign", "poison", "poison_mirror", "taken_benign",
+                                                  "taken_benign_mirror", "covers", "taken_covers", "taken_covers_mirror")}
+    moved = sum(c["bar_mirror"] > c["bar"] for c in every)
+    lines = [f"`python benchmarks/input_view.py {command}`: each class the input views' test acts on with a trusted "
+             "set, what its probe takes above `flag_z` and the class's highest trusted image (*bar*, the guard's) and "
+             "above the trusted images' mirror images too (*with mirrors*, a bound tried and not kept). No model: a "
+             "scan's first catch in the images.", "",
+             f"{len(every)} catches in {len(rows)} data sets ({sum(r['check_p'] is None or r['check_p'] < 0.05 for r in rows)} "
+             "of them failing the trusted symmetry check, where the mirror test and the bound are off); the bar rises "
+             f"in {moved}. Poison taken {tot['poison']:,} "
+             f"-> {tot['poison_mirror']:,} of {tot['poisoned']:,}; benign images of the classes acted on taken "
+             f"{tot['taken_benign']:,} -> {tot['taken_benign_mirror']:,} of {tot['benign']:,} "
+             f"({tot['taken_benign'] / max(tot['benign'], 1):.2%} -> {tot['taken_benign_mirror'] / max(tot['benign'], 1):.2%})"
+             + (f"; covers {tot['taken_covers']:,} -> {tot['taken_covers_mirror']:,} of {tot['covers']:,}" if tot["covers"] else "")
+             + ". *Benign*: neither poison nor cover. Listed: the catches whose bar rises.",
+             "", "| data | class | view | bar -> with mirrors | poison taken | benign taken | covers taken |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for c in r["catches"]:
+            if c["bar_mirror"] == c["bar"]:
+                continue                                  # listed: the catches whose bar the mirror images raise
+            lines.append(f"| {r['trigger']} | {c['class']}{' (target)' if c['class'] == r['target'] else ''} | "
+                         f"{c['view']} | {c['bar']:.2f} -> {c['bar_mirror']:.2f} | {c['poison']} -> {c['poison_mirror']} "
+                         f"of {c['poisoned']} | {c['taken_benign']} -> {c['taken_benign_mirror']} of {c['benign']} | "
+                         + (f"{c['taken_covers']} -> {c['taken_covers_mirror']} of {c['covers']} |" if c["covers"] else "- |"))
+    return "\n".join(lines) + "\n"
+
+
 def mirror_markdown(rows: list[dict], command: str) -> str:
     lines = [f"`python benchmarks/input_view.py {command}`: each class's images against their own mirror images "
              "(`guard.mirror`; no model, no trusted set), in every class the test against the other classes' images does "
@@ -383,6 +478,8 @@ def main() -> None:
     ap.add_argument("--crops", action="store_true", help="read the screen with the training crops (no scan_dataset)")
     ap.add_argument("--trust-free", action="store_true", help="no trusted set: each class against the other classes")
     ap.add_argument("--mirror", action="store_true", help="each class against its own mirror images (guard.mirror)")
+    ap.add_argument("--take", action="store_true",
+                    help="with a trusted set: what each catch in the images takes with and without a mirror-image bound")
     ap.add_argument("--attacks", nargs="*", default=[], metavar="NAME:RATE:SEED",
                     help="with --mirror: guard.attacks cells on the main recipe's data (10k, no trusted set needed)")
     ap.add_argument("--attack-args", nargs="*", default=[], metavar="FIELD=VALUE",
@@ -395,23 +492,24 @@ def main() -> None:
     global TRUSTED_SHIFT, TRAIN_SHIFT, CROPS
     TRUSTED_SHIFT, TRAIN_SHIFT, CROPS = a.trusted_shift, a.train_shift, a.crops
     command = " ".join(sys.argv[1:sys.argv.index("--out")] if a.out else sys.argv[1:])
-    if a.mirror:
+    if a.mirror or a.take:
         kwargs = fields(a.attack_args)
         if a.attacks_on == "zoo":
             cell = lambda x, r, s: replace(spec("zoo", x, r, s), attack_kwargs=kwargs)  # noqa: E731
         else:
             cell = lambda x, r, s: RunSpec(data="cifar10", attack=x, rate=r, n_train=10000, seed=s,  # noqa: E731
                                            attack_kwargs=kwargs)
+        row = take_row if a.take else mirror_row
         if a.harm:
-            rows = _harm_grid(mirror_row)
+            rows = _harm_grid(row)
         else:
-            rows = ([mirror_row(t) for t in (a.triggers if a.triggers is not None
-                                              else [f"zoo:{a.zoo_seed}:{i}" for i in range(a.n)])]
-                    + [{"variant": "4k" if a.attacks_on == "zoo" else "10k", **mirror_row(None if x == "none" else x, int(s),
+            rows = ([row(t) for t in (a.triggers if a.triggers is not None
+                                      else [f"zoo:{a.zoo_seed}:{i}" for i in range(a.n)])]
+                    + [{"variant": "4k" if a.attacks_on == "zoo" else "10k", **row(None if x == "none" else x, int(s),
                                                         lambda x, r, s2, r0=float(r): cell(x, r0, s2))}
                        for x, r, s in (c.split(":") for c in a.attacks)]
-                    + [mirror_row(None, s) for s in range(a.clean)])
-        return _emit(rows, mirror_markdown(rows, command), a.out)
+                    + [row(None, s) for s in range(a.clean)])
+        return _emit(rows, (take_markdown if a.take else mirror_markdown)(rows, command), a.out)
     if a.trust_free:
         if a.harm:
             rows = _harm_grid(trust_free_row)
