@@ -294,12 +294,12 @@ def take_markdown(rows: list[dict], command: str) -> str:
     every = [c for r in rows for c in r["catches"]]
     tot = {k: sum(c[k] for c in every) for k in ("poisoned", "benign", "poison", "poison_mirror", "taken_benign",
                                                   "taken_benign_mirror", "covers", "taken_covers", "taken_covers_mirror")}
-    moved = sum(c["bar_mirror"] > c["bar"] for c in every)
+    moved, level = sum(c["bar_mirror"] > c["bar"] for c in every), Thresholds().mirror_symmetry_p
     lines = [f"`python benchmarks/input_view.py {command}`: each class the input views' test acts on with a trusted "
              "set, what its probe takes above `flag_z` and the class's highest trusted image (*bar*, the guard's) and "
              "above the trusted images' mirror images too (*with mirrors*, a bound tried and not kept). No model: a "
              "scan's first catch in the images.", "",
-             f"{len(every)} catches in {len(rows)} data sets ({sum(r['check_p'] is None or r['check_p'] < 0.05 for r in rows)} "
+             f"{len(every)} catches in {len(rows)} data sets ({sum(not r['check_p'] or r['check_p'] < level for r in rows)} "
              "of them failing the trusted symmetry check, where the mirror test and the bound are off); the bar rises "
              f"in {moved}. Poison taken {tot['poison']:,} "
              f"-> {tot['poison_mirror']:,} of {tot['poisoned']:,}; benign images of the classes acted on taken "
@@ -481,7 +481,7 @@ def main() -> None:
     ap.add_argument("--take", action="store_true",
                     help="with a trusted set: what each catch in the images takes with and without a mirror-image bound")
     ap.add_argument("--attacks", nargs="*", default=[], metavar="NAME:RATE:SEED",
-                    help="with --mirror: guard.attacks cells on the main recipe's data (10k, no trusted set needed)")
+                    help="with --mirror or --take: guard.attacks cells on the main recipe's data (10k) or the zoo's")
     ap.add_argument("--attack-args", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="with --attacks: further attack fields for every cell, e.g. cover_rate=0.1 (JSON values)")
     ap.add_argument("--attacks-on", choices=("10k", "zoo"), default="10k",
