@@ -94,13 +94,14 @@ def raw_views(ds, positions: np.ndarray, shift: str | None = None) -> list[torch
     return [high_pass(x), coarse(x)]
 
 
-def trigger_row(trigger: str | None, seed: int = 0, make=None) -> dict:
-    """One data set's class decisions in the input views: ``make(trigger, rate, seed)`` builds its
-    RunSpec (default: the zoo's data)."""
+def _trusted_screen(trigger: str | None, seed: int, make) -> tuple:
+    """A data set as a scan with a trusted set reads it in the input views: ``(attack, data, poison mask, bar,
+    screen rows, the trusted images' raw views, the views, the screen's and the trusted images' unit features)``.
+    ``make(trigger, rate, seed)`` builds its RunSpec (None: the zoo's data)."""
     atk = make_attack(trigger) if trigger else None
     make = make or (lambda a, r, s: spec("zoo", a, r, s))
     data = prepare(make(trigger, atk.rate if atk else 0.0, seed))
-    lab, tlab = data.labels, data.trusted.labels
+    lab = data.labels
     poison = np.isin(np.arange(len(lab)), data.poisoned)
     bar = Thresholds().max_false_alarm / data.num_classes
     rng, n = np.random.default_rng([seed, 3]), Thresholds().screen_per_class
@@ -108,15 +109,31 @@ def trigger_row(trigger: str | None, seed: int = 0, make=None) -> dict:
                              for c in range(data.num_classes)])
     torch.manual_seed(seed)
     raw = raw_views(data.train if CROPS else data.scan, screen, TRAIN_SHIFT)
+    traw = raw_views(data.trusted, np.arange(len(data.trusted.labels)), TRUSTED_SHIFT)
     views = InputViews(raw[1], lab[screen])
-    x, t = views.units(raw), views.units(raw_views(data.trusted, np.arange(len(tlab)), TRUSTED_SHIFT))
+    return atk, data, poison, bar, screen, traw, views, views.units(raw), views.units(traw)
+
+
+def _class_test(x: list[torch.Tensor], t: list[torch.Tensor], sel: torch.Tensor, tsel: torch.Tensor, bar: float
+                ) -> tuple[list, list[float], int]:
+    """One class's direction test in each view (its screened rows ``sel`` of ``x`` against its trusted rows ``tsel``
+    of ``t``), each p corrected as a scan corrects it beside ``LAYERS`` layers (the sides' correction is in it
+    already): ``(tests, p per view, the view that decides)``; the coarse view is the last resort."""
+    tests = [direction_test([u[sel]], [r[tsel]], 0) for u, r in zip(x, t)]
+    p = [min(1.0, te.p * (LAYERS + len(NAMES))) for te in tests]
+    return tests, p, 0 if p[0] < bar or p[0] <= p[1] else 1
+
+
+def trigger_row(trigger: str | None, seed: int = 0, make=None) -> dict:
+    """One data set's class decisions in the input views: ``make(trigger, rate, seed)`` builds its
+    RunSpec (default: the zoo's data)."""
+    atk, data, poison, bar, screen, _, _, x, t = _trusted_screen(trigger, seed, make)
+    lab, tlab = data.labels, data.trusted.labels
     rows, layer_p = {}, {}
     for c in range(data.num_classes):
         sel, tsel = torch.from_numpy(lab[screen] == c), torch.from_numpy(tlab == c)
-        tests = [direction_test([u[sel]], [r[tsel]], 0) for u, r in zip(x, t)]
+        tests, p, k = _class_test(x, t, sel, tsel, bar)
         layer_p[c] = {k: te.layer_p[0] for k, te in enumerate(tests)}
-        p = [min(1.0, te.p * (LAYERS + len(NAMES))) for te in tests]     # each p holds its sides' correction already
-        k = 0 if p[0] < bar or p[0] <= p[1] else 1                      # the coarse view is the last resort
         test, pc = tests[k], poison[screen][sel.numpy()]
         rows[c] = {"p": p[k], "view": NAMES[k], "p_views": p, "share": test.share, "acted": p[k] < bar,
                    "tpr": float(test.beyond[pc].mean()) if pc.any() else None,
@@ -246,28 +263,16 @@ def take_row(trigger: str | None, seed: int = 0, make=None) -> dict:
         c, h, w = shape
         return [mirrored(raw[0], shape), mirrored(raw[1], (c, min(h, COARSE_SIDE), min(w, COARSE_SIDE)))]
 
-    atk = make_attack(trigger) if trigger else None
-    make = make or (lambda a, r, s: spec("zoo", a, r, s))
-    data = prepare(make(trigger, atk.rate if atk else 0.0, seed))
+    atk, data, poison, bar, screen, traw, views, x, t = _trusted_screen(trigger, seed, make)
     th, lab, tlab = Thresholds(), data.labels, data.trusted.labels
-    poison = np.isin(np.arange(len(lab)), data.poisoned)
     cover = np.isin(np.arange(len(lab)), data.cover)          # triggered images that keep their label (adaptive attacks)
-    bar = th.max_false_alarm / data.num_classes
-    rng, n = np.random.default_rng([seed, 3]), th.screen_per_class
-    screen = np.concatenate([np.sort(rng.choice(np.flatnonzero(lab == c), min(int((lab == c).sum()), n), replace=False))
-                             for c in range(data.num_classes)])
-    raw, traw = raw_views(data.scan, screen), raw_views(data.trusted, np.arange(len(tlab)))
-    views = InputViews(raw[1], lab[screen])
-    x, t = views.units(raw), views.units(traw)
     shape = view_shape(data.scan[0][0][None])
     check = symmetry(traw[0], tlab, shape, th.mirror_check_max, th.mirror_symmetry_p, 0)   # Scanner.trusted_symmetry
     on = check is not None and check.holds(th.mirror_symmetry_p)
     catches = []
     for c in range(data.num_classes):
         sel, tsel = torch.from_numpy(lab[screen] == c), torch.from_numpy(tlab == c)
-        tests = [direction_test([u[sel]], [r[tsel]], 0) for u, r in zip(x, t)]
-        p = [min(1.0, te.p * (LAYERS + len(NAMES))) for te in tests]
-        k = 0 if p[0] < bar or p[0] <= p[1] else 1
+        tests, p, k = _class_test(x, t, sel, tsel, bar)
         if p[k] >= bar:
             continue
         probe = self_train([x[k][sel].double()], [t[k][tsel].double()], _seed(tests[k], th), th, rng_seed=0)
