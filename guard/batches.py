@@ -7,6 +7,7 @@ covers anything else. A dict ``model_input`` is passed as keyword arguments.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,16 +21,25 @@ Unpack = Callable[[Any], tuple[Any, torch.Tensor]]
 _LABEL_KEYS = ("labels", "label", "y", "target", "targets")
 
 
+@functools.cache
+def cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX, as torch reads it). Elsewhere
+    (AVX2 CPUs, most laptops) bf16 is emulated, and a forward under bf16 autocast runs 10-25x slower than
+    in float32 (a width-16 ResNet-18 on an AVX2 EPYC; with the instructions it runs about 2.5x faster)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(check()) for check in checks if check is not None)
+
+
 def autocast(device: torch.device, enabled: bool, training: bool = False) -> contextlib.AbstractContextManager:
-    """The guard's own passes under autocast (``GuardConfig.amp``): bf16 where the device supports
-    it (on CPU, with channels-last inputs, a width-16 ResNet-18 step runs about 2.5x faster than in
-    float32 here); else fp16 for forward-only passes and float32 for ``training`` ones (unlearning),
-    which fp16 would need a gradient scaler for."""
+    """The guard's own passes under autocast (``GuardConfig.amp``): bf16 where the device computes it
+    natively (:func:`cpu_bf16` on a CPU; ``torch.cuda.is_bf16_supported`` on a GPU); else on a GPU fp16
+    for forward-only passes and float32 for ``training`` ones (unlearning), which fp16 would need a
+    gradient scaler for, and float32 on a CPU, where fp16 is emulated too."""
     if not enabled:
         return contextlib.nullcontext()
-    if device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+    if (device.type == "cpu" and cpu_bf16()) or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    if training:
+    if training or device.type == "cpu":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.float16)
 
