@@ -78,7 +78,8 @@ class GuardConfig(BaseModel):
         None, ge=0, description="host MB a scan may keep features and images in instead of reading them again; "
                                 "None: a quarter of the memory available, at least 512")
     device: str | None = Field(None, description="scan device; None uses the model's device")
-    amp: bool = Field(True, description="autocast the guard's passes (bf16; fp16 scans where bf16 is missing)")
+    amp: bool = Field(True, description="autocast the guard's passes: bf16 where the device computes it natively, "
+                                         "else fp16 scans on a GPU, float32 on a CPU")
     channels_last: bool = Field(
         True, description="feed the guard's 4-D image batches in channels_last memory format")
     num_classes: int | None = Field(None, ge=2, description="None infers it from the labels and the model")

@@ -29,7 +29,7 @@ on the one or two check samples that chance fits now and then. The check
 reads the model that would be kept: kept samples first re-estimate the BatchNorm statistics
 (:func:`recalibrate_bn`), which the unlearning batches, half of them triggered, had set otherwise.
 ``restart`` reloads the weights the model had when it was wrapped. Unlearning steps and checks run
-under the guard's autocast (``amp``: bf16 on CPU and recent GPUs), like scans.
+under the guard's autocast (``amp``: bf16 where the hardware computes it natively), like scans.
 
 In a model with BatchNorm, a step's batch is half triggered, and a trigger can drive deep features far
 out: normalised by that batch's own statistics, the triggered half sets the scale the step learns under,
