@@ -44,6 +44,7 @@ class RunSpec:
     attack_kwargs: dict[str, Any] = field(default_factory=dict)   # further attack fields, e.g. cover_rate
     target: int = 0
     n_train: int | None = None           # per-class subset size x classes (None: all)
+    n_test: int | None = None            # stratified test subset, per-class size x classes (None: all)
     imbalance: float = 1.0               # with n_train: long-tailed, class c gets n_train/C * imbalance^(-c/(C-1))
     trusted_per_class: int = 100
     trust_free: bool = False
@@ -107,6 +108,10 @@ def prepare(spec: RunSpec) -> Prepared:
     build = default if spec.model == "auto" else (lambda: build_model(spec.model, C, spec.model_kwargs))
     make_model = lambda: build().to(spec.device)  # noqa: E731
     full, test = splits["train"], splits["test"]
+    if spec.n_test is not None:
+        if spec.n_test < C:
+            raise ValueError(f"n_test={spec.n_test} leaves no test image of some of the {C} classes; use at least {C}")
+        test = test.subset(stratified_indices(test.labels, spec.n_test // C, seed=spec.seed + 2))
     if spec.n_train is not None:
         head = spec.n_train // C
         per = [int(round(head * spec.imbalance ** (-c / (C - 1)))) for c in range(C)] if spec.imbalance > 1 else head

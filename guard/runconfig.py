@@ -31,6 +31,7 @@ class DataSection(_Strict):
                                                "imagefolder: folder with train/ and test/")
     download: bool = Field(False, description="cifar10: fetch it with torchvision when no archive is found")
     n_train: int | None = Field(None, ge=10, description="stratified training subset size (None: all)")
+    n_test: int | None = Field(None, ge=10, description="stratified test subset size for the measurements (None: all)")
     trusted_per_class: int | None = Field(None, ge=2, description="verified samples per class held out as the "
                                                                    "trusted set (default: 20 for digits, else 100)")
     trust_free: bool = Field(False, description="run without the trusted set (weaker; see README)")
@@ -112,6 +113,7 @@ class RunConfig(_Strict):
         d, a, m, t = self.data, self.attack, self.model, self.train
         return RunSpec(data=d.name, attack=a.name if a else None, rate=a.rate if a else 0.0,
                        target=a.target if a else 0, attack_kwargs=dict(a.kwargs) if a else {}, n_train=d.n_train,
+                       n_test=d.n_test,
                        trusted_per_class=d.trusted_per_class or (20 if d.name == "digits" else 100),
                        trust_free=d.trust_free, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, width=m.width,
                        augment=d.augment, seed=t.seed, archive=d.root, download=d.download, model=m.name,

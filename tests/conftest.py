@@ -23,6 +23,12 @@ if "GUARD_CIFAR10_ARCHIVE" not in os.environ and _DEV_ARCHIVE.is_file():
     os.environ["GUARD_CIFAR10_ARCHIVE"] = str(_DEV_ARCHIVE)          # subprocesses (CLI, DDP ranks) see it too
 
 
+def pytest_collection_modifyitems(items):
+    """The real-CIFAR-10 tests (the long ones) first: under ``pytest -n`` the short tests then even out
+    the workers' loads to the end instead of one worker finishing a long test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("cifar") is None)
+
+
 @pytest.fixture(scope="session")
 def cifar_archive():
     path = find_cifar10_archive()

@@ -151,7 +151,7 @@ def _batchnorm_worker(rank: int, world: int, folder: str, order: str, archive: s
         opt = torch.optim.SGD(ddp.parameters(), lr=0.02, momentum=0.9)
         loader = torch.utils.data.DataLoader(gds, batch_size=32, sampler=gds.sampler)
         scans = []
-        for epoch in range(5):
+        for epoch in range(4):
             gds.sampler.set_epoch(epoch)
             before = _state_hash(model)
             gds.scan_if_due()                        # a due scan runs here, before the epoch's batches
@@ -239,7 +239,8 @@ def test_a_batchnorm_cnn_under_ddp_gets_one_quarantine_and_one_model_whichever_o
         order, cifar_archive, tmp_path):
     load_cifar10(cifar_archive)                      # decoded once here; the ranks read the cache
     r0, r1 = _spawn(_batchnorm_worker, tmp_path, order, cifar_archive)
-    assert len(r0["scans"]) == len(r1["scans"]) == 3             # a scan after a quarantine (it used to crash)
+    assert len(r0["scans"]) == len(r1["scans"]) == 2
+    assert r0["scans"][0]["new"] > 0             # the second scan follows a quarantine (it used to crash)
     # the cause: each rank's BatchNorm statistics follow its own batches, so before a scan the ranks
     # hold different models; the guard scans rank 0's (and applies rank 0's decision)
     assert r0["scans"][0]["before"] != r1["scans"][0]["before"]

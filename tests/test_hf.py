@@ -130,16 +130,18 @@ def test_resuming_from_a_checkpoint_without_guard_state_is_refused(tmp_path):
 @pytest.mark.cifar
 def test_hf_trainer_with_a_transformers_resnet_quarantines_badnets_on_cifar10(cifar_archive, tmp_path):
     # a transformers vision model built from a config (no hub download); 10,000 real CIFAR-10 images
-    data = prepare(RunSpec(data="cifar10", attack="badnets", rate=0.1, n_train=10000, archive=cifar_archive))
+    data = prepare(RunSpec(data="cifar10", attack="badnets", rate=0.1, n_train=10000, n_test=2000,
+                           archive=cifar_archive))
     torch.manual_seed(0)
     model = ResNetForImageClassification(ResNetConfig(num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128, 256],
                                                       depths=[1, 1, 1, 1], layer_type="basic", num_labels=10))
-    gds = GuardedDataset(Dicts(data.train, "pixel_values"), model, GuardConfig(warmup_epochs=5),
+    gds = GuardedDataset(Dicts(data.train, "pixel_values"), model, GuardConfig(warmup_epochs=2),
                          trusted=Dicts(data.trusted, "pixel_values"), scan_dataset=Dicts(data.scan, "pixel_values"))
-    trainer = GuardedTrainer(model=model, args=_args(tmp_path, 6, save_strategy="no", lr=0.003,
+    trainer = GuardedTrainer(model=model, args=_args(tmp_path, 3, save_strategy="no", lr=0.003,
                                                      per_device_train_batch_size=128), guarded=gds)
     trainer.train()
-    assert [s.epoch for s in gds.report.scans] == [5]
+    assert [s.epoch for s in gds.report.scans] == [2]
+    assert gds.report.scans[0].remedy_fit_before >= 0.9           # the trigger was learned before the scan
     d = detection(gds.quarantined, data.poisoned, len(data.labels))
     assert d["tpr"] >= 0.95 and d["fpr"] <= 0.02
     m = measure(model, data)
@@ -150,16 +152,18 @@ def test_hf_trainer_with_a_transformers_resnet_quarantines_badnets_on_cifar10(ci
 def test_hf_trainer_with_a_tiny_vit_quarantines_badnets_on_cifar10(cifar_archive, tmp_path):
     # a ViT built from a config, trained from scratch on 10,000 real CIFAR-10 images: it learns the
     # trigger in the first epoch (attack success 100 %) at about 30 % clean accuracy
-    data = prepare(RunSpec(data="cifar10", attack="badnets", rate=0.1, n_train=10000, archive=cifar_archive))
+    data = prepare(RunSpec(data="cifar10", attack="badnets", rate=0.1, n_train=10000, n_test=2000,
+                           archive=cifar_archive))
     torch.manual_seed(0)
     model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=4, num_channels=3, hidden_size=64,
                                                 num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
                                                 num_labels=10))
     gds = GuardedDataset(Dicts(data.train, "pixel_values"), model, GuardConfig(warmup_epochs=2),
                          trusted=Dicts(data.trusted, "pixel_values"), scan_dataset=Dicts(data.scan, "pixel_values"))
-    args = _args(tmp_path, 4, save_strategy="no", lr=3e-3, per_device_train_batch_size=128, warmup_steps=20)
+    args = _args(tmp_path, 3, save_strategy="no", lr=3e-3, per_device_train_batch_size=128, warmup_steps=20)
     GuardedTrainer(model=model, args=args, guarded=gds).train()
     assert [s.epoch for s in gds.report.scans] == [2]
+    assert gds.report.scans[0].remedy_fit_before >= 0.9           # the trigger was learned before the scan
     (verdict,) = [c for c in gds.report.scans[0].classes if c.cls == 0]
     assert verdict.verdict == "separate cluster"
     # found inside the network: the patch embedding or the encoder layers (each with its :peak view), not the head
