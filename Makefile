@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py --data $(DATA)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --maxprocesses=4
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist worksteal
 
 BENCH_STAMP := $(VENV)/.installed-bench
 

@@ -2,14 +2,17 @@
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from guard.cli import main
 from guard.errors import GuardError
+from guard.experiment import RunSpec, prepare
 from guard.runconfig import RunConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
@@ -24,6 +27,7 @@ def test_example_configs_load(path):
 INVALID = [
     ({"data": {"name": "mnist"}}, "data.name = 'mnist'"),
     ({"data": {"n_train": 5}}, "data.n_train = 5"),
+    ({"data": {"n_test": 5}}, "data.n_test = 5"),
     ({"data": {"trusted_per_class": 1}}, "data.trusted_per_class = 1"),
     ({"attack": {"name": "badnets", "rate": 1.5}}, "attack.rate = 1.5"),
     ({"attack": {"rate": 0.1}}, "attack.name"),
@@ -39,6 +43,17 @@ INVALID = [
     (["data", "train"], "top level must be a mapping"),
     ({"train": {"epochs": 4}, "guard": {"warmup_epochs": 4}}, "guard.warmup_epochs (4) must be below train.epochs (4)"),
 ]
+
+
+def test_n_test_measures_on_a_stratified_subset_of_the_test_split():
+    spec = RunConfig.model_validate({"data": {"n_test": 100}, "attack": {"name": "badnets"}}).spec()
+    part, whole = prepare(spec), prepare(replace(spec, n_test=None))
+    assert spec.n_test == 100 and np.bincount(part.test.labels).tolist() == [10] * 10
+    flat = lambda ds: {x.contiguous().numpy().tobytes() for x in ds.images}  # noqa: E731
+    assert flat(part.test) <= flat(whole.test)                     # drawn from the test split, training untouched
+    assert np.array_equal(part.labels, whole.labels) and len(part.triggered) == 90   # the target class's 10 left out
+    with pytest.raises(ValueError, match="n_test=5 leaves no test image"):
+        prepare(RunSpec(data="digits", n_test=5))
 
 
 @pytest.mark.parametrize("raw, named", INVALID, ids=[m.split()[0] for _, m in INVALID])

@@ -135,7 +135,7 @@ def _batchnorm_worker(rank: int, world: int, folder: str, order: str, archive: s
     """A BatchNorm CNN on real CIFAR-10 trained through DDP, the guard handed the DDP wrapper
     (``order="wrapper"``) or the module inside it before wrapping (``order="module"``)."""
     with _group(rank, world, folder, timeout=300.0):
-        data = prepare(RunSpec(data="cifar10", attack="badnets", rate=0.2, n_train=4000, trusted_per_class=40,
+        data = prepare(RunSpec(data="cifar10", attack="badnets", rate=0.2, n_train=3000, trusted_per_class=40,
                                archive=archive))
         torch.manual_seed(0)
         model = CifarResNet18(width=16)
