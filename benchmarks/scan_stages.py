@@ -82,8 +82,37 @@ class Decoded(torch.utils.data.Dataset):
             return self.transform(im.convert("RGB")), int(self.labels[i])
 
 
+def floor(model: torch.nn.Module, data, spec: RunSpec, state: dict, cfg: GuardConfig) -> dict[str, float]:
+    """What a scan is held against, timed in the scan's process: one training epoch of the recipe from the same
+    checkpoint (SGD, the recipe's batch size, shuffled) and one plain forward pass, without hooks, over what a
+    scan forwards (the training set and the trusted set), fed as the guard feeds it (``cfg``'s batch size,
+    channels-last, eval mode, the guard's autocast): the floor of a scan's cost. On an accelerator each clock
+    is read after the device has finished."""
+    from torch.utils.data import ConcatDataset, DataLoader
+
+    from guard.batches import autocast
+
+    def done() -> float:
+        if spec.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    model.load_state_dict(state)
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9, weight_decay=5e-4)
+    t = done()
+    _epoch(model, opt, DataLoader(data.train, batch_size=spec.batch_size, shuffle=True), "floor: one epoch")
+    end = done()
+    epoch, t = end - t, end
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad(), autocast(torch.device(spec.device), cfg.amp):
+        for x, _ in DataLoader(ConcatDataset([data.scan, data.trusted]), batch_size=cfg.batch_size):
+            model(x.to(spec.device).contiguous(memory_format=torch.channels_last))
+    return {"epoch": epoch, "plain_forward": done() - t}
+
+
 def stages(spec: RunSpec, path: Path, repeats: int, decode: bool = False, keep_mb: float | None = None,
-           guard: dict | None = None) -> dict:
+           guard: dict | None = None, with_floor: bool = False) -> dict:
     data = prepare(spec)
     if decode:
         data.scan, data.trusted = Decoded(data.scan), Decoded(data.trusted)
@@ -93,13 +122,15 @@ def stages(spec: RunSpec, path: Path, repeats: int, decode: bool = False, keep_m
     for _ in range(repeats + 1):                       # the first is a warm-up, not counted
         model.load_state_dict(state)
         extra = ({} if keep_mb is None else {"keep_mb": keep_mb}) | (guard or {})
-        gds = GuardedDataset(data.train, model, GuardConfig(seed=spec.seed, remedy="none", progress=False, **extra),
-                             trusted=data.trusted, scan_dataset=data.scan)
+        cfg = GuardConfig(seed=spec.seed, remedy="none", progress=False, **extra)
+        gds = GuardedDataset(data.train, model, cfg, trusted=data.trusted, scan_dataset=data.scan)
         t = time.perf_counter()
         rep = gds.scan(3)
         runs.append({"wall": time.perf_counter() - t, "seconds": rep.seconds, "steps": rep.seconds_by_step,
                      "parts": rep.seconds_by_part, "quarantined": len(gds.quarantined),
                      "memory_mb": rep.memory_bytes / 2**20, "passes": rep.passes})
+        if with_floor and len(runs) > 1:              # interleaved with the scans: drift hits both alike
+            runs[-1]["floor"] = floor(model, data, spec, state, cfg)
     runs = runs[1:]
     med = {"scan": float(np.median([r["seconds"] for r in runs]))}
     for key in ("steps", "parts"):
@@ -107,17 +138,28 @@ def stages(spec: RunSpec, path: Path, repeats: int, decode: bool = False, keep_m
             med[f"{key}:{name}"] = float(np.median([r[key].get(name, 0.0) for r in runs]))
     parts = {k: v for k, v in med.items() if k.startswith("parts:")}
     med["non_forward"] = 1 - med["parts:forward"] / sum(parts.values())
+    if with_floor:
+        for name in ("epoch", "plain_forward"):
+            med[f"floor:{name}"] = float(np.median([r["floor"][name] for r in runs]))
+        med["scan_per_epoch"] = float(np.median([r["seconds"] / r["floor"]["epoch"] for r in runs]))
+        med["forward_per_epoch"] = float(np.median([r["parts"]["forward"] / r["floor"]["epoch"] for r in runs]))
+        med["plain_forward_per_epoch"] = float(np.median([r["floor"]["plain_forward"] / r["floor"]["epoch"]
+                                                          for r in runs]))
     return {"median": med, "runs": runs}
 
 
 def render(results: list[tuple[str, dict]]) -> str:
-    keys = list(dict.fromkeys(k for _, r in results for k in r["median"] if k != "non_forward"))
-    head = "| code | attack | " + " | ".join(k.split(":")[-1] for k in keys) + " | non-forward |"
+    keys = list(dict.fromkeys(k for _, r in results for k in r["median"]
+                              if k == "scan" or (":" in k and not k.startswith("floor:"))))
+    floor = [k for k in ("floor:epoch", "floor:plain_forward", "scan_per_epoch", "forward_per_epoch",
+                         "plain_forward_per_epoch") if any(k in r["median"] for _, r in results)]
+    head = ("| code | attack | " + " | ".join(k.split(":")[-1] for k in keys) + " | non-forward |"
+            + "".join(f" {k.replace('floor:', '')} |" for k in floor))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for label, r in results:
         m = r["median"]
         lines.append(f"| {label} | {r['meta']['attack']} | " + " | ".join(f"{m.get(k, 0.0):.2f}" for k in keys)
-                     + f" | {m['non_forward']:.0%} |")
+                     + f" | {m['non_forward']:.0%} |" + "".join(f" {m[k]:.2f} |" if k in m else " - |" for k in floor))
     return "\n".join(lines)
 
 
@@ -135,6 +177,9 @@ def main() -> None:
     ap.add_argument("--keep-mb", type=float, help="GuardConfig.keep_mb (default: the library's)")
     ap.add_argument("--guard", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="further GuardConfig fields, e.g. mirror_images=false (JSON values)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time, after each scan, one training epoch and one plain forward over what a scan "
+                         "forwards (scan / epoch and the floor in the same process)")
     ap.add_argument("--out")
     ap.add_argument("--render", nargs="+", metavar="JSON", help="only tabulate earlier result files")
     ap.add_argument("--labels", nargs="+")
@@ -151,7 +196,7 @@ def main() -> None:
     if not path.exists():
         checkpoint(spec, path)
     guard = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.guard)}
-    out = stages(spec, path, a.repeats, a.decode, a.keep_mb, guard)
+    out = stages(spec, path, a.repeats, a.decode, a.keep_mb, guard, a.floor)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
     out["meta"] = {"attack": a.attack + (" (decoded)" if a.decode else ""), "repeats": a.repeats, "threads": torch.get_num_threads(), "commit": commit.strip(),
                    "torch": torch.__version__, "device": a.device, "n_train": a.n_train, "width": a.width, "keep_mb": a.keep_mb, "guard": guard,
