@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.1, help="poisoned share (the checkpoint is trained at it)")
     ap.add_argument("--per-class", type=int, nargs="+", default=[512, 256])
     ap.add_argument("--draws", type=int, default=3)
+    ap.add_argument("--trust-free", action="store_true", help="scan without the trusted set")
     ap.add_argument("--archive", default=os.environ.get("GUARD_CIFAR10_ARCHIVE"))
     ap.add_argument("--out")
     a = ap.parse_args()
@@ -68,8 +69,8 @@ def main() -> None:
     data = prepare(spec)
     model = data.make_model()
     model.load_state_dict(torch.load(path, weights_only=True))
-    gds = GuardedDataset(data.train, model, GuardConfig(seed=0, remedy="none", progress=False), trusted=data.trusted,
-                         scan_dataset=data.scan)
+    gds = GuardedDataset(data.train, model, GuardConfig(seed=0, remedy="none", progress=False),
+                         trusted=None if a.trust_free else data.trusted, scan_dataset=data.scan)
     kept, poisoned = gds.kept_indices(), set(map(int, data.poisoned))
     labels = np.asarray(data.train.labels)[kept]
     out = {"all": one(gds, kept, poisoned)}
@@ -82,7 +83,8 @@ def main() -> None:
             out[f"{size}/{draw}"] = one(gds, sample, poisoned)
             print(size, draw, out[f"{size}/{draw}"], flush=True)
     if a.out:
-        Path(a.out).write_text(json.dumps({"attack": a.attack, "rate": a.rate, "runs": out}, indent=1))
+        Path(a.out).write_text(json.dumps({"attack": a.attack, "rate": a.rate, "trust_free": a.trust_free, "runs": out},
+                                          indent=1))
 
 
 if __name__ == "__main__":
