@@ -151,15 +151,16 @@ def stages(spec: RunSpec, path: Path, repeats: int, decode: bool = False, keep_m
 def render(results: list[tuple[str, dict]]) -> str:
     keys = list(dict.fromkeys(k for _, r in results for k in r["median"]
                               if k == "scan" or (":" in k and not k.startswith("floor:"))))
-    floor = [k for k in ("floor:epoch", "floor:plain_forward", "scan_per_epoch", "forward_per_epoch",
-                         "plain_forward_per_epoch") if any(k in r["median"] for _, r in results)]
+    floor_keys = [k for k in ("floor:epoch", "floor:plain_forward", "scan_per_epoch", "forward_per_epoch",
+                              "plain_forward_per_epoch") if any(k in r["median"] for _, r in results)]
     head = ("| code | attack | " + " | ".join(k.split(":")[-1] for k in keys) + " | non-forward |"
-            + "".join(f" {k.replace('floor:', '')} |" for k in floor))
+            + "".join(f" {k.replace('floor:', '')} |" for k in floor_keys))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for label, r in results:
         m = r["median"]
         lines.append(f"| {label} | {r['meta']['attack']} | " + " | ".join(f"{m.get(k, 0.0):.2f}" for k in keys)
-                     + f" | {m['non_forward']:.0%} |" + "".join(f" {m[k]:.2f} |" if k in m else " - |" for k in floor))
+                     + f" | {m['non_forward']:.0%} |"
+                     + "".join(f" {m[k]:.2f} |" if k in m else " - |" for k in floor_keys))
     return "\n".join(lines)
 
 
