@@ -130,16 +130,23 @@ def decide(s: ClassStats, t: Thresholds) -> tuple[Verdict, str]:
     if s.screen_share is None or s.separation is None:
         return Verdict.CANDIDATE, f"excess {s.excess:.3f} with p={s.p_value:.2g} < {bar:.2g}: screen it"
     share, sep = s.screen_share, s.separation
+    if not screen_separates(share, sep, s.trusted, t):
+        return Verdict.WATCH, f"screened: {share:.0%} of the screen far out at a median z of {sep:.1f}, not separate"
     if s.trusted and share >= t.cluster_share:
         verdict, why = Verdict.SEPARATE, f"{share:.0%} of the screen far out (cluster_share {t.cluster_share})"
-    elif share >= t.min_screen_share and sep > t.separation_z:
-        verdict, why = Verdict.SEPARATE, f"{share:.0%} of the screen at a median z of {sep:.1f} (separation_z)"
     else:
-        return Verdict.WATCH, f"screened: {share:.0%} of the screen far out at a median z of {sep:.1f}, not separate"
+        verdict, why = Verdict.SEPARATE, f"{share:.0%} of the screen at a median z of {sep:.1f} (separation_z)"
     if s.trusted and s.beyond_p is not None and s.beyond_p >= bar:
         return Verdict.WATCH, (f"{why}, but no more of it lies beyond every reference sample than the reference's size "
                                f"allows a clean class (p={s.beyond_p:.2g}, acting needs p < {bar:.2g})")
     return verdict, why
+
+
+def screen_separates(share: float, separation: float, trusted: bool, t: Thresholds) -> bool:
+    """Whether a candidate's screen shows a separate cluster: with trusted data ``cluster_share`` of it far out,
+    or ``min_screen_share`` far out at a median discriminant z above ``separation_z``. With trusted data
+    :func:`decide` then also asks :func:`beyond_reference_p` whether the reference could tell it from a clean class."""
+    return (trusted and share >= t.cluster_share) or (share >= t.min_screen_share and separation > t.separation_z)
 
 
 def beyond_reference_p(beyond: int, n_screen: int, n_reference: int) -> float:

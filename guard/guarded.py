@@ -28,6 +28,7 @@ from guard.remedy import (Unlearning, accuracy_change, allowed_fit, chance_fit, 
                           recalibrate_bn, restart, split_check, start_p, taught_class, unlearn)
 from guard.report import (SAMPLE_COLUMNS, GuardReport, QuarantineRecord, RestoreRecord, ScanReport, SweepReport,
                           atomic_write, now, quarantined_row)
+from guard.sample import acts, class_sample
 from guard.sampler import GuardSampler
 from guard.scan import Scanner, ScanResult
 from guard.scanview import what_scans_read
@@ -214,6 +215,7 @@ class GuardedDataset(Dataset):
         if bad:
             raise GuardError(f"indices {bad[:10]} are outside [0, {self._n})")
         labels = dataset_labels(self._source, self.adapter, "dataset", idx)
+        self._labels[idx] = labels
         for i, c in zip(idx, labels.tolist()):
             self._records[i] = QuarantineRecord(index=i, label=int(c), scan=0, epoch=self.sampler.epoch, layer="",
                                                 score=0.0, threshold=0.0, reason=reason)
@@ -275,15 +277,29 @@ class GuardedDataset(Dataset):
         agree({"epoch": epoch, "kept samples": len(kept), "kept hash": hashlib.sha1(kept.tobytes()).hexdigest()[:12],
                "layers": self.layers, "classes": self.num_classes, "scans": len(self.report.scans)})
         broadcast_model(unwrap_model(self.model))
-        res = self.scanner.run(self._source, self.trusted, kept,
-                               {c: np.asarray(v, dtype=np.int64) for c, v in prior.items()}, self._check_by_class(),
-                               {c: np.asarray(v, dtype=np.int64) for c, v in releasable.items()})
-        res = broadcast_object(res, "broadcast of rank 0's scan result")
+        args = ({c: np.asarray(v, dtype=np.int64) for c, v in prior.items()}, self._check_by_class(),
+                {c: np.asarray(v, dtype=np.int64) for c, v in releasable.items()})
+        sample, first = self._sample(kept), None
+        if sample is not None:         # scan_sample_per_class: a sample that acts on nothing stands for the scan
+            first = broadcast_object(self.scanner.run(self._source, self.trusted, sample, *args),
+                                     "broadcast of rank 0's sampled scan result")
+            logger.info("guard: sampled scan over {:,} of {:,} kept samples {}", len(sample), len(kept),
+                        "acts: scanning them all" if acts(first, self.config.thresholds) else "acts on nothing")
+        res = first if first is not None and not acts(first, self.config.thresholds) else broadcast_object(
+            self.scanner.run(self._source, self.trusted, kept, *args), "broadcast of rank 0's scan result")
         self.schedule.done(epoch)
-        report = self._apply(res, epoch, time.monotonic() - t0)
+        report = self._apply(res, epoch, time.monotonic() - t0, first)
         if report.new_quarantined or report.released or report.remedy_steps:
             self.schedule.done(epoch, acted=True)         # the next scan comes scan_every epochs on
         return report
+
+    def _sample(self, kept: np.ndarray) -> np.ndarray | None:
+        """``scan_sample_per_class``: the kept indices this scan scores first (:func:`~guard.sample.class_sample`,
+        drawn anew each scan), or None for a scan of every kept sample."""
+        if self.config.scan_sample_per_class is None:
+            return None
+        rng = np.random.default_rng([self.config.seed, 3, len(self.report.scans)])
+        return class_sample(kept, self._labels[kept], self.config.scan_sample_per_class, rng)
 
     def _check_by_class(self) -> dict[int, np.ndarray]:
         """Per class, the held-out check samples of its quarantine (:func:`~guard.remedy.split_check`,
@@ -300,7 +316,8 @@ class GuardedDataset(Dataset):
         return split_check(np.array([r.index for r in recs]), np.array([r.score for r in recs]), self.config.seed,
                            self.config.thresholds)
 
-    def _apply(self, res: ScanResult, epoch: int, seconds: float) -> ScanReport:
+    def _apply(self, res: ScanResult, epoch: int, seconds: float, sampled: ScanResult | None = None) -> ScanReport:
+        """Apply scan ``res``; ``sampled``: the sampled scan before it (``res`` itself where it stood)."""
         scan_no = len(self.report.scans) + 1
         self.last_result = res
         self._scores[res.scanned] = res.suspicion
@@ -329,9 +346,15 @@ class GuardedDataset(Dataset):
             paper_flagged=len(res.paper_flagged),
             memory_bytes=res.memory_bytes,
             classes=res.classes, warnings=res.warnings, passes=res.passes, seconds_by_part=res.seconds_by_part,
+            n_sampled=0 if sampled is None else len(sampled.scanned),
             trusted_mismatch_p=res.mismatch_p, trusted_mismatch_at=res.mismatch_at, mirror_symmetry_p=res.mirror_symmetry_p,
             reference_scores=[] if res.reference_suspicion is None
             else np.round(res.reference_suspicion, 3).tolist())
+        if sampled is not None and sampled is not res:     # the whole scan's cost includes the sample's
+            scan.seconds_by_step = {**res.seconds, "sample": round(sum(sampled.seconds_by_part.values()), 4)}
+            scan.passes = {**res.passes, **{f"sample {k}": v for k, v in sampled.passes.items()}}
+            scan.seconds_by_part = {k: round(v + sampled.seconds_by_part.get(k, 0.0), 4)
+                                    for k, v in res.seconds_by_part.items()}
         if (res.mismatch_p is not None and res.mismatch_p < self.config.thresholds.max_false_alarm
                 and not self._warned_mismatch):
             self._warned_mismatch = True

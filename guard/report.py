@@ -89,6 +89,9 @@ class ScanReport(BaseModel):
     calibration: str
     rule: str
     n_scanned: int
+    n_sampled: int = Field(
+        0, description="scan_sample_per_class: the kept samples a sampled scan scored first (0: none); the scan "
+                       "stood on them where it acted on nothing, else n_scanned is every kept sample")
     new_quarantined: int
     total_quarantined: int
     released: list[int] = Field(

@@ -140,6 +140,37 @@ def test_cap_keeps_the_most_suspicious_and_warns(poisoned):
     assert next(c for c in scan.classes if c.cls == 0).capped
 
 
+def test_a_sampled_scan_that_acts_on_nothing_stands_for_the_scan():
+    ds = Blobs(600, seed=0)
+    model = train(mlp(), ds, epochs=25)
+    gds = GuardedDataset(ds, model, GuardConfig(remedy="none", scan_sample_per_class=60), trusted=Blobs(150, seed=7))
+    first, second = gds.scan(), gds.scan()
+    assert (first.n_sampled, first.n_scanned) == (0, 600)          # the first scan reads the labels: whole
+    assert second.n_sampled == second.n_scanned == 180 and len(gds.quarantined) == 0
+    assert second.passes["scan/train"] == 180 and first.passes["scan/train"] == 600
+
+
+def test_a_sampled_scan_that_acts_is_redone_whole_and_applies_what_a_whole_scan_applies(poisoned):
+    # the first scan sees an untrained model (nothing learned, nothing taken); the trigger is learned before the
+    # second, whose sample of 60 a class finds the cluster
+    ds, trained = poisoned
+    runs = []
+    for sample in (None, 60):
+        model = mlp()
+        gds = GuardedDataset(ds, model, GuardConfig(remedy="none", scan_sample_per_class=sample),
+                             trusted=Blobs(150, seed=7))
+        first = gds.scan()
+        model.load_state_dict(trained.state_dict())
+        runs.append((first, gds.scan(), gds.quarantined, [r.score for r in gds.report.quarantine]))
+    (w1, w2, whole, w_scores), (s1, s2, sampled, s_scores) = runs
+    assert w1.new_quarantined == s1.new_quarantined == 0 and s1.n_sampled == 0
+    assert len(np.intersect1d(whole, ds.poisoned)) == len(ds.poisoned)
+    assert np.array_equal(whole, sampled) and w_scores == s_scores
+    assert s2.n_sampled == 180 and s2.n_scanned == w2.n_scanned == len(ds)
+    assert s2.passes["sample scan/train"] == 180 and s2.passes["scan/train"] == len(ds)
+    assert "sample" in s2.seconds_by_step
+
+
 def test_paper_rule_is_selectable(poisoned):
     ds, model = poisoned
     gds = GuardedDataset(ds, model, GuardConfig(remedy="none", critical_rule="paper"), trusted=Blobs(150, seed=7))

@@ -1,0 +1,51 @@
+"""Sampled scans (``GuardConfig.scan_sample_per_class``): a scan first scores a random sample of each class, and
+is redone over every kept sample wherever that sample acts.
+
+The promise: every quarantine, give-back and remedy a sampled scan applies comes from a scan of every kept sample,
+exactly as without the option. What a sample changes is only when a scan acts on nothing: its classes were judged
+on at most ``per_class`` samples each, so a class whose poison a whole scan would just find can pass unseen (the
+candidate test's power grows with the poisoned samples in the sample; measured in BENCHMARKS.md). The first scan
+is always whole, since the guard learns the labels by reading the items; later scans sample by those labels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from guard.decide import Verdict, screen_separates
+from guard.scan import ScanResult
+from guard.thresholds import Thresholds
+
+_ACTS = (Verdict.SEPARATE, Verdict.LIKE_QUARANTINED, Verdict.PAPER)
+
+
+def class_sample(kept: np.ndarray, labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Sorted indices: at most ``per_class`` of the ``kept`` indices of each class, drawn by ``rng``, and every kept
+    index whose label (``labels``, aligned with ``kept``; -1: not read yet) is unknown. ``None`` where the sample
+    would hold every kept index, or no label is known yet (the scan is then whole).
+
+    >>> kept = np.arange(10); labels = np.array([0] * 6 + [1] * 3 + [-1])
+    >>> class_sample(kept, labels, 2, np.random.default_rng(0)).tolist()
+    [3, 4, 6, 8, 9]
+    >>> class_sample(kept, labels, 6, np.random.default_rng(0)) is None
+    True
+    """
+    known = labels >= 0
+    if not known.any():
+        return None
+    parts = [kept[~known]]
+    for c in np.unique(labels[known]):
+        idx = kept[labels == c]
+        parts.append(idx if len(idx) <= per_class else rng.choice(idx, per_class, replace=False))
+    sample = np.sort(np.concatenate(parts)).astype(np.int64)
+    return sample if len(sample) < len(kept) else None
+
+
+def acts(res: ScanResult, t: Thresholds) -> bool:
+    """Whether a sampled scan asks for a whole one: it would change something (flags or gives back samples, or acts
+    on a class), or a class's screen separates and only the reference-size test held it back
+    (:func:`~guard.decide.screen_separates`): that test's power grows with the screen, which a sample shrinks."""
+    trusted = res.calibration_source == "trusted"
+    held = any(c.verdict == Verdict.WATCH and c.screen_share > 0 and screen_separates(c.screen_share, c.separation,
+                                                                                       trusted, t) for c in res.classes)
+    return bool(len(res.flagged) or len(res.released) or held or any(c.verdict in _ACTS for c in res.classes))
