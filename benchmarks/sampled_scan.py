@@ -1,8 +1,9 @@
-"""Would a scan that scores a random sample of each class act on the same classes? (a lead for issue 22, not built)
+"""Would a scan that scores a random sample of each class act on the same classes? (the sample's half of
+``GuardConfig.scan_sample_per_class``)
 
 A scan forwards every kept sample, so on a CPU without bf16 it cannot cost less than a plain forward over the data
-(``scan_stages.py --floor``). Scoring a per-class sample and reading a class whole only where the scan acts on it
-would go below that floor. This measures the first half of that design on the fixed epoch-3 checkpoint of
+(``scan_stages.py --floor``). ``scan_sample_per_class`` lets scans after the first score a per-class sample and rescan
+every kept sample only where the sample acts. This measures the sample's half on the fixed epoch-3 checkpoint of
 ``scan_stages.py``: the same scan (``remedy="none"``) over all kept samples, then over a random sample of
 ``--per-class`` samples of each class (``Scanner.run`` with those as the kept samples; draws ``(seed, size)``).
 Per scan: the classes acted on, the samples forwarded and the seconds, and TPR / FPR within the samples scanned.
@@ -32,6 +33,7 @@ from benchmarks.scan_stages import checkpoint  # noqa: E402
 from guard import GuardConfig, GuardedDataset  # noqa: E402
 from guard.decide import Verdict  # noqa: E402
 from guard.experiment import RunSpec, prepare  # noqa: E402
+from guard.sample import acts  # noqa: E402
 
 ACTS = (Verdict.SEPARATE, Verdict.LIKE_QUARANTINED)
 
@@ -46,6 +48,7 @@ def one(gds: GuardedDataset, kept: np.ndarray, poisoned: set[int]) -> dict:
     return {"n": len(kept), "seconds": round(seconds, 2),
             "forwarded": sum(v for k, v in res.passes.items() if not k.endswith("(kept)")),
             "acted": sorted(int(c.cls) for c in res.classes if c.verdict in ACTS),
+            "rescan": acts(res, gds.config.thresholds),     # scan_sample_per_class would rescan every kept sample
             "verdicts": {int(c.cls): str(c.verdict) for c in res.classes},
             "flagged": len(flagged), "tpr": len(flagged & poison_in) / len(poison_in) if poison_in else None,
             "fpr": len(flagged - poisoned) / len(benign_in)}

@@ -16,7 +16,7 @@ from guard.decide import Verdict, screen_separates
 from guard.scan import ScanResult
 from guard.thresholds import Thresholds
 
-_ACTS = (Verdict.SEPARATE, Verdict.LIKE_QUARANTINED, Verdict.PAPER)
+_ACTS = (Verdict.SEPARATE, Verdict.PAPER)   # a follow-up (like quarantined) acts only where it flags samples
 
 
 def class_sample(kept: np.ndarray, labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray | None:
@@ -42,8 +42,8 @@ def class_sample(kept: np.ndarray, labels: np.ndarray, per_class: int, rng: np.r
 
 
 def acts(res: ScanResult, t: Thresholds) -> bool:
-    """Whether a sampled scan asks for a whole one: it would change something (flags or gives back samples, or acts
-    on a class), or a class's screen separates and only the reference-size test held it back
+    """Whether a sampled scan asks for a whole one: it would change something (flags or gives back samples, or finds
+    a class separate), or a class's screen separates and only the reference-size test held it back
     (:func:`~guard.decide.screen_separates`): that test's power grows with the screen, which a sample shrinks."""
     trusted = res.calibration_source == "trusted"
     held = any(c.verdict == Verdict.WATCH and c.screen_share > 0 and screen_separates(c.screen_share, c.separation,

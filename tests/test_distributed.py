@@ -227,6 +227,22 @@ def _trust_free_images_worker(rank: int, world: int, folder: str, archive: str) 
              "layers": c.critical_layers, "reason": c.reason}))
 
 
+def _sampled_worker(rank: int, world: int, folder: str) -> None:
+    """Sampled scans: the first whole (an untrained model, nothing taken), the next two sampled after the trigger
+    is learned; each rank records what every scan scored and took."""
+    with _group(rank, world, folder):
+        ds = Blobs(600, poison=0.08, seed=0)
+        net = mlp()
+        gds = GuardedDataset(ds, torch.nn.parallel.DistributedDataParallel(net),
+                             GuardConfig(remedy="none", scan_sample_per_class=60), trusted=Blobs(150, seed=7))
+        scans = [gds.scan()]
+        net.load_state_dict(train(mlp(), ds, epochs=25).state_dict())
+        scans += [gds.scan(), gds.scan()]
+        Path(folder, f"rank{rank}.json").write_text(json.dumps({
+            "scans": [[s.n_sampled, s.n_scanned, s.new_quarantined] for s in scans],
+            "quarantined": gds.quarantined.tolist()}))
+
+
 def _spawn(fn, tmp_path, *args) -> list[dict]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(fn, args=(2, str(tmp_path), *args), nprocs=2, join=True)
@@ -289,6 +305,15 @@ def test_two_ranks_shard_the_data_and_reach_the_single_process_quarantine(tmp_pa
     np.testing.assert_allclose([r.score for r in single.report.quarantine if r.index in b],
                                [r0["scores"][str(r.index)][0] for r in single.report.quarantine if r.index in b],
                                rtol=1e-3, atol=1e-3)
+
+
+def test_sampled_scans_under_ddp_score_the_same_sample_and_rescan_together(tmp_path):
+    r0, r1 = _spawn(_sampled_worker, tmp_path)
+    assert r0 == r1
+    (s1, s2, s3), poisoned = r0["scans"], Blobs(600, poison=0.08, seed=0).poisoned
+    assert s1 == [0, 600, 0] and s2[:2] == [180, 600] and s2[2] > 0     # the sample acted: rescanned whole
+    assert s3[0] == s3[1] == 180                                        # nothing left to act on: the sample stood
+    assert set(poisoned.tolist()) <= set(r0["quarantined"])
 
 
 def test_a_rank_that_fails_mid_scan_fails_every_rank_and_applies_nothing(tmp_path):

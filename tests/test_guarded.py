@@ -162,7 +162,10 @@ def test_a_sampled_scan_that_acts_is_redone_whole_and_applies_what_a_whole_scan_
         first = gds.scan()
         model.load_state_dict(trained.state_dict())
         runs.append((first, gds.scan(), gds.quarantined, [r.score for r in gds.report.quarantine]))
+    third = gds.scan()              # a follow-up of the quarantine that flags nothing: the sample stands
     (w1, w2, whole, w_scores), (s1, s2, sampled, s_scores) = runs
+    assert third.n_sampled == third.n_scanned == 180 and third.new_quarantined == 0
+    assert next(c for c in third.classes if c.cls == 0).verdict == "like quarantined"
     assert w1.new_quarantined == s1.new_quarantined == 0 and s1.n_sampled == 0
     assert len(np.intersect1d(whole, ds.poisoned)) == len(ds.poisoned)
     assert np.array_equal(whole, sampled) and w_scores == s_scores
