@@ -279,15 +279,18 @@ class GuardedDataset(Dataset):
         broadcast_model(unwrap_model(self.model))
         args = ({c: np.asarray(v, dtype=np.int64) for c, v in prior.items()}, self._check_by_class(),
                 {c: np.asarray(v, dtype=np.int64) for c, v in releasable.items()})
-        sample, first, stands = self._sample(kept), None, False
+        sample, first, stands, reuse = self._sample(kept), None, False, None
         if sample is not None:         # scan_sample_per_class: a sample that acts on nothing stands for the scan
-            first = broadcast_object(self.scanner.run(self._source, self.trusted, sample, *args),
-                                     "broadcast of rank 0's sampled scan result")
+            first, reuse = self.scanner.run_sample(self._source, self.trusted, sample, *args)
+            first = broadcast_object(first, "broadcast of rank 0's sampled scan result")
             stands = not acts(first, self.config.thresholds)
             logger.info("guard: sampled scan over {:,} of {:,} kept samples {}", len(sample), len(kept),
                         "acts on nothing" if stands else "acts: scanning them all")
-        res = first if stands else broadcast_object(self.scanner.run(self._source, self.trusted, kept, *args),
-                                                    "broadcast of rank 0's scan result")
+        # the rescan reads what the sample read (same model, same samples) from the sample's scan: one forward each
+        res = first if stands else broadcast_object(
+            self.scanner.run(self._source, self.trusted, kept, *args, reuse=reuse if sample is not None else None),
+            "broadcast of rank 0's scan result")
+        del reuse
         self.schedule.done(epoch)
         report = self._apply(res, epoch, time.monotonic() - t0, first)
         if report.new_quarantined or report.released or report.remedy_steps:

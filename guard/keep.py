@@ -56,7 +56,7 @@ def keep_budget(keep_mb: float | None) -> float:
 
 
 class KeptFeatures:
-    """Rows ``0..n-1`` of a pass (in pass order) at every layer, within ``budget`` bytes, or nothing.
+    """Rows ``0..n-1`` of a pass at every layer, within ``budget`` bytes, or nothing.
 
     Invariant: after the pass, either every row was added (:attr:`complete`) or no memory is held."""
 
@@ -66,9 +66,10 @@ class KeptFeatures:
         self.added = 0
         self.refused = False
 
-    def add(self, feats: Sequence[torch.Tensor], bf16: Sequence[bool]) -> None:
-        """The next batch's features (rows in pass order); ``bf16[l]``: layer ``l``'s values are
-        bfloat16 values (:attr:`guard.extract.Batch.bf16`), so they are kept as such."""
+    def add(self, feats: Sequence[torch.Tensor], bf16: Sequence[bool], rows: torch.Tensor | None = None) -> None:
+        """The next batch's features (at the next rows in pass order, or at ``rows``, each row once);
+        ``bf16[l]``: layer ``l``'s values are bfloat16 values (:attr:`guard.extract.Batch.bf16`), so they are
+        kept as such."""
         if self.refused:
             return
         if self.layers is None:
@@ -80,7 +81,10 @@ class KeptFeatures:
             self.layers = [torch.empty(self.n, f.shape[1], dtype=d) for f, d in zip(feats, dtypes)]
         b = len(feats[0])
         for store, f in zip(self.layers, feats):
-            store[self.added:self.added + b] = f
+            if rows is None:
+                store[self.added:self.added + b] = f
+            else:
+                store.index_copy_(0, rows, f.to(store.device, store.dtype))
         self.added += b
 
     def drop(self) -> None:

@@ -2,7 +2,9 @@
 is redone over every kept sample wherever that sample acts.
 
 The promise: every quarantine, give-back and remedy a sampled scan applies comes from a scan of every kept sample,
-exactly as without the option. What a sample changes is only when a scan acts on nothing: its classes were judged
+exactly as without the option. That rescan reads what the sample's scan read (:class:`~guard.scan.Reuse`: the
+sample's features and the trusted calibration, by the same model), so it forwards only the samples the sample left
+out. What a sample changes is only when a scan acts on nothing: its classes were judged
 on at most ``per_class`` samples each, so a class whose poison a whole scan would just find can pass unseen (the
 candidate test's power grows with the poisoned samples in the sample; measured in BENCHMARKS.md). The first scan
 is always whole, since the guard learns the labels by reading the items; later scans sample by those labels.

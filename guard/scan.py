@@ -6,7 +6,8 @@ Every model pass goes through :meth:`Passes.stream`, which counts the samples ea
 (``ScanResult.passes``) and adds up where its time goes (``ScanResult.seconds_by_part``). The
 reference's and the scoring pass's features are kept within ``GuardConfig.keep_mb``
 (:mod:`guard.calibrate`, :mod:`guard.keep`); stages that read kept features count them as
-``<pass> (kept)`` and run no model. The passes, in order:
+``<pass> (kept)`` and run no model, and so does a rescan that reads a sampled scan's (:class:`Reuse`). The
+passes, in order:
 
 =========================  ========================  =================================================
 pass                       samples                   what for
@@ -157,6 +158,26 @@ _ACTED = (Verdict.SEPARATE, Verdict.LIKE_QUARANTINED)   # the verdicts under whi
 
 
 @dataclass
+class Reuse:
+    """What a scan read that a rescan of more samples by the same model may read again instead of running the
+    model (:meth:`Scanner.run_sample`): the trusted calibration (trust-free, the reference is drawn from the
+    samples scanned, so it is not reused), and the scoring pass's features, views and predictions of the samples
+    ``indices`` where they were kept (a single process: ranks score shards). Each sample's numbers are those the
+    model gave it; only the batches they were computed in differ."""
+
+    cal: Calibration | None
+    indices: np.ndarray                 # sorted dataset indices of the rows below
+    labels: np.ndarray
+    predicted: np.ndarray | None        # None: the model's outputs are not class scores
+    store: KeptFeatures | None          # None: nothing of the scoring pass was kept
+    views: KeptFeatures | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes for k in (self.store, self.views) if k is not None)
+
+
+@dataclass
 class ScanResult:
     scanned: np.ndarray          # dataset indices scanned (the kept ones)
     suspicion: np.ndarray        # (len(scanned),) higher = more suspicious
@@ -225,24 +246,38 @@ class Scanner:
 
     def run(self, train: Dataset, trusted: Dataset | None, kept: np.ndarray,
             prior: dict[int, np.ndarray] | None = None, check: dict[int, np.ndarray] | None = None,
-            releasable: dict[int, np.ndarray] | None = None) -> ScanResult:
+            releasable: dict[int, np.ndarray] | None = None, reuse: Reuse | None = None) -> ScanResult:
         """Scan the ``kept`` indices of ``train``. ``prior`` maps a class to its already quarantined
         indices: such a class is searched again for samples like them (:meth:`follow_up`), unless
         ``check`` (per class, held-out quarantined indices) shows the model no longer learns what
         they teach (:meth:`still_taught`). ``releasable`` (per class, the quarantined indices a scan
         may give back: the guard's own catches, never samples quarantined by hand): a class found
         separate again gives back those its new probe puts with its benign samples
-        (:func:`~guard.decide.give_back`; ``ScanResult.released``)."""
+        (:func:`~guard.decide.give_back`; ``ScanResult.released``). ``reuse``: what :meth:`run_sample` read
+        with the same model, read again instead of running it (counted as ``<pass> (kept)``)."""
+        return self.run_sample(train, trusted, kept, prior, check, releasable, reuse)[0]
+
+    def run_sample(self, train: Dataset, trusted: Dataset | None, kept: np.ndarray,
+                   prior: dict[int, np.ndarray] | None = None, check: dict[int, np.ndarray] | None = None,
+                   releasable: dict[int, np.ndarray] | None = None,
+                   reuse: Reuse | None = None) -> tuple[ScanResult, Reuse]:
+        """:meth:`run`, and what a rescan of more samples by the same model may reuse of it (:class:`Reuse`; it
+        holds the kept features' memory until dropped)."""
         prior = prior or {}
         passes, seconds, t0 = Passes(self.extractor), {}, time.monotonic()
-        budget = keep_budget(self.cfg.keep_mb)      # bytes the calibration and scoring passes may keep together
+        # bytes the calibration and scoring passes may keep together; what a reused scan holds counts against it
+        budget = keep_budget(self.cfg.keep_mb) - (reuse.nbytes if reuse is not None else 0)
         # numpy's and scipy's BLAS run single-threaded during the scan: the analysis alternates between them
         # and torch, and their idle threads, spinning, starve torch's (a 2-core scan 8.3 -> 3.1 s; NOTES.md)
         with threadpool_limits(limits=1, user_api="blas"), scan_mode(self.model):
             with _timed(seconds, "calibrate"):
-                cal = self.calibrate(passes, trusted, train, kept, budget)
+                if reuse is not None and reuse.cal is not None and trusted is not None:
+                    cal = reuse.cal
+                    passes.count_kept("scan/trusted", len(cal.labels))
+                else:
+                    cal = self.calibrate(passes, trusted, train, kept, budget)
             with _timed(seconds, "score"):
-                st = self.score(passes, train, kept, cal, budget - cal.kept_bytes)
+                st = self.score(passes, train, kept, cal, budget - cal.kept_bytes, reuse)
             st.seconds = seconds
             st.symmetry = self.trusted_symmetry(st, train)
             st.releasable = {c: np.sort(np.asarray(v, dtype=np.int64)) for c, v in (releasable or {}).items() if len(v)}
@@ -268,7 +303,9 @@ class Scanner:
                 with _timed(seconds, "elsewhere"):
                     self.elsewhere(train, st)
             self.trusted_mismatch(st)
-        return self.result(st, passes.split(time.monotonic() - t0))
+        held = Reuse(cal if cal.source == "trusted" else None, st.kept, st.labels, st.predicted, st.store,
+                     st.kept_views if st.store is not None else None)
+        return self.result(st, passes.split(time.monotonic() - t0)), held
 
     # ---- stage 1: calibrate ---------------------------------------------------------------
     def calibrate(self, passes: Passes, trusted: Dataset | None, train: Dataset, kept: np.ndarray,
@@ -285,11 +322,13 @@ class Scanner:
         return calibrate(passes.stream, self.layers, source, self.C, self.th, budget, views)
 
     # ---- stage 2: score ---------------------------------------------------------------------
-    def score(self, passes: Passes, train: Dataset, kept: np.ndarray, cal: Calibration, budget: float) -> ScanState:
+    def score(self, passes: Passes, train: Dataset, kept: np.ndarray, cal: Calibration, budget: float,
+              reuse: Reuse | None = None) -> ScanState:
         """Every kept sample's cosine to its class reference at every layer, and per class the sums
         of the out-of-spread samples' features (the suspect centroids), computed on the model's
         device (:class:`~guard.score.DeviceScores`). Sharded across ranks. On a single process the features,
-        then the images' views, are kept in ``budget`` bytes for the later stages."""
+        then the images' views, are kept in ``budget`` bytes for the later stages. The samples ``reuse`` kept
+        are read from it instead of the model (:meth:`_score_batches`)."""
         mine = kept[shard(len(kept))]
         labels = np.empty(len(mine), dtype=np.int32)          # C < 2**31; 4 bytes a sample at N = 10**6
         scores, known = DeviceScores(cal, len(mine), self.th.out_z, self.extractor.device), True
@@ -298,24 +337,28 @@ class Scanner:
         views: KeptFeatures | None = None     # the images' raw views, in what the features leave of the budget
         done = 0
         want = self._want_views(store is not None)
-        for b in passes.stream(train, self.layers, mine, "scan/train", host=False,
-                               views=lambda: want and (views is None or not views.refused)):
+        for rows, b, pred in self._score_batches(passes, train, mine, reuse,
+                                                 lambda: want and (views is None or not views.refused)):
             n, lab = len(b.labels), b.labels.numpy()
             missing = np.flatnonzero(np.isnan(cal.mean[lab, 0]))
             if len(missing):
                 c = int(lab[missing[0]])
                 raise GuardError(f"class {c} (dataset index {int(b.positions[missing[0]])}) has no samples in "
                                  f"the {cal.source} reference; add trusted samples of class {c}")
+            at = None if isinstance(rows, slice) else rows
             if store is not None:
-                store.add(b.feats, b.bf16)
+                store.add(b.feats, b.bf16, at)
                 views = views or KeptFeatures(len(mine), budget - store.nbytes)
                 if b.views is None:
                     views.drop()
                 else:
-                    views.add(b.views, (False,) * len(b.views))
-            known = known and is_logits(b.logits, self.C)     # known: the model's logits are class scores
-            scores.add(done, b, known)
-            labels[done:done + n] = lab
+                    views.add(b.views, (False,) * len(b.views), at)
+            if b.logits is not None:
+                known = known and is_logits(b.logits, self.C)     # known: the model's logits are class scores
+                pred = b.logits.argmax(1) if known else None
+            known = known and pred is not None
+            scores.add(rows, b, pred if known else None)
+            labels[rows if at is None else at.numpy()] = lab
             done += n
         if done != len(mine):
             raise GuardError(f"dataset yielded {done} samples for {len(mine)} indices; its length changed "
@@ -329,6 +372,34 @@ class Scanner:
         return ScanState(kept, cal, passes, labels, raw, suspects, fit, predicted=pred if known else None,
                          store=store if store is not None and store.complete else None,
                          kept_views=views if views is not None and views.complete else None)
+
+    def _score_batches(self, passes: Passes, train: Dataset, mine: np.ndarray, reuse: Reuse | None,
+                       views: Callable[[], bool]) -> Iterator[tuple[slice | torch.Tensor, Batch, torch.Tensor | None]]:
+        """``(rows, batch, predicted)`` of the scoring pass over ``mine``: rows as a slice of the model's
+        pass, or as row numbers; ``predicted`` where ``batch`` has no logits. The samples ``reuse`` kept come
+        from it (counted as ``scan/train (kept)``), after the model's pass over the rest."""
+        if reuse is None or reuse.store is None or not len(reuse.indices):
+            done = 0
+            for b in passes.stream(train, self.layers, mine, "scan/train", host=False, views=views):
+                yield slice(done, done + len(b.labels)), b, None
+                done += len(b.labels)
+            return
+        src = np.minimum(np.searchsorted(reuse.indices, mine), len(reuse.indices) - 1)
+        held = reuse.indices[src] == mine
+        rest, again = np.flatnonzero(~held), np.flatnonzero(held)
+        done = 0
+        for b in passes.stream(train, self.layers, mine[rest], "scan/train", host=False, views=views):
+            yield torch.from_numpy(rest[done:done + len(b.labels)]), b, None
+            done += len(b.labels)
+        passes.count_kept("scan/train", len(again))
+        layers, bf16 = range(len(self.layers)), tuple(x.dtype == torch.bfloat16 for x in reuse.store.layers)
+        for at in range(0, len(again), self.cfg.batch_size):
+            r, s = again[at:at + self.cfg.batch_size], src[again[at:at + self.cfg.batch_size]]
+            feats = [f.to(self.extractor.device, non_blocking=True) for f in reuse.store.rows(s, layers)]
+            raw = reuse.views.rows(s, range(len(reuse.views.layers))) if reuse.views is not None and views() else None
+            yield (torch.from_numpy(r), Batch(mine[r], torch.from_numpy(reuse.labels[s].astype(np.int64)), feats, None,
+                                              bf16, raw),
+                   None if reuse.predicted is None else torch.from_numpy(reuse.predicted[s].astype(np.int64)))
 
     def _want_views(self, single: bool) -> bool:
         """Whether a pass computes the images' raw views for the stages that test the images

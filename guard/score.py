@@ -32,15 +32,16 @@ class DeviceScores:
         self.sums = [torch.zeros(s.shape, dtype=torch.float64, device=device) for s in cal.reference.sums]
         self.select = device.type == "cpu"
 
-    def add(self, start: int, b: Batch, logits: bool) -> None:
-        """Score batch ``b`` (features on ``device``) into rows ``start:start + len(b.labels)``;
-        ``logits``: its logits are class scores (their argmax is a prediction)."""
+    def add(self, rows: slice | torch.Tensor, b: Batch, predicted: torch.Tensor | None) -> None:
+        """Score batch ``b`` (features on ``device``) into ``rows`` (a slice, or row numbers on the host);
+        ``predicted``: the class the model predicts for each of its samples (None: unknown)."""
         lab = b.labels.to(self.device, non_blocking=True)
         s = self.reference.score(b.feats, lab)
-        rows = slice(start, start + len(lab))
+        if isinstance(rows, torch.Tensor):
+            rows = rows.to(self.device, non_blocking=True)
         self.raw[rows] = s
-        if logits:
-            self.pred[rows] = b.logits.argmax(1)
+        if predicted is not None:
+            self.pred[rows] = predicted.to(self.device, non_blocking=True)
         out = (s - self.mean[lab]) / self.std[lab] < -self.out_z
         for li, f in enumerate(b.feats):
             if self.select:

@@ -54,11 +54,11 @@ def test_device_scores_mask_path_is_sync_free_and_equal_to_the_selection_path():
     select = DeviceScores(cal, n, 3.0, torch.device("cpu"))
     mask = DeviceScores(cal, n, 3.0, torch.device("cpu"))
     mask.select = False                     # the accelerator path, run on the CPU
-    for b in batches:
-        select.add(int(b.positions[0]), b, logits=True)
+    for b in batches:           # rows as a slice, and as row numbers (a rescan's order): the same result
+        select.add(slice(int(b.positions[0]), int(b.positions[-1]) + 1), b, b.logits.argmax(1))
     with _Syncs() as syncs:
         for b in batches:
-            mask.add(int(b.positions[0]), b, logits=True)
+            mask.add(torch.from_numpy(b.positions), b, b.logits.argmax(1))
     assert syncs.calls == []                # nothing per batch waits for the device
     a, b = select.result(), mask.result()
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])

@@ -170,7 +170,10 @@ def test_a_sampled_scan_that_acts_is_redone_whole_and_applies_what_a_whole_scan_
     assert len(np.intersect1d(whole, ds.poisoned)) == len(ds.poisoned)
     assert np.array_equal(whole, sampled) and w_scores == s_scores
     assert s2.n_sampled == 180 and s2.n_scanned == w2.n_scanned == len(ds)
-    assert s2.passes["sample scan/train"] == 180 and s2.passes["scan/train"] == len(ds)
+    # the rescan forwards only what the sample did not: the sample's rows and the trusted pass are read again
+    assert s2.passes["sample scan/train"] == 180 and s2.passes["scan/train"] == len(ds) - 180
+    assert s2.passes["scan/train (kept)"] == 180 and w2.passes["scan/train"] == len(ds)
+    assert s2.passes["sample scan/trusted"] == s2.passes["scan/trusted (kept)"] == 150 and "scan/trusted" not in s2.passes
     assert "sample" in s2.seconds_by_step
 
 
