@@ -166,7 +166,7 @@ class Reuse:
     model gave it; only the batches they were computed in differ."""
 
     cal: Calibration | None
-    indices: np.ndarray                 # sorted dataset indices of the rows below
+    indices: np.ndarray                 # the dataset indices of the rows below
     labels: np.ndarray
     predicted: np.ndarray | None        # None: the model's outputs are not class scores
     store: KeptFeatures | None          # None: nothing of the scoring pass was kept
@@ -384,7 +384,8 @@ class Scanner:
                 yield slice(done, done + len(b.labels)), b, None
                 done += len(b.labels)
             return
-        src = np.minimum(np.searchsorted(reuse.indices, mine), len(reuse.indices) - 1)
+        order = np.argsort(reuse.indices, kind="stable")
+        src = order[np.minimum(np.searchsorted(reuse.indices[order], mine), len(order) - 1)]
         held = reuse.indices[src] == mine
         rest, again = np.flatnonzero(~held), np.flatnonzero(held)
         done = 0
