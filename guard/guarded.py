@@ -281,7 +281,7 @@ class GuardedDataset(Dataset):
                 {c: np.asarray(v, dtype=np.int64) for c, v in releasable.items()})
         sample, first, stands, reuse = self._sample(kept), None, False, None
         if sample is not None:         # scan_sample_per_class: a sample that acts on nothing stands for the scan
-            first, reuse = self.scanner.run_sample(self._source, self.trusted, sample, *args)
+            first, reuse = self.scanner.run_sample(self._source, self.trusted, sample, *args, until_separate=True)
             first = broadcast_object(first, "broadcast of rank 0's sampled scan result")
             stands = not acts(first, self.config.thresholds)
             logger.info("guard: sampled scan over {:,} of {:,} kept samples {}", len(sample), len(kept),

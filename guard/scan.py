@@ -259,10 +259,12 @@ class Scanner:
 
     def run_sample(self, train: Dataset, trusted: Dataset | None, kept: np.ndarray,
                    prior: dict[int, np.ndarray] | None = None, check: dict[int, np.ndarray] | None = None,
-                   releasable: dict[int, np.ndarray] | None = None,
-                   reuse: Reuse | None = None) -> tuple[ScanResult, Reuse]:
+                   releasable: dict[int, np.ndarray] | None = None, reuse: Reuse | None = None,
+                   until_separate: bool = False) -> tuple[ScanResult, Reuse]:
         """:meth:`run`, and what a rescan of more samples by the same model may reuse of it (:class:`Reuse`; it
-        holds the kept features' memory until dropped)."""
+        holds the kept features' memory until dropped). ``until_separate``: stop after the stage that first finds
+        a class separate (for a sample that is rescanned whole wherever it acts: the stages after it could make
+        the scan act more, never less)."""
         prior = prior or {}
         passes, seconds, t0 = Passes(self.extractor), {}, time.monotonic()
         # bytes the calibration and scoring passes may keep together; what a reused scan holds counts against it
@@ -286,26 +288,36 @@ class Scanner:
             if st.windows:
                 with _timed(seconds, "confirm"):
                     self.confirm(train, st)
-            if self.cfg.critical_rule != "paper":
+            if self.cfg.critical_rule != "paper" and not (until_separate and self._separate(st)):
                 with _timed(seconds, "direction"):
                     if st.cal.source == "trusted":
                         self.direction(train, st)
                     if self.cfg.scan_inputs:
                         self.images_across(train, st)
-            separate = {c for c, v in st.classes.items() if v.verdict == Verdict.SEPARATE}
-            follow = {c: q for c, q in prior.items() if len(q) >= 2 and c in st.classes and c not in separate}
-            if follow and check and self.th.follow_gate:
-                follow = self.still_taught(train, st, follow, check)
-            if follow:
-                with _timed(seconds, "follow_up"):
-                    self.follow_up(train, st, follow)
-            if (st.probes or st.input_probes) and st.cal.source == "trusted" and self.th.catch_elsewhere:
-                with _timed(seconds, "elsewhere"):
-                    self.elsewhere(train, st)
-            self.trusted_mismatch(st)
+            if not (until_separate and self._separate(st)):
+                self._after_direction(train, st, prior, check)
         held = Reuse(cal if cal.source == "trusted" else None, st.kept, st.labels, st.predicted, st.store,
                      st.kept_views if st.store is not None else None)
         return self.result(st, passes.split(time.monotonic() - t0)), held
+
+    @staticmethod
+    def _separate(st: ScanState) -> set[int]:
+        return {c for c, v in st.classes.items() if v.verdict == Verdict.SEPARATE}
+
+    def _after_direction(self, train: Dataset, st: ScanState, prior: dict[int, np.ndarray],
+                         check: dict[int, np.ndarray] | None) -> None:
+        """The stages after the direction stage: follow-ups, another class's catch, the trusted-set check."""
+        separate = self._separate(st)
+        follow = {c: q for c, q in prior.items() if len(q) >= 2 and c in st.classes and c not in separate}
+        if follow and check and self.th.follow_gate:
+            follow = self.still_taught(train, st, follow, check)
+        if follow:
+            with _timed(st.seconds, "follow_up"):
+                self.follow_up(train, st, follow)
+        if (st.probes or st.input_probes) and st.cal.source == "trusted" and self.th.catch_elsewhere:
+            with _timed(st.seconds, "elsewhere"):
+                self.elsewhere(train, st)
+        self.trusted_mismatch(st)
 
     # ---- stage 1: calibrate ---------------------------------------------------------------
     def calibrate(self, passes: Passes, trusted: Dataset | None, train: Dataset, kept: np.ndarray,

@@ -174,6 +174,8 @@ def test_a_sampled_scan_that_acts_is_redone_whole_and_applies_what_a_whole_scan_
     assert s2.passes["sample scan/train"] == 180 and s2.passes["scan/train"] == len(ds) - 180
     assert s2.passes["scan/train (kept)"] == 180 and w2.passes["scan/train"] == len(ds)
     assert s2.passes["sample scan/trusted"] == s2.passes["scan/trusted (kept)"] == 150 and "scan/trusted" not in s2.passes
+    # the sample stops at the stage that finds class 0 separate: the rescan alone looks for its catch elsewhere
+    assert "scan/elsewhere (kept)" in s2.passes and not any(k.startswith("sample scan/elsewhere") for k in s2.passes)
     assert "sample" in s2.seconds_by_step
 
 
