@@ -288,7 +288,7 @@ class GuardedDataset(Dataset):
                         "acts on nothing" if stands else "acts: scanning them all")
         # the rescan reads what the sample read (same model, same samples) from the sample's scan: one forward each
         res = first if stands else broadcast_object(
-            self.scanner.run(self._source, self.trusted, kept, *args, reuse=reuse if sample is not None else None),
+            self.scanner.run(self._source, self.trusted, kept, *args, reuse=reuse),
             "broadcast of rank 0's scan result")
         del reuse
         self.schedule.done(epoch)
