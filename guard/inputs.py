@@ -94,7 +94,11 @@ class InputViews:
 
     def units(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
         """``raw`` as :func:`read_views` returns it -> unit features, one per view of :data:`NAMES`."""
-        return [unit(raw[0]), unit(raw[1] @ self.whiten)]
+        return [self.view(raw, k) for k in range(len(NAMES))]
+
+    def view(self, raw: list[torch.Tensor], k: int) -> torch.Tensor:
+        """View ``k`` of :meth:`units` alone."""
+        return unit(raw[0]) if k == 0 else unit(raw[1] @ self.whiten)
 
 
 def is_image(inputs: object) -> bool:

@@ -283,3 +283,26 @@ def test_the_guards_autocast_is_bf16_on_a_cpu_only_where_bf16_runs_natively():
     rounds = [(once(True), once(False)) for _ in range(7)]          # interleaved; the fastest of each is
     fastest = np.min(rounds, axis=0)                                # what other load on the machine left alone
     assert fastest[0] < 3.0 * fastest[1], f"{fastest[0]:.3f} s under the guard's autocast, {fastest[1]:.3f} s in float32"
+
+
+def test_a_class_scored_in_blocks_gets_the_bits_of_one_block():
+    """Stages that score a whole class turn its features into float64 a block of rows at a time
+    (``guard.scan.BLOCK_ROWS``): every row in exactly one block, blocks in order and at least half the
+    block size, and a probe's scores bit for bit those of the class scored at once."""
+    from guard.probe import Probe
+    from guard.reference import unit
+    from guard.scan import BLOCK_ROWS, _blocks
+
+    for n in (0, 1, BLOCK_ROWS - 1, BLOCK_ROWS, BLOCK_ROWS + 1, 4 * BLOCK_ROWS - 3, 4_900):
+        blocks = _blocks(n)
+        assert np.array_equal(np.arange(n)[[i for b in blocks for i in range(b.start, b.stop)]], np.arange(n))
+        sizes = [b.stop - b.start for b in blocks]
+        assert all(s <= BLOCK_ROWS for s in sizes)
+        assert n <= BLOCK_ROWS or min(sizes) >= BLOCK_ROWS // 2, (n, sizes)
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(2_000, 3 * 32 * 32, generator=g)
+    w = torch.randn(raw.shape[1], dtype=torch.float64, generator=g)
+    probe = Probe([0], [w], [0.1], [2.0], 0.3, 1.5)
+    whole = probe.z([unit(raw).double()])
+    blocked = np.concatenate([probe.z([unit(raw[b]).double()]) for b in _blocks(len(raw))])
+    assert np.array_equal(whole, blocked)
