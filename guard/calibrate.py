@@ -154,20 +154,36 @@ def trust_free_indices(stream: Stream, train: Dataset, kept: np.ndarray, head: s
     per class the half the model fits worst (so about ``per_class`` remain). Poisoned samples are
     fitted fastest (their trigger is an easy shortcut), so the high-loss half of a class is mostly
     benign even when poison is a majority of it. ``head``: any layer (the pass needs only the logits)."""
+    pool = trust_free_pool(kept, num_classes, per_class_seed)
+    losses, labels = [], []
+    for b in stream(train, [head], pool, "scan/trust-free-pool"):
+        losses.append(pool_loss(b, num_classes))
+        labels.append(b.labels.numpy())
+    return pool[hard_half(np.concatenate(losses), np.concatenate(labels))]
+
+
+def trust_free_pool(kept: np.ndarray, num_classes: int, per_class_seed: tuple[int, int]) -> np.ndarray:
+    """The random subset of the ``kept`` indices (sorted) that :func:`trust_free_indices` reads: twice
+    ``per_class`` samples a class, drawn with ``seed``; ``per_class_seed`` = (per_class, seed)."""
     per_class, seed = per_class_seed
     rng = np.random.default_rng(seed)
     n = min(len(kept), per_class * num_classes * 2)
-    pool = np.sort(rng.choice(kept, n, replace=False))
-    losses, labels = [], []
-    for b in stream(train, [head], pool, "scan/trust-free-pool"):
-        if not is_logits(b.logits, num_classes):
-            raise GuardError("trust-free mode needs the model to output (batch, num_classes) logits; "
-                             "pass a trusted set instead")
-        losses.append(torch.nn.functional.cross_entropy(b.logits, b.labels, reduction="none").numpy())
-        labels.append(b.labels.numpy())
-    loss, lab = np.concatenate(losses), np.concatenate(labels)
-    keep = np.zeros(len(lab), dtype=bool)
-    for c in np.unique(lab):
-        idx = np.flatnonzero(lab == c)
+    return np.sort(rng.choice(kept, n, replace=False))
+
+
+def pool_loss(b: Batch, num_classes: int) -> np.ndarray:
+    """The cross-entropy of each sample of a pool batch (its logits on the host)."""
+    if not is_logits(b.logits, num_classes):
+        raise GuardError("trust-free mode needs the model to output (batch, num_classes) logits; "
+                         "pass a trusted set instead")
+    return torch.nn.functional.cross_entropy(b.logits, b.labels, reduction="none").numpy()
+
+
+def hard_half(loss: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per class, the samples whose ``loss`` is at least the class's median: the mask of the pool that
+    :func:`trust_free_indices` keeps."""
+    keep = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
         keep[idx[loss[idx] >= np.median(loss[idx])]] = True
-    return pool[keep]
+    return keep

@@ -12,7 +12,8 @@ passes, in order:
 =========================  ========================  =================================================
 pass                       samples                   what for
 =========================  ========================  =================================================
-scan/trust-free-pool       2 x trust_free_per_class  trust-free only: the loss cue picks the reference
+scan/trust-free-pool       2 x trust_free_per_class  trust-free only: the loss cue picks the reference; on
+                                                     a single process kept, read back by the next two
 scan/{source}              reference                 class sums and spread (benign reference); kept
 scan/{source}-calibrate    reference                 only where its features were not kept
 scan/train                 every kept sample         cosines at every layer on the model's device; kept
@@ -55,7 +56,8 @@ from loguru import logger
 from threadpoolctl import threadpool_limits
 from torch.utils.data import Dataset
 
-from guard.calibrate import Calibration, calibrate, class_fit, is_logits, trust_free_indices
+from guard.calibrate import (Calibration, Stream, calibrate, class_fit, hard_half, is_logits, pool_loss, trust_free_indices,
+                             trust_free_pool)
 from guard.cluster import Centroids, RefFeats, Zscore
 from guard.config import GuardConfig
 from guard.decide import ClassStats, Verdict, beyond_reference_p, binomial_p, decide, flag_cut, give_back, take
@@ -160,7 +162,8 @@ _ACTED = (Verdict.SEPARATE, Verdict.LIKE_QUARANTINED)   # the verdicts under whi
 @dataclass
 class Reuse:
     """What a scan read that a rescan of more samples by the same model may read again instead of running the
-    model (:meth:`Scanner.run_sample`): the trusted calibration (trust-free, the reference is drawn from the
+    model (:meth:`Scanner.run_sample`; within a trust-free scan, its pool's pass, :meth:`Scanner._read_pool`):
+    the trusted calibration (trust-free, the reference is drawn from the
     samples scanned, so it is not reused), and the scoring pass's features, views and predictions of the samples
     ``indices`` where they were kept (a single process: ranks score shards). Each sample's numbers are those the
     model gave it; only the batches they were computed in differ."""
@@ -291,13 +294,17 @@ class Scanner:
         # and torch, and their idle threads, spinning, starve torch's (a 2-core scan 8.3 -> 3.1 s; NOTES.md)
         with threadpool_limits(limits=1, user_api="blas"), scan_mode(self.model):
             with _timed(seconds, "calibrate"):
+                pool = None
                 if reuse is not None and reuse.cal is not None and trusted is not None:
                     cal = reuse.cal
                     passes.count_kept("scan/trusted", len(cal.labels))
                 else:
-                    cal = self.calibrate(passes, trusted, train, kept, budget)
+                    cal, pool = self.calibrate(passes, trusted, train, kept, budget,
+                                               keep_pool=reuse is None and world()[1] == 1)
             with _timed(seconds, "score"):
-                st = self.score(passes, train, kept, cal, budget - cal.kept_bytes, reuse)
+                used = cal.kept_bytes + (pool.nbytes if pool is not None else 0)
+                st = self.score(passes, train, kept, cal, budget - used, reuse or pool)
+            del pool
             st.seconds = seconds
             st.symmetry = self.trusted_symmetry(st, train)
             st.releasable = {c: np.sort(np.asarray(v, dtype=np.int64)) for c, v in (releasable or {}).items() if len(v)}
@@ -339,17 +346,67 @@ class Scanner:
 
     # ---- stage 1: calibrate ---------------------------------------------------------------
     def calibrate(self, passes: Passes, trusted: Dataset | None, train: Dataset, kept: np.ndarray,
-                  budget: float) -> Calibration:
+                  budget: float, keep_pool: bool = False) -> tuple[Calibration, Reuse | None]:
         """The benign reference: the trusted set, or trust-free the loss-cleaned training subset; its features
-        and views kept within ``budget`` bytes."""
+        and views kept within ``budget`` bytes. Trust-free with ``keep_pool``, the loss cue's pass over its pool
+        reads every layer and the images' views and keeps them (:meth:`_read_pool`): the reference is then read
+        from them, and the scoring pass reads the pool's samples from the returned :class:`Reuse`, so a trust-free
+        scan forwards each sample once."""
+        pool = None
         if trusted is not None:
             source = (trusted, None, "trusted")
+        elif keep_pool:
+            stream, indices, pool = self._read_pool(passes, train, kept, budget)
+            source = (train, indices, "trust-free")
         else:
-            pool = trust_free_indices(passes.stream, train, kept, self.layers[-1], self.C,
-                                      (self.cfg.trust_free_per_class, self.cfg.seed))
-            source = (train, pool, "trust-free")
+            source = (train, trust_free_indices(passes.stream, train, kept, self.layers[-1], self.C,
+                                                (self.cfg.trust_free_per_class, self.cfg.seed)), "trust-free")
         views = self._want_views(world()[1] == 1) and source[2] == "trusted"   # only the trusted tests read them
-        return calibrate(passes.stream, self.layers, source, self.C, self.th, budget, views)
+        if pool is None:
+            return calibrate(passes.stream, self.layers, source, self.C, self.th, budget, views), None
+        return calibrate(stream, self.layers, source, self.C, self.th, budget - pool.nbytes, views), pool
+
+    def _read_pool(self, passes: Passes, train: Dataset, kept: np.ndarray,
+                   budget: float) -> tuple[Stream, np.ndarray, Reuse | None]:
+        """The trust-free reference's indices (:func:`~guard.calibrate.trust_free_indices`) from one pass over
+        the pool at every layer, with a stream that reads the pool's samples back from what it kept (counted
+        as ``<pass> (kept)``; the model's own stream where nothing was kept), and what the scoring pass may
+        read back (None: nothing). The pool keeps its features only where the pool, the reference's copy
+        (counted as large as the pool) and the scoring pass's all fit in ``budget`` at its size a sample, so
+        keeping it never leaves the scoring pass less to keep than it had without."""
+        pool = trust_free_pool(kept, self.C, (self.cfg.trust_free_per_class, self.cfg.seed))
+        share = budget * len(pool) / (2 * len(pool) + len(kept))
+        store, views = KeptFeatures(len(pool), share), None
+        want = self._want_views(True)
+        losses, labels, logits = [], [], []
+        for b in passes.stream(train, self.layers, pool, "scan/trust-free-pool",
+                               views=lambda: want and (views is None or not views.refused)):
+            losses.append(pool_loss(b, self.C))
+            labels.append(b.labels.numpy())
+            logits.append(b.logits)
+            store.add(b.feats, b.bf16)
+            views = views or KeptFeatures(len(pool), share - store.nbytes)
+            if b.views is None:
+                views.drop()
+            else:
+                views.add(b.views, (False,) * len(b.views))
+        lab = np.concatenate(labels)
+        indices = pool[hard_half(np.concatenate(losses), lab)]
+        if not store.complete:
+            return passes.stream, indices, None
+        out = torch.cat(logits)
+        bf16 = tuple(x.dtype == torch.bfloat16 for x in store.layers)
+
+        def stream(dataset: Dataset, layers: Sequence[str], idx: np.ndarray, desc: str, **_) -> Iterator[Batch]:
+            rows, ids = np.searchsorted(pool, idx), [self.layers.index(n) for n in layers]
+            passes.count_kept(desc, len(rows))
+            for at in range(0, len(rows), self.cfg.batch_size):       # the batches a pass over idx would cut
+                r = rows[at:at + self.cfg.batch_size]
+                yield Batch(pool[r], torch.from_numpy(lab[r].astype(np.int64)), store.rows(r, ids), out[r],
+                            tuple(bf16[i] for i in ids))
+
+        return stream, indices, Reuse(None, pool, lab, out.argmax(1).numpy(), store,
+                                      views if views is not None and views.complete else None)
 
     # ---- stage 2: score ---------------------------------------------------------------------
     def score(self, passes: Passes, train: Dataset, kept: np.ndarray, cal: Calibration, budget: float,

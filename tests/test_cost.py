@@ -306,3 +306,33 @@ def test_a_class_scored_in_blocks_gets_the_bits_of_one_block():
     whole = probe.z([unit(raw).double()])
     blocked = np.concatenate([probe.z([unit(raw[b]).double()]) for b in _blocks(len(raw))])
     assert np.array_equal(whole, blocked)
+
+
+def test_a_trust_free_scan_forwards_each_sample_once_and_decides_as_with_nothing_kept(poisoned):
+    """Without a trusted set, the loss cue's pass over its pool keeps what it read: the reference and the
+    scoring pass read the pool's samples back, so each training sample is read from the data once and
+    forwarded once, and the scan takes what a scan that keeps nothing (every pass forwarded) takes, with
+    the same scores."""
+    from guard import GuardedDataset
+
+    model, train, _, poison = poisoned
+    results = {}
+    for keep_mb in (512, 0):
+        data = _Reads(train)
+        gds = GuardedDataset(data, model, GuardConfig(progress=False, remedy="none", keep_mb=keep_mb, amp=False,
+                                                      trust_free_per_class=60))
+        data.reads[:] = 0
+        report = gds.scan(0)
+        results[keep_mb] = (report, np.sort(np.asarray(list(gds.quarantined))), data.reads.copy(),
+                            np.array([r["score"] for r in gds.table()]))
+    (kept, taken, reads, scores), (none, taken_none, reads_none, scores_none) = results[512], results[0]
+    pool = kept.passes["scan/trust-free-pool"]
+    assert pool == none.passes["scan/trust-free-pool"] == 360
+    assert kept.passes["scan/train"] == len(train) - pool and kept.passes["scan/train (kept)"] == pool
+    assert kept.passes["scan/trust-free (kept)"] == none.passes["scan/trust-free"] > 0
+    assert "scan/trust-free" not in kept.passes
+    assert (reads == 1).all() and reads_none.sum() > len(train) + pool
+    assert len(np.intersect1d(taken, poison)) >= 50
+    assert np.array_equal(taken, taken_none)
+    assert np.allclose(scores, scores_none, rtol=1e-5, atol=1e-6)
+    assert [c.direction_p for c in kept.classes] == [c.direction_p for c in none.classes]
