@@ -112,7 +112,7 @@ def floor(model: torch.nn.Module, data, spec: RunSpec, state: dict, cfg: GuardCo
 
 
 def stages(spec: RunSpec, path: Path, repeats: int, decode: bool = False, keep_mb: float | None = None,
-           guard: dict | None = None, with_floor: bool = False) -> dict:
+           guard: dict | None = None, with_floor: bool = False, trust_free: bool = False) -> dict:
     data = prepare(spec)
     if decode:
         data.scan, data.trusted = Decoded(data.scan), Decoded(data.trusted)
@@ -123,7 +123,8 @@ def stages(spec: RunSpec, path: Path, repeats: int, decode: bool = False, keep_m
         model.load_state_dict(state)
         extra = ({} if keep_mb is None else {"keep_mb": keep_mb}) | (guard or {})
         cfg = GuardConfig(seed=spec.seed, remedy="none", progress=False, **extra)
-        gds = GuardedDataset(data.train, model, cfg, trusted=data.trusted, scan_dataset=data.scan)
+        gds = GuardedDataset(data.train, model, cfg, trusted=None if trust_free else data.trusted,
+                             scan_dataset=data.scan)
         t = time.perf_counter()
         rep = gds.scan(3)
         runs.append({"wall": time.perf_counter() - t, "seconds": rep.seconds, "steps": rep.seconds_by_step,
@@ -181,6 +182,7 @@ def main() -> None:
     ap.add_argument("--floor", action="store_true",
                     help="also time, after each scan, one training epoch and one plain forward over what a scan "
                          "forwards (scan / epoch and the floor in the same process)")
+    ap.add_argument("--trust-free", action="store_true", help="scan without the trusted set")
     ap.add_argument("--out")
     ap.add_argument("--render", nargs="+", metavar="JSON", help="only tabulate earlier result files")
     ap.add_argument("--labels", nargs="+")
@@ -197,9 +199,9 @@ def main() -> None:
     if not path.exists():
         checkpoint(spec, path)
     guard = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.guard)}
-    out = stages(spec, path, a.repeats, a.decode, a.keep_mb, guard, a.floor)
+    out = stages(spec, path, a.repeats, a.decode, a.keep_mb, guard, a.floor, a.trust_free)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
-    out["meta"] = {"attack": a.attack + (" (decoded)" if a.decode else ""), "repeats": a.repeats, "threads": torch.get_num_threads(), "commit": commit.strip(),
+    out["meta"] = {"attack": a.attack + (" (decoded)" if a.decode else "") + (" trust-free" if a.trust_free else ""), "repeats": a.repeats, "threads": torch.get_num_threads(), "commit": commit.strip(),
                    "torch": torch.__version__, "device": a.device, "n_train": a.n_train, "width": a.width, "keep_mb": a.keep_mb, "guard": guard,
                    "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -56,8 +56,8 @@ from loguru import logger
 from threadpoolctl import threadpool_limits
 from torch.utils.data import Dataset
 
-from guard.calibrate import (Calibration, Stream, calibrate, class_fit, hard_half, is_logits, pool_loss, trust_free_indices,
-                             trust_free_pool)
+from guard.calibrate import (Calibration, Stream, calibrate, class_fit, hard_half, is_logits, pool_loss,
+                             trust_free_indices, trust_free_pool)
 from guard.cluster import Centroids, RefFeats, Zscore
 from guard.config import GuardConfig
 from guard.decide import ClassStats, Verdict, beyond_reference_p, binomial_p, decide, flag_cut, give_back, take
@@ -380,7 +380,7 @@ class Scanner:
         want = self._want_views(True)
         losses, labels, logits = [], [], []
         for b in passes.stream(train, self.layers, pool, "scan/trust-free-pool",
-                               views=lambda: want and (views is None or not views.refused)):
+                               views=lambda: want and not store.refused and (views is None or not views.refused)):
             losses.append(pool_loss(b, self.C))
             labels.append(b.labels.numpy())
             logits.append(b.logits)
