@@ -98,7 +98,7 @@ class ScanReport(BaseModel):
         default=[], description="earlier-quarantined samples given back: a later probe of their class put them "
                                 "with its benign samples (decide.give_back)")
     paper_flagged: int
-    memory_bytes: int = Field(0, description="guard's own arrays during the scan (scores, references, trusted features)")
+    memory_bytes: int = Field(0, description="guard's own arrays during the scan (scores, references, kept and read-back features)")
     passes: dict[str, int] = Field(default={}, description="samples each model pass of the scan forwarded")
     seconds_by_part: dict[str, float] = Field(
         default={}, description="the scan's time: data loading, model forward, hooks, transfer, analysis")

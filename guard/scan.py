@@ -142,6 +142,7 @@ class ScanState:
     last_views: dict[int, tuple[np.ndarray, list[torch.Tensor] | None]] = field(default_factory=dict)   # Scanner._views
     mismatch: Mismatch | None = None    # the classes not acted on, combined (guard.mismatch)
     symmetry: Symmetry | None = None    # mirror_images="auto": the trusted (or trust-free, training) images against their mirrors
+    read_back_bytes: int = 0            # what the scoring pass read back from (Reuse.nbytes), held while it ran
 
     def rows_of(self, classes) -> np.ndarray:
         return np.flatnonzero(np.isin(self.labels, list(classes)))
@@ -304,6 +305,7 @@ class Scanner:
             with _timed(seconds, "score"):
                 used = cal.kept_bytes + (pool.nbytes if pool is not None else 0)
                 st = self.score(passes, train, kept, cal, budget - used, reuse or pool)
+                st.read_back_bytes = (reuse or pool).nbytes if (reuse or pool) is not None else 0
             del pool
             st.seconds = seconds
             st.symmetry = self.trusted_symmetry(st, train)
@@ -1536,7 +1538,7 @@ class Scanner:
                   + st.threshold.nbytes + cal.loo.nbytes + cal.in_sample.nbytes
                   + (st.store.nbytes if st.store is not None else 0)
                   + (st.kept_views.nbytes if st.kept_views is not None else 0)
-                  + cal.kept_bytes
+                  + cal.kept_bytes + st.read_back_bytes
                   + 3 * sum(x.numel() * x.element_size() for x in cal.reference.sums))
         return ScanResult(st.kept, st.suspicion, st.threshold, st.labels, _flat(st.flagged), _flat(st.paper_flagged),
                           [st.classes[c] for c in sorted(st.classes)], cal.source, st.seconds, st.warnings, memory,

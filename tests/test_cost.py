@@ -336,3 +336,12 @@ def test_a_trust_free_scan_forwards_each_sample_once_and_decides_as_with_nothing
     assert np.array_equal(taken, taken_none)
     assert np.allclose(scores, scores_none, rtol=1e-5, atol=1e-6)
     assert [c.direction_p for c in kept.classes] == [c.direction_p for c in none.classes]
+    # the pool's kept features count against the same budget: given less, the scan keeps less and finds the same
+    held = kept.memory_bytes - none.memory_bytes
+    assert held > 0
+    for budget in (held - 1, held // 2):
+        gds = GuardedDataset(train, model, GuardConfig(progress=False, remedy="none", keep_mb=budget / 2**20,
+                                                       amp=False, trust_free_per_class=60))
+        report = gds.scan(0)
+        assert 0 <= report.memory_bytes - none.memory_bytes <= budget
+        assert np.array_equal(np.sort(np.asarray(list(gds.quarantined))), taken)
