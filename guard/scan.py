@@ -303,10 +303,11 @@ class Scanner:
                     cal, pool = self.calibrate(passes, trusted, train, kept, budget,
                                                keep_pool=reuse is None and world()[1] == 1)
             with _timed(seconds, "score"):
-                used = cal.kept_bytes + (pool.nbytes if pool is not None else 0)
-                st = self.score(passes, train, kept, cal, budget - used, reuse or pool)
-                st.read_back_bytes = (reuse or pool).nbytes if (reuse or pool) is not None else 0
-            del pool
+                read = reuse or pool                      # one of them at most: a pool is kept only without reuse
+                st = self.score(passes, train, kept, cal,
+                                budget - cal.kept_bytes - (pool.nbytes if pool is not None else 0), read)
+                st.read_back_bytes = read.nbytes if read is not None else 0
+            del pool, read
             st.seconds = seconds
             st.symmetry = self.trusted_symmetry(st, train)
             st.releasable = {c: np.sort(np.asarray(v, dtype=np.int64)) for c, v in (releasable or {}).items() if len(v)}
@@ -354,7 +355,7 @@ class Scanner:
         reads every layer and the images' views and keeps them (:meth:`_read_pool`): the reference is then read
         from them, and the scoring pass reads the pool's samples from the returned :class:`Reuse`, so a trust-free
         scan forwards each sample once."""
-        pool = None
+        stream, pool = passes.stream, None
         if trusted is not None:
             source = (trusted, None, "trusted")
         elif keep_pool:
@@ -364,9 +365,8 @@ class Scanner:
             source = (train, trust_free_indices(passes.stream, train, kept, self.layers[-1], self.C,
                                                 (self.cfg.trust_free_per_class, self.cfg.seed)), "trust-free")
         views = self._want_views(world()[1] == 1) and source[2] == "trusted"   # only the trusted tests read them
-        if pool is None:
-            return calibrate(passes.stream, self.layers, source, self.C, self.th, budget, views), None
-        return calibrate(stream, self.layers, source, self.C, self.th, budget - pool.nbytes, views), pool
+        held = pool.nbytes if pool is not None else 0
+        return calibrate(stream, self.layers, source, self.C, self.th, budget - held, views), pool
 
     def _read_pool(self, passes: Passes, train: Dataset, kept: np.ndarray,
                    budget: float) -> tuple[Stream, np.ndarray, Reuse | None]:
