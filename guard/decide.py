@@ -158,12 +158,20 @@ def beyond_reference_p(beyond: int, n_screen: int, n_reference: int) -> float:
     n draws leaves a Beta(1, n) mass above it), so the screen's count is Beta-binomial(n_screen, 1,
     n_reference). With 10 reference samples a clean class puts more than 17 % of its samples above
     them one time in six; with 100, one time in 10^8. This is what a small trusted set can and
-    cannot tell, whatever the features' distribution."""
-    from scipy import stats
+    cannot tell, whatever the features' distribution.
 
-    if n_reference < 1 or n_screen < 1:
+    Its tail has a closed form: ``beyond`` or more lie above the reference exactly when the ``beyond``
+    largest of all ``n_screen + n_reference`` samples are screened ones, C(n_screen, beyond) /
+    C(n_screen + n_reference, beyond). Computed as that product, it is exact to rounding at any size
+    (``scipy.stats.betabinom.sf`` sums the mass function and returns 1 - cdf, which loses every p
+    under about 1e-13, so the smallest of several such p-values was picked by rounding)."""
+    if n_reference < 1 or n_screen < 1 or beyond <= 0:
         return 1.0
-    return float(stats.betabinom.sf(beyond - 1, n_screen, 1, n_reference))
+    if beyond > n_screen:
+        return 0.0
+    # given the i largest are screened ones, the next is one with chance (n_screen - i) / (n_screen + n_reference - i)
+    left = n_screen + n_reference - np.arange(beyond, dtype=np.float64)
+    return float(np.exp(np.log1p(-n_reference / left).sum()))
 
 
 def binomial_p(excess: float, benign_rate: float, n: int, n_reference: int, t: Thresholds) -> float:

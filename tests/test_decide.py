@@ -137,6 +137,24 @@ def test_beyond_reference_p_holds_its_rate_whatever_the_distribution():
     assert beyond_reference_p(154, 512, 10) > 1e-2
 
 
+def test_beyond_reference_p_is_the_exact_tail_down_to_the_smallest_p():
+    """The chance that the ``k`` largest of ``n + m`` exchangeable samples are all screened ones, C(n, k) / C(n + m, k),
+    checked against exact rationals; where it is tiny it still orders the tests: the screen of the trust-free Blended
+    golden case (512 held out, 2,400 other-class rows) puts 132 and 255 rows beyond in two pairings, whose p-values
+    (1e-107, 1e-220) the generic Beta-binomial survival function returned as the same 4e-12 and 4e-11 of rounding."""
+    from fractions import Fraction
+    from math import comb
+
+    for k, n, m in ((1, 10, 5), (3, 256, 100), (30, 256, 100), (30, 441, 244), (154, 512, 100), (200, 512, 100),
+                    (132, 512, 2400), (255, 512, 2400), (2000, 4900, 100), (512, 512, 10)):
+        want = float(Fraction(comb(n, k), comb(n + m, k)))
+        assert beyond_reference_p(k, n, m) == pytest.approx(want, rel=1e-12), (k, n, m)
+    assert beyond_reference_p(255, 512, 2400) < 1e-200 < beyond_reference_p(132, 512, 2400) < 1e-100
+    assert beyond_reference_p(0, 256, 100) == beyond_reference_p(-1, 256, 100) == 1.0     # nothing beyond: no evidence
+    assert beyond_reference_p(257, 256, 100) == 0.0                                       # more than were screened
+    assert beyond_reference_p(5, 256, 0) == beyond_reference_p(5, 0, 100) == 1.0          # nothing to compare with
+
+
 def test_a_trusted_cluster_needs_more_beyond_every_reference_sample_than_a_clean_class_puts_there():
     sep = dict(screen_share=0.2, separation=4.0)
     assert verdict(**sep, beyond_p=BAR * 0.99) == Verdict.SEPARATE

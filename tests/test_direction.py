@@ -97,6 +97,23 @@ def test_a_test_of_the_first_layers_reads_the_projections_of_all_of_them():
     assert project([u[:3] for u in units], ref) is None
 
 
+def test_where_p_values_underflow_the_test_with_more_beyond_is_the_most_significant():
+    """A screen of 512 against 5,000 reference rows: 300 beyond every one of them at the first layer and 450 at
+    the second are tails of about 1e-355 and 1e-594, both 0.0 as floats. The second layer is the more
+    significant and is the one reported; a tie at 0.0 used to go to the first layer tested."""
+    rng = np.random.default_rng(0)
+    halves = np.arange(512) % 2 == 0
+    ref = [(halves, rng.random(5000)), (~halves, rng.random(5000))]
+    layers = []
+    for k in (300, 450):
+        proj = np.full(512, 0.5)
+        proj[rng.choice(512, k, replace=False)] = 5.0
+        layers.append((proj, ref))
+    assert beyond_reference_p(300, 512, 5000) == beyond_reference_p(450, 512, 5000) == 0.0
+    test = most_significant(layers, 5000)
+    assert test.p == 0.0 and test.layer == 1 and int(test.beyond.sum()) == 450
+
+
 def _classes(rng, own_spread=0.0, poisoned=None, shift=5.0, n_first=150, tail=0.0):
     """Ten classes of 150 features sharing one distribution, except that class c varies ``own_spread``
     times more along its own axis c + 2 (each class a little more like itself than like the rest);
