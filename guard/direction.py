@@ -163,10 +163,10 @@ def _best_side(proj: np.ndarray, ref_proj: list, n_ref: int, layer: int, n_layer
             p_out, rp = side * proj[out], side * rp
             beyond[out] = p_out > rp.max()
             z[out] = (p_out - rp.mean()) / max(float(rp.std()), 1e-12)
-        tail = beyond_reference_p(int(beyond.sum()), n, n_ref)
+        tail, share = beyond_reference_p(int(beyond.sum()), n, n_ref), float(beyond.mean())
         p, side_p = min(1.0, factor * n_layers * tail), min(side_p, 1.0, factor * tail)
-        if best is None or _rank(p, float(beyond.mean())) < _rank(best.p, best.share):
-            best = DirectionTest(p, layer, float(beyond.mean()), beyond, z, side_factor=factor)
+        if best is None or _rank(p, share) < _rank(best.p, best.share):
+            best = DirectionTest(p, layer, share, beyond, z, side_factor=factor)
     return best, side_p
 
 
