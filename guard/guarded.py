@@ -28,7 +28,7 @@ from guard.remedy import (Unlearning, accuracy_change, allowed_fit, chance_fit, 
                           recalibrate_bn, restart, split_check, start_p, taught_class, unlearn)
 from guard.report import (SAMPLE_COLUMNS, GuardReport, QuarantineRecord, RestoreRecord, ScanReport, SweepReport,
                           atomic_write, now, quarantined_row)
-from guard.sample import acts, class_sample
+from guard.sample import acting_classes, acts, class_sample
 from guard.sampler import GuardSampler
 from guard.scan import Scanner, ScanResult
 from guard.scanview import what_scans_read
@@ -285,7 +285,8 @@ class GuardedDataset(Dataset):
             first = broadcast_object(first, "broadcast of rank 0's sampled scan result")
             stands = not acts(first, self.config.thresholds)
             logger.info("guard: sampled scan over {:,} of {:,} kept samples {}", len(sample), len(kept),
-                        "acts on nothing" if stands else "acts: scanning them all")
+                        "acts on nothing" if stands else
+                        f"acts on classes {acting_classes(first, self.config.thresholds)}: scanning them all")
         # the rescan reads what the sample read (same model, same samples) from the sample's scan: one forward each
         res = first if stands else broadcast_object(
             self.scanner.run(self._source, self.trusted, kept, *args, reuse=reuse),
@@ -357,6 +358,7 @@ class GuardedDataset(Dataset):
         if sampled is not None and sampled is not res:     # the whole scan's cost includes the sample's
             scan.seconds_by_step = {**res.seconds, "sample": round(sum(sampled.seconds_by_part.values()), 4)}
             scan.passes = {**res.passes, **{f"sample {k}": v for k, v in sampled.passes.items()}}
+            scan.sample_acted_on = acting_classes(sampled, self.config.thresholds)
             scan.seconds_by_part = {k: round(v + sampled.seconds_by_part.get(k, 0.0), 4)
                                     for k, v in res.seconds_by_part.items()}
         if (res.mismatch_p is not None and res.mismatch_p < self.config.thresholds.max_false_alarm

@@ -92,6 +92,9 @@ class ScanReport(BaseModel):
     n_sampled: int = Field(
         0, description="scan_sample_per_class: the kept samples a sampled scan scored first (0: none); the scan "
                        "stood on them where it acted on nothing, else n_scanned is every kept sample")
+    sample_acted_on: list[int] = Field(
+        default=[], description="scan_sample_per_class: the classes the sample acted on, which made this a scan of "
+                                "every kept sample (guard.sample.acting_classes)")
     new_quarantined: int
     total_quarantined: int
     released: list[int] = Field(

@@ -43,12 +43,18 @@ def class_sample(kept: np.ndarray, labels: np.ndarray, per_class: int, rng: np.r
     return sample if len(sample) < len(kept) else None
 
 
-def acts(res: ScanResult, t: Thresholds) -> bool:
-    """Whether a sampled scan asks for a whole one: it would change something (flags or gives back samples, finds a
-    class separate, or the paper rule flags one), or a class's screen separates and only the reference-size test
-    held it back (:func:`~guard.decide.screen_separates`): that test's power grows with the screen, which a sample
-    shrinks. An unscreened class (share 0) never separates: both shares it is held to are above 0."""
+def acting_classes(res: ScanResult, t: Thresholds) -> list[int]:
+    """The classes a sampled scan acts on: it flags or gives back samples of them, finds them separate, or the
+    paper rule flags them, or a class's screen separates and only the reference-size test held it back
+    (:func:`~guard.decide.screen_separates`): that test's power grows with the screen, which a sample shrinks. An
+    unscreened class (share 0) never separates: both shares it is held to are above 0."""
     trusted = res.calibration_source == "trusted"
-    held = any(c.verdict == Verdict.WATCH and screen_separates(c.screen_share, c.separation, trusted, t)
-               for c in res.classes)
-    return bool(len(res.flagged) or len(res.released) or held or any(c.verdict in _ACTS for c in res.classes))
+    return sorted(c.cls for c in res.classes
+                  if c.n_flagged or c.n_released or c.verdict in _ACTS
+                  or (c.verdict == Verdict.WATCH and screen_separates(c.screen_share, c.separation, trusted, t)))
+
+
+def acts(res: ScanResult, t: Thresholds) -> bool:
+    """Whether a sampled scan asks for a whole one: it would change something, or it acts on a class
+    (:func:`acting_classes`)."""
+    return bool(len(res.flagged) or len(res.released) or acting_classes(res, t))

@@ -148,6 +148,7 @@ def test_a_sampled_scan_that_acts_on_nothing_stands_for_the_scan():
     assert (first.n_sampled, first.n_scanned) == (0, 600)          # the first scan reads the labels: whole
     assert second.n_sampled == second.n_scanned == 180 and len(gds.quarantined) == 0
     assert second.passes["scan/train"] == 180 and first.passes["scan/train"] == 600
+    assert first.sample_acted_on == second.sample_acted_on == []
 
 
 def test_a_sampled_scan_that_acts_is_redone_whole_and_applies_what_a_whole_scan_applies(poisoned):
@@ -170,6 +171,7 @@ def test_a_sampled_scan_that_acts_is_redone_whole_and_applies_what_a_whole_scan_
     assert len(np.intersect1d(whole, ds.poisoned)) == len(ds.poisoned)
     assert np.array_equal(whole, sampled) and w_scores == s_scores
     assert s2.n_sampled == 180 and s2.n_scanned == w2.n_scanned == len(ds)
+    assert s2.sample_acted_on == [0] and third.sample_acted_on == [] and w2.sample_acted_on == []
     # the rescan forwards only what the sample did not: the sample's rows and the trusted pass are read again
     assert s2.passes["sample scan/train"] == 180 and s2.passes["scan/train"] == len(ds) - 180
     assert s2.passes["scan/train (kept)"] == 180 and w2.passes["scan/train"] == len(ds)
