@@ -7,8 +7,8 @@
 #      its floor), and at the fixed 512 MB it replaced (the later stages forward and read again: what
 #      keeping buys);
 #   2. a whole attacked run beside its unguarded twin (bench_guard.py: scan / epoch and overhead);
-#   3. last, so the others are kept if time runs out: a clean run beside its twin with scan_sample_per_class=512
-#      (scans after the first score 512 images a class: what sampled scans save at full size).
+#   3. last, so the others are kept if time runs out: a clean run beside its twin at the defaults (its first scan
+#      is whole and the later ones score 512 images a class: what sampled scans save at full size).
 # Results go to $OUT (default /tmp/gpu_check). The CIFAR-10 archive comes from GUARD_CIFAR10_ARCHIVE, or
 # from .cache/cifar10-jpg.tar.gz (git-ignored: copy it there and carry .cache to the device machine).
 # A CPU smoke test of the same commands: DEVICE=cpu N_TRAIN=2000 WIDTH=8 EPOCHS=4 bash benchmarks/gpu_check.sh
@@ -35,4 +35,4 @@ $PY benchmarks/scan_stages.py --render "$OUT/stages_default.json" "$OUT/stages_k
 $PY benchmarks/bench_guard.py --n-train "$N_TRAIN" --width "$WIDTH" --epochs "$EPOCHS" --batch-size 256 \
   --device "$DEVICE" --attacks badnets --rates 0.1 --no-no-attack --trust-free --out "$OUT/cost_attacked.json"
 $PY benchmarks/bench_guard.py --n-train "$N_TRAIN" --width "$WIDTH" --epochs "$EPOCHS" --batch-size 256 \
-  --device "$DEVICE" --attacks --trust-free --guard scan_sample_per_class=512 --out "$OUT/cost_clean_sampled.json"
+  --device "$DEVICE" --attacks --trust-free --out "$OUT/cost_clean.json"

@@ -35,7 +35,7 @@ class GuardConfig(BaseModel):
         1, ge=1, description="each scan that changes nothing doubles the gap to the next, up to this x scan_every (1: fixed)")
     max_scans: int | None = Field(None, ge=1, description="stop scheduled scans after this many (None: no limit)")
     scan_sample_per_class: int | None = Field(
-        None, ge=1, description="scans after the first score this many kept samples a class, and rescan all where that acts (None: all)")
+        512, ge=1, description="scans after the first score at most this many kept samples a class, and rescan all where that acts (None: all)")
 
     # layers and features
     layers: list[str] | None = Field(None, description="module names to analyse; None discovers them")
