@@ -151,6 +151,18 @@ def test_a_sampled_scan_that_acts_on_nothing_stands_for_the_scan():
     assert first.sample_acted_on == second.sample_acted_on == []
 
 
+def test_by_default_scans_after_the_first_score_512_a_class_and_classes_of_at_most_512_are_scanned_whole():
+    big = Blobs(1800, seed=0)                      # 600 a class
+    model = train(mlp(), big, epochs=5)
+    gds = GuardedDataset(big, model, GuardConfig(remedy="none"), trusted=Blobs(150, seed=7))
+    first, second = gds.scan(), gds.scan()
+    assert (first.n_sampled, first.n_scanned) == (0, 1800)
+    assert second.n_sampled == second.n_scanned == 3 * 512 and second.passes["scan/train"] == 3 * 512
+    small = GuardedDataset(Blobs(1500, seed=0), model, GuardConfig(remedy="none"), trusted=Blobs(150, seed=7))
+    small.scan()
+    assert small.scan().n_sampled == 0 and small.report.scans[-1].n_scanned == 1500     # 500 a class: whole
+
+
 def test_a_sampled_scan_that_acts_is_redone_whole_and_applies_what_a_whole_scan_applies(poisoned):
     # the first scan sees an untrained model (nothing learned, nothing taken); the trigger is learned before the
     # second, whose sample of 60 a class finds the cluster
