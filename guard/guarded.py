@@ -279,21 +279,21 @@ class GuardedDataset(Dataset):
         broadcast_model(unwrap_model(self.model))
         args = ({c: np.asarray(v, dtype=np.int64) for c, v in prior.items()}, self._check_by_class(),
                 {c: np.asarray(v, dtype=np.int64) for c, v in releasable.items()})
-        sample, first, stands, reuse = self._sample(kept), None, False, None
+        sample, first, stands, reuse, acted_on = self._sample(kept), None, False, None, []
         if sample is not None:         # scan_sample_per_class: a sample that acts on nothing stands for the scan
             first, reuse = self.scanner.run_sample(self._source, self.trusted, sample, *args, until_separate=True)
             first = broadcast_object(first, "broadcast of rank 0's sampled scan result")
             stands = not acts(first, self.config.thresholds)
+            acted_on = [] if stands else acting_classes(first, self.config.thresholds)
             logger.info("guard: sampled scan over {:,} of {:,} kept samples {}", len(sample), len(kept),
-                        "acts on nothing" if stands else
-                        f"acts on classes {acting_classes(first, self.config.thresholds)}: scanning them all")
+                        "acts on nothing" if stands else f"acts on classes {acted_on}: scanning them all")
         # the rescan reads what the sample read (same model, same samples) from the sample's scan: one forward each
         res = first if stands else broadcast_object(
             self.scanner.run(self._source, self.trusted, kept, *args, reuse=reuse),
             "broadcast of rank 0's scan result")
         del reuse
         self.schedule.done(epoch)
-        report = self._apply(res, epoch, time.monotonic() - t0, first)
+        report = self._apply(res, epoch, time.monotonic() - t0, first, acted_on)
         if report.new_quarantined or report.released or report.remedy_steps:
             self.schedule.done(epoch, acted=True)         # the next scan comes scan_every epochs on
         return report
@@ -321,8 +321,10 @@ class GuardedDataset(Dataset):
         return split_check(np.array([r.index for r in recs]), np.array([r.score for r in recs]), self.config.seed,
                            self.config.thresholds)
 
-    def _apply(self, res: ScanResult, epoch: int, seconds: float, sampled: ScanResult | None = None) -> ScanReport:
-        """Apply scan ``res``; ``sampled``: the sampled scan before it (``res`` itself where it stood)."""
+    def _apply(self, res: ScanResult, epoch: int, seconds: float, sampled: ScanResult | None = None,
+               sample_acted_on: list[int] | None = None) -> ScanReport:
+        """Apply scan ``res``; ``sampled``: the sampled scan before it (``res`` itself where it stood), and the
+        classes it acted on (:func:`~guard.sample.acting_classes`)."""
         scan_no = len(self.report.scans) + 1
         self.last_result = res
         self._scores[res.scanned] = res.suspicion
@@ -358,7 +360,7 @@ class GuardedDataset(Dataset):
         if sampled is not None and sampled is not res:     # the whole scan's cost includes the sample's
             scan.seconds_by_step = {**res.seconds, "sample": round(sum(sampled.seconds_by_part.values()), 4)}
             scan.passes = {**res.passes, **{f"sample {k}": v for k, v in sampled.passes.items()}}
-            scan.sample_acted_on = acting_classes(sampled, self.config.thresholds)
+            scan.sample_acted_on = sample_acted_on or []
             scan.seconds_by_part = {k: round(v + sampled.seconds_by_part.get(k, 0.0), 4)
                                     for k, v in res.seconds_by_part.items()}
         if (res.mismatch_p is not None and res.mismatch_p < self.config.thresholds.max_false_alarm
