@@ -1502,12 +1502,19 @@ class Scanner:
         self._take(st, c, rows[hit], z[hit])
 
     def _take(self, st: ScanState, c: int, rows: np.ndarray, susp: np.ndarray) -> None:
+        """Flag the kept samples ``rows`` of class ``c`` (``susp``: their suspicion) under the per-class cap
+        (:func:`~guard.decide.take`). Where the class was already taken from in this scan, what was taken counts
+        towards the cap as quarantined before, is not taken twice, and ``n_flagged`` counts both."""
         v = st.classes[c]
-        out = take(c, st.kept[rows], susp, v.n_scanned, v.n_quarantined_before, self.th)
+        idx = st.kept[rows]
+        if v.n_flagged:
+            fresh = ~np.isin(idx, _flat(st.flagged))
+            idx, susp = idx[fresh], susp[fresh]
+        out = take(c, idx, susp, v.n_scanned - v.n_flagged, v.n_quarantined_before + v.n_flagged, self.th)
         for msg in out.warnings:
             st.warn(msg)
         v.capped = v.capped or out.capped
-        v.n_flagged = len(out.indices)
+        v.n_flagged += len(out.indices)
         st.flagged.append(out.indices)
 
     def trusted_mismatch(self, st: ScanState) -> None:

@@ -131,3 +131,35 @@ def test_a_class_with_no_held_out_quarantined_sample_takes_no_look_alikes(cifar_
     assert five.n_flagged == 0 and five.verdict != "like quarantined"
     target = scan.classes[0]                      # gated on its own check samples, as before
     assert "none of its quarantined samples is held out" not in target.reason
+
+
+def test_a_class_taken_from_twice_in_one_scan_counts_both_takes_under_one_cap():
+    """``Scanner._take`` run twice for one class in a scan (no stage does so today: each skips the classes
+    already acted on): the second take skips what the first took, the class's cap (``class_drop_cap``)
+    holds over both together, and ``n_flagged`` (which ``guard.sample.acting_classes`` and the report
+    read) counts both."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from guard import GuardedDataset
+    from guard.report import ClassReport
+    from guard.scan import ScanState
+
+    data = TensorDataset(torch.randn(200, 8), torch.arange(200) % 2)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    gds = GuardedDataset(data, model, GuardConfig(progress=False, thresholds={"class_drop_cap": 0.6}))
+    kept = np.arange(200)
+    st = ScanState(kept, None, None, (kept % 2).astype(np.int32), np.zeros((200, 1)), None, np.full(2, np.nan))
+    st.classes[0] = ClassReport(cls=0, n_scanned=100, verdict="separate cluster", critical_layers=[], excess=0.0,
+                                benign_rate=0.0, p_value=1.0, threshold=0.0)
+    rows = np.flatnonzero(st.labels == 0)                          # class 0: dataset indices 0, 2, ..., 198
+    gds.scanner._take(st, 0, rows[:30], np.linspace(2, 3, 30))
+    second = rows[10:50]                                            # 20 of them taken already, 20 new
+    gds.scanner._take(st, 0, second, np.linspace(2, 3, 40))
+    assert st.classes[0].n_flagged == 50 and not st.classes[0].capped
+    taken = np.concatenate(st.flagged)
+    assert len(taken) == len(np.unique(taken)) == 50
+    gds.scanner._take(st, 0, rows[50:], np.linspace(2, 3, 50))     # 50 more, 10 under the cap of 60 of 100
+    taken = np.concatenate(st.flagged)
+    assert st.classes[0].n_flagged == len(taken) == 60 and st.classes[0].capped
+    assert set(taken[50:]) == set(kept[rows[90:]])                  # the most suspicious of the third take
